@@ -1,0 +1,1 @@
+"""Layer 1: content identifiers, identities, canonical signed records, errors."""

@@ -1,0 +1,122 @@
+"""Ed25519 identities and libp2p-compatible peer ids (`12D3KooW…`), plus their did:key form.
+
+A peer id is the identity multihash of the libp2p protobuf public key, so anyone holding the id
+holds the key: records carry only the signer's peer id and still verify.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from multiformats import multibase
+
+from agoranet.core.errors import CorruptKeyFile, IdentityExists, IdentityMissing, InvalidPeerId
+
+# libp2p crypto.proto: PublicKey { KeyType Type = 1 (Ed25519 = 1); bytes Data = 2 } for 32-byte keys.
+_LIBP2P_ED25519_PREFIX = bytes([0x08, 0x01, 0x12, 0x20])
+_IDENTITY_MULTIHASH = bytes([0x00, 0x24])  # identity hash code, 36-byte digest
+_DID_KEY_ED25519 = bytes([0xED, 0x01])  # multicodec ed25519-pub, varint
+
+KEY_FILE = "identity.key"
+
+
+@dataclass(frozen=True)
+class PeerId:
+    """A node's public identity; `str()` gives the libp2p base58btc form."""
+
+    public_key: bytes
+
+    @classmethod
+    def parse(cls, text: str) -> PeerId:
+        """Parse a `12D3KooW…` peer id (or a did:key) back into its Ed25519 public key."""
+        try:
+            if text.startswith("did:key:"):
+                raw = multibase.decode(text.removeprefix("did:key:"))
+                if raw[:2] != _DID_KEY_ED25519 or len(raw) != 34:
+                    raise ValueError("not an ed25519 did:key")
+                return cls(raw[2:])
+            raw = multibase.decode("z" + text)
+        except Exception as exc:
+            raise InvalidPeerId(f"not an Agora peer id: {text[:60]!r}") from exc
+        if raw[:2] != _IDENTITY_MULTIHASH or raw[2:6] != _LIBP2P_ED25519_PREFIX or len(raw) != 38:
+            raise InvalidPeerId(f"peer id {text[:60]!r} is not an Ed25519 libp2p peer id")
+        return cls(raw[6:])
+
+    def __str__(self) -> str:
+        return multibase.encode(_IDENTITY_MULTIHASH + _LIBP2P_ED25519_PREFIX + self.public_key, "base58btc")[1:]
+
+    @property
+    def did(self) -> str:
+        return "did:key:" + multibase.encode(_DID_KEY_ED25519 + self.public_key, "base58btc")
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        try:
+            Ed25519PublicKey.from_public_bytes(self.public_key).verify(signature, message)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+class Identity:
+    """A node's Ed25519 key pair. The private key never leaves this object except to its 0600 file."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+        raw = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.peer_id = PeerId(raw)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(Ed25519PrivateKey.generate())
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message)
+
+    def __repr__(self) -> str:  # never show key material
+        return f"Identity({self.peer_id})"
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def save(self, path: Path, *, force: bool = False) -> None:
+        """Write the private key as PKCS#8 PEM, created with mode 0600 so no other user can read it."""
+        if path.exists() and not force:
+            raise IdentityExists(f"an identity already exists at {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pem = self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Identity:
+        if not path.exists():
+            raise IdentityMissing(f"no identity at {path}")
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except Exception as exc:
+            raise CorruptKeyFile(f"the key file {path} is not a readable Ed25519 private key") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise CorruptKeyFile(f"the key file {path} holds a {type(key).__name__}, not an Ed25519 key")
+        return cls(key)
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> Identity:
+        return cls.load(path) if path.exists() else cls._created(path)
+
+    @classmethod
+    def _created(cls, path: Path) -> Identity:
+        identity = cls.generate()
+        identity.save(path)
+        return identity

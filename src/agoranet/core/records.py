@@ -1,0 +1,243 @@
+"""Canonical signed records: the one wire format for everything Agora signs.
+
+A record is the DAG-CBOR map {type, signer, body, sig}. The signature covers the canonical
+DAG-CBOR bytes of {type, signer, body}; the record's CID is CIDv1(dag-cbor, sha2-256) of the whole
+signed map. Bodies are typed: each record type registers a pydantic model, and `verify_record`
+rejects unknown types, bodies that do not match their model, non-canonical bytes and bad signatures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import libipld
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agoranet.core.cid import CID, DAG_CBOR, cid_of
+from agoranet.core.errors import BadSignature, InvalidPeerId, MalformedRecord, UnknownRecordType
+from agoranet.core.identity import Identity, PeerId
+
+__all__ = [
+    "Record", "RecordBody", "register", "sign_record", "decode_record", "verify_record",
+    "encode_canonical", "decode_canonical", "ReceiptBody", "OfferBody", "OfferedModel", "TopLogprob",
+    "SamplingParams", "record_types",
+]
+
+
+def encode_canonical(value: Any) -> bytes:
+    """DAG-CBOR bytes of plain data (maps sorted, shortest ints, float64); rejects NaN and infinities."""
+    try:
+        return libipld.encode_dag_cbor(_check_floats(value))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise MalformedRecord(f"value cannot be encoded as DAG-CBOR: {exc}") from exc
+
+
+def decode_canonical(data: bytes) -> Any:
+    """Decode DAG-CBOR and insist the bytes are the canonical encoding of what they decode to."""
+    try:
+        value = libipld.decode_dag_cbor(bytes(data))
+    except Exception as exc:
+        raise MalformedRecord(f"not valid DAG-CBOR: {exc}") from exc
+    if libipld.encode_dag_cbor(value) != bytes(data):
+        raise MalformedRecord("DAG-CBOR bytes are not in canonical form")
+    return value
+
+
+def _check_floats(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} is not allowed in DAG-CBOR")
+    if isinstance(value, dict):
+        for v in value.values():
+            _check_floats(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_floats(v)
+    return value
+
+
+class RecordBody(BaseModel):
+    """Base of every record body: strict, closed (unknown fields are an error), immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    record_type: Any = None  # overridden by @register with the type string
+
+
+_TYPES: dict[str, type[RecordBody]] = {}
+B = TypeVar("B", bound=RecordBody)
+
+
+def register(type_name: str):
+    """Class decorator: make `type_name` a known record type whose body is the decorated model."""
+
+    def wrap(cls: type[B]) -> type[B]:
+        if type_name in _TYPES:
+            raise RuntimeError(f"record type {type_name} registered twice")
+        cls.record_type = type_name  # type: ignore[assignment]
+        _TYPES[type_name] = cls
+        return cls
+
+    return wrap
+
+
+def record_types() -> list[str]:
+    return sorted(_TYPES)
+
+
+@dataclass(frozen=True)
+class Record(Generic[B]):
+    """A signed record. Build with `sign_record`; read untrusted bytes with `verify_record`."""
+
+    type: str
+    signer: str
+    body: B
+    sig: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.type, "signer": self.signer, "body": _dump(self.body), "sig": self.sig}
+
+    def encode(self) -> bytes:
+        return encode_canonical(self.to_wire())
+
+    @property
+    def cid(self) -> CID:
+        return cid_of(self.encode(), DAG_CBOR)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON view for HTTP bodies: bytes as hex, everything else as in the record."""
+        return {"type": self.type, "signer": self.signer, "body": _dump(self.body), "sig": self.sig.hex()}
+
+
+def _dump(body: RecordBody) -> dict[str, Any]:
+    return body.model_dump(mode="python", exclude={"record_type"})
+
+
+def _signing_bytes(type_name: str, signer: str, body: dict[str, Any]) -> bytes:
+    return encode_canonical({"type": type_name, "signer": signer, "body": body})
+
+
+def sign_record(identity: Identity, body: B) -> Record[B]:
+    """Sign `body` as this identity; the type comes from the body's registered model."""
+    type_name = type(body).record_type
+    if type_name not in _TYPES:
+        raise UnknownRecordType(f"{type(body).__name__} is not a registered record type")
+    signer = str(identity.peer_id)
+    sig = identity.sign(_signing_bytes(type_name, signer, _dump(body)))
+    return Record(type=type_name, signer=signer, body=body, sig=sig)
+
+
+def decode_record(data: bytes | dict[str, Any]) -> Record[Any]:
+    """Parse a record (bytes, or its JSON view) without checking the signature: see verify_record."""
+    wire = decode_canonical(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if not isinstance(wire, dict) or set(wire) != {"type", "signer", "body", "sig"}:
+        raise MalformedRecord("a record is a map with exactly the keys type, signer, body, sig")
+    type_name, signer, body, sig = wire["type"], wire["signer"], wire["body"], wire["sig"]
+    if isinstance(sig, str):
+        try:
+            sig = bytes.fromhex(sig)
+        except ValueError as exc:
+            raise MalformedRecord("sig is not hex") from exc
+    if not isinstance(type_name, str) or not isinstance(signer, str) or not isinstance(body, dict):
+        raise MalformedRecord("type and signer must be strings and body a map")
+    if not isinstance(sig, bytes) or len(sig) != 64:
+        raise MalformedRecord("sig must be a 64-byte Ed25519 signature")
+    model = _TYPES.get(type_name)
+    if model is None:
+        raise UnknownRecordType(f"unknown record type {type_name[:80]!r}")
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as exc:
+        raise MalformedRecord(f"{type_name} body is invalid: {_first_error(exc)}") from exc
+    if _dump(parsed) != body:
+        raise MalformedRecord(f"{type_name} body does not round-trip (wrong field types)")
+    return Record(type=type_name, signer=signer, body=parsed, sig=sig)
+
+
+def verify_record(data: bytes | dict[str, Any], expect: type[B] | None = None) -> Record[B]:
+    """Decode and check a record: canonical, known type, valid body, signed by its signer."""
+    record = decode_record(data)
+    if expect is not None and record.type != expect.record_type:
+        raise UnknownRecordType(f"expected a {expect.record_type} record, got {record.type}")
+    try:
+        peer = PeerId.parse(record.signer)
+    except InvalidPeerId as exc:
+        raise MalformedRecord(f"signer is not a peer id: {exc}") from exc
+    if not peer.verify(record.sig, _signing_bytes(record.type, record.signer, _dump(record.body))):
+        raise BadSignature(f"{record.type} record signature does not match signer {record.signer}")
+    return record  # type: ignore[return-value]
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    return f"{where}: {err['msg']}"
+
+
+# -- record types ---------------------------------------------------------------------------------
+
+NonNegInt = Field(ge=0)
+
+
+class SamplingParams(RecordBody):
+    temperature: float = Field(ge=0.0, le=2.0)
+    top_p: float = Field(gt=0.0, le=1.0)
+    seed: int
+    max_tokens: int = Field(ge=0)
+    stop: list[str] = []
+
+
+class TopLogprob(RecordBody):
+    token: int = NonNegInt
+    logprob: float
+
+
+class PriceCharged(RecordBody):
+    """Prices in micro-credits per 1M tokens, charge in micro-credits (integers: no float drift)."""
+
+    input_per_mtok: int = NonNegInt
+    output_per_mtok: int = NonNegInt
+    charged: int = NonNegInt
+
+
+@register("agora/receipt/1")
+class ReceiptBody(RecordBody):
+    """What a provider served: binds model, request, output, sampling and price under its key."""
+
+    model: str
+    precision: str
+    request: str  # CID of the canonical request
+    request_id: str
+    prompt_tokens: int = NonNegInt
+    prefix_tokens: list[int] = []  # tokens already generated elsewhere (gateway failover)
+    output_tokens: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[TopLogprob]]
+    sampling: SamplingParams
+    finish_reason: str
+    price: PriceCharged
+    started_ms: int = NonNegInt
+    finished_ms: int = NonNegInt
+
+
+class OfferedModel(RecordBody):
+    cid: str
+    name: str
+    input_per_mtok: int = NonNegInt
+    output_per_mtok: int = NonNegInt
+    context_length: int = NonNegInt
+
+
+@register("agora/offer/1")
+class OfferBody(RecordBody):
+    """What a provider sells, where to reach it, and until when the offer stands."""
+
+    url: str
+    models: list[OfferedModel]
+    precision: str
+    max_concurrency: int = Field(ge=1)
+    hardware: str
+    engine: str
+    issued_ms: int = NonNegInt
+    expires_ms: int = NonNegInt
+    nonce: str

@@ -1,0 +1,21 @@
+"""Node settings: one typed object, read from AGORA_* environment variables; CLI flags override."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from agoranet.core.identity import KEY_FILE
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGORA_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".agora")
+    log_json: bool = False
+
+    @property
+    def key_path(self) -> Path:
+        return self.home / KEY_FILE

@@ -1,0 +1,1 @@
+"""Layer 3: inference engines behind one interface."""

@@ -1,0 +1,1 @@
+"""Layer 4: node roles (provider, gateway, verifier, storage) composed in one process."""
