@@ -16,7 +16,7 @@ def receipt_body(**over) -> ReceiptBody:
     fields = dict(
         model="bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku", precision="fp32",
         request="bafyreigbtj4x7ip5legnfznufuopl4sg4knzc2cof6duas4b3q2fy6swua", request_id="req-1",
-        prompt_tokens=5, output_tokens=[1, 2, 3], logprobs=[-0.5, -1.25, -0.01],
+        prompt_tokens=5, output_tokens=[1, 2, 3], output_text="abc", logprobs=[-0.5, -1.25, -0.01],
         top_logprobs=[[TopLogprob(token=1, logprob=-0.5)]] * 3,
         sampling=SamplingParams(temperature=0.7, top_p=1.0, seed=42, max_tokens=3),
         finish_reason="length", price=PriceCharged(input_per_mtok=100, output_per_mtok=200, charged=1),

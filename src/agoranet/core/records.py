@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import libipld
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -61,7 +61,7 @@ class RecordBody(BaseModel):
     """Base of every record body: strict, closed (unknown fields are an error), immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    record_type: Any = None  # overridden by @register with the type string
+    record_type: ClassVar[str] = ""  # set by @register
 
 
 _TYPES: dict[str, type[RecordBody]] = {}
@@ -110,7 +110,7 @@ class Record(Generic[B]):
 
 
 def _dump(body: RecordBody) -> dict[str, Any]:
-    return body.model_dump(mode="python", exclude={"record_type"})
+    return body.model_dump(mode="python")
 
 
 def _signing_bytes(type_name: str, signer: str, body: dict[str, Any]) -> bytes:
@@ -211,6 +211,7 @@ class ReceiptBody(RecordBody):
     prompt_tokens: int = NonNegInt
     prefix_tokens: list[int] = []  # tokens already generated elsewhere (gateway failover)
     output_tokens: list[int]
+    output_text: str  # exactly the text returned to the client
     logprobs: list[float]
     top_logprobs: list[list[TopLogprob]]
     sampling: SamplingParams

@@ -1,0 +1,115 @@
+"""The `agora` command."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from agoranet.core.errors import AgoraError
+from agoranet.core.identity import Identity
+from agoranet.core.settings import Settings
+
+app = typer.Typer(help="Agora: an open, verifiable network for AI inference.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console(emoji=False, highlight=False, soft_wrap=True)
+err = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
+
+HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="node directory (default $AGORA_HOME or ~/.agora)")]
+
+
+def home_dir(home: Path | None) -> Path:
+    return home if home is not None else Settings().home
+
+
+def fail(exc: AgoraError | str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    return typer.Exit(1)
+
+
+@app.command()
+def init(home: HomeOpt = None, force: Annotated[bool, typer.Option(help="replace an existing identity")] = False) -> None:
+    """Create this node's Ed25519 identity (key file mode 0600)."""
+    path = home_dir(home) / "identity.key"
+    try:
+        identity = Identity.generate()
+        identity.save(path, force=force)
+    except AgoraError as exc:
+        raise fail(exc) from None
+    console.print(f"created identity [bold]{identity.peer_id}[/] in {path}")
+    console.print(f"did: {identity.peer_id.did}")
+
+
+@app.command()
+def id(home: HomeOpt = None) -> None:
+    """Print this node's peer id."""
+    try:
+        identity = Identity.load(home_dir(home) / "identity.key")
+    except AgoraError as exc:
+        raise fail(exc) from None
+    console.print(str(identity.peer_id))
+
+
+@app.command()
+def provide(
+    home: HomeOpt = None,
+    model: Annotated[str, typer.Option(help="bundled model name or local model directory")] = "agora-tiny",
+    host: str = "127.0.0.1",
+    port: int = 8400,
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16")] = "fp32",
+    upstream: Annotated[Optional[str], typer.Option(help="serve through an OpenAI-compatible server at this URL")] = None,
+    upstream_model: Annotated[Optional[str], typer.Option(help="model name the upstream serves")] = None,
+    public_url: Annotated[Optional[str], typer.Option(help="URL others reach this node at")] = None,
+    price_in: Annotated[int, typer.Option(help="micro-credits per 1M input tokens")] = 100_000,
+    price_out: Annotated[int, typer.Option(help="micro-credits per 1M output tokens")] = 200_000,
+    max_concurrency: int = 16,
+    max_tokens: int = 512,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
+) -> None:
+    """Sell inference: serve a model over the OpenAI API with signed receipts."""
+    from agoranet.node.node import ProviderOptions, build_provider_node
+    from agoranet.node.server import bind, serve_forever, url_of
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    home = home_dir(home)
+    try:
+        Identity.load_or_create(home / "identity.key")
+        sock = bind(host, port)
+    except OSError as exc:
+        raise fail(f"cannot listen on {host}:{port}: {exc.strerror} (pick another --port)") from None
+    except AgoraError as exc:
+        raise fail(exc) from None
+    url = public_url or url_of(sock)
+    opts = ProviderOptions(model=model, precision=precision, upstream=upstream, upstream_model=upstream_model,
+                           threads=threads, pricing={"input_per_mtok": price_in, "output_per_mtok": price_out,
+                                                     "max_concurrency": max_concurrency, "max_tokens": max_tokens})
+    try:
+        app_, provider = build_provider_node(home, url, opts)
+    except AgoraError as exc:
+        raise fail(exc) from None
+    e = provider.engine
+    console.print(f"provider [bold]{provider.identity.peer_id}[/] serving [bold]{e.model_name}[/] ({e.model_cid}, "
+                  f"{e.precision}) at [bold]{url}/v1[/]")
+    serve_forever(app_, sock)
+
+
+@app.command()
+def demo(
+    prompt: Annotated[str, typer.Option(help="what to ask the bundled model")] = "write a function that adds two numbers",
+    max_tokens: int = 96,
+    seed: int = 7,
+) -> None:
+    """Start a small Agora network on 127.0.0.1, ask it through the official openai SDK, shut it down."""
+    from agoranet.cli.demo import run_demo
+
+    try:
+        run_demo(console, prompt=prompt, max_tokens=max_tokens, seed=seed)
+    except AgoraError as exc:
+        raise fail(exc) from None
+
+
+def main() -> None:
+    app()

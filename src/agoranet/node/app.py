@@ -1,0 +1,115 @@
+"""One FastAPI app per node: the roles' routers under one lifespan, OpenAI-style errors, size limits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agoranet.core.errors import AgoraError, EngineError, RequestError
+from agoranet.node.protocol import error_body
+
+log = logging.getLogger(__name__)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Reject request bodies over `limit` bytes with 413 before they are read into memory."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except BodyTooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        body = error_body(f"request body is larger than this node's limit of {self.limit} bytes",
+                          code="request_too_large")
+        response = JSONResponse(body, status_code=413)
+        await response(scope={"type": "http"}, receive=None, send=send)  # type: ignore[arg-type]
+
+
+Role = Any  # a role has .router (APIRouter) and async start()/stop()
+
+
+def create_app(roles: list[Role], *, max_request_bytes: int, title: str = "Agora node") -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            for role in roles:
+                await role.start()
+                stack.push_async_callback(role.stop)
+            yield
+
+    app = FastAPI(title=title, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    for role in roles:
+        app.include_router(role.router)
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        if err.get("type") == "json_invalid":
+            return JSONResponse(error_body("the request body is not valid JSON", code="invalid_json"), 400)
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {err['msg']}" if param else str(err["msg"])
+        return JSONResponse(error_body(message, param=param, code="invalid_value"), 400)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        headers = {"retry-after": "1"} if exc.status == 429 else None
+        return JSONResponse(error_body(str(exc), type=exc.type, param=exc.param, code=exc.code), exc.status, headers)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), type="server_error", code="engine_error"), 502)
+
+    @app.exception_handler(AgoraError)
+    async def _agora_error(_: Request, exc: AgoraError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), type="agora_error", code=type(exc).__name__), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), type="invalid_request_error", code=str(exc.status_code)),
+                            exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal error; the node logged the details", type="server_error"), 500)
+
+

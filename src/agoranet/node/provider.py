@@ -1,0 +1,279 @@
+"""Provider role: sells inference from one engine over the OpenAI API, signing a receipt for every answer."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import platform
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from agoranet.core.errors import AgoraError, RequestError
+from agoranet.core.identity import Identity
+from agoranet.core.records import (
+    OfferBody, OfferedModel, PriceCharged, ReceiptBody, Record, SamplingParams, TopLogprob,
+    decode_canonical, decode_record, encode_canonical, sign_record,
+)
+from agoranet.engine.base import Engine, Generation, GenerationRequest, TokenEvent
+from agoranet.node.protocol import (
+    DONE, ChatCompletionRequest, ChunkWriter, CompletionRequest, chat_logprob_content, chat_response,
+    completion_logprobs, completion_response, error_chunk,
+)
+from agoranet.node.state import NodeState
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    public_url: str
+    input_per_mtok: int = 100_000  # micro-credits per 1M input tokens
+    output_per_mtok: int = 200_000
+    max_concurrency: int = 16
+    max_tokens: int = 512  # the most a request may ask for
+    default_max_tokens: int = 64
+    offer_ttl_s: int = 600
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Provider:
+    def __init__(self, identity: Identity, engine: Engine, state: NodeState, config: ProviderConfig) -> None:
+        self.identity, self.engine, self.state, self.config = identity, engine, state, config
+        self.active = 0
+        self.served = 0
+        self._offer: Record[OfferBody] | None = None
+        self.router = self._routes()
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+
+    # -- offer --------------------------------------------------------------------------------------
+
+    def offer(self) -> Record[OfferBody]:
+        """The signed offer, re-signed once half its lifetime has passed."""
+        now = now_ms()
+        ttl = self.config.offer_ttl_s * 1000
+        if self._offer is None or now > self._offer.body.issued_ms + ttl // 2:
+            e = self.engine
+            body = OfferBody(
+                url=self.config.public_url,
+                models=[OfferedModel(cid=e.model_cid, name=e.model_name, input_per_mtok=self.config.input_per_mtok,
+                                     output_per_mtok=self.config.output_per_mtok, context_length=e.context_length)],
+                precision=e.precision, max_concurrency=self.config.max_concurrency, hardware=hardware_summary(),
+                engine=e.name, issued_ms=now, expires_ms=now + ttl, nonce=secrets.token_hex(8),
+            )
+            self._offer = sign_record(self.identity, body)
+            self.state.put(self._offer.encode(), "offer")
+        return self._offer
+
+    # -- serving ------------------------------------------------------------------------------------
+
+    def _check(self, req: ChatCompletionRequest | CompletionRequest) -> None:
+        e = self.engine
+        if req.model not in (e.model_name, e.model_cid):
+            raise RequestError(f"model {req.model!r} is not served here; this provider serves {e.model_name!r} "
+                               f"({e.model_cid})", status=404, code="model_not_found", param="model")
+        if req.max_tokens is not None and req.max_tokens > self.config.max_tokens:
+            raise RequestError(f"max_tokens is {req.max_tokens}; this provider allows at most {self.config.max_tokens}",
+                               param="max_tokens", code="max_tokens_too_large")
+
+    async def serve(self, kind: Literal["chat", "completion"], req: ChatCompletionRequest | CompletionRequest) -> Response:
+        self._check(req)
+        if self.active >= self.config.max_concurrency:
+            raise RequestError(f"this provider is busy ({self.active} requests in flight); retry shortly",
+                               status=429, code="rate_limited", type="rate_limit_error")
+        ext = req.agora
+        prefix = tuple(ext.prefix_tokens) if ext else ()
+        sampling = req.sampling(self.config.default_max_tokens, seed=secrets.randbits(63))
+        if kind == "chat":
+            gen_req = GenerationRequest(
+                request_id="", kind="chat", sampling=sampling, top_logprobs=req.wanted_top,
+                messages=tuple((m.role, m.text()) for m in req.messages), prefix_tokens=prefix,
+            )
+        else:
+            gen_req = GenerationRequest(
+                request_id="", kind="completion", sampling=sampling, top_logprobs=req.wanted_top,
+                prompt=req.prompt_text(), prefix_tokens=prefix,
+            )
+        # The sampling noise is keyed by the request id: a gateway continuing a generation passes the
+        # original one; otherwise it is derived from the request itself, so the same request with the
+        # same seed gives the same answer whichever way it is asked (stream or not, any provider).
+        gen_req = replace(gen_req, request_id=(ext.request_id if ext and ext.request_id else derived_request_id(
+            gen_req, self.engine.model_cid)))
+        response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        request_cid = str(self.state.put(canonical_request(gen_req, self.engine.model_cid), "request"))
+        self.active += 1
+        started = now_ms()
+        events = self.engine.generate(gen_req)
+        try:
+            first = await anext(events)  # errors before the first token become a proper 4xx
+        except BaseException:
+            self.active -= 1
+            await events.aclose()
+            raise
+        if req.stream:
+            return EventSourceResponse(
+                self._stream(kind, req, gen_req, response_id, request_cid, started, first, events), sep="\n", ping=15,
+            )
+        try:
+            gen = first if isinstance(first, Generation) else None
+            async for item in events:
+                if isinstance(item, Generation):
+                    gen = item
+        finally:
+            self.active -= 1
+        assert gen is not None
+        receipt = self._receipt(gen_req, request_cid, gen, started)
+        agora = self._agora(receipt)
+        model = self.engine.model_name
+        created = started // 1000
+        if kind == "chat":
+            lp = chat_logprob_content(self.engine.token_text, gen.tokens, gen.logprobs, gen.top,
+                                      req.wanted_top) if req.logprobs else None
+            body = chat_response(id=response_id, model=model, created=created, gen=gen, logprobs=lp, agora=agora)
+        else:
+            lp = completion_logprobs(self.engine.token_text, gen.tokens, gen.logprobs, gen.top,
+                                     req.wanted_top) if req.logprobs is not None else None
+            text = (req.prompt_text() + gen.text) if req.echo else gen.text
+            body = completion_response(id=response_id, model=model, created=created, gen=gen, text=text,
+                                       logprobs=lp, agora=agora)
+        return JSONResponse(body, headers={"x-agora-receipt": agora["receipt_cid"]})
+
+    async def _stream(self, kind, req, gen_req: GenerationRequest, response_id: str, request_cid: str, started: int,
+                      first: TokenEvent | Generation, events: AsyncIterator[TokenEvent | Generation]):
+        writer = ChunkWriter(kind=kind, id=response_id, model=self.engine.model_name,
+                             token_text=self.engine.token_text, top_k=req.wanted_top,
+                             want_logprobs=bool(req.logprobs) if kind == "chat" else req.logprobs is not None)
+        try:
+            if (opening := writer.first()) is not None:
+                yield {"data": opening}
+            item = first
+            while True:
+                if isinstance(item, Generation):
+                    receipt = self._receipt(gen_req, request_cid, item, started)
+                    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                    for chunk in writer.last(item, include_usage=include_usage, agora=self._agora(receipt)):
+                        yield {"data": chunk}
+                    yield {"data": DONE}
+                    return
+                if (chunk := writer.token(item)) is not None:
+                    yield {"data": chunk}
+                item = await anext(events)
+        except AgoraError as exc:
+            yield {"data": error_chunk(str(exc), code=type(exc).__name__)}
+        finally:
+            self.active -= 1
+            await events.aclose()
+
+    def _receipt(self, gen_req: GenerationRequest, request_cid: str, gen: Generation, started: int) -> Record:
+        s, c = gen_req.sampling, self.config
+        completion = gen.completion_tokens
+        charged = math.ceil((gen.prompt_tokens * c.input_per_mtok + completion * c.output_per_mtok) / 1_000_000)
+        body = ReceiptBody(
+            model=self.engine.model_cid, precision=self.engine.precision, request=request_cid,
+            request_id=gen_req.request_id, prompt_tokens=gen.prompt_tokens, prefix_tokens=list(gen_req.prefix_tokens),
+            output_tokens=gen.tokens, output_text=gen.text, logprobs=gen.logprobs,
+            top_logprobs=[[TopLogprob(token=t, logprob=lp) for t, lp in top] for top in gen.top],
+            sampling=SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed, max_tokens=s.max_tokens,
+                                    stop=list(s.stop)),
+            finish_reason=gen.finish_reason,
+            price=PriceCharged(input_per_mtok=c.input_per_mtok, output_per_mtok=c.output_per_mtok, charged=charged),
+            started_ms=started, finished_ms=now_ms(),
+        )
+        record = sign_record(self.identity, body)
+        self.state.put(record.encode(), "receipt")
+        self.served += 1
+        return record
+
+    def _agora(self, receipt: Record) -> dict[str, Any]:
+        return {"receipt_cid": str(receipt.cid), "receipt": receipt.to_json(), "provider": receipt.signer}
+
+    # -- routes -------------------------------------------------------------------------------------
+
+    def _routes(self) -> APIRouter:
+        r = APIRouter()
+
+        @r.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            e = self.engine
+            return {"object": "list", "data": [{
+                "id": e.model_name, "object": "model", "created": 0, "owned_by": str(self.identity.peer_id),
+                "agora": {"cid": e.model_cid, "precision": e.precision, "engine": e.name},
+            }]}
+
+        @r.post("/v1/chat/completions")
+        async def chat(req: ChatCompletionRequest) -> Response:
+            return await self.serve("chat", req)
+
+        @r.post("/v1/completions")
+        async def completions(req: CompletionRequest) -> Response:
+            return await self.serve("completion", req)
+
+        @r.get("/agora/v1/offer")
+        async def offer() -> dict[str, Any]:
+            rec = self.offer()
+            return {"cid": str(rec.cid), "record": rec.to_json()}
+
+        @r.get("/agora/v1/records/{cid}")
+        async def record(cid: str, request: Request) -> Response:
+            found = self.state.get(cid)
+            if found is None:
+                raise RequestError(f"no record {cid[:80]!r} on this node", status=404, code="not_found", param="cid")
+            kind, data = found
+            if "application/vnd.ipld.dag-cbor" in request.headers.get("accept", ""):
+                return Response(data, media_type="application/vnd.ipld.dag-cbor")
+            if kind == "request":
+                return JSONResponse({"cid": cid, "kind": kind, "request": _jsonable(decode_canonical(data))})
+            return JSONResponse({"cid": cid, "kind": kind, "record": decode_record(data).to_json()})
+
+        return r
+
+
+def canonical_request(req: GenerationRequest, model_cid: str) -> bytes:
+    """The DAG-CBOR form of what was asked, whose CID every receipt binds."""
+    s = req.sampling
+    body: dict[str, Any] = {
+        "kind": req.kind, "model": model_cid, "request_id": req.request_id,
+        "sampling": {"temperature": float(s.temperature), "top_p": float(s.top_p), "seed": s.seed,
+                     "max_tokens": s.max_tokens, "stop": list(s.stop)},
+        "top_logprobs": req.top_logprobs, "prefix_tokens": list(req.prefix_tokens),
+    }
+    if req.kind == "chat":
+        body["messages"] = [{"role": role, "content": content} for role, content in req.messages]
+    else:
+        body["prompt"] = req.prompt
+    return encode_canonical(body)
+
+
+def derived_request_id(req: GenerationRequest, model_cid: str) -> str:
+    """A request id that is a pure function of the request (its content, sampling and seed)."""
+    return "req-" + hashlib.sha256(canonical_request(replace(req, request_id=""), model_cid)).hexdigest()[:32]
+
+
+def hardware_summary() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return f"cpu:{platform.machine()}x{torch.get_num_threads()}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value

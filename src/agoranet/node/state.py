@@ -1,0 +1,47 @@
+"""A node's durable state: content-addressed blocks (records, canonical requests) in SQLite (WAL)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from agoranet.core.cid import CID, DAG_CBOR, cid_of
+
+
+class NodeState:
+    """Blocks by CID. `put` returns only after the block is committed, so an acknowledged receipt survives a crash."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS blocks (cid TEXT PRIMARY KEY, kind TEXT NOT NULL, data BLOB NOT NULL,"
+            " created_ms INTEGER NOT NULL)"
+        )
+        self._lock = threading.Lock()
+
+    def put(self, data: bytes, kind: str, codec: str = DAG_CBOR) -> CID:
+        cid = cid_of(data, codec)
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO blocks (cid, kind, data, created_ms) VALUES (?, ?, ?, ?)",
+                (str(cid), kind, data, int(time.time() * 1000)),
+            )
+        return cid
+
+    def get(self, cid: str) -> tuple[str, bytes] | None:
+        with self._lock:
+            row = self._db.execute("SELECT kind, data FROM blocks WHERE cid = ?", (cid,)).fetchone()
+        return (row[0], bytes(row[1])) if row else None
+
+    def count(self, kind: str) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM blocks WHERE kind = ?", (kind,)).fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,79 @@
+"""Shared fixtures: real nodes on 127.0.0.1 (in-process threads or subprocesses), real HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agoranet.core.identity import Identity
+from agoranet.node.node import ProviderOptions, build_provider_node
+from agoranet.node.server import BackgroundServer, bind, url_of
+
+
+def start_provider(home: Path, opts: ProviderOptions | None = None, **limits) -> tuple[BackgroundServer, object]:
+    """An in-process provider node on a free 127.0.0.1 port."""
+    if not (home / "identity.key").exists():
+        Identity.generate().save(home / "identity.key")
+    sock = bind()
+    app, provider = build_provider_node(home, url_of(sock), opts or ProviderOptions(threads=2), **limits)
+    return BackgroundServer(app, sock).start(), provider
+
+
+@pytest.fixture(scope="session")
+def provider(tmp_path_factory) -> Iterator[tuple[str, object]]:
+    """One provider on the bundled model, shared by tests that only talk to it."""
+    server, prov = start_provider(tmp_path_factory.mktemp("provider"))
+    try:
+        yield server.url, prov
+    finally:
+        server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NodeProcess:
+    """An `agora` command running as its own process, as users run it."""
+
+    def __init__(self, args: list[str], home: Path, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        env = dict(os.environ, AGORA_HOME=str(home), PYTHONUNBUFFERED="1")
+        self.log = home / "node.log"
+        home.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agoranet.cli", *args, "--port", str(port)], env=env,
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 90) -> NodeProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited early:\n{self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"node not ready:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
