@@ -1,0 +1,79 @@
+"""The `agora` command as users run it: a real process, real exit codes, messages a person can act on."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def agora(*args: str, home: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if home is not None:
+        env["AGORA_HOME"] = str(home)
+    return subprocess.run([sys.executable, "-m", "agoranet.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_lists_the_commands():
+    r = agora("--help")
+    assert r.returncode == 0
+    for command in ("init", "provide", "demo", "id"):
+        assert command in r.stdout
+
+
+def test_init_creates_a_private_identity_and_refuses_to_overwrite(tmp_path):
+    r = agora("init", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    key = tmp_path / "identity.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    peer = agora("id", home=tmp_path).stdout.strip()
+    assert peer.startswith("12D3KooW") and peer in r.stdout
+    assert "PRIVATE KEY" not in r.stdout + r.stderr
+
+    again = agora("init", home=tmp_path)
+    assert again.returncode == 1
+    assert "already exists" in again.stderr and "--force" in again.stderr and "Traceback" not in again.stderr
+    assert agora("id", home=tmp_path).stdout.strip() == peer
+
+    forced = agora("init", "--force", home=tmp_path)
+    assert forced.returncode == 0 and agora("id", home=tmp_path).stdout.strip() != peer
+
+
+def test_corrupted_or_missing_key_file_gives_one_clear_line(tmp_path):
+    missing = agora("id", home=tmp_path)
+    assert missing.returncode == 1 and "agora init" in missing.stderr and "Traceback" not in missing.stderr
+    (tmp_path / "identity.key").write_text("not a key\n")
+    r = agora("id", home=tmp_path)
+    assert r.returncode == 1
+    assert "not a readable Ed25519 private key" in r.stderr and "Traceback" not in r.stderr
+    provide = agora("provide", "--port", "0", home=tmp_path)
+    assert provide.returncode == 1 and "not a readable Ed25519" in provide.stderr
+
+
+def test_provide_explains_bad_options(tmp_path):
+    r = agora("provide", "--model", str(tmp_path / "nowhere"), "--port", "0", home=tmp_path)
+    assert r.returncode == 1 and "no model" in r.stderr and "Traceback" not in r.stderr
+    r = agora("provide", "--precision", "fp7", "--port", "0", home=tmp_path)
+    assert r.returncode == 1 and "unknown precision" in r.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = agora("provide", "--port", str(port), home=tmp_path)
+    assert r.returncode == 1 and "cannot listen" in r.stderr and "--port" in r.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_twice_and_leaves_nothing_behind(tmp_path):
+    for _ in range(2):
+        r = agora("demo", "--max-tokens", "24", home=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "receipt bafyrei" in r.stdout and "signature valid" in r.stdout
+        assert "decode to the answer: yes" in r.stdout
+    assert list(tmp_path.iterdir()) == []  # the demo keeps its state in a temporary directory
