@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
-from agoranet.core.cid import CID, DAG_CBOR, cid_of, parse_cid
+from agoranet.core.cid import CID, DAG_CBOR, cid_from_digest, cid_of, parse_cid
 from agoranet.core.identity import Identity
 from agoranet.core.records import Record, sign_record
 from agoranet.log.errors import CorruptLog, EntryNotFound, InvalidTreeHead, ProofRequestError
 from agoranet.log.merkle import MerkleTree, leaf_hash
 from agoranet.log.records import SplitViewProof, TreeHeadBody, check_heads, verify_tree_head
 
-__all__ = ["LogEntry", "TransparencyLog", "LogTransaction", "MAX_PAGE", "cid_key"]
+__all__ = ["LogEntry", "TransparencyLog", "LogTransaction", "MAX_PAGE", "cid_key", "key_cid"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,13 @@ def cid_key(data: bytes) -> bytes:
     return _CID_PREFIX + sha256(data).digest()
 
 
+def key_cid(key: bytes) -> CID:
+    """The CID (base32 when printed) of a leaf's binary CID."""
+    if len(key) != len(_CID_PREFIX) + 32 or not key.startswith(_CID_PREFIX):
+        return CID.decode(key)
+    return cid_from_digest(key[len(_CID_PREFIX):], DAG_CBOR)
+
+
 @dataclass(frozen=True)
 class LogEntry:
     index: int
@@ -63,7 +70,7 @@ class LogEntry:
 
     @property
     def cid(self) -> CID:
-        return CID.decode(self.key)
+        return key_cid(self.key)
 
 
 class LogTransaction:
@@ -217,6 +224,11 @@ class TransparencyLog:
                 raise ProofRequestError(f"entry {index} was appended after size {size}", param="size")
             return index, self._tree.inclusion_proof(index, size)
 
+    def inclusion_path(self, index: int, size: int | None = None) -> list[bytes]:
+        """The audit path of the entry at `index` in the tree of `size` entries."""
+        with self._lock:
+            return self._tree.inclusion_proof(index, size)
+
     def consistency_proof(self, first: int, second: int | None = None) -> list[bytes]:
         with self._lock:
             return self._tree.consistency_proof(first, second)
@@ -234,7 +246,7 @@ class TransparencyLog:
 def _show(cid: CID | str | bytes) -> str:
     if isinstance(cid, bytes):
         try:
-            return str(CID.decode(cid))
+            return str(key_cid(cid))
         except Exception:
             return cid.hex()[:80]
     return str(cid)[:80]
