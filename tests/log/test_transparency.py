@@ -39,7 +39,9 @@ def test_appending_the_same_record_twice_returns_the_first_entry(tlog: Transpare
     assert again.index == first.index == 0 and tlog.size == 2
 
 
-def test_inclusion_and_consistency_proofs_verify_against_signed_heads(tlog: TransparencyLog, identity: Identity) -> None:
+def test_inclusion_and_consistency_proofs_verify_against_signed_heads(
+    tlog: TransparencyLog, identity: Identity,
+) -> None:
     records = make_records(identity, 300)
     tlog.append_many(records[:100])
     old = verify_tree_head(tlog.head().encode())

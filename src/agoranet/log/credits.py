@@ -169,8 +169,8 @@ class CreditLedger:
             moves = []
             if cost:
                 moves.append(self._move(tx, "settle", escrow, provider_account, cost, request_id))
-            if verifier_fee:
-                moves.append(self._move(tx, "settle", escrow, verifier_account, verifier_fee, request_id))  # type: ignore[arg-type]
+            if verifier_fee and verifier_account is not None:
+                moves.append(self._move(tx, "settle", escrow, verifier_account, verifier_fee, request_id))
             if refund := held - cost - verifier_fee:
                 moves.append(self._move(tx, "refund", escrow, account, refund, request_id))
             tx.conn.execute("UPDATE credit_escrows SET settled = 1 WHERE request_id = ?", (request_id,))

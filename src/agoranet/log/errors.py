@@ -38,10 +38,6 @@ class InvalidTreeHead(LogError):
     hint = "the signed tree head is forged or malformed; do not trust this log"
 
 
-class SplitViewDetected(LogError):
-    hint = "the log showed two inconsistent histories; keep the split-view proof and stop trusting it"
-
-
 class CreditError(AgoraError):
     """A credit move that the ledger refuses."""
 

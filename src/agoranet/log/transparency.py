@@ -239,7 +239,8 @@ class TransparencyLog:
         if other.body.log_id != self.log_id:
             raise InvalidTreeHead(f"head is for log {other.body.log_id}, not this log {self.log_id}")
         if other.body.size > self.size:
-            return SplitViewProof(self.head(), other, (), f"head claims {other.body.size} entries; the log has {self.size}")
+            reason = f"head claims {other.body.size} entries; the log has {self.size}"
+            return SplitViewProof(self.head(), other, (), reason)
         return check_heads(self.head(other.body.size), other, [])
 
 
