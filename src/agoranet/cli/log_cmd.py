@@ -1,0 +1,260 @@
+"""`agora log …`: check a node's transparency log from the outside, trusting nothing it says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+
+from agoranet.core.cid import parse_cid
+from agoranet.core.errors import AgoraError, RecordError, UnknownRecordType
+from agoranet.core.records import Record, decode_canonical, verify_record
+from agoranet.log.credits import replay_balances
+from agoranet.log.errors import InvalidProof, InvalidStatement, InvalidTreeHead
+from agoranet.log.merkle import MerkleTree, leaf_hash, verify_inclusion
+from agoranet.log.records import TreeHeadBody, check_heads, verify_tree_head
+from agoranet.log.transparency import cid_key, key_cid
+
+__all__ = ["log_app"]
+
+log_app = typer.Typer(
+    help="Check a node's transparency log: its signed head, inclusion and consistency proofs, a full audit.",
+    no_args_is_help=True,
+)
+console = Console(highlight=False, soft_wrap=True)
+API = "/agora/v1/log"
+SHOWN_PROBLEMS = 20
+
+
+class _Unreachable(Exception):
+    """The node could not be asked (network, HTTP error): exit 2, not a verdict on the log."""
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _get(client: httpx.Client, path: str, **params: Any) -> Any:
+    try:
+        response = client.get(API + path, params={k: v for k, v in params.items() if v is not None})
+    except httpx.HTTPError as exc:
+        raise _Unreachable(f"cannot reach {client.base_url}: {exc}; check the URL and that the node runs") from exc
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200]
+        raise _Unreachable(f"{client.base_url}{API}{path} answered {response.status_code}: {message}")
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise _Unreachable(f"{client.base_url}{API}{path} did not answer JSON") from exc
+
+
+def _client(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url.rstrip("/"), timeout=30.0)
+
+
+def _run(body) -> None:
+    """Map the ways a check can end to one line and an exit status."""
+    try:
+        body()
+    except _Unreachable as exc:
+        _fail(str(exc), 2)
+    except InvalidTreeHead as exc:
+        _fail(f"forged or malformed tree head: {exc}")
+    except AgoraError as exc:
+        _fail(str(exc))
+
+
+def _fetch_head(client: httpx.Client, size: int | None = None) -> Record[TreeHeadBody]:
+    return verify_tree_head(_get(client, "/head", size=size))
+
+
+def _load_head(path: Path) -> Record[TreeHeadBody]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _Unreachable(f"cannot read a saved head from {path}: {exc}") from exc
+    return verify_tree_head(data)
+
+
+def _show_head(head: Record[TreeHeadBody]) -> None:
+    b = head.body
+    console.print(f"log   {b.log_id}\nsize  {b.size}\nroot  {b.root}\ntime  {b.timestamp_ms} ms")
+
+
+@log_app.command()
+def head(
+    url: str = typer.Argument(..., help="node base URL, e.g. http://127.0.0.1:8000"),
+    size: int | None = typer.Option(None, help="ask for the signed head of an earlier size"),
+    save: Path | None = typer.Option(None, help="write the signed head as JSON, to check later heads against"),
+) -> None:
+    """Fetch the log's signed tree head and check its signature."""
+    def body() -> None:
+        with _client(url) as client:
+            signed = _fetch_head(client, size)
+        _show_head(signed)
+        if save is not None:
+            save.write_text(json.dumps(signed.to_json(), indent=1))
+            console.print(f"saved to {save}")
+        console.print("[green]✓[/] signature valid")
+    _run(body)
+
+
+@log_app.command("verify-inclusion")
+def verify_inclusion_cmd(
+    url: str = typer.Argument(..., help="node base URL"),
+    cid: str = typer.Argument(..., help="CID of the record (receipt, verdict, credit move …)"),
+) -> None:
+    """Prove a record is in the log, against the log's current signed head."""
+    def body() -> None:
+        with _client(url) as client:
+            signed = _fetch_head(client)
+            got = _get(client, "/proof/inclusion", cid=cid, size=signed.body.size)
+        leaf = leaf_hash(bytes(parse_cid(cid)))
+        try:
+            path = [bytes.fromhex(h) for h in got["proof"]]
+            index = int(got["index"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidProof(f"the node's inclusion proof is malformed: {exc}") from exc
+        verify_inclusion(leaf, index, signed.body.size, path, signed.body.root_hash)
+        console.print(
+            f"[green]✓[/] {cid} is entry {index} of {signed.body.size} in log {signed.body.log_id} "
+            f"(root {signed.body.root[:16]}…, {len(path)} hashes)"
+        )
+    _run(body)
+
+
+def _resolve(client: httpx.Client, which: str) -> Record[TreeHeadBody]:
+    """A size asks the log for its signed head at that size; anything else is a saved head file."""
+    return _fetch_head(client, int(which)) if which.isdigit() else _load_head(Path(which))
+
+
+@log_app.command("verify-consistency")
+def verify_consistency_cmd(
+    url: str = typer.Argument(..., help="node base URL"),
+    first: str = typer.Argument(..., help="older tree: a size, or a head saved with `agora log head --save`"),
+    second: str = typer.Argument(..., help="newer tree: a size, or a saved head"),
+) -> None:
+    """Prove the log only appended between two heads (no history was rewritten)."""
+    def body() -> None:
+        with _client(url) as client:
+            a, b = _resolve(client, first), _resolve(client, second)
+            small, large = sorted((a, b), key=lambda h: h.body.size)
+            got = _get(client, "/proof/consistency", first=small.body.size, second=large.body.size)
+        proof = [bytes.fromhex(h) for h in got["proof"]]
+        split = check_heads(small, large, proof)
+        if split is not None:
+            _fail(f"fork: log {small.body.log_id} signed inconsistent heads at sizes {small.body.size} and "
+                  f"{large.body.size} ({split.reason}); keep both heads as evidence and stop trusting this log")
+        console.print(f"[green]✓[/] log {small.body.log_id}: size {large.body.size} extends size {small.body.size}")
+    _run(body)
+
+
+@log_app.command()
+def audit(
+    url: str = typer.Argument(..., help="node base URL"),
+    known_head: list[Path] = typer.Option([], "--known-head", help="a head saved earlier; checks for a fork"),
+) -> None:
+    """Download every entry, recompute the root, check every record's signature and earlier heads."""
+    def body() -> None:
+        problems: list[str] = []
+        unknown_types: dict[str, int] = {}
+        tree = MerkleTree()
+        records: list[bytes] = []
+        with _client(url) as client:
+            signed = _fetch_head(client)
+            size = signed.body.size
+            with console.status(f"downloading {size} entries…"):
+                while tree.size < size:
+                    page = _get(client, "/entries", start=tree.size, end=size)
+                    entries = page.get("entries") or []
+                    if not entries:
+                        problems.append(f"the log stops at {tree.size} entries but its head claims {size}")
+                        break
+                    for entry in entries:
+                        index = tree.size
+                        _check_entry(entry, index, problems, unknown_types, records)
+                        try:
+                            tree.append(leaf_hash(bytes(parse_cid(entry["cid"]))))
+                        except (AgoraError, KeyError, TypeError):
+                            tree.append(leaf_hash(b""))  # already reported; keeps later indices aligned
+            if tree.size == size and tree.root() != signed.body.root_hash:
+                problems.append(
+                    f"forged head or altered entries: the root of the {size} entries served is "
+                    f"{tree.root().hex()[:16]}…, the signed head says {signed.body.root[:16]}…"
+                )
+            for path in known_head:
+                _check_known_head(client, path, signed, tree, problems)
+        try:
+            balances = replay_balances(records, ledger_id=signed.body.log_id)
+        except (InvalidStatement, RecordError) as exc:
+            problems.append(f"credit ledger does not add up: {exc}")
+            balances = {}
+        for type_name, count in sorted(unknown_types.items()):
+            console.print(f"[yellow]note:[/] {count} entries of type {type_name} this agora cannot check")
+        for line in problems[:SHOWN_PROBLEMS]:
+            console.print(f"[red]✗[/] {line}")
+        if len(problems) > SHOWN_PROBLEMS:
+            console.print(f"[red]✗[/] … and {len(problems) - SHOWN_PROBLEMS} more problems")
+        if problems:
+            _fail(f"audit of log {signed.body.log_id} found {len(problems)} problem(s); do not trust this log")
+        console.print(
+            f"[green]✓[/] log {signed.body.log_id}: {size} entries, root {signed.body.root[:16]}… recomputed, "
+            f"{len(records)} signatures valid, {len(balances)} credit accounts balanced, "
+            f"{len(known_head)} earlier head(s) consistent"
+        )
+    _run(body)
+
+
+def _check_entry(
+    entry: dict[str, Any], index: int, problems: list[str], unknown: dict[str, int], records: list[bytes],
+) -> None:
+    try:
+        claimed_index, claimed_cid, data = int(entry["index"]), str(entry["cid"]), bytes.fromhex(entry["record"])
+    except (KeyError, TypeError, ValueError):
+        problems.append(f"entry {index}: malformed in the node's answer")
+        return
+    if claimed_index != index:
+        problems.append(f"entry {index}: the node labelled it {claimed_index}")
+    if str(key_cid(cid_key(data))) != claimed_cid:
+        problems.append(f"tampered entry {index}: its record bytes do not hash to its logged CID {claimed_cid}")
+        return
+    try:
+        verify_record(data)
+    except UnknownRecordType:
+        name = str(decode_canonical(data).get("type"))[:80]
+        unknown[name] = unknown.get(name, 0) + 1
+        return
+    except RecordError as exc:
+        problems.append(f"tampered entry {index} ({claimed_cid}): {exc}")
+        return
+    records.append(data)
+
+
+def _check_known_head(
+    client: httpx.Client, path: Path, current: Record[TreeHeadBody], tree: MerkleTree, problems: list[str],
+) -> None:
+    old = _load_head(path)
+    if old.body.log_id != current.body.log_id:
+        problems.append(f"{path} is a head of log {old.body.log_id}, not of {current.body.log_id}")
+        return
+    if old.body.size > current.body.size:
+        problems.append(f"fork: the log once signed {old.body.size} entries ({path}), now only {current.body.size}")
+        return
+    if tree.size >= old.body.size and tree.root(old.body.size) != old.body.root_hash:
+        problems.append(
+            f"fork: the entries served now do not reproduce the head of size {old.body.size} saved in {path}; "
+            "the log rewrote its history"
+        )
+    got = _get(client, "/proof/consistency", first=old.body.size, second=current.body.size)
+    split = check_heads(old, current, [bytes.fromhex(h) for h in got.get("proof", [])])
+    if split is not None:
+        problems.append(f"fork: head of size {old.body.size} ({path}) and the current head are inconsistent "
+                        f"({split.reason})")
