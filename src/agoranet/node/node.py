@@ -10,7 +10,9 @@ from fastapi import FastAPI
 
 from agoranet.core.identity import Identity
 from agoranet.engine.base import Engine
+from agoranet.log.transparency import TransparencyLog
 from agoranet.node.app import create_app
+from agoranet.node.log_role import LogRole
 from agoranet.node.provider import Provider, ProviderConfig
 from agoranet.node.state import NodeState
 
@@ -48,5 +50,8 @@ def build_provider_node(home: Path, public_url: str, opts: ProviderOptions, *,
                         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> tuple[FastAPI, Provider]:
     identity = Identity.load(home / "identity.key")
     state = NodeState(home / "node.db")
-    provider = Provider(identity, make_engine(opts), state, ProviderConfig(public_url=public_url, **opts.pricing))
-    return create_app([provider], max_request_bytes=max_request_bytes, title="Agora provider"), provider
+    log_role = LogRole(TransparencyLog(home / "log.db", identity))
+    provider = Provider(identity, make_engine(opts), state, ProviderConfig(public_url=public_url, **opts.pricing),
+                        log_role)
+    app = create_app([log_role, provider], max_request_bytes=max_request_bytes, title="Agora provider")
+    return app, provider

@@ -24,6 +24,7 @@ from agoranet.core.records import (
     decode_canonical, decode_record, encode_canonical, sign_record,
 )
 from agoranet.engine.base import Engine, Generation, GenerationRequest, TokenEvent
+from agoranet.node.log_role import LogRole
 from agoranet.node.protocol import (
     DONE, ChatCompletionRequest, ChunkWriter, CompletionRequest, chat_logprob_content, chat_response,
     completion_logprobs, completion_response, error_chunk,
@@ -47,8 +48,9 @@ def now_ms() -> int:
 
 
 class Provider:
-    def __init__(self, identity: Identity, engine: Engine, state: NodeState, config: ProviderConfig) -> None:
-        self.identity, self.engine, self.state, self.config = identity, engine, state, config
+    def __init__(self, identity: Identity, engine: Engine, state: NodeState, config: ProviderConfig,
+                 log: LogRole) -> None:
+        self.identity, self.engine, self.state, self.config, self.log = identity, engine, state, config, log
         self.active = 0
         self.served = 0
         self._offer: Record[OfferBody] | None = None
@@ -62,8 +64,8 @@ class Provider:
 
     # -- offer --------------------------------------------------------------------------------------
 
-    def offer(self) -> Record[OfferBody]:
-        """The signed offer, re-signed once half its lifetime has passed."""
+    async def offer(self) -> Record[OfferBody]:
+        """The signed offer, re-signed (and logged) once half its lifetime has passed."""
         now = now_ms()
         ttl = self.config.offer_ttl_s * 1000
         if self._offer is None or now > self._offer.body.issued_ms + ttl // 2:
@@ -75,8 +77,10 @@ class Provider:
                 precision=e.precision, max_concurrency=self.config.max_concurrency, hardware=hardware_summary(),
                 engine=e.name, issued_ms=now, expires_ms=now + ttl, nonce=secrets.token_hex(8),
             )
-            self._offer = sign_record(self.identity, body)
-            self.state.put(self._offer.encode(), "offer")
+            offer = sign_record(self.identity, body)
+            self.state.put(offer.encode(), "offer")
+            await self.log.append(offer)
+            self._offer = offer
         return self._offer
 
     # -- serving ------------------------------------------------------------------------------------
@@ -136,7 +140,7 @@ class Provider:
         finally:
             self.active -= 1
         assert gen is not None
-        receipt = self._receipt(gen_req, request_cid, gen, started)
+        receipt = await self._receipt(gen_req, request_cid, gen, started)
         agora = self._agora(receipt)
         model = self.engine.model_name
         created = started // 1000
@@ -163,7 +167,7 @@ class Provider:
             item = first
             while True:
                 if isinstance(item, Generation):
-                    receipt = self._receipt(gen_req, request_cid, item, started)
+                    receipt = await self._receipt(gen_req, request_cid, item, started)
                     include_usage = bool(req.stream_options and req.stream_options.include_usage)
                     for chunk in writer.last(item, include_usage=include_usage, agora=self._agora(receipt)):
                         yield {"data": chunk}
@@ -178,7 +182,8 @@ class Provider:
             self.active -= 1
             await events.aclose()
 
-    def _receipt(self, gen_req: GenerationRequest, request_cid: str, gen: Generation, started: int) -> Record:
+    async def _receipt(self, gen_req: GenerationRequest, request_cid: str, gen: Generation, started: int) -> Record:
+        """Sign, store and log the receipt; the answer goes out only once its receipt is durable."""
         s, c = gen_req.sampling, self.config
         completion = gen.completion_tokens
         charged = math.ceil((gen.prompt_tokens * c.input_per_mtok + completion * c.output_per_mtok) / 1_000_000)
@@ -195,6 +200,7 @@ class Provider:
         )
         record = sign_record(self.identity, body)
         self.state.put(record.encode(), "receipt")
+        await self.log.append(record)
         self.served += 1
         return record
 
@@ -224,7 +230,7 @@ class Provider:
 
         @r.get("/agora/v1/offer")
         async def offer() -> dict[str, Any]:
-            rec = self.offer()
+            rec = await self.offer()
             return {"cid": str(rec.cid), "record": rec.to_json()}
 
         @r.get("/agora/v1/records/{cid}")

@@ -1,0 +1,58 @@
+"""The node's transparency log as a role: its HTTP routes, and group commit for appends.
+
+Every append waits for its commit (an acknowledged record survives a crash), but appends that
+arrive together share one commit, so a busy node pays one fsync per batch, not per record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from agoranet.core.records import Record
+from agoranet.log.transparency import LogEntry, TransparencyLog
+from agoranet.node.log_api import log_router
+
+
+class LogRole:
+    def __init__(self, log: TransparencyLog) -> None:
+        self.log = log
+        self.router = log_router(log)
+        self._queue: asyncio.Queue[tuple[Record | bytes, asyncio.Future[LogEntry]]] | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._writer = asyncio.create_task(self._write_batches(), name="agora-log-writer")
+
+    async def stop(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        self.log.close()
+
+    async def append(self, record: Record | bytes) -> LogEntry:
+        """Log a record; returns once it is durably committed."""
+        if self._queue is None:
+            raise RuntimeError("the log role is not started")
+        done: asyncio.Future[LogEntry] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((record, done))
+        return await done
+
+    async def _write_batches(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                entries = await asyncio.to_thread(self.log.append_many, [record for record, _ in batch])
+            except Exception as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for (_, done), entry in zip(batch, entries):
+                if not done.done():
+                    done.set_result(entry)
