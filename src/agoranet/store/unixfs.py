@@ -130,7 +130,8 @@ def model_cid(path: str | os.PathLike[str]) -> CID:
 def add_path(store: Blockstore, path: str | os.PathLike[str], *, pin: bool = True, **options) -> CID:
     """Add a file or directory to `store` (pinned unless told otherwise); returns its root CID."""
     with store.gc_lock:
-        root = import_path(path, store.put_trusted, **options)
+        with store.batch() as sink:
+            root = import_path(path, sink, **options)
         if pin:
             store.pin(root, check=False)
     return root
@@ -140,9 +141,10 @@ def add_bytes(store: Blockstore, data: bytes, *, pin: bool = True, chunk_size: i
               max_links: int = MAX_LINKS) -> CID:
     """Add in-memory bytes as a UnixFS file; same CID as adding a file with those bytes."""
     with store.gc_lock:
-        leaves = [_Child(_emit(store.put_trusted, data[i:i + chunk_size], RAW), len(data[i:i + chunk_size]),
-                         len(data[i:i + chunk_size])) for i in range(0, len(data), chunk_size)]
-        root = _balanced(leaves, store.put_trusted, max_links).cid if leaves else _emit(store.put_trusted, b"", RAW)
+        with store.batch() as sink:
+            pieces = [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+            leaves = [_Child(_emit(sink, piece, RAW), len(piece), len(piece)) for piece in pieces]
+            root = _balanced(leaves, sink, max_links).cid
         if pin:
             store.pin(root, check=False)
     return root
