@@ -9,11 +9,8 @@ class StoreError(AgoraError):
     """Something the content-addressed store could not do."""
 
 
-class BlockNotFound(StoreError, KeyError):
+class BlockNotFound(StoreError):
     hint = "fetch it from a peer with `agora store fetch CID --peer URL`, or add the data again"
-
-    def __str__(self) -> str:  # KeyError would otherwise quote the whole message
-        return AgoraError.__str__(self)
 
 
 class CorruptBlock(StoreError):
