@@ -1,7 +1,6 @@
 import pytest
 
 from agoranet.core.cid import DAG_CBOR, cid_of
-from agoranet.core.records import encode_canonical
 from agoranet.store import (
     BlockMismatch, BlockNotFound, Blockstore, CorruptBlock, PinError, add_bytes, add_path, cat,
 )
