@@ -1,0 +1,173 @@
+"""`agora store …`: add, read, export, pin and fetch content-addressed data in the local store."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from agoranet.core.errors import AgoraError
+from agoranet.core.settings import Settings
+
+store_app = typer.Typer(help="Content-addressed storage: add files and models, pin them, move them as CAR files, "
+                             "fetch them from peers.", no_args_is_help=True)
+
+console = Console()
+errors = Console(stderr=True)
+
+Home = Annotated[Optional[Path], typer.Option("--home", help="Agora home directory (default: $AGORA_HOME or ~/.agora)",
+                                              show_default=False)]
+
+
+def _home(home: Path | None) -> Path:
+    return home if home is not None else Settings().home
+
+
+@contextmanager
+def _store(home: Path | None) -> Iterator["Blockstore"]:  # noqa: F821 - imported lazily to keep `--help` fast
+    from agoranet.store import Blockstore
+
+    with _fail_cleanly():
+        store = Blockstore(_home(home) / "blocks")
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+@contextmanager
+def _fail_cleanly() -> Iterator[None]:
+    """Turn Agora's errors into one line on stderr and exit status 1."""
+    try:
+        yield
+    except AgoraError as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        errors.print(f"[red]error:[/red] {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@store_app.command()
+def add(path: Annotated[Path, typer.Argument(help="file or directory (a model directory, say)")],
+        home: Home = None,
+        hidden: Annotated[bool, typer.Option(help="include files whose names start with a dot")] = False,
+        pin: Annotated[bool, typer.Option(help="pin it so gc keeps it")] = True) -> None:
+    """Add a file or directory; prints its CID (the same CID IPFS gives with CIDv1, raw leaves, 1 MiB chunks)."""
+    from agoranet.store import add_path
+
+    with _store(home) as store:
+        cid = add_path(store, path, pin=pin, hidden=hidden)
+    console.print(str(cid), highlight=False)
+
+
+@store_app.command()
+def cat(cid: str, home: Home = None) -> None:
+    """Write a file's bytes to stdout, verifying every block."""
+    from agoranet.store import cat as cat_file
+
+    with _store(home) as store:
+        out = sys.stdout.buffer
+        for piece in cat_file(store, cid):
+            out.write(piece)
+        out.flush()
+
+
+@store_app.command()
+def export(cid: str, dest: Path, home: Home = None) -> None:
+    """Write the file or directory at CID to DEST (which must not exist)."""
+    from agoranet.store import export as export_tree
+
+    with _store(home) as store:
+        export_tree(store, cid, dest)
+    console.print(f"exported {cid} to {dest}", highlight=False)
+
+
+@store_app.command("export-car")
+def export_car(cid: str, file: Path, home: Home = None) -> None:
+    """Write the DAG at CID to a CAR v1 file (for IPFS, Filecoin or Arweave bundlers)."""
+    from agoranet.store import export_car as write_car
+
+    with _store(home) as store:
+        tmp = file.with_name(file.name + ".partial")
+        with open(tmp, "wb") as f:
+            count = write_car(store, cid, f)
+        tmp.replace(file)
+    console.print(f"wrote {count} blocks to {file}", highlight=False)
+
+
+@store_app.command("import-car")
+def import_car(file: Path, home: Home = None) -> None:
+    """Import a CAR v1 file, verifying every block; complete roots are pinned and printed."""
+    from agoranet.store import import_car as read_car
+
+    with _store(home) as store:
+        with open(file, "rb") as f:
+            roots = read_car(store, f)
+    for root in roots:
+        console.print(str(root), highlight=False)
+
+
+@store_app.command()
+def pin(cid: str, home: Home = None) -> None:
+    """Pin a DAG whose blocks are all here, so gc keeps it."""
+    with _store(home) as store:
+        store.pin(cid)
+    console.print(f"pinned {cid}", highlight=False)
+
+
+@store_app.command()
+def unpin(cid: str, home: Home = None) -> None:
+    """Remove a pin; the blocks go at the next gc."""
+    with _store(home) as store:
+        if not store.unpin(cid):
+            raise AgoraError(f"{cid} is not pinned", hint="list the pinned CIDs with `agora store pins`")
+    console.print(f"unpinned {cid}", highlight=False)
+
+
+@store_app.command()
+def pins(home: Home = None) -> None:
+    """List pinned CIDs, oldest first."""
+    with _store(home) as store:
+        for cid in store.pins():
+            console.print(str(cid), highlight=False)
+
+
+@store_app.command()
+def gc(home: Home = None) -> None:
+    """Delete every block not reachable from a pin."""
+    with _store(home) as store:
+        result = store.gc()
+    console.print(f"removed {result.removed} blocks, freed {result.freed_bytes:,} bytes", highlight=False)
+
+
+@store_app.command()
+def fetch(cid: str,
+          peer: Annotated[list[str], typer.Option("--peer", help="storage peer URL; repeat to fetch from several")],
+          home: Home = None,
+          pin_it: Annotated[bool, typer.Option("--pin/--no-pin", help="pin it once complete")] = True) -> None:
+    """Fetch a DAG from storage peers in parallel, verifying every block."""
+    from agoranet.net.storage_client import fetch_dag
+
+    with _store(home) as store:
+        columns = (TextColumn("[bold]fetch"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=errors, transient=False) as progress:
+            task = progress.add_task("fetch", total=None)
+
+            def update(done: int, total: int | None) -> None:
+                progress.update(task, completed=done, total=total)
+
+            stats = asyncio.run(fetch_dag(store, cid, peer, progress=update))
+        if pin_it:
+            store.pin(cid)
+    sources = ", ".join(f"{url} {n}" for url, n in stats.by_peer.most_common())
+    console.print(f"fetched {cid}: {stats.blocks} blocks ({stats.local_blocks} already here)"
+                  + (f"; from {sources}" if sources else ""), highlight=False)

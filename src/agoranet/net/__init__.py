@@ -1,0 +1,1 @@
+"""Layer 3: talking to other peers over the network."""

@@ -1,0 +1,138 @@
+"""The storage peer's HTTP API under `/agora/v1/blocks`: routes translate HTTP to store and replicator calls."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
+
+from agoranet.core.errors import AgoraError, InvalidCID
+from agoranet.net.storage_client import fetch_dag
+from agoranet.net.storage_protocol import (
+    BLOCK_MEDIA_TYPE, BLOCKS, HasRequest, HasResponse, PinRequest, PinResponse, PinStatus, ReplicaIntent, StoreStatus,
+)
+from agoranet.node.replication import StorageReplicator
+from agoranet.store import BlockMismatch, BlockNotFound, Blockstore, CorruptBlock, PinError
+from agoranet.store.blockstore import as_cid
+
+__all__ = ["storage_router", "storage_app"]
+
+MAX_BLOCK = 4 << 20  # kubo refuses blocks over 4 MiB for the same reason: bound memory per request
+
+
+def _error(status: int, message: str, code: str) -> HTTPException:
+    return HTTPException(status, detail={"error": {"message": message, "type": "invalid_request_error"
+                                                   if status < 500 else "server_error", "code": code}})
+
+
+def _cid(text: str):
+    try:
+        return as_cid(text)
+    except InvalidCID as exc:
+        raise _error(400, str(exc), "invalid_cid") from exc
+
+
+def storage_router(store: Blockstore, replicator: StorageReplicator | None = None) -> APIRouter:
+    """Routes for has/get/put of blocks, local and replicated pins, and replica announcements."""
+    router = APIRouter(prefix=BLOCKS, tags=["storage"])
+
+    @router.get("", response_model=StoreStatus)
+    def status() -> StoreStatus:
+        return StoreStatus(url=replicator.url if replicator else None, blocks=len(store.cids()),
+                           pins=[str(c) for c in store.pins()],
+                           replicated=dict(replicator.intents) if replicator else {})
+
+    @router.post("/has", response_model=HasResponse)
+    def has_many(body: HasRequest) -> HasResponse:
+        return HasResponse(has=[store.has(_cid(c)) for c in body.cids])
+
+    @router.head("/{cid}")
+    def has(cid: str) -> Response:
+        return Response(status_code=200 if store.has(_cid(cid)) else 404)
+
+    @router.get("/{cid}")
+    def get(cid: str) -> Response:
+        # Sync route: runs in the thread pool, where a corrupt copy may be healed from peers.
+        try:
+            data = store.get(_cid(cid))
+        except (BlockNotFound, CorruptBlock) as exc:
+            raise _error(404, str(exc), "block_not_found") from exc
+        return Response(content=data, media_type=BLOCK_MEDIA_TYPE)
+
+    @router.put("/{cid}", status_code=201)
+    async def put(cid: str, request: Request) -> Response:
+        parsed = _cid(cid)
+        data = bytearray()
+        async for piece in request.stream():
+            data += piece
+            if len(data) > MAX_BLOCK:
+                raise _error(413, f"blocks are limited to {MAX_BLOCK} bytes", "block_too_large")
+        try:
+            await asyncio.to_thread(store.put_block, parsed, bytes(data))
+        except BlockMismatch as exc:
+            raise _error(400, str(exc), "block_mismatch") from exc
+        return Response(status_code=201)
+
+    @router.get("/{cid}/pin", response_model=PinStatus)
+    def pin_status(cid: str) -> PinStatus:
+        return PinStatus(cid=str(_cid(cid)), pinned=store.is_pinned(_cid(cid)))
+
+    @router.post("/{cid}/pin", response_model=PinResponse)
+    async def pin(cid: str, body: PinRequest) -> PinResponse:
+        parsed = _cid(cid)
+        if body.replicas is not None:
+            if replicator is None:
+                raise _error(400, "this peer does not replicate; pin without replicas", "no_replication")
+            holders = await replicator.pin(parsed, body.replicas, body.sources)
+            return PinResponse(cid=str(parsed), holders=holders)
+        try:
+            if body.sources and await asyncio.to_thread(store.missing, parsed):
+                await fetch_dag(store, parsed, body.sources)
+            await asyncio.to_thread(store.pin, parsed)
+        except PinError as exc:
+            raise _error(409, str(exc), "dag_incomplete") from exc
+        except AgoraError as exc:
+            raise _error(502, str(exc), "fetch_failed") from exc
+        return PinResponse(cid=str(parsed), holders=[replicator.url] if replicator else [])
+
+    @router.delete("/{cid}/pin", response_model=PinStatus)
+    def unpin(cid: str) -> PinStatus:
+        parsed = _cid(cid)
+        store.unpin(parsed)
+        if replicator is not None:
+            replicator.forget(parsed)
+        return PinStatus(cid=str(parsed), pinned=False)
+
+    @router.post("/{cid}/replicas", status_code=204)
+    async def replicas(cid: str, body: ReplicaIntent) -> Response:
+        if replicator is None:
+            raise _error(400, "this peer does not replicate", "no_replication")
+        try:
+            await replicator.accept(_cid(cid), body)
+        except AgoraError as exc:
+            raise _error(502, str(exc), "replication_failed") from exc
+        return Response(status_code=204)
+
+    return router
+
+
+def storage_app(store: Blockstore, replicator: StorageReplicator | None = None) -> FastAPI:
+    """A standalone storage peer: the router, plus the replicator's re-check loop in the lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if replicator is None:
+            yield
+            return
+        async with asyncio.TaskGroup() as group:
+            loop = group.create_task(replicator.run())
+            try:
+                yield
+            finally:
+                loop.cancel()
+
+    app = FastAPI(title="Agora storage peer", lifespan=lifespan)
+    app.include_router(storage_router(store, replicator))
+    return app

@@ -1,0 +1,49 @@
+import asyncio
+
+from typer.testing import CliRunner
+
+from agoranet.cli.store_cmd import store_app
+from agoranet.net.storage_client import fetch_dag
+from agoranet.store import Blockstore, add_path
+from storage_peers import storage_peers  # noqa: F401 (fixture)
+
+KiB = 1 << 10
+
+
+def seed(peers, tmp_path, size=900 * KiB):
+    src = tmp_path / "blob.bin"
+    src.write_bytes(bytes((i * 31) % 253 for i in range(size)))
+    roots = {add_path(p.store, src, chunk_size=32 * KiB) for p in peers}
+    assert len(roots) == 1
+    return roots.pop(), src
+
+
+def test_fetch_spreads_blocks_over_every_peer_and_verifies_them(storage_peers, tmp_path):
+    peers = storage_peers(3, recheck_interval=3600)
+    root, src = seed(peers, tmp_path)
+    seen = []
+    store = Blockstore(tmp_path / "client")
+    stats = asyncio.run(fetch_dag(store, root, [p.url for p in peers], progress=lambda d, t: seen.append((d, t))))
+    assert stats.blocks == 30  # 29 leaves of 32 KiB and the root
+    assert set(stats.by_peer) == {p.url for p in peers} and min(stats.by_peer.values()) >= 3
+    assert seen[-1][0] == seen[-1][1]  # progress ends at the total the root announced
+    assert store.missing(root) == []
+
+
+def test_cli_fetch_shows_progress_and_pins(storage_peers, tmp_path):
+    peers = storage_peers(2, recheck_interval=3600)
+    root, src = seed(peers, tmp_path)
+    home = tmp_path / "home"
+    r = CliRunner().invoke(store_app, ["fetch", str(root), "--peer", peers[0].url, "--peer", peers[1].url,
+                                       "--home", str(home)])
+    assert r.exit_code == 0, r.output
+    assert f"fetched {root}" in r.output
+    r = CliRunner().invoke(store_app, ["cat", str(root), "--home", str(home)])
+    assert r.stdout_bytes == src.read_bytes()
+    assert str(root) in CliRunner().invoke(store_app, ["pins", "--home", str(home)]).output
+
+
+def test_cli_fetch_from_a_dead_peer_fails_in_one_line(tmp_path):
+    r = CliRunner().invoke(store_app, ["fetch", "bafkreifjjcie6lypi6ny7amxnfftagclbuxndqonfipmb64f2km2devei4",
+                                       "--peer", "http://127.0.0.1:9", "--home", str(tmp_path)])
+    assert r.exit_code == 1 and "could supply" in r.output
