@@ -4,7 +4,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import make_records
+from .conftest import make_records
 
 from agoranet.core.cid import DAG_CBOR, cid_of
 from agoranet.core.identity import Identity

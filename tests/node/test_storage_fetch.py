@@ -5,7 +5,6 @@ from typer.testing import CliRunner
 from agoranet.cli.store_cmd import store_app
 from agoranet.net.storage_client import fetch_dag
 from agoranet.store import Blockstore, add_path
-from storage_peers import storage_peers  # noqa: F401 (fixture)
 
 KiB = 1 << 10
 

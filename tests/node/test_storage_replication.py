@@ -10,7 +10,7 @@ from agoranet.net.storage_client import FetchFailed, fetch_dag
 from agoranet.node.replication import rendezvous_rank
 from agoranet.store import Blockstore, add_path, export
 
-from storage_peers import pinned_at, storage_peers, wait_until  # noqa: F401 (fixture)
+from .storage_peers import pinned_at, wait_until
 
 KiB = 1 << 10
 

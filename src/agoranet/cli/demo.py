@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import tempfile
+
+import httpx
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.panel import Panel
-from rich.syntax import Syntax
 
 from agoranet.core.identity import Identity
 from agoranet.core.records import ReceiptBody, verify_record
 from agoranet.engine.tokenizer import ByteTokenizer
+from agoranet.log.records import verify_tree_head
+from agoranet.log.transparency import check_inclusion
 
 
 def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int) -> None:
@@ -44,7 +47,7 @@ def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int) -> No
                 if chunk.choices and chunk.choices[0].delta.content:
                     text += chunk.choices[0].delta.content
                 agora = (chunk.model_extra or {}).get("agora", agora)
-            console.print(Panel(Syntax(text, "python", word_wrap=True), title="answer (streamed)", expand=False))
+            console.print(Panel(text, title="answer (streamed)", expand=False))
             if agora is None:
                 raise RuntimeError("the provider sent no receipt")
             receipt = verify_record(agora["receipt"], ReceiptBody)
@@ -57,4 +60,15 @@ def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int) -> No
                           f"[bold]{'yes' if tok.decode(body.output_tokens).startswith(text) else 'NO'}[/]")
             console.print(f"  model {body.model}, precision {body.precision}, seed {body.sampling.seed}, "
                           f"charged {body.price.charged} micro-credits")
+            show_inclusion(console, server.url, str(receipt.cid))
         console.print("[dim]network stopped; nothing left running[/]")
+
+
+def show_inclusion(console: Console, url: str, cid: str) -> None:
+    """Prove the receipt is in the provider's transparency log, against the log's signed head."""
+    head = verify_tree_head(httpx.get(f"{url}/agora/v1/log/head").json())
+    answer = httpx.get(f"{url}/agora/v1/log/proof/inclusion", params={"cid": cid, "size": head.body.size}).json()
+    index = check_inclusion(head, cid, answer)
+    console.print(f"[blue]log[/] receipt is entry {index} of {head.body.size} in log {head.body.log_id}: inclusion "
+                  f"proof of {len(answer['proof'])} hashes [bold green]verified[/] against signed head "
+                  f"(root {head.body.root[:16]}…)")

@@ -14,10 +14,10 @@ from agoranet.core.cid import parse_cid
 from agoranet.core.errors import AgoraError, RecordError, UnknownRecordType
 from agoranet.core.records import Record, decode_canonical, verify_record
 from agoranet.log.credits import replay_balances
-from agoranet.log.errors import InvalidProof, InvalidStatement, InvalidTreeHead
-from agoranet.log.merkle import MerkleTree, leaf_hash, verify_inclusion
+from agoranet.log.errors import InvalidStatement, InvalidTreeHead
+from agoranet.log.merkle import MerkleTree, leaf_hash
 from agoranet.log.records import TreeHeadBody, check_heads, verify_tree_head
-from agoranet.log.transparency import cid_key, key_cid
+from agoranet.log.transparency import check_inclusion, cid_key, key_cid
 
 __all__ = ["log_app"]
 
@@ -117,13 +117,8 @@ def verify_inclusion_cmd(
         with _client(url) as client:
             signed = _fetch_head(client)
             got = _get(client, "/proof/inclusion", cid=cid, size=signed.body.size)
-        leaf = leaf_hash(bytes(parse_cid(cid)))
-        try:
-            path = [bytes.fromhex(h) for h in got["proof"]]
-            index = int(got["index"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidProof(f"the node's inclusion proof is malformed: {exc}") from exc
-        verify_inclusion(leaf, index, signed.body.size, path, signed.body.root_hash)
+        index = check_inclusion(signed, cid, got)
+        path = got["proof"]
         console.print(
             f"[green]✓[/] {cid} is entry {index} of {signed.body.size} in log {signed.body.log_id} "
             f"(root {signed.body.root[:16]}…, {len(path)} hashes)"

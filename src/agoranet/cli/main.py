@@ -12,11 +12,16 @@ from rich.console import Console
 from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
 from agoranet.core.settings import Settings
+from agoranet.cli.log_cmd import log_app
+from agoranet.cli.store_cmd import store_app
 
 app = typer.Typer(help="Agora: an open, verifiable network for AI inference.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 console = Console(emoji=False, highlight=False, soft_wrap=True)
 err = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
+
+app.add_typer(log_app, name="log")
+app.add_typer(store_app, name="store")
 
 HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="node directory (default $AGORA_HOME or ~/.agora)")]
 
@@ -56,7 +61,8 @@ def id(home: HomeOpt = None) -> None:
 @app.command()
 def provide(
     home: HomeOpt = None,
-    model: Annotated[str, typer.Option(help="bundled model name or local model directory")] = "agora-tiny",
+    model: Annotated[str, typer.Option(help="bundled model name, local model directory, or model CID")] = "agora-tiny",
+    storage_peer: Annotated[Optional[list[str]], typer.Option(help="storage peer URL to fetch a model CID from")] = None,
     host: str = "127.0.0.1",
     port: int = 8400,
     precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16")] = "fp32",
@@ -84,7 +90,7 @@ def provide(
         raise fail(exc) from None
     url = public_url or url_of(sock)
     opts = ProviderOptions(model=model, precision=precision, upstream=upstream, upstream_model=upstream_model,
-                           threads=threads, pricing={"input_per_mtok": price_in, "output_per_mtok": price_out,
+                           threads=threads, storage_peers=storage_peer or [], pricing={"input_per_mtok": price_in, "output_per_mtok": price_out,
                                                      "max_concurrency": max_concurrency, "max_tokens": max_tokens})
     try:
         app_, provider = build_provider_node(home, url, opts)

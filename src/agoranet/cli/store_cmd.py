@@ -171,3 +171,26 @@ def fetch(cid: str,
     sources = ", ".join(f"{url} {n}" for url, n in stats.by_peer.most_common())
     console.print(f"fetched {cid}: {stats.blocks} blocks ({stats.local_blocks} already here)"
                   + (f"; from {sources}" if sources else ""), highlight=False)
+
+
+@store_app.command()
+def serve(home: Home = None, host: str = "127.0.0.1", port: int = 8500,
+          peer: Annotated[Optional[list[str]], typer.Option("--peer", help="other storage peer URL; repeat")] = None,
+          public_url: Annotated[Optional[str], typer.Option(help="URL other peers reach this one at")] = None,
+          recheck: Annotated[float, typer.Option(help="seconds between re-checks of local copies")] = 60.0) -> None:
+    """Run a storage peer: serve blocks, keep pins at their replication factor, repair when peers leave."""
+    from agoranet.node.app import create_app
+    from agoranet.node.server import bind, serve_forever, url_of
+    from agoranet.node.storage_role import StorageRole
+
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        errors.print(f"[bold red]error:[/] cannot listen on {host}:{port}: {exc.strerror} (pick another --port)")
+        raise typer.Exit(1) from None
+    url = public_url or url_of(sock)
+    with _fail_cleanly():
+        role = StorageRole(_home(home), url, peer or [], recheck_interval=recheck)
+    console.print(f"storage peer at {url} with {len(role.store.pins())} pins; peers: {', '.join(peer or []) or 'none'}",
+                  highlight=False)
+    serve_forever(create_app([role], max_request_bytes=64 << 20, title="Agora storage peer"), sock)

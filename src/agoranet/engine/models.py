@@ -1,12 +1,10 @@
-"""Finding a model to serve: the bundled agora-tiny, a local directory, or (later) a CID."""
+"""Finding a model to serve by name: the bundled agora-tiny or a local directory (CIDs: node.models)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from agoranet.core.cid import DAG_CBOR, cid_of
 from agoranet.core.errors import ModelError
-from agoranet.core.records import encode_canonical
 
 BUNDLED = {"agora-tiny": Path(__file__).resolve().parent.parent / "models" / "agora-tiny"}
 
@@ -25,8 +23,3 @@ def resolve_model(spec: str) -> tuple[Path, str]:
         hint="pass --model agora-tiny or the path of a local transformers model directory",
     )
 
-
-def model_cid(model_dir: Path) -> str:
-    """CID naming a model directory: a DAG-CBOR map of file name -> raw CID of its bytes."""
-    files = {p.name: str(cid_of(p.read_bytes())) for p in sorted(model_dir.iterdir()) if p.is_file()}
-    return str(cid_of(encode_canonical(files), DAG_CBOR))

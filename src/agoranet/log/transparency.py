@@ -26,8 +26,8 @@ from pathlib import Path
 from agoranet.core.cid import CID, DAG_CBOR, cid_from_digest, cid_of, parse_cid
 from agoranet.core.identity import Identity
 from agoranet.core.records import Record, sign_record
-from agoranet.log.errors import CorruptLog, EntryNotFound, InvalidTreeHead, ProofRequestError
-from agoranet.log.merkle import MerkleTree, leaf_hash
+from agoranet.log.errors import CorruptLog, EntryNotFound, InvalidProof, InvalidTreeHead, ProofRequestError
+from agoranet.log.merkle import MerkleTree, leaf_hash, verify_inclusion
 from agoranet.log.records import SplitViewProof, TreeHeadBody, check_heads, verify_tree_head
 
 __all__ = ["LogEntry", "TransparencyLog", "LogTransaction", "MAX_PAGE", "cid_key", "key_cid"]
@@ -251,3 +251,14 @@ def _show(cid: CID | str | bytes) -> str:
         except Exception:
             return cid.hex()[:80]
     return str(cid)[:80]
+
+
+def check_inclusion(head: Record[TreeHeadBody], cid: str, answer: dict) -> int:
+    """Check a node's inclusion-proof answer for `cid` against a signed head; returns the entry index."""
+    try:
+        path = [bytes.fromhex(h) for h in answer["proof"]]
+        index = int(answer["index"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidProof(f"the node's inclusion proof is malformed: {exc}") from exc
+    verify_inclusion(leaf_hash(bytes(parse_cid(cid))), index, head.body.size, path, head.body.root_hash)
+    return index

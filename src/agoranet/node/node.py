@@ -30,20 +30,22 @@ class ProviderOptions:
     upstream_api_key: str | None = None
     threads: int | None = None
     max_batch: int = 16
+    storage_peers: list[str] = field(default_factory=list)  # where to fetch a model given by CID
     pricing: dict[str, int] = field(default_factory=dict)  # ProviderConfig overrides
 
 
-def make_engine(opts: ProviderOptions) -> Engine:
+def make_engine(opts: ProviderOptions, home: Path) -> Engine:
     if opts.upstream:
         from agoranet.engine.upstream import UpstreamEngine
 
         return UpstreamEngine(opts.upstream, model=opts.upstream_model or opts.model, api_key=opts.upstream_api_key)
-    from agoranet.engine.models import model_cid, resolve_model
     from agoranet.engine.transformers_engine import TransformersEngine
+    from agoranet.node.models import materialize_model
+    from agoranet.store.unixfs import model_cid
 
-    model_dir, name = resolve_model(opts.model)
-    return TransformersEngine(model_dir, model_cid=model_cid(model_dir), model_name=name, precision=opts.precision,
-                              max_batch=opts.max_batch, threads=opts.threads)
+    model_dir, name = materialize_model(opts.model, home, opts.storage_peers)
+    return TransformersEngine(model_dir, model_cid=str(model_cid(model_dir)), model_name=name,
+                              precision=opts.precision, max_batch=opts.max_batch, threads=opts.threads)
 
 
 def build_provider_node(home: Path, public_url: str, opts: ProviderOptions, *,
@@ -51,7 +53,7 @@ def build_provider_node(home: Path, public_url: str, opts: ProviderOptions, *,
     identity = Identity.load(home / "identity.key")
     state = NodeState(home / "node.db")
     log_role = LogRole(TransparencyLog(home / "log.db", identity))
-    provider = Provider(identity, make_engine(opts), state, ProviderConfig(public_url=public_url, **opts.pricing),
+    provider = Provider(identity, make_engine(opts, home), state, ProviderConfig(public_url=public_url, **opts.pricing),
                         log_role)
     app = create_app([log_role, provider], max_request_bytes=max_request_bytes, title="Agora provider")
     return app, provider

@@ -1,0 +1,47 @@
+"""`agora provide --model CID`: a provider fetches a published model from a storage peer, verified."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from agoranet.core.errors import ModelError
+from agoranet.engine.models import resolve_model
+from agoranet.node.app import create_app
+from agoranet.node.models import materialize_model
+from agoranet.node.node import ProviderOptions
+from agoranet.node.server import BackgroundServer, bind, url_of
+from agoranet.node.storage_role import StorageRole
+from agoranet.store.unixfs import add_path, model_cid
+
+from ..conftest import start_provider
+
+
+def test_provider_serves_a_model_fetched_by_cid(tmp_path):
+    bundled = resolve_model("agora-tiny")[0]
+    sock = bind()
+    role = StorageRole(tmp_path / "publisher", url_of(sock), [])
+    cid = add_path(role.store, bundled)
+    assert cid == model_cid(bundled)
+    with BackgroundServer(create_app([role], max_request_bytes=1 << 20), sock) as peer:
+        server, prov = start_provider(tmp_path / "provider", ProviderOptions(
+            model=str(cid), storage_peers=[peer.url], threads=1))
+        try:
+            assert prov.engine.model_cid == str(cid)
+            models = httpx.get(f"{server.url}/v1/models").json()["data"]
+            assert models[0]["id"] == str(cid)
+            r = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x").completions.create(
+                model=str(cid), prompt="import sys\n", max_tokens=8, temperature=0)
+            assert r.usage.completion_tokens == 8
+        finally:
+            server.stop()
+    # Now cached locally: no peer needed, and the files still hash to the CID.
+    path, name = materialize_model(str(cid), tmp_path / "provider")
+    assert name == str(cid) and model_cid(path) == cid
+
+
+def test_unknown_cid_without_peers_says_how_to_get_it(tmp_path):
+    cid = "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi"
+    with pytest.raises(ModelError, match="--storage-peer"):
+        materialize_model(cid, tmp_path)
