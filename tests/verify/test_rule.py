@@ -1,0 +1,31 @@
+import torch
+
+from agoranet.verify.rule import choose_token, gumbel_noise, nucleus_mask, token_scores
+
+
+def test_noise_is_a_pure_function_of_seed_request_and_position():
+    a = gumbel_noise(7, "req-1", 3, 260)
+    assert torch.equal(a, gumbel_noise(7, "req-1", 3, 260))
+    for other in (gumbel_noise(8, "req-1", 3, 260), gumbel_noise(7, "req-2", 3, 260), gumbel_noise(7, "req-1", 4, 260)):
+        assert not torch.equal(a, other)
+    # Standard Gumbel: mean ≈ 0.5772, variance ≈ π²/6 over many draws.
+    many = torch.cat([gumbel_noise(1, "x", i, 260) for i in range(200)])
+    assert abs(many.mean().item() - 0.5772) < 0.03 and abs(many.var().item() - 1.6449) < 0.1
+
+
+def test_greedy_is_argmax_and_sampling_follows_the_softmax():
+    logits = torch.tensor([0.0, 2.0, 1.0, -1.0])
+    assert choose_token(logits, temperature=0, top_p=1, seed=0, request_id="r", position=0) == 1
+    counts = torch.zeros(4)
+    for i in range(4000):
+        counts[choose_token(logits, temperature=1.0, top_p=1.0, seed=i, request_id="r", position=0)] += 1
+    assert torch.allclose(counts / 4000, torch.softmax(logits, -1), atol=0.03)
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    scaled = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert nucleus_mask(scaled, 0.5).tolist() == [True, False, False, False]
+    assert nucleus_mask(scaled, 0.7).tolist() == [True, True, False, False]
+    assert nucleus_mask(scaled, 1.0).all()
+    scores = token_scores(scaled, temperature=1.0, top_p=0.7, seed=3, request_id="r", position=0)
+    assert torch.isinf(scores[2:]).all() and torch.isfinite(scores[:2]).all()
