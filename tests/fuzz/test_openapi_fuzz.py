@@ -1,0 +1,50 @@
+"""Schemathesis against a real node's own OpenAPI schema: whatever it is sent, never a 5xx."""
+
+from __future__ import annotations
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from agoranet.node.node import ProviderOptions
+
+from ..conftest import start_provider
+
+
+@pytest.fixture(scope="module")
+def provider_url(tmp_path_factory):
+    # Small limits so fuzzed requests that are valid finish fast; invalid ones must still get a 4xx.
+    server, _ = start_provider(tmp_path_factory.mktemp("fuzz"), ProviderOptions(
+        threads=1, pricing={"max_tokens": 4, "default_max_tokens": 2}))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def fuzz_node(url: str, examples: int) -> list[str]:
+    """Run every operation of the node's schema through hypothesis; return what each was called."""
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    called = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        called.append(f"{operation.method.upper()} {operation.path}")
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def check(case) -> None:
+            response = case.call(timeout=30)
+            assert response.status_code < 500, (
+                f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:300]}")
+            if response.status_code >= 400 and "json" in response.headers.get("content-type", ""):
+                body = response.json()
+                assert isinstance(body.get("error"), dict) and body["error"].get("message"), body
+
+        check()
+    return called
+
+
+@pytest.mark.slow
+def test_provider_never_answers_5xx(provider_url):
+    called = fuzz_node(provider_url, examples=40)
+    assert "POST /v1/chat/completions" in called and "GET /agora/v1/log/entries" in called
