@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,7 +52,9 @@ def _fail_cleanly() -> Iterator[None]:
         errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except OSError as exc:
-        errors.print(f"[red]error:[/red] {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), highlight=False, soft_wrap=True)
+        hint = " (free some space or use another --home; nothing partial was kept)" if exc.errno == errno.ENOSPC else ""
+        errors.print(f"[red]error:[/red] {exc.strerror or exc}: {exc.filename or ''}".rstrip(": ") + hint,
+                     highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 

@@ -133,13 +133,21 @@ class Blockstore:
         Until the batch ends the blocks are on disk but not yet listed; callers hold `gc_lock`.
         """
         rows: list[tuple[str, int, float]] = []
+        written: list[Path] = []
 
         def sink(cid: CID, data: bytes) -> None:
-            self._write_file(cid, data)
+            if self._write_file(cid, data):
+                written.append(self.path_of(cid))
             rows.append((str(cid), len(data), time.time()))  # list.append is atomic
 
         with self.gc_lock:
-            yield sink
+            try:
+                yield sink
+            except BaseException:
+                # A failed import (disk full, say) leaves no unlisted files behind.
+                for path in written:
+                    path.unlink(missing_ok=True)
+                raise
             with self._lock:
                 self._db.execute("BEGIN")
                 self._db.executemany("INSERT OR IGNORE INTO blocks VALUES (?,?,?)", rows)
@@ -150,10 +158,11 @@ class Blockstore:
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO blocks VALUES (?,?,?)", (str(cid), len(data), time.time()))
 
-    def _write_file(self, cid: CID, data: bytes) -> None:
+    def _write_file(self, cid: CID, data: bytes) -> bool:
+        """Write a block file atomically; False when it was already there."""
         path = self.path_of(cid)
         if path.exists():
-            return  # same CID, same bytes; a copy damaged on disk is caught when read
+            return False  # same CID, same bytes; a copy damaged on disk is caught when read
         if path.parent.name not in self._shards:
             path.parent.mkdir(exist_ok=True)
             self._shards.add(path.parent.name)
@@ -163,9 +172,13 @@ class Blockstore:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-        finally:
+        except BaseException:
             os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
         os.replace(tmp, path)
+        return True
 
     def get(self, cid: CID | str) -> bytes:
         """The block's bytes, re-hashed; a corrupt copy is quarantined and healed via the fetcher."""
