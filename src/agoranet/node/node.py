@@ -10,7 +10,11 @@ from fastapi import FastAPI
 
 from agoranet.core.identity import Identity
 from agoranet.engine.base import Engine
+from agoranet.net.gossip import GossipConfig, GossipDiscovery
 from agoranet.node.app import create_app
+from agoranet.node.gateway import Gateway, GatewayConfig
+from agoranet.node.keys import KEYS_FILE, KeyStore
+from agoranet.node.network import NetworkRole
 from agoranet.node.provider import Provider, ProviderConfig
 from agoranet.node.state import NodeState
 
@@ -28,10 +32,20 @@ class ProviderOptions:
     upstream_api_key: str | None = None
     threads: int | None = None
     max_batch: int = 16
+    token_delay_ms: int = 0  # space tokens out (tests and demos that cut a stream mid-way)
     pricing: dict[str, int] = field(default_factory=dict)  # ProviderConfig overrides
 
 
 def make_engine(opts: ProviderOptions) -> Engine:
+    engine = _make_engine(opts)
+    if opts.token_delay_ms:
+        from agoranet.engine.stub import PacedEngine
+
+        return PacedEngine(engine, opts.token_delay_ms / 1000)
+    return engine
+
+
+def _make_engine(opts: ProviderOptions) -> Engine:
     if opts.upstream:
         from agoranet.engine.upstream import UpstreamEngine
 
@@ -45,8 +59,27 @@ def make_engine(opts: ProviderOptions) -> Engine:
 
 
 def build_provider_node(home: Path, public_url: str, opts: ProviderOptions, *,
-                        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> tuple[FastAPI, Provider]:
+                        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, peers: list[str] | None = None,
+                        gossip: GossipConfig | None = None, engine: Engine | None = None) -> tuple[FastAPI, Provider]:
+    """A provider node; with `peers` it also joins the network by gossip and announces its offer."""
     identity = Identity.load(home / "identity.key")
     state = NodeState(home / "node.db")
-    provider = Provider(identity, make_engine(opts), state, ProviderConfig(public_url=public_url, **opts.pricing))
-    return create_app([provider], max_request_bytes=max_request_bytes, title="Agora provider"), provider
+    provider = Provider(identity, engine or make_engine(opts), state,
+                        ProviderConfig(public_url=public_url, **opts.pricing))
+    roles: list = [provider]
+    if peers:
+        discovery = GossipDiscovery(identity, public_url, peers, roles=["provider"], config=gossip)
+        discovery.announce(provider.offer)
+        roles.append(NetworkRole(discovery))  # started after the engine, stopped before it
+    return create_app(roles, max_request_bytes=max_request_bytes, title="Agora provider"), provider
+
+
+def build_gateway_node(home: Path, public_url: str, peers: list[str], *, config: GatewayConfig | None = None,
+                       gossip: GossipConfig | None = None,
+                       max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> tuple[FastAPI, Gateway]:
+    """A gateway node: discovers providers by gossip (seeded with `peers`) and routes users to them."""
+    identity = Identity.load(home / "identity.key")
+    discovery = GossipDiscovery(identity, public_url, peers, roles=["gateway"], config=gossip)
+    gateway = Gateway(identity, discovery, config, KeyStore(home / KEYS_FILE))
+    app = create_app([NetworkRole(discovery), gateway], max_request_bytes=max_request_bytes, title="Agora gateway")
+    return app, gateway

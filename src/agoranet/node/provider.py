@@ -156,7 +156,8 @@ class Provider:
                       first: TokenEvent | Generation, events: AsyncIterator[TokenEvent | Generation]):
         writer = ChunkWriter(kind=kind, id=response_id, model=self.engine.model_name,
                              token_text=self.engine.token_text, top_k=req.wanted_top,
-                             want_logprobs=bool(req.logprobs) if kind == "chat" else req.logprobs is not None)
+                             want_logprobs=bool(req.logprobs) if kind == "chat" else req.logprobs is not None,
+                             token_ids=bool(req.agora and req.agora.stream_tokens))
         try:
             if (opening := writer.first()) is not None:
                 yield {"data": opening}

@@ -1,0 +1,1 @@
+"""Layer 3: finding other nodes (discovery) and talking to them (peer client)."""
