@@ -10,6 +10,8 @@ if one dies or stalls mid-stream, the next gets the prompt plus the token ids al
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import random
 import secrets
@@ -65,7 +67,7 @@ class ProviderHealth:
         return now >= self.cooldown_until
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Candidate:
     offer: Record[OfferBody]
     model: OfferedModel
@@ -115,9 +117,10 @@ class Router:
                          key=lambda c: self.of(c.peer).cooldown_until)
         ordered = self._sort(healthy, prefs.sort) + cooling  # cooling providers only as a last resort
         if prefs.order:
-            named = [c for name in prefs.order for c in ordered if c.named_by([name])]
-            named = list(dict.fromkeys(named))
-            ordered = named + ([c for c in ordered if c not in named] if prefs.allow_fallbacks else [])
+            named: list[Candidate] = []
+            for name in prefs.order:
+                named += [c for c in ordered if c.named_by([name]) and all(c is not n for n in named)]
+            ordered = named + ([c for c in ordered if all(c is not n for n in named)] if prefs.allow_fallbacks else [])
         elif not prefs.allow_fallbacks:
             ordered = ordered[:1]
         return ordered[: self.config.max_attempts]
@@ -214,11 +217,15 @@ class Gateway:
                                "preferences (only/ignore/max_price/order)", status=404, code="no_provider_matches",
                                param="provider")
         body = req.model_dump(mode="json", exclude_none=True, exclude={"provider", "agora", "stream_options"})
-        request_id = (req.agora.request_id if req.agora and req.agora.request_id else f"gw-{uuid.uuid4().hex}")
         max_tokens = req.max_tokens or self.config.default_max_tokens
         body.pop("max_completion_tokens", None)
-        body |= {"seed": req.seed if req.seed is not None else secrets.randbits(63), "max_tokens": max_tokens,
-                 "agora": {"request_id": request_id, "prefix_tokens": [], "stream_tokens": True}}
+        body.pop("stream", None)
+        body |= {"seed": req.seed if req.seed is not None else secrets.randbits(63), "max_tokens": max_tokens}
+        # A pure function of what is asked (seed included), so the same request gives the same answer
+        # through this gateway, streamed or not, on any provider; every part of a failover shares it.
+        request_id = (req.agora.request_id if req.agora and req.agora.request_id else
+                      "gw-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32])
+        body |= {"stream": req.stream, "agora": {"request_id": request_id, "prefix_tokens": [], "stream_tokens": True}}
         if req.stream:
             body["stream_options"] = {"include_usage": True}
         return _Job(kind, req, body, plan, key, request_id, max_tokens)
