@@ -93,9 +93,12 @@ class GossipDiscovery:
         self._sweep()
         return dict(self._live)
 
-    async def watch(self) -> AsyncIterator[MembershipEvent]:
+    def watch(self) -> AsyncIterator[MembershipEvent]:
         queue: asyncio.Queue[MembershipEvent | None] = asyncio.Queue()
-        self._watchers.append(queue)
+        self._watchers.append(queue)  # now, so nothing that happens before the first read is missed
+        return self._drain(queue)
+
+    async def _drain(self, queue: asyncio.Queue[MembershipEvent | None]) -> AsyncIterator[MembershipEvent]:
         try:
             while (event := await queue.get()) is not None:
                 yield event
@@ -201,14 +204,13 @@ class GossipDiscovery:
             if record.body.expires_ms <= now:
                 del self._records[key]
         live = {signer: r.body.url for (signer, t), r in self._records.items() if t == HeartbeatBody.record_type}
-        for signer in [s for s, _ in self._records if s not in live]:
-            self._records.pop((signer, OfferBody.record_type), None)  # no heartbeat, no traffic
         for peer, url in live.items():
             if peer not in self._live:
                 self._emit(MembershipEvent("joined", peer, url))
         for peer, url in self._live.items():
             if peer not in live:
                 log.info("peer %s at %s left (missed heartbeats)", peer, url)
+                self._records.pop((peer, OfferBody.record_type), None)
                 self._emit(MembershipEvent("left", peer, url))
         self._live = live
 
