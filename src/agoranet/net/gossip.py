@@ -190,7 +190,8 @@ class GossipDiscovery:
             offer_cid = str(offer.cid)
             self._records[(offer.signer, offer.type)] = offer
         self._seq += 1
-        ttl = min(self.config.interval_s * self.config.missed_heartbeats, self.config.max_heartbeat_ttl_s)
+        # Never under 3 s: a busy node's rounds run late, and that alone must not get it evicted.
+        ttl = min(max(self.config.interval_s * self.config.missed_heartbeats, 3.0), self.config.max_heartbeat_ttl_s)
         hb = sign_record(self.identity, HeartbeatBody(
             url=self.url, roles=self.roles, offer=offer_cid, seq=self._seq, issued_ms=now,
             expires_ms=now + int(ttl * 1000),
