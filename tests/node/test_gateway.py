@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 
 import httpx
@@ -12,7 +13,8 @@ from conftest import provider_process, start_gateway, start_provider, wait_for
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, ReceiptBody, sign_record, verify_record
 from agoranet.engine.stub import StubEngine
-from agoranet.node.node import ProviderOptions
+from agoranet.node.gateway import Candidate, GatewayConfig, Router
+from agoranet.node.protocol import ProviderPreferences
 
 MSG = [{"role": "user", "content": "write a function that reverses a list"}]
 CHEAP, DEAR = 100_000, 400_000
@@ -48,7 +50,7 @@ def ask(url: str, provider: dict | None = None, **kw):
 
 
 def test_sdk_through_gateway_is_served_by_discovered_providers(net):
-    url, _, procs, ids = net
+    url, _, _, ids = net
     assert [m.id for m in sdk(url).models.list().data] == ["agora-tiny"]
     r = ask(url, seed=3)
     agora = r.model_extra["agora"]
@@ -71,11 +73,7 @@ def test_sort_by_price_picks_the_cheaper_provider(net):
 
 
 def test_default_routing_prefers_cheap_but_spreads_load(net):
-    url, gateway, _, ids = net
-    from agoranet.node.gateway import Candidate, Router, GatewayConfig
-    import asyncio
-    from agoranet.node.protocol import ProviderPreferences
-
+    _, gateway, _, ids = net
     cands = asyncio.run(gateway.discovery.find_offers("agora-tiny"))
     router = Router(GatewayConfig())
     firsts = [router.plan([Candidate(o, o.body.models[0]) for o in cands], ProviderPreferences())[0].peer
