@@ -17,6 +17,8 @@ from agoranet.core.identity import Identity
 from agoranet.node.node import ProviderOptions, build_provider_node
 from agoranet.node.server import BackgroundServer, bind, url_of
 
+SRC = Path(__file__).resolve().parent.parent / "src"
+
 
 def start_provider(home: Path, opts: ProviderOptions | None = None, **limits) -> tuple[BackgroundServer, object]:
     """An in-process provider node on a free 127.0.0.1 port."""
@@ -46,13 +48,15 @@ def free_port() -> int:
 class NodeProcess:
     """An `agora` command running as its own process, as users run it."""
 
-    def __init__(self, args: list[str], home: Path, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        env = dict(os.environ, AGORA_HOME=str(home), PYTHONUNBUFFERED="1")
+    def __init__(self, args: list[str], home: Path, port: int, *, host: str = "127.0.0.1",
+                 prefix: list[str] | None = None) -> None:
+        self.url = f"http://{host}:{port}"
+        # This checkout's code, not whichever agoranet the interpreter has installed.
+        env = dict(os.environ, AGORA_HOME=str(home), PYTHONUNBUFFERED="1", PYTHONPATH=str(SRC))
         self.log = home / "node.log"
         home.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agoranet.cli", *args, "--port", str(port)], env=env,
+            [*(prefix or []), sys.executable, "-m", "agoranet.cli", *args, "--port", str(port)], env=env,
             stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
         )
 
@@ -69,6 +73,11 @@ class NodeProcess:
             time.sleep(0.2)
         raise TimeoutError(f"node not ready:\n{self.log.read_text()}")
 
+    def kill(self) -> None:
+        """SIGKILL: the node dies at once, mid-stream, without closing anything."""
+        self.proc.kill()
+        self.proc.wait()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -77,3 +86,36 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+FAST_GOSSIP = 0.3  # seconds between gossip rounds in tests
+
+
+def start_gateway(home: Path, peers: list[str] | None = None, **config) -> tuple[BackgroundServer, object]:
+    """An in-process gateway node on a free 127.0.0.1 port, gossiping every FAST_GOSSIP seconds."""
+    from agoranet.net.gossip import GossipConfig
+    from agoranet.node.gateway import GatewayConfig
+    from agoranet.node.node import build_gateway_node
+
+    if not (home / "identity.key").exists():
+        Identity.generate().save(home / "identity.key")
+    sock = bind()
+    app, gateway = build_gateway_node(home, url_of(sock), peers or [], config=GatewayConfig(**config),
+                                      gossip=GossipConfig(interval_s=FAST_GOSSIP))
+    return BackgroundServer(app, sock).start(), gateway
+
+
+def provider_process(home: Path, seed: str, *, price_out: int, extra: list[str] | None = None,
+                     host: str = "127.0.0.1", prefix: list[str] | None = None) -> NodeProcess:
+    """`agora provide` in its own process, announcing itself to `seed`; call wait_ready() on it."""
+    return NodeProcess(["provide", "--host", host, "--peer", seed, "--price-out", str(price_out), "--threads", "1",
+                        "--gossip-interval", str(FAST_GOSSIP), *(extra or [])], home, free_port(), host=host,
+                       prefix=prefix)
+
+
+def wait_for(condition, *, timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)

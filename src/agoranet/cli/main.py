@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from agoranet.cli.gateway_cmd import GossipIntervalOpt, PeerOpt, gateway, keys_app
 from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
 from agoranet.core.settings import Settings
@@ -74,8 +75,13 @@ def provide(
     max_concurrency: int = 16,
     max_tokens: int = 512,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
+    peer: PeerOpt = None,
+    gossip_interval: GossipIntervalOpt = 2.0,
+    max_batch: Annotated[int, typer.Option(help="most sequences decoded together")] = 16,
+    token_delay_ms: Annotated[int, typer.Option(hidden=True, help="space tokens out (failover tests, demos)")] = 0,
 ) -> None:
     """Sell inference: serve a model over the OpenAI API with signed receipts."""
+    from agoranet.cli.gateway_cmd import provider_network
     from agoranet.node.node import ProviderOptions, build_provider_node
     from agoranet.node.server import bind, serve_forever, url_of
 
@@ -90,10 +96,11 @@ def provide(
         raise fail(exc) from None
     url = public_url or url_of(sock)
     opts = ProviderOptions(model=model, precision=precision, upstream=upstream, upstream_model=upstream_model,
-                           threads=threads, storage_peers=storage_peer or [], pricing={"input_per_mtok": price_in, "output_per_mtok": price_out,
+                           threads=threads, storage_peers=storage_peer or [], max_batch=max_batch,
+                           token_delay_ms=token_delay_ms, pricing={"input_per_mtok": price_in, "output_per_mtok": price_out,
                                                      "max_concurrency": max_concurrency, "max_tokens": max_tokens})
     try:
-        app_, provider = build_provider_node(home, url, opts)
+        app_, provider = build_provider_node(home, url, opts, **provider_network(peer, gossip_interval))
     except AgoraError as exc:
         raise fail(exc) from None
     e = provider.engine
@@ -115,6 +122,10 @@ def demo(
         run_demo(console, prompt=prompt, max_tokens=max_tokens, seed=seed)
     except AgoraError as exc:
         raise fail(exc) from None
+
+
+app.command()(gateway)
+app.add_typer(keys_app, name="keys")
 
 
 def main() -> None:

@@ -131,6 +131,7 @@ class TransformersEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         seq = _Sequence(request=request, prompt=prompt, emit=emit, decoder=StreamDecoder(self.tokenizer))
+        self._replay_prefix(seq)
         with self._wake:
             if self._stopping:
                 raise EngineError("the engine is shutting down", hint="retry on another provider")
@@ -146,6 +147,14 @@ class TransformersEngine:
                     return
         finally:
             seq.cancelled.set()
+
+    def _replay_prefix(self, seq: _Sequence) -> None:
+        """Bring the text state (partial UTF-8, text held back for stop strings) to where the engine
+        that generated the prefix left it, so a continuation streams exactly the text it would have."""
+        for token in seq.request.prefix_tokens:
+            if token != self.tokenizer.eos:
+                self._release_text(seq, seq.decoder.feed(token))
+        seq.text, seq.finished = "", None  # the prefix's text was already sent by someone else
 
     # -- worker thread --------------------------------------------------------------------------------
 

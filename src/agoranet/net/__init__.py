@@ -1,1 +1,1 @@
-"""Layer 3: talking to other peers over the network."""
+"""Layer 3: finding other nodes (discovery) and talking to them (peer and storage clients)."""

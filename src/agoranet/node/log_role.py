@@ -34,11 +34,15 @@ class LogRole:
 
     async def append(self, record: Record | bytes) -> LogEntry:
         """Log a record; returns once it is durably committed."""
+        return await self.submit(record)
+
+    def submit(self, record: Record | bytes) -> asyncio.Future[LogEntry]:
+        """Queue a record for the next commit; await the future to know it is durable."""
         if self._queue is None:
             raise RuntimeError("the log role is not started")
         done: asyncio.Future[LogEntry] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((record, done))
-        return await done
+        return done
 
     async def _write_batches(self) -> None:
         assert self._queue is not None

@@ -11,8 +11,12 @@ from fastapi import FastAPI
 from agoranet.core.identity import Identity
 from agoranet.engine.base import Engine
 from agoranet.log.transparency import TransparencyLog
+from agoranet.net.gossip import GossipConfig, GossipDiscovery
 from agoranet.node.app import create_app
+from agoranet.node.gateway import Gateway, GatewayConfig
+from agoranet.node.keys import KEYS_FILE, KeyStore
 from agoranet.node.log_role import LogRole
+from agoranet.node.network import NetworkRole
 from agoranet.node.provider import Provider, ProviderConfig
 from agoranet.node.state import NodeState
 
@@ -31,10 +35,20 @@ class ProviderOptions:
     threads: int | None = None
     max_batch: int = 16
     storage_peers: list[str] = field(default_factory=list)  # where to fetch a model given by CID
+    token_delay_ms: int = 0  # space tokens out (tests and demos that cut a stream mid-way)
     pricing: dict[str, int] = field(default_factory=dict)  # ProviderConfig overrides
 
 
 def make_engine(opts: ProviderOptions, home: Path) -> Engine:
+    engine = _make_engine(opts, home)
+    if opts.token_delay_ms:
+        from agoranet.engine.stub import PacedEngine
+
+        return PacedEngine(engine, opts.token_delay_ms / 1000)
+    return engine
+
+
+def _make_engine(opts: ProviderOptions, home: Path) -> Engine:
     if opts.upstream:
         from agoranet.engine.upstream import UpstreamEngine
 
@@ -49,11 +63,28 @@ def make_engine(opts: ProviderOptions, home: Path) -> Engine:
 
 
 def build_provider_node(home: Path, public_url: str, opts: ProviderOptions, *,
-                        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> tuple[FastAPI, Provider]:
+                        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, peers: list[str] | None = None,
+                        gossip: GossipConfig | None = None, engine: Engine | None = None) -> tuple[FastAPI, Provider]:
+    """A provider node; with `peers` it also joins the network by gossip and announces its offer."""
     identity = Identity.load(home / "identity.key")
     state = NodeState(home / "node.db")
     log_role = LogRole(TransparencyLog(home / "log.db", identity))
-    provider = Provider(identity, make_engine(opts, home), state, ProviderConfig(public_url=public_url, **opts.pricing),
-                        log_role)
-    app = create_app([log_role, provider], max_request_bytes=max_request_bytes, title="Agora provider")
-    return app, provider
+    provider = Provider(identity, engine or make_engine(opts, home), state,
+                        ProviderConfig(public_url=public_url, **opts.pricing), log_role)
+    roles: list = [log_role, provider]
+    if peers:
+        discovery = GossipDiscovery(identity, public_url, peers, roles=["provider"], config=gossip)
+        discovery.announce(provider.offer)
+        roles.append(NetworkRole(discovery))  # started after the engine, stopped before it
+    return create_app(roles, max_request_bytes=max_request_bytes, title="Agora provider"), provider
+
+
+def build_gateway_node(home: Path, public_url: str, peers: list[str], *, config: GatewayConfig | None = None,
+                       gossip: GossipConfig | None = None,
+                       max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> tuple[FastAPI, Gateway]:
+    """A gateway node: discovers providers by gossip (seeded with `peers`) and routes users to them."""
+    identity = Identity.load(home / "identity.key")
+    discovery = GossipDiscovery(identity, public_url, peers, roles=["gateway"], config=gossip)
+    gateway = Gateway(identity, discovery, config, KeyStore(home / KEYS_FILE))
+    app = create_app([NetworkRole(discovery), gateway], max_request_bytes=max_request_bytes, title="Agora gateway")
+    return app, gateway

@@ -48,6 +48,29 @@ class AgoraExtension(_Lenient):
 
     request_id: str | None = Field(default=None, max_length=128)
     prefix_tokens: list[int] = Field(default_factory=list, max_length=1_000_000)
+    stream_tokens: bool = False  # put each token's id on its stream chunk, so a gateway can fail over
+
+
+class MaxPrice(_Lenient):
+    """Most a user will pay, in micro-credits per 1M tokens (OpenRouter's `max_price`, in Agora units)."""
+
+    prompt: float | None = Field(default=None, ge=0)
+    completion: float | None = Field(default=None, ge=0)
+
+
+class ProviderPreferences(_Lenient):
+    """The OpenRouter-style `provider` object: how a gateway picks providers for one request.
+
+    Providers are named by peer id (`12D3KooW…`) or by URL in `order`, `only` and `ignore`.
+    """
+
+    sort: Literal["price", "latency", "throughput"] | None = None
+    order: list[str] | None = None
+    only: list[str] | None = None
+    ignore: list[str] | None = None
+    max_price: MaxPrice | None = None
+    allow_fallbacks: bool = True
+    require_verified: bool = False  # accepted now; honoured once verifiers publish reputations
 
 
 class _SamplingRequest(_Lenient):
@@ -180,9 +203,9 @@ class ChunkWriter:
     """Builds the SSE data payloads of one streamed response, in the order the SDK expects."""
 
     def __init__(self, *, kind: Literal["chat", "completion"], id: str, model: str, token_text, top_k: int,
-                 want_logprobs: bool) -> None:
+                 want_logprobs: bool, token_ids: bool = False) -> None:
         self.kind, self.id, self.model, self.token_text = kind, id, model, token_text
-        self.top_k, self.want_logprobs = top_k, want_logprobs
+        self.top_k, self.want_logprobs, self.token_ids = top_k, want_logprobs, token_ids
         self.created = int(time.time())
         self._started = False
 
@@ -206,17 +229,27 @@ class ChunkWriter:
                                                       [list(ev.top)], self.top_k)}
             else:
                 lp = completion_logprobs(self.token_text, [ev.token], [ev.logprob], [list(ev.top)], self.top_k)
+        if self.token_ids and ev.token is not None:
+            # Every token gets a chunk (even one whose text is held back) so a gateway knows exactly
+            # which tokens the text it has forwarded came from.
+            return self._choice(ev.text, lp, None, extra={"agora": {"token": ev.token}})
         if not ev.text and lp is None:
             return None
         return self._choice(ev.text, lp, None)
 
-    def _choice(self, text: str, lp: Any, finish: str | None) -> str:
+    def relay(self, text: str, logprobs: Any) -> str | None:
+        """A content chunk carrying text (and logprobs, already in wire form) another node produced."""
+        if not text and logprobs is None:
+            return None
+        return self._choice(text, logprobs, None)
+
+    def _choice(self, text: str, lp: Any, finish: str | None, extra: dict[str, Any] | None = None) -> str:
         if self.kind == "chat":
             delta = {"content": text} if text or finish is None else {}
             choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
-        return _data(self._base() | {"choices": [choice]})
+        return _data(self._base() | {"choices": [choice]} | (extra or {}))
 
     def last(self, gen: Generation, *, include_usage: bool, agora: dict[str, Any]) -> list[str]:
         """The finish chunk, then (if asked) the usage chunk; the last one carries the receipt."""

@@ -64,8 +64,8 @@ class Provider:
 
     # -- offer --------------------------------------------------------------------------------------
 
-    async def offer(self) -> Record[OfferBody]:
-        """The signed offer, re-signed (and logged) once half its lifetime has passed."""
+    def offer(self) -> Record[OfferBody]:
+        """The signed offer, re-signed (and queued for the log) once half its lifetime has passed."""
         now = now_ms()
         ttl = self.config.offer_ttl_s * 1000
         if self._offer is None or now > self._offer.body.issued_ms + ttl // 2:
@@ -79,7 +79,7 @@ class Provider:
             )
             offer = sign_record(self.identity, body)
             self.state.put(offer.encode(), "offer")
-            await self.log.append(offer)
+            self.log.submit(offer)
             self._offer = offer
         return self._offer
 
@@ -160,7 +160,8 @@ class Provider:
                       first: TokenEvent | Generation, events: AsyncIterator[TokenEvent | Generation]):
         writer = ChunkWriter(kind=kind, id=response_id, model=self.engine.model_name,
                              token_text=self.engine.token_text, top_k=req.wanted_top,
-                             want_logprobs=bool(req.logprobs) if kind == "chat" else req.logprobs is not None)
+                             want_logprobs=bool(req.logprobs) if kind == "chat" else req.logprobs is not None,
+                             token_ids=bool(req.agora and req.agora.stream_tokens))
         try:
             if (opening := writer.first()) is not None:
                 yield {"data": opening}
@@ -230,7 +231,7 @@ class Provider:
 
         @r.get("/agora/v1/offer")
         async def offer() -> dict[str, Any]:
-            rec = await self.offer()
+            rec = self.offer()
             return {"cid": str(rec.cid), "record": rec.to_json()}
 
         @r.get("/agora/v1/records/{cid}")

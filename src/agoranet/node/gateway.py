@@ -1,0 +1,446 @@
+"""Gateway role: the provider's OpenAI API in front of every provider discovery finds.
+
+Each request is routed by the user's `provider` preferences (OpenRouter-style) and by what the
+gateway has seen of each provider (failures put it in a cool-down; latency and throughput are
+tracked). The gateway fixes the request id and seed, so any provider continues the same sampling:
+if one dies or stalls mid-stream, the next gets the prompt plus the token ids already forwarded
+(`agora.prefix_tokens`) and the client sees one stream, with the receipts of every part at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from agoranet.core.errors import RecordError, RequestError
+from agoranet.core.identity import Identity
+from agoranet.core.records import OfferBody, OfferedModel, ReceiptBody, Record, verify_record
+from agoranet.engine.base import Generation
+from agoranet.net.discovery import Discovery
+from agoranet.net.peer import PeerClient, PeerRefused, PeerStream, PeerUnreachable
+from agoranet.node.keys import ApiKey, KeyStore
+from agoranet.node.protocol import (
+    DONE, ChatCompletionRequest, ChunkWriter, CompletionRequest, ProviderPreferences, error_chunk,
+)
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["chat", "completion"]
+PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    require_keys: bool = False
+    connect_timeout_s: float = 2.0
+    stall_timeout_s: float = 10.0  # a provider silent this long mid-stream is treated as dead
+    cooldown_s: float = 5.0  # first cool-down after a failure; doubles per consecutive failure
+    max_cooldown_s: float = 120.0
+    max_attempts: int = 4  # providers tried for one request, failovers included
+    default_max_tokens: int = 64  # set explicitly, so a continuation knows how many tokens remain
+
+
+@dataclass
+class ProviderHealth:
+    """What this gateway has seen of one provider (by peer id)."""
+
+    in_flight: int = 0
+    failures: int = 0  # consecutive
+    cooldown_until: float = 0.0
+    ttft_ms: float | None = None  # moving averages
+    tokens_per_s: float | None = None
+    served: int = 0
+
+    def healthy(self, now: float) -> bool:
+        return now >= self.cooldown_until
+
+
+@dataclass(frozen=True, eq=False)
+class Candidate:
+    offer: Record[OfferBody]
+    model: OfferedModel
+
+    @property
+    def peer(self) -> str:
+        return self.offer.signer
+
+    @property
+    def url(self) -> str:
+        return self.offer.body.url.rstrip("/")
+
+    @property
+    def price(self) -> int:
+        return self.model.input_per_mtok + self.model.output_per_mtok
+
+    def named_by(self, names: list[str]) -> bool:
+        return any(n.rstrip("/") in (self.peer, self.url) for n in names)
+
+
+class Router:
+    """Orders the providers of a model for one request: the user's preferences first, then health."""
+
+    EWMA = 0.3
+
+    def __init__(self, config: GatewayConfig, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.health: dict[str, ProviderHealth] = {}
+        self.rng = rng or random.Random()
+
+    def of(self, peer: str) -> ProviderHealth:
+        return self.health.setdefault(peer, ProviderHealth())
+
+    def plan(self, candidates: list[Candidate], prefs: ProviderPreferences) -> list[Candidate]:
+        if prefs.only:
+            candidates = [c for c in candidates if c.named_by(prefs.only)]
+        if prefs.ignore:
+            candidates = [c for c in candidates if not c.named_by(prefs.ignore)]
+        if prefs.max_price:
+            mp = prefs.max_price
+            candidates = [c for c in candidates
+                          if (mp.prompt is None or c.model.input_per_mtok <= mp.prompt)
+                          and (mp.completion is None or c.model.output_per_mtok <= mp.completion)]
+        now = time.monotonic()
+        healthy = [c for c in candidates if self.of(c.peer).healthy(now)]
+        cooling = sorted((c for c in candidates if not self.of(c.peer).healthy(now)),
+                         key=lambda c: self.of(c.peer).cooldown_until)
+        ordered = self._sort(healthy, prefs.sort) + cooling  # cooling providers only as a last resort
+        if prefs.order:
+            named: list[Candidate] = []
+            for name in prefs.order:
+                named += [c for c in ordered if c.named_by([name]) and all(c is not n for n in named)]
+            ordered = named + ([c for c in ordered if all(c is not n for n in named)] if prefs.allow_fallbacks else [])
+        elif not prefs.allow_fallbacks:
+            ordered = ordered[:1]
+        return ordered[: self.config.max_attempts]
+
+    def _sort(self, cs: list[Candidate], sort: str | None) -> list[Candidate]:
+        if sort == "price":
+            return sorted(cs, key=lambda c: (c.price, self.of(c.peer).in_flight))
+        if sort == "latency":  # unknown latency sorts first, so new providers get measured
+            return sorted(cs, key=lambda c: (self.of(c.peer).ttft_ms or 0.0, c.price))
+        if sort == "throughput":
+            return sorted(cs, key=lambda c: (-(self.of(c.peer).tokens_per_s or float("inf")), c.price))
+        # Default: cheapest first, but drawn at random weighted by (cheapest/price)^2 / (1 + in flight),
+        # so load spreads and a provider twice the price still gets about a fifth of the traffic.
+        if len(cs) <= 1:
+            return cs
+        cheapest = min(c.price for c in cs) + 1
+        weights = [((cheapest / (c.price + 1)) ** 2) / (1 + self.of(c.peer).in_flight) for c in cs]
+        first = self.rng.choices(cs, weights=weights)[0]
+        return [first] + sorted((c for c in cs if c is not first), key=lambda c: c.price)
+
+    def failed(self, peer: str) -> None:
+        h = self.of(peer)
+        h.failures += 1
+        cooldown = min(self.config.cooldown_s * 2 ** (h.failures - 1), self.config.max_cooldown_s)
+        h.cooldown_until = time.monotonic() + cooldown
+        log.warning("provider %s failed (%d in a row); cooling down for %.0fs", peer, h.failures, cooldown)
+
+    def succeeded(self, peer: str, *, ttft_s: float, tokens: int, duration_s: float) -> None:
+        h = self.of(peer)
+        h.failures, h.cooldown_until, h.served = 0, 0.0, h.served + 1
+        h.ttft_ms = _ewma(h.ttft_ms, ttft_s * 1000, self.EWMA)
+        if tokens and duration_s > 0:
+            h.tokens_per_s = _ewma(h.tokens_per_s, tokens / duration_s, self.EWMA)
+
+
+def _ewma(old: float | None, new: float, alpha: float) -> float:
+    return new if old is None else (1 - alpha) * old + alpha * new
+
+
+@dataclass
+class _Job:
+    """One client request on its way through providers."""
+
+    kind: Kind
+    req: ChatCompletionRequest | CompletionRequest
+    body: dict[str, Any]  # what is sent upstream (agora.prefix_tokens and max_tokens change on failover)
+    plan: list[Candidate]
+    key: ApiKey | None
+    request_id: str
+    max_tokens: int
+    tried: list[str] = field(default_factory=list)
+    parts: list[dict[str, Any]] = field(default_factory=list)  # {receipt_cid, receipt, provider} per provider
+
+
+class Gateway:
+    def __init__(self, identity: Identity, discovery: Discovery, config: GatewayConfig | None = None,
+                 keys: KeyStore | None = None) -> None:
+        self.identity, self.discovery = identity, discovery
+        self.config = config or GatewayConfig()
+        self.keys = keys
+        self.router_state = Router(self.config)
+        self.client: PeerClient | None = None
+        self.failovers = 0
+        self.router = self._routes()
+
+    async def start(self) -> None:
+        self.client = PeerClient(connect_timeout_s=self.config.connect_timeout_s,
+                                 read_timeout_s=self.config.stall_timeout_s)
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    # -- planning -------------------------------------------------------------------------------------
+
+    async def _candidates(self, model: str | None) -> list[Candidate]:
+        offers = await self.discovery.find_offers(model)
+        return [Candidate(o, m) for o in offers for m in o.body.models if model is None or model in (m.cid, m.name)]
+
+    async def _job(self, kind: Kind, req: ChatCompletionRequest | CompletionRequest, authorization: str | None) -> _Job:
+        key = None
+        if self.config.require_keys:
+            if self.keys is None:
+                raise RequestError("this gateway requires API keys but has no key store", status=500)
+            key = self.keys.authorize(authorization)
+        prefs = ProviderPreferences.model_validate(req.provider or {})
+        candidates = await self._candidates(req.model)
+        if not candidates:
+            raise RequestError(f"no live provider offers model {req.model!r}; GET /v1/models lists what the "
+                               "network serves", status=404, code="model_not_found", param="model")
+        plan = self.router_state.plan(candidates, prefs)
+        if not plan:
+            raise RequestError(f"{len(candidates)} providers serve {req.model!r} but none matches your `provider` "
+                               "preferences (only/ignore/max_price/order)", status=404, code="no_provider_matches",
+                               param="provider")
+        body = req.model_dump(mode="json", exclude_none=True, exclude={"provider", "agora", "stream_options"})
+        max_tokens = req.max_tokens or self.config.default_max_tokens
+        body.pop("max_completion_tokens", None)
+        body.pop("stream", None)
+        body |= {"seed": req.seed if req.seed is not None else secrets.randbits(63), "max_tokens": max_tokens}
+        # A pure function of what is asked (seed included), so the same request gives the same answer
+        # through this gateway, streamed or not, on any provider; every part of a failover shares it.
+        request_id = (req.agora.request_id if req.agora and req.agora.request_id else
+                      "gw-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32])
+        body |= {"stream": req.stream, "agora": {"request_id": request_id, "prefix_tokens": [], "stream_tokens": True}}
+        if req.stream:
+            body["stream_options"] = {"include_usage": True}
+        return _Job(kind, req, body, plan, key, request_id, max_tokens)
+
+    def _next(self, job: _Job) -> Candidate | None:
+        for c in job.plan:
+            if c.peer not in job.tried:
+                job.tried.append(c.peer)
+                return c
+        return None
+
+    def _receipt_part(self, cand: Candidate, agora: Any) -> dict[str, Any] | None:
+        """Check a provider's receipt is signed by the key that made the offer we routed by."""
+        try:
+            receipt = verify_record(agora["receipt"], ReceiptBody)
+        except (RecordError, KeyError, TypeError):
+            log.warning("provider %s sent no valid receipt", cand.peer)
+            self.router_state.failed(cand.peer)
+            return None
+        if receipt.signer != cand.peer:
+            log.warning("receipt from %s is signed by %s, not the offer's key", cand.url, receipt.signer)
+            self.router_state.failed(cand.peer)
+            return None
+        return {"receipt_cid": str(receipt.cid), "receipt": agora["receipt"], "provider": receipt.signer}
+
+    def _agora(self, job: _Job) -> dict[str, Any]:
+        last = job.parts[-1] if job.parts else {}
+        return {**last, "receipts": job.parts, "request_id": job.request_id, "gateway": str(self.identity.peer_id)}
+
+    def _meter(self, job: _Job, tokens: int) -> None:
+        if job.key is not None and self.keys is not None:
+            charged = sum(p["receipt"]["body"]["price"]["charged"] for p in job.parts)
+            self.keys.record_usage(job.key.id, tokens=tokens, charged=charged)
+
+    # -- plain requests -------------------------------------------------------------------------------
+
+    async def serve(self, kind: Kind, req: ChatCompletionRequest | CompletionRequest,
+                    authorization: str | None) -> Response:
+        job = await self._job(kind, req, authorization)
+        if req.stream:
+            return await self._serve_stream(job)
+        assert self.client is not None
+        last_error: Exception | None = None
+        while (cand := self._next(job)) is not None:
+            health = self.router_state.of(cand.peer)
+            health.in_flight += 1
+            started = time.monotonic()
+            try:
+                body = await self.client.post_json(cand.url, PATHS[kind], job.body)
+            except PeerUnreachable as exc:
+                self.router_state.failed(cand.peer)
+                last_error = exc
+                continue
+            except PeerRefused as exc:
+                if exc.status in (400, 401, 403, 413, 422):  # the request's fault, not the provider's
+                    return JSONResponse(exc.body, exc.status)
+                if exc.status != 429:  # busy is no failure; just try the next one
+                    self.router_state.failed(cand.peer)
+                last_error = exc
+                continue
+            finally:
+                health.in_flight -= 1
+            elapsed = time.monotonic() - started
+            part = self._receipt_part(cand, body.get("agora"))
+            if part is None:
+                last_error = RequestError(f"provider {cand.peer} answered without a valid receipt")
+                continue
+            job.parts.append(part)
+            usage = body.get("usage") or {}
+            self.router_state.succeeded(cand.peer, ttft_s=elapsed, tokens=usage.get("completion_tokens", 0),
+                                        duration_s=elapsed)
+            self._meter(job, usage.get("total_tokens", 0))
+            body["agora"] = self._agora(job)
+            return JSONResponse(body, headers={"x-agora-receipt": part["receipt_cid"]})
+        raise RequestError(f"every provider tried for {req.model!r} failed ({len(job.tried)} tried); last error: "
+                           f"{last_error}", status=502, code="providers_failed", type="server_error")
+
+    # -- streams --------------------------------------------------------------------------------------
+
+    async def _open(self, job: _Job) -> tuple[Candidate, PeerStream] | None:
+        """Open the stream on the next provider that answers; None when none is left."""
+        assert self.client is not None
+        while (cand := self._next(job)) is not None:
+            try:
+                return cand, await self.client.open_stream(cand.url, PATHS[job.kind], job.body)
+            except PeerUnreachable:
+                self.router_state.failed(cand.peer)
+            except PeerRefused as exc:
+                if exc.status in (400, 401, 403, 413, 422) and not job.body["agora"]["prefix_tokens"]:
+                    raise RequestError(str(exc), status=exc.status, code="provider_refused") from exc
+                if exc.status != 429:
+                    self.router_state.failed(cand.peer)
+        return None
+
+    async def _serve_stream(self, job: _Job) -> Response:
+        opened = await self._open(job)
+        if opened is None:
+            raise RequestError(f"no provider for {job.req.model!r} could be reached ({len(job.tried)} tried)",
+                               status=502, code="providers_failed", type="server_error")
+        return EventSourceResponse(self._relay(job, *opened), sep="\n", ping=15)
+
+    async def _relay(self, job: _Job, cand: Candidate, stream: PeerStream):
+        req = job.req
+        want_lp = bool(req.logprobs) if job.kind == "chat" else req.logprobs is not None
+        writer = ChunkWriter(kind=job.kind, id=f"{'chatcmpl' if job.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+                             model=req.model, token_text=None, top_k=req.wanted_top, want_logprobs=want_lp)
+        tokens: list[int] = []  # ids of every token whose text the client has been sent
+        prompt_tokens, completion_tokens, finish = 0, 0, "length"
+        if (opening := writer.first()) is not None:
+            yield {"data": opening}
+        try:
+            while True:
+                health = self.router_state.of(cand.peer)
+                health.in_flight += 1
+                started, first_at, part_tokens, part_done = time.monotonic(), None, 0, False
+                try:
+                    async for chunk in stream.chunks():
+                        if "error" in chunk:
+                            raise PeerUnreachable(f"provider failed mid-stream: {chunk['error']}")
+                        for choice in chunk.get("choices") or []:
+                            text = (choice.get("delta") or {}).get("content") if job.kind == "chat" else choice.get("text")
+                            if choice.get("finish_reason"):
+                                finish = choice["finish_reason"]
+                            if (out := writer.relay(text or "", choice.get("logprobs") if want_lp else None)) is not None:
+                                yield {"data": out}
+                        agora = chunk.get("agora") or {}
+                        if "token" in agora:
+                            tokens.append(agora["token"])
+                            part_tokens += 1
+                            first_at = first_at or time.monotonic()
+                        if chunk.get("usage"):
+                            prompt_tokens = prompt_tokens or chunk["usage"].get("prompt_tokens", 0)
+                            completion_tokens += chunk["usage"].get("completion_tokens", 0)
+                        if "receipt" in agora:
+                            if (part := self._receipt_part(cand, agora)) is not None:
+                                job.parts.append(part)
+                            part_done = True
+                except PeerUnreachable as exc:
+                    log.warning("stream from %s broke after %d tokens: %s", cand.url, len(tokens), exc)
+                    self.router_state.failed(cand.peer)
+                else:
+                    if part_done:
+                        now = time.monotonic()
+                        self.router_state.succeeded(cand.peer, ttft_s=(first_at or now) - started,
+                                                    tokens=part_tokens, duration_s=now - (first_at or now))
+                        break
+                    self.router_state.failed(cand.peer)
+                finally:
+                    health.in_flight -= 1
+                    await stream.aclose()
+                # Continue the same generation elsewhere from the tokens already forwarded.
+                remaining = job.max_tokens - len(tokens)
+                if remaining <= 0:
+                    finish = "length"
+                    break
+                self.failovers += 1
+                job.body = job.body | {"max_tokens": remaining,
+                                       "agora": job.body["agora"] | {"prefix_tokens": list(tokens)}}
+                opened = await self._open(job)  # the plan already holds only what the preferences allow
+                if opened is None:
+                    yield {"data": error_chunk(f"the provider failed after {len(tokens)} tokens and no other "
+                                               f"provider could continue ({len(job.tried)} tried)",
+                                               code="providers_failed")}
+                    return
+                cand, stream = opened
+                log.info("continuing request %s on %s after %d tokens", job.request_id, cand.url, len(tokens))
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            gen = Generation(prompt_tokens=prompt_tokens, finish_reason=finish, completion_tokens=completion_tokens)
+            for chunk in writer.last(gen, include_usage=include_usage, agora=self._agora(job)):
+                yield {"data": chunk}
+            yield {"data": DONE}
+            self._meter(job, prompt_tokens + completion_tokens)
+        except asyncio.CancelledError:
+            await stream.aclose()  # the client went away: stop the provider's generation too
+            raise
+
+    # -- routes ---------------------------------------------------------------------------------------
+
+    async def providers(self) -> list[dict[str, Any]]:
+        """Every live provider discovery knows of, with what this gateway has seen of it."""
+        out = []
+        now = time.monotonic()
+        for rec in await self.discovery.find_offers(None):
+            signer = rec.signer
+            h = self.router_state.of(signer)
+            out.append({"peer": signer, "url": rec.body.url, "models": [m.model_dump() for m in rec.body.models],
+                        "healthy": h.healthy(now), "failures": h.failures, "served": h.served,
+                        "in_flight": h.in_flight, "ttft_ms": h.ttft_ms, "tokens_per_s": h.tokens_per_s})
+        return out
+
+    def _routes(self) -> APIRouter:
+        r = APIRouter()
+
+        @r.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            seen: dict[str, dict[str, Any]] = {}
+            for c in await self._candidates(None):
+                entry = seen.setdefault(c.model.name, {
+                    "id": c.model.name, "object": "model", "created": 0, "owned_by": "agora",
+                    "agora": {"cid": c.model.cid, "providers": 0, "min_output_per_mtok": c.model.output_per_mtok}})
+                entry["agora"]["providers"] += 1
+                entry["agora"]["min_output_per_mtok"] = min(entry["agora"]["min_output_per_mtok"],
+                                                            c.model.output_per_mtok)
+            return {"object": "list", "data": list(seen.values())}
+
+        @r.post("/v1/chat/completions")
+        async def chat(req: ChatCompletionRequest, request: Request) -> Response:
+            return await self.serve("chat", req, request.headers.get("authorization"))
+
+        @r.post("/v1/completions")
+        async def completions(req: CompletionRequest, request: Request) -> Response:
+            return await self.serve("completion", req, request.headers.get("authorization"))
+
+        @r.get("/agora/v1/providers")
+        async def providers() -> dict[str, Any]:
+            return {"providers": await self.providers(), "failovers": self.failovers}
+
+        return r

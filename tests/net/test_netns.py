@@ -1,0 +1,98 @@
+"""Nodes in their own Linux network namespaces (own addresses, veth links); one is cut off and the
+gateway routes around it, then evicts it once its heartbeats stop. Needs root and `ip netns`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+
+import httpx
+import openai
+import pytest
+from conftest import FAST_GOSSIP, provider_process, wait_for
+
+from agoranet.core.identity import Identity
+from agoranet.net.gossip import GossipConfig
+from agoranet.node.gateway import GatewayConfig
+from agoranet.node.node import build_gateway_node
+from agoranet.node.server import BackgroundServer, bind
+
+TAG = uuid.uuid4().hex[:4]
+NETS = [(f"agora-{TAG}-{i}", f"ag{TAG}h{i}", f"ag{TAG}n{i}", f"10.213.{i}") for i in range(2)]
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+def namespaces_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "the `ip` command (iproute2) is not installed"
+    probe = f"agora-probe-{TAG}"
+    try:
+        sh("ip", "netns", "add", probe)
+        sh("ip", "netns", "del", probe)
+    except subprocess.CalledProcessError as exc:
+        return f"`ip netns add` fails here: {exc.stderr.decode().strip()}"
+    return None
+
+
+@pytest.fixture
+def namespaces():
+    if (reason := namespaces_unavailable()) is not None:
+        pytest.skip(reason)
+    try:
+        for ns, host_if, ns_if, net in NETS:
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+            sh("ip", "link", "set", ns_if, "netns", ns)
+            sh("ip", "addr", "add", f"{net}.1/24", "dev", host_if)
+            sh("ip", "link", "set", host_if, "up")
+            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{net}.2/24", "dev", ns_if)
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        yield NETS
+    finally:
+        for ns, host_if, _, _ in NETS:
+            subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.slow
+def test_gateway_routes_around_a_provider_cut_off_from_the_network(namespaces, tmp_path):
+    home = tmp_path / "gw"
+    Identity.generate().save(home / "identity.key")
+    sock = bind("0.0.0.0", 0)
+    port = sock.getsockname()[1]
+    app, gateway = build_gateway_node(home, f"http://{NETS[0][3]}.1:{port}", [],
+                                      config=GatewayConfig(connect_timeout_s=1.0, stall_timeout_s=3.0),
+                                      gossip=GossipConfig(interval_s=FAST_GOSSIP))
+    server = BackgroundServer(app, sock).start()
+    procs = [provider_process(tmp_path / f"p{i}", f"http://{net}.1:{port}", price_out=price, host=f"{net}.2",
+                              prefix=["ip", "netns", "exec", ns])
+             for i, ((ns, _, _, net), price) in enumerate(zip(namespaces, (100_000, 400_000)))]
+    try:
+        for p in procs:
+            p.wait_ready()
+        cheap, dear = (httpx.get(f"{p.url}/agora/v1/offer").json()["record"]["signer"] for p in procs)
+        wait_for(lambda: {cheap, dear} <= set(gateway.discovery.members()), what="both providers to be discovered")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+
+        def served_by() -> str:
+            r = client.chat.completions.create(model="agora-tiny", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=8, extra_body={"provider": {"sort": "price"}})
+            return r.model_extra["agora"]["provider"]
+
+        assert served_by() == cheap
+        sh("ip", "link", "set", namespaces[0][1], "down")  # the cheap provider is cut off
+        assert [served_by() for _ in range(3)] == [dear] * 3
+        wait_for(lambda: cheap not in gateway.discovery.members(), timeout=15, what="the cut-off peer's eviction")
+        assert dear in gateway.discovery.members()
+    finally:
+        for p in procs:
+            p.stop()
+        server.stop()
