@@ -11,7 +11,7 @@ import uuid
 import httpx
 import openai
 import pytest
-from conftest import FAST_GOSSIP, provider_process, wait_for
+from ..conftest import FAST_GOSSIP, provider_process, wait_for
 
 from agoranet.core.identity import Identity
 from agoranet.net.gossip import GossipConfig

@@ -8,7 +8,7 @@ import secrets
 import httpx
 import openai
 import pytest
-from conftest import provider_process, start_gateway, start_provider, wait_for
+from ..conftest import provider_process, start_gateway, start_provider, wait_for
 
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, ReceiptBody, sign_record, verify_record

@@ -8,7 +8,7 @@ import asyncio
 import httpx
 import openai
 import pytest
-from conftest import provider_process, start_gateway, wait_for
+from ..conftest import provider_process, start_gateway, wait_for
 
 from agoranet.core.records import ReceiptBody, verify_record
 from agoranet.engine.models import resolve_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import FAST_GOSSIP, start_gateway, start_provider, wait_for
+from ..conftest import FAST_GOSSIP, start_gateway, start_provider, wait_for
 
 from agoranet.engine.stub import StubEngine
 from agoranet.net.gossip import GossipConfig

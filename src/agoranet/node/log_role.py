@@ -18,11 +18,10 @@ class LogRole:
     def __init__(self, log: TransparencyLog) -> None:
         self.log = log
         self.router = log_router(log)
-        self._queue: asyncio.Queue[tuple[Record | bytes, asyncio.Future[LogEntry]]] | None = None
+        self._queue: asyncio.Queue[tuple[Record | bytes, asyncio.Future[LogEntry]]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
         self._writer = asyncio.create_task(self._write_batches(), name="agora-log-writer")
 
     async def stop(self) -> None:
@@ -36,16 +35,22 @@ class LogRole:
         """Log a record; returns once it is durably committed."""
         return await self.submit(record)
 
-    def submit(self, record: Record | bytes) -> asyncio.Future[LogEntry]:
-        """Queue a record for the next commit; await the future to know it is durable."""
-        if self._queue is None:
-            raise RuntimeError("the log role is not started")
-        done: asyncio.Future[LogEntry] = asyncio.get_running_loop().create_future()
+    def submit(self, record: Record | bytes) -> asyncio.Future[LogEntry] | None:
+        """Queue a record for the next commit; await the future to know it is durable.
+
+        Called before the node's event loop runs (a node announcing its offer while it is being
+        built), the record is appended right away instead.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.log.append(record)
+            return None
+        done: asyncio.Future[LogEntry] = loop.create_future()
         self._queue.put_nowait((record, done))
         return done
 
     async def _write_batches(self) -> None:
-        assert self._queue is not None
         while True:
             batch = [await self._queue.get()]
             while not self._queue.empty():
