@@ -147,6 +147,11 @@ class TransformersEngine:
         finally:
             seq.cancelled.set()
 
+    @property
+    def batch_size(self) -> int:
+        """Sequences in the running batch now (read from other threads; a stale count is fine for metrics)."""
+        return len(self._active)
+
     # -- worker thread --------------------------------------------------------------------------------
 
     def _run(self) -> None:
