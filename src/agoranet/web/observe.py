@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 __all__ = ["NodeMetrics", "TrafficWindow", "role_name"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-INFERENCE_PREFIX = "/v1/"  # what "traffic" means on the dashboard: OpenAI API calls, not page polls
+INFERENCE_PREFIX = "/v1/"  # "traffic" on the dashboard: POSTs to the OpenAI API (not model lists or page polls)
 
 
 def role_name(role: Any) -> str:
@@ -116,7 +116,7 @@ class NodeMetrics:
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.http_requests.labels(route, method, str(status)).inc()
         self.http_latency.labels(route, method).observe(seconds)
-        if route.startswith(INFERENCE_PREFIX):
+        if method == "POST" and route.startswith(INFERENCE_PREFIX):
             self.traffic.observe(seconds, status)
 
     def middleware(self, app: ASGIApp) -> ASGIApp:

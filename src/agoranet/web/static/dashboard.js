@@ -73,7 +73,7 @@ function renderPeers() {
   const rows = peers.slice(state.peersPage * PAGE.peers, (state.peersPage + 1) * PAGE.peers).map((p) => {
     const t = p.traffic || {};
     return el("tr", { class: p.self ? "peer self" : "peer", "data-peer": p.peer_id || p.url },
-      el("td", {}, el("span", { class: "mono", title: p.peer_id || "" }, short(p.peer_id) || "?"), " ",
+      el("td", {}, el("span", { class: "mono", title: p.peer_id || "" }, short(p.peer_id) || "no identity"), " ",
         el("a", { href: p.url, class: "muted" }, p.url)),
       el("td", {}, (p.roles || []).join(", ")),
       el("td", { class: healthClass(p.health), title: p.error || "" }, p.health),
@@ -117,11 +117,12 @@ function renderTraffic(t) {
   $("#t-p99").textContent = fmt(t.p99_ms, 0);
   $("#t-inflight").textContent = fmt(t.in_flight, 0);
   $("#t-total").textContent = fmt(t.requests_total, 0);
-  $("#traffic-window").textContent = `(last ${t.window_s} s, OpenAI API routes)`;
+  $("#traffic-window").textContent = `(last ${t.window_s} s of OpenAI API calls; blue requests/s, purple tokens/s)`;
   state.history.push([t.requests_per_s || 0, t.tokens_per_s || 0]);
   if (state.history.length > 150) state.history.shift();
   const canvas = $("#spark"), ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, canvas.width, canvas.height);
+  if (state.history.length < 2) return;
   [["#1f6feb", 0], ["#8250df", 1]].forEach(([color, k]) => {
     const max = Math.max(1e-9, ...state.history.map((h) => h[k]));
     ctx.strokeStyle = color;
