@@ -158,3 +158,14 @@ def test_json_logs_carry_extra_fields_and_exceptions() -> None:
     assert first["level"] == "info" and first["logger"] == "agoranet.test" and first["ts"].endswith("+00:00")
     assert second["level"] == "error" and "ValueError: boom" in second["exc"]
     assert isinstance(JsonFormatter(), logging.Formatter)
+
+
+def test_read_only_endpoints_answer_other_origins_but_inference_does_not(network) -> None:
+    a, b = network[0], network[1]
+    origin = {"origin": a.url}
+    got = httpx.get(f"{b.url}/agora/v1/log/head", headers=origin)
+    assert got.headers["access-control-allow-origin"] == "*"
+    preflight = httpx.options(f"{b.url}/v1/chat/completions", headers=origin | {
+        "access-control-request-method": "POST", "access-control-request-headers": "content-type"})
+    # A browser sends the POST only after a 200 preflight that allows it: a page elsewhere cannot spend here.
+    assert preflight.status_code == 400 and "POST" not in preflight.headers.get("access-control-allow-methods", "")

@@ -15,7 +15,8 @@ from typing import Any, TextIO
 __all__ = ["JsonFormatter", "configure_logging"]
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName",
+                                                                        "color_message"}  # uvicorn's ANSI copy
 HUMAN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -47,3 +48,5 @@ def configure_logging(*, json_lines: bool = False, level: int | str = logging.IN
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # httpx logs every request at INFO: a node polling its peers would log nothing else.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

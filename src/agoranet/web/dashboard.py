@@ -23,6 +23,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Response
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -57,6 +58,9 @@ def mount_dashboard(app: FastAPI, *, identity: Identity | None = None, url: str 
     app.include_router(dashboard.router)
     app.mount("/dashboard", StaticFiles(directory=str(STATIC)), name="dashboard-static")
     app.add_middleware(dashboard.metrics.middleware)
+    # Read-only GETs (log proofs, records, status) from any origin: a dashboard opened on a gateway
+    # checks a receipt against the log of the provider that signed it, on another node.
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET"])
     return dashboard
 
 
