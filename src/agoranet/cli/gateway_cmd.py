@@ -6,7 +6,6 @@ so importing this module never imports main (and main can import it at any point
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -27,17 +26,22 @@ def gateway(
     gossip_interval: GossipIntervalOpt = 2.0,
     stall_timeout: Annotated[float, typer.Option(help="seconds of provider silence mid-stream before failing over")] = 10.0,
     connect_timeout: Annotated[float, typer.Option(help="seconds to wait for a provider to accept a connection")] = 2.0,
+    log_json: Annotated[Optional[bool], typer.Option("--log-json/--no-log-json",
+                                                     help="log one JSON object per line")] = None,
 ) -> None:
     """Buy inference for your users: one OpenAI API in front of every provider the network offers."""
     from agoranet.cli.main import console, fail, home_dir
     from agoranet.core.errors import AgoraError
+    from agoranet.core.logs import configure_logging
+    from agoranet.core.settings import Settings
     from agoranet.core.identity import Identity
     from agoranet.net.gossip import GossipConfig
     from agoranet.node.gateway import GatewayConfig
     from agoranet.node.node import build_gateway_node
     from agoranet.node.server import bind, serve_forever, url_of
+    from agoranet.web import mount_dashboard
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(json_lines=Settings().log_json if log_json is None else log_json)
     home = home_dir(home)
     try:
         identity = Identity.load_or_create(home / "identity.key")
@@ -50,8 +54,9 @@ def gateway(
     config = GatewayConfig(require_keys=require_keys, stall_timeout_s=stall_timeout, connect_timeout_s=connect_timeout)
     app_, _ = build_gateway_node(home, url, list(peer or []), config=config,
                                  gossip=GossipConfig(interval_s=gossip_interval))
+    mount_dashboard(app_, url=url)
     console.print(f"gateway [bold]{identity.peer_id}[/] at [bold]{url}/v1[/]; seeds: {', '.join(peer or []) or 'none'}"
-                  f"{'; API keys required' if require_keys else ''}")
+                  f"{'; API keys required' if require_keys else ''}; dashboard at {url}/")
     serve_forever(app_, sock)
 
 

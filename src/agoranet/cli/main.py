@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +11,7 @@ from rich.console import Console
 from agoranet.cli.gateway_cmd import GossipIntervalOpt, PeerOpt, gateway, keys_app
 from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
+from agoranet.core.logs import configure_logging
 from agoranet.core.settings import Settings
 from agoranet.cli.log_cmd import log_app
 from agoranet.cli.store_cmd import store_app
@@ -25,6 +25,9 @@ app.add_typer(log_app, name="log")
 app.add_typer(store_app, name="store")
 
 HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="node directory (default $AGORA_HOME or ~/.agora)")]
+LogJsonOpt = Annotated[Optional[bool], typer.Option("--log-json/--no-log-json",
+                                                    help="log one JSON object per line (default $AGORA_LOG_JSON)")]
+WatchOpt = Annotated[Optional[list[str]], typer.Option("--watch", help="peer URL to show on the dashboard; repeat")]
 
 
 def home_dir(home: Path | None) -> Path:
@@ -79,13 +82,17 @@ def provide(
     gossip_interval: GossipIntervalOpt = 2.0,
     max_batch: Annotated[int, typer.Option(help="most sequences decoded together")] = 16,
     token_delay_ms: Annotated[int, typer.Option(hidden=True, help="space tokens out (failover tests, demos)")] = 0,
+    watch: WatchOpt = None,
+    log_json: LogJsonOpt = None,
 ) -> None:
     """Sell inference: serve a model over the OpenAI API with signed receipts."""
     from agoranet.cli.gateway_cmd import provider_network
     from agoranet.node.node import ProviderOptions, build_provider_node
     from agoranet.node.server import bind, serve_forever, url_of
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agoranet.web import mount_dashboard
+
+    configure_logging(json_lines=Settings().log_json if log_json is None else log_json)
     home = home_dir(home)
     try:
         Identity.load_or_create(home / "identity.key")
@@ -103,9 +110,10 @@ def provide(
         app_, provider = build_provider_node(home, url, opts, **provider_network(peer, gossip_interval))
     except AgoraError as exc:
         raise fail(exc) from None
+    mount_dashboard(app_, url=url, watch=watch or [])
     e = provider.engine
     console.print(f"provider [bold]{provider.identity.peer_id}[/] serving [bold]{e.model_name}[/] ({e.model_cid}, "
-                  f"{e.precision}) at [bold]{url}/v1[/]")
+                  f"{e.precision}) at [bold]{url}/v1[/]; dashboard at {url}/, metrics at {url}/metrics")
     serve_forever(app_, sock)
 
 

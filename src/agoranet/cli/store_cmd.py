@@ -180,11 +180,18 @@ def fetch(cid: str,
 def serve(home: Home = None, host: str = "127.0.0.1", port: int = 8500,
           peer: Annotated[Optional[list[str]], typer.Option("--peer", help="other storage peer URL; repeat")] = None,
           public_url: Annotated[Optional[str], typer.Option(help="URL other peers reach this one at")] = None,
-          recheck: Annotated[float, typer.Option(help="seconds between re-checks of local copies")] = 60.0) -> None:
+          recheck: Annotated[float, typer.Option(help="seconds between re-checks of local copies")] = 60.0,
+          log_json: Annotated[Optional[bool], typer.Option("--log-json/--no-log-json",
+                                                           help="log one JSON object per line")] = None) -> None:
     """Run a storage peer: serve blocks, keep pins at their replication factor, repair when peers leave."""
     from agoranet.node.app import create_app
     from agoranet.node.server import bind, serve_forever, url_of
     from agoranet.node.storage_role import StorageRole
+    from agoranet.core.logs import configure_logging
+    from agoranet.core.settings import Settings
+    from agoranet.web import mount_dashboard
+
+    configure_logging(json_lines=Settings().log_json if log_json is None else log_json)
 
     try:
         sock = bind(host, port)
@@ -196,4 +203,6 @@ def serve(home: Home = None, host: str = "127.0.0.1", port: int = 8500,
         role = StorageRole(_home(home), url, peer or [], recheck_interval=recheck)
     console.print(f"storage peer at {url} with {len(role.store.pins())} pins; peers: {', '.join(peer or []) or 'none'}",
                   highlight=False)
-    serve_forever(create_app([role], max_request_bytes=64 << 20, title="Agora storage peer"), sock)
+    node = create_app([role], max_request_bytes=64 << 20, title="Agora storage peer")
+    mount_dashboard(node, url=url, watch=peer or [])  # its replication peers show on its dashboard
+    serve_forever(node, sock)

@@ -156,6 +156,11 @@ class TransformersEngine:
                 self._release_text(seq, seq.decoder.feed(token))
         seq.text, seq.finished = "", None  # the prefix's text was already sent by someone else
 
+    @property
+    def batch_size(self) -> int:
+        """Sequences in the running batch now (read from other threads; a stale count is fine for metrics)."""
+        return len(self._active)
+
     # -- worker thread --------------------------------------------------------------------------------
 
     def _run(self) -> None:

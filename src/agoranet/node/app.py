@@ -58,19 +58,21 @@ class BodyLimit:
         await response(scope={"type": "http"}, receive=None, send=send)  # type: ignore[arg-type]
 
 
-Role = Any  # a role has .router (APIRouter) and async start()/stop()
+Role = Any  # a role has .router (APIRouter) and async start()/stop(); optionally status() and metrics()
 
 
 def create_app(roles: list[Role], *, max_request_bytes: int, title: str = "Agora node") -> FastAPI:
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            for role in roles:
+            for role in app.state.roles:
                 await role.start()
                 stack.push_async_callback(role.stop)
             yield
 
     app = FastAPI(title=title, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # The roles this node runs, in start order: a layer above (the dashboard) may add one before startup.
+    app.state.roles = list(roles)
     for role in roles:
         app.include_router(role.router)
     _install_error_handlers(app)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from agoranet.core.records import Record
 from agoranet.log.transparency import LogEntry, TransparencyLog
@@ -30,6 +31,14 @@ class LogRole:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         self.log.close()
+
+    def status(self) -> dict[str, Any]:
+        """Dashboard section: the log's size and root (the page fetches the signed head itself)."""
+        return {"log": {"log_id": self.log.log_id, "size": self.log.size, "root": self.log.root().hex()},
+                "health": {"log": "ok" if self._writer is not None and not self._writer.done() else "writer stopped"}}
+
+    def metrics(self) -> dict[str, float]:
+        return {"log_entries": self.log.size}
 
     async def append(self, record: Record | bytes) -> LogEntry:
         """Log a record; returns once it is durably committed."""

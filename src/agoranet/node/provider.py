@@ -53,6 +53,8 @@ class Provider:
         self.identity, self.engine, self.state, self.config, self.log = identity, engine, state, config, log
         self.active = 0
         self.served = 0
+        self.prompt_tokens = 0  # over every receipt signed, for metrics
+        self.completion_tokens = 0
         self._offer: Record[OfferBody] | None = None
         self.router = self._routes()
 
@@ -203,10 +205,37 @@ class Provider:
         self.state.put(record.encode(), "receipt")
         await self.log.append(record)
         self.served += 1
+        self.prompt_tokens += gen.prompt_tokens
+        self.completion_tokens += completion
         return record
 
     def _agora(self, receipt: Record) -> dict[str, Any]:
         return {"receipt_cid": str(receipt.cid), "receipt": receipt.to_json(), "provider": receipt.signer}
+
+    # -- observability ------------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        """Dashboard sections: this provider's signed offer and whether it can take work now."""
+        offer = await self.offer()
+        busy = self.active >= self.config.max_concurrency
+        return {
+            "offers": [{"cid": str(offer.cid), "record": offer.to_json()}],
+            "health": {"provider": f"busy: {self.active}/{self.config.max_concurrency} requests in flight"
+                       if busy else "ok"},
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """Flat readings for /metrics: `*_total` are counters, the rest gauges."""
+        e = self.engine
+        readings = {
+            "receipts_total": self.served, "prompt_tokens_total": self.prompt_tokens,
+            "completion_tokens_total": self.completion_tokens, "requests_in_flight": self.active,
+            "max_concurrency": self.config.max_concurrency,
+        }
+        if hasattr(e, "steps"):  # the built-in engine's step-level batching
+            readings |= {"engine_steps_total": e.steps, "engine_max_batch_seen": e.max_batch_seen,
+                         "engine_batch_size": e.batch_size}
+        return readings
 
     # -- routes -------------------------------------------------------------------------------------
 

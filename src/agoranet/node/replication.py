@@ -62,6 +62,7 @@ class StorageReplicator:
         if state_path is not None and state_path.exists():
             self.intents = json.loads(state_path.read_text())
         self._locks: dict[str, asyncio.Lock] = {}
+        self.last_report: RecheckReport | None = None  # the latest periodic re-check, for health and metrics
         self._client: httpx.AsyncClient | None = None
         # Corrupt blocks are healed from the other peers, holders first.
         store.fetcher = PeerBlockFetcher(lambda cid: [p for p in rendezvous_rank(cid, self.peers) if p != self.url])
@@ -197,7 +198,7 @@ class StorageReplicator:
             while True:
                 await asyncio.sleep(self.recheck_interval)
                 try:
-                    await self.recheck()
+                    self.last_report = await self.recheck()
                 except Exception as exc:  # keep re-checking; the next round may succeed
                     log.exception("re-check failed", extra={"error": repr(exc)})
         finally:

@@ -27,7 +27,9 @@ def url_of(sock: socket.socket) -> str:
 
 
 def _config(app: FastAPI, log_level: str) -> uvicorn.Config:
-    return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=3)
+    # log_config=None: uvicorn's loggers propagate to the root logger that core/logs.py configured (JSON or not).
+    return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=3,
+                          log_config=None)
 
 
 def serve_forever(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
+from typing import Any
 
 from agoranet.node.replication import StorageReplicator
 from agoranet.node.storage_api import storage_router
@@ -21,6 +22,31 @@ class StorageRole:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self.replicator.run(), name="agora-storage-recheck")
+
+    def status(self) -> dict[str, Any]:
+        """Dashboard section: what this peer holds and how its replicated pins fare."""
+        blocks, size, pins = self.store.usage()
+        r = self.replicator
+        report = r.last_report
+        section: dict[str, Any] = {"url": r.url, "blocks": blocks, "bytes": size, "pins": pins,
+                                   "replicated_pins": len(r.intents), "known_peers": len(r.peers)}
+        health = "ok"
+        if report is not None:
+            section |= {"alive_peers": len(report.alive), "corrupt_blocks": len(report.corrupt_blocks),
+                        "failed_repairs": len(report.failed)}
+            if report.corrupt_blocks or report.failed:
+                health = f"{len(report.corrupt_blocks)} corrupt block(s), {len(report.failed)} failed repair(s)"
+        return {"storage": section, "health": {"storage": health}}
+
+    def metrics(self) -> dict[str, float]:
+        blocks, size, pins = self.store.usage()
+        readings = {"store_blocks": blocks, "store_bytes": size, "store_pins": pins,
+                    "replication_intents": len(self.replicator.intents)}
+        if (report := self.replicator.last_report) is not None:
+            readings |= {"replication_alive_peers": len(report.alive),
+                         "replication_corrupt_blocks": len(report.corrupt_blocks),
+                         "replication_failed_repairs": len(report.failed)}
+        return readings
 
     async def stop(self) -> None:
         if self._task is not None:
