@@ -29,6 +29,7 @@ class ProviderOptions:
     threads: int | None = None
     max_batch: int = 16
     pricing: dict[str, int] = field(default_factory=dict)  # ProviderConfig overrides
+    cheat: str | None = None  # TEST/DEMO ONLY: see agoranet.node.cheat
 
 
 def make_engine(opts: ProviderOptions) -> Engine:
@@ -40,8 +41,13 @@ def make_engine(opts: ProviderOptions) -> Engine:
     from agoranet.engine.transformers_engine import TransformersEngine
 
     model_dir, name = resolve_model(opts.model)
-    return TransformersEngine(model_dir, model_cid=model_cid(model_dir), model_name=name, precision=opts.precision,
-                              max_batch=opts.max_batch, threads=opts.threads)
+    engine = TransformersEngine(model_dir, model_cid=model_cid(model_dir), model_name=name, precision=opts.precision,
+                                max_batch=opts.max_batch, threads=opts.threads)
+    if opts.cheat:
+        from agoranet.node.cheat import CheatingEngine
+
+        return CheatingEngine(engine, opts.cheat)  # type: ignore[return-value]
+    return engine
 
 
 def build_provider_node(home: Path, public_url: str, opts: ProviderOptions, *,
