@@ -3,6 +3,7 @@
     agora verify RECEIPT_CID --node URL        replay one receipt fetched from a node
     agora verify --fraud-proof CID --node URL  re-check a fraud proof (or --fraud-proof FILE.json)
     agora verify calibrate --precision bf16    measure tolerances on honest runs, sign and store them
+    agora verify serve --source URL            run a verifier node (audits, verdicts, reputation)
 
 Exit status: 0 the receipt is valid / the fraud proof holds; 3 the receipt is fraudulent / the
 fraud proof is false; 1 anything went wrong before a judgement.
@@ -40,7 +41,10 @@ class _ReceiptOrCommand(TyperGroup):
 
 verify_app = typer.Typer(cls=_ReceiptOrCommand, no_args_is_help=True, add_completion=False,
                          pretty_exceptions_enable=False,
-                         help="Verify receipts by replay, re-check fraud proofs, calibrate tolerances.")
+                         help="Verify receipts by replay, re-check fraud proofs, calibrate tolerances.  "
+                              "`agora verify RECEIPT_CID --node URL` replays one receipt;  "
+                              "`agora verify --fraud-proof CID|FILE [--node URL]` re-checks a fraud proof.  "
+                              "Exit status 3 means fraud found / false proof.")
 
 HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="node directory (default $AGORA_HOME or ~/.agora)")]
 ModelsOpt = Annotated[Optional[list[str]], typer.Option("--model", help="model(s) to replay with: bundled name or "
@@ -115,6 +119,44 @@ def check(
                   f"({f.kind}: {f.detail})")
     console.print(f"verdict {v.cid}; fraud proof {judgement.proof.cid}" + (f" written to {out}" if out else ""))
     raise typer.Exit(JUDGED_BAD)
+
+
+@verify_app.command()
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8500,
+    source: Annotated[Optional[list[str]], typer.Option(help="provider/gateway URL whose receipts to pull")] = None,
+    audit_fraction: Annotated[float, typer.Option(help="share of seen receipts to replay (0-1)")] = 0.1,
+    poll_interval: Annotated[float, typer.Option(help="seconds between pulls from each --source")] = 5.0,
+    model: ModelsOpt = None,
+    tolerances: TolOpt = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest on a shared CPU)")] = 1,
+    home: HomeOpt = None,
+) -> None:
+    """Run a verifier node: audit receipts, sign verdicts and fraud proofs, serve reputation."""
+    import logging
+
+    from agoranet.node.server import bind, serve_forever, url_of
+    from agoranet.node.verifier import VerifierConfig, build_verifier_node
+
+    if not 0.0 <= audit_fraction <= 1.0:
+        raise _fail(f"--audit-fraction {audit_fraction} is not between 0 and 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        raise _fail(f"cannot listen on {host}:{port}: {exc.strerror} (pick another --port)") from None
+    try:
+        app, role = build_verifier_node(
+            _home(home), VerifierConfig(audit_fraction=audit_fraction, sources=tuple(source or ()),
+                                        poll_interval_s=poll_interval),
+            models=model, tolerance_files=[tolerances] if tolerances else [], threads=threads)
+    except AgoraError as exc:
+        raise _fail(exc) from None
+    console.print(f"verifier [bold]{role.identity.peer_id}[/] at [bold]{url_of(sock)}[/]: auditing "
+                  f"{audit_fraction:.0%} of receipts from {', '.join(source or []) or 'submissions'}; "
+                  f"reputation at {url_of(sock)}/agora/v1/reputation")
+    serve_forever(app, sock)
 
 
 @verify_app.command()

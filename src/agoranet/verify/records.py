@@ -20,7 +20,7 @@ class ClassTolerance(RecordBody):
     tok: float = Field(ge=0.0)  # max (best score − claimed score), in logit units
     lp: float = Field(ge=0.0)  # max |claimed logprob − replayed logprob|
     top: float = Field(ge=0.0)  # max |claimed top-k logprob − replayed logprob|
-    measured_tok: float = Field(ge=0.0)  # worst honest deviation seen in calibration
+    measured_tok: float = Field(ge=0.0)  # worst honest deviation seen in calibration (tok: also logit-difference drift)
     measured_lp: float = Field(ge=0.0)
     measured_top: float = Field(ge=0.0)
     confirmed_tok: float = Field(ge=0.0)  # worst honest deviation on the independent confirmation set

@@ -56,6 +56,9 @@ class ReplayResult:
     max_tok: float = 0.0
     max_lp: float = 0.0
     max_top: float = 0.0
+    # worst honest drift of a logit *difference* (claimed − replayed logprob, max − min over the listed
+    # tokens of one position): what a near tie can flip by, measured at every position, not just at flips
+    max_spread: float = 0.0
 
 
 def _fail(kind: str, detail: str, position: int = -1, **evidence: Any) -> ReplayResult:
@@ -205,18 +208,22 @@ def _replay(model: torch.nn.Module, prompt: list[int], body: ReceiptBody, tol: T
     lp_dev = (torch.tensor(body.logprobs, dtype=torch.float32) - replayed_lp).abs()
 
     top_dev = torch.zeros(n)
+    spread = torch.zeros(n)
     sorted_lps = torch.sort(lps, dim=-1, descending=True).values
     for i, top in enumerate(body.top_logprobs):
         t = torch.tensor([e.token for e in top])
         v = torch.tensor([e.logprob for e in top], dtype=torch.float32)
         kth = sorted_lps[i, len(top) - 1]
+        drift = v - lps[i, t]
         # each listed value must match, and each listed token must really be among the top k
-        top_dev[i] = torch.maximum((v - lps[i, t]).abs().max(), (kth - lps[i, t]).max().clamp(min=0.0))
+        top_dev[i] = torch.maximum(drift.abs().max(), (kth - lps[i, t]).max().clamp(min=0.0))
+        drift = torch.cat([drift, (body.logprobs[i] - replayed_lp[i]).reshape(1)])
+        spread[i] = drift.max() - drift.min()
 
     bad = (margins > tol.tok) | ~in_loose | (lp_dev > tol.lp) | (top_dev > tol.top)
     result = ReplayResult(
         ok=not bool(bad.any()), checked_positions=n, max_tok=float(margins.masked_fill(~in_loose, 0.0).max()),
-        max_lp=float(lp_dev.max()), max_top=float(top_dev.max()),
+        max_lp=float(lp_dev.max()), max_top=float(top_dev.max()), max_spread=float(spread.max()),
     )
     if result.ok:
         return result
