@@ -217,6 +217,8 @@ def main() -> int:
         sampled_reqs = honest_requests(n_attack, seed=4711, model_cid=MODEL_CID, max_tokens=64, temperatures=SAMPLED,
                                        top_ps=TOP_PS)
         base = run(engine_for(precision), attack_reqs)
+        base_sampled = run(engine_for(precision), sampled_reqs)
+        honest_tokens = {r.body.request: r.body.output_tokens for r in base + base_sampled}
         attacks: dict[str, tuple[list[HonestRun], list[int] | None, str]] = {
             "random-init model": (run(engine_for(precision, random_init), attack_reqs), None, "model swap"),
             "noisy weights 5%": (run(engine_for(precision, noisy(0.05)), attack_reqs), None, "model swap"),
@@ -239,10 +241,14 @@ def main() -> int:
             for r in res:
                 if not r.ok:
                     kinds[r.failure.kind] = kinds.get(r.failure.kind, 0) + 1
+            # an attack whose tokens came out exactly as the honest run's changed nothing a user sees
+            same = sum(r.body.output_tokens == honest_tokens.get(r.body.request) for r in runs) if positions is None else 0
             cls["attacks"][name] = {"group": group, "sequences": len(runs), "detected": detected,
-                                    "rate": detected / len(runs), "at_edited_position": at_position, "kinds": kinds}
+                                    "rate": detected / len(runs), "at_edited_position": at_position,
+                                    "same_tokens_as_honest": same, "kinds": kinds}
             where = "" if at_position is None else f", {at_position} at the edited position"
-            print(f"  {name:<18} detected {detected:>4}/{len(runs):<4} {detected / len(runs):7.1%}{where}  {kinds}")
+            print(f"  {name:<18} detected {detected:>4}/{len(runs):<4} {detected / len(runs):7.1%}{where}"
+                  f"  [{same} produced the honest tokens exactly]  {kinds}")
         cls["not_detectable"] = [name for name, a in cls["attacks"].items() if a["rate"] < 0.9]
         report["classes"][precision] = cls
 

@@ -59,6 +59,7 @@ class ReplayResult:
     # worst honest drift of a logit *difference* (claimed − replayed logprob, max − min over the listed
     # tokens of one position): what a near tie can flip by, measured at every position, not just at flips
     max_spread: float = 0.0
+    flips: int = 0  # positions where the claimed token is not the replay's best (honest only at near ties)
 
 
 def _fail(kind: str, detail: str, position: int = -1, **evidence: Any) -> ReplayResult:
@@ -196,9 +197,8 @@ def _replay(model: torch.nn.Module, prompt: list[int], body: ReceiptBody, tol: T
             # among tokens surely inside, and accept a claimed token that is possibly inside. Honest
             # drift scales probabilities at temperature T by at most about exp(±2·τ_lp/T).
             eps = min(2 * tol.lp / temperature, 50.0) if math.isfinite(tol.lp) else 0.0
-            for i in range(n):
-                strict[i] = nucleus_mask(scaled[i], s.top_p * math.exp(-eps))
-                in_loose[i] = nucleus_mask(scaled[i], s.top_p * math.exp(eps))[out[i]]
+            strict = nucleus_mask(scaled, s.top_p * math.exp(-eps))
+            in_loose = nucleus_mask(scaled, s.top_p * math.exp(eps))[rows, claimed]
     best_scores, best_tokens = scores.masked_fill(~strict, float("-inf")).max(dim=-1)
     scale = temperature if temperature > 0.0 else 1.0
     margins = ((best_scores - scores[rows, claimed]) * scale).clamp(min=0.0)
@@ -207,23 +207,25 @@ def _replay(model: torch.nn.Module, prompt: list[int], body: ReceiptBody, tol: T
     replayed_lp = lps[rows, claimed]
     lp_dev = (torch.tensor(body.logprobs, dtype=torch.float32) - replayed_lp).abs()
 
-    top_dev = torch.zeros(n)
-    spread = torch.zeros(n)
-    sorted_lps = torch.sort(lps, dim=-1, descending=True).values
-    for i, top in enumerate(body.top_logprobs):
-        t = torch.tensor([e.token for e in top])
-        v = torch.tensor([e.logprob for e in top], dtype=torch.float32)
-        kth = sorted_lps[i, len(top) - 1]
-        drift = v - lps[i, t]
-        # each listed value must match, and each listed token must really be among the top k
-        top_dev[i] = torch.maximum(drift.abs().max(), (kth - lps[i, t]).max().clamp(min=0.0))
-        drift = torch.cat([drift, (body.logprobs[i] - replayed_lp[i]).reshape(1)])
-        spread[i] = drift.max() - drift.min()
+    # Top-k lists, padded to the longest with copies of their first entry (which changes no max/min).
+    k = max(len(top) for top in body.top_logprobs)
+    listed = torch.tensor([[e.token for e in top] + [top[0].token] * (k - len(top)) for top in body.top_logprobs])
+    values = torch.tensor([[e.logprob for e in top] + [top[0].logprob] * (k - len(top))
+                           for top in body.top_logprobs], dtype=torch.float32)
+    kth_rank = torch.tensor([len(top) - 1 for top in body.top_logprobs])
+    kth = torch.sort(lps, dim=-1, descending=True).values[rows, kth_rank]
+    replayed_top = lps.gather(1, listed)
+    drift = values - replayed_top
+    # each listed value must match, and each listed token must really be among the top k
+    top_dev = torch.maximum(drift.abs().amax(dim=1), (kth[:, None] - replayed_top).amax(dim=1).clamp(min=0.0))
+    drift = torch.cat([drift, (torch.tensor(body.logprobs, dtype=torch.float32) - replayed_lp)[:, None]], dim=1)
+    spread = drift.amax(dim=1) - drift.amin(dim=1)
 
     bad = (margins > tol.tok) | ~in_loose | (lp_dev > tol.lp) | (top_dev > tol.top)
     result = ReplayResult(
         ok=not bool(bad.any()), checked_positions=n, max_tok=float(margins.masked_fill(~in_loose, 0.0).max()),
         max_lp=float(lp_dev.max()), max_top=float(top_dev.max()), max_spread=float(spread.max()),
+        flips=int((margins > 0).sum()),
     )
     if result.ok:
         return result
