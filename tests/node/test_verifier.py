@@ -14,7 +14,6 @@ from agoranet.cli.verify_cmd import verify_app
 from agoranet.core.errors import RecordError
 from agoranet.core.identity import Identity
 from agoranet.core.records import ReceiptBody, sign_record, verify_record
-from agoranet.engine.base import GenerationRequest, Sampling
 from agoranet.engine.models import model_cid, resolve_model
 from agoranet.engine.transformers_engine import TransformersEngine
 from agoranet.node.calibration import honest_requests, honest_runs

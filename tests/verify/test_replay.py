@@ -192,3 +192,18 @@ def test_measure_mode_reports_worst_deviations_without_failing(reference, honest
     logprobs = [lp - 0.2 for lp in run.body.logprobs]
     result = check(reference, run, edited(run.body, logprobs=logprobs), tol=MEASURE)
     assert result.ok and result.max_lp == pytest.approx(0.2, abs=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_honest_reduced_precision_receipts_pass_their_class_tolerances_at_the_fp32_reference(reference, precision):
+    runs = run_engine(honest_requests(4, seed=77, model_cid=MODEL_CID, max_tokens=24), precision=precision)
+    tol = tolerance_for(default_tolerances(MODEL_CID).body, precision)
+    for run in runs:
+        assert run.body.precision == precision
+        result = check(reference, run, tol=tol)
+        assert result.ok, result.failure
+    # … and those tolerances are not a blank cheque: a random edit is still caught
+    b = runs[0].body
+    tokens = list(b.output_tokens)
+    tokens[4] = (tokens[4] + 7) % 256
+    assert not check(reference, runs[0], b.model_copy(update={"output_tokens": tokens}), tol=tol).ok

@@ -25,14 +25,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from agoranet.core.errors import AgoraError, ModelError, RecordError, RequestError
+from agoranet.core.errors import AgoraError, RecordError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.records import ReceiptBody, Record, decode_canonical, decode_record, sign_record, verify_record
 from agoranet.engine.models import model_cid, resolve_model
 from agoranet.engine.tokenizer import ByteTokenizer
 from agoranet.engine.transformers_engine import load_causal_lm
 from agoranet.node.state import NodeState
-from agoranet.verify.records import FailureEvidence, FraudProofBody, TolerancesBody, VerdictBody
+from agoranet.verify.records import FraudProofBody, TolerancesBody, VerdictBody
 from agoranet.verify.replay import ReplayResult, check_receipt, check_request_binding
 from agoranet.verify.tolerances import (
     REFERENCE_PRECISION, NoTolerances, default_tolerances, load_tolerances, tolerance_for,
@@ -149,10 +149,10 @@ class ReplayVerifier:
         if (why := check_request_binding(body, request_bytes)) and "CID" in why:
             raise UnverifiableReceipt(f"the request given for receipt {receipt.cid} is not the one it binds: {why}")
         request = decode_canonical(request_bytes)
-        model, tok = self._model(body.model)
         tol = self.tolerances(body.model, body.precision)
-        prompt = prompt_ids(tok, request)
         with self._lock:
+            model, tok = self._model(body.model)
+            prompt = prompt_ids(tok, request)
             return check_receipt(model, prompt, body, tol, model_cid=body.model, request_bytes=request_bytes,
                                  decode=tok.decode, eos_token=tok.eos)
 
@@ -199,10 +199,13 @@ class ReplayVerifier:
 
 def prompt_ids(tokenizer: ByteTokenizer, request: dict[str, Any]) -> list[int]:
     """The prompt token ids the provider's engine rendered for a canonical request."""
-    if request.get("kind") == "chat":
-        return tokenizer.chat_prompt([(m["role"], m["content"]) for m in request["messages"]])
-    if request.get("kind") == "completion":
-        return tokenizer.completion_prompt(request["prompt"])
+    try:
+        if request.get("kind") == "chat":
+            return tokenizer.chat_prompt([(m["role"], m["content"]) for m in request["messages"]])
+        if request.get("kind") == "completion":
+            return tokenizer.completion_prompt(request["prompt"])
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise UnverifiableReceipt(f"the canonical request is malformed: {exc!r}") from exc
     raise UnverifiableReceipt(f"unknown request kind {request.get('kind')!r}")
 
 
