@@ -23,3 +23,10 @@ def resolve_model(spec: str) -> tuple[Path, str]:
         hint="pass --model agora-tiny or the path of a local transformers model directory",
     )
 
+
+
+def model_cid(model_dir: Path) -> str:
+    """The model's name everywhere in Agora: the UnixFS CID of its directory, as IPFS computes it."""
+    from agoranet.store.unixfs import model_cid as unixfs_cid
+
+    return str(unixfs_cid(model_dir))

@@ -37,6 +37,7 @@ class ProviderOptions:
     storage_peers: list[str] = field(default_factory=list)  # where to fetch a model given by CID
     token_delay_ms: int = 0  # space tokens out (tests and demos that cut a stream mid-way)
     pricing: dict[str, int] = field(default_factory=dict)  # ProviderConfig overrides
+    cheat: str | None = None  # TEST/DEMO ONLY: see agoranet.node.cheat
 
 
 def make_engine(opts: ProviderOptions, home: Path) -> Engine:
@@ -54,12 +55,17 @@ def _make_engine(opts: ProviderOptions, home: Path) -> Engine:
 
         return UpstreamEngine(opts.upstream, model=opts.upstream_model or opts.model, api_key=opts.upstream_api_key)
     from agoranet.engine.transformers_engine import TransformersEngine
+    from agoranet.engine.models import model_cid
     from agoranet.node.models import materialize_model
-    from agoranet.store.unixfs import model_cid
 
     model_dir, name = materialize_model(opts.model, home, opts.storage_peers)
-    return TransformersEngine(model_dir, model_cid=str(model_cid(model_dir)), model_name=name,
-                              precision=opts.precision, max_batch=opts.max_batch, threads=opts.threads)
+    engine = TransformersEngine(model_dir, model_cid=model_cid(model_dir), model_name=name,
+                                precision=opts.precision, max_batch=opts.max_batch, threads=opts.threads)
+    if opts.cheat:
+        from agoranet.node.cheat import CheatingEngine
+
+        return CheatingEngine(engine, opts.cheat)  # type: ignore[return-value]
+    return engine
 
 
 def build_provider_node(home: Path, public_url: str, opts: ProviderOptions, *,

@@ -263,6 +263,13 @@ class Provider:
             rec = self.offer()
             return {"cid": str(rec.cid), "record": rec.to_json()}
 
+        @r.get("/agora/v1/receipts")
+        async def receipts(after: int = 0, limit: int = 100) -> dict[str, Any]:
+            """The receipts this node signed, oldest first, for verifiers to audit (`next` is the cursor)."""
+            rows = self.state.since("receipt", after, max(1, min(limit, 500)))
+            return {"receipts": [{"cid": cid, "record": decode_record(data).to_json()} for _, cid, data in rows],
+                    "next": rows[-1][0] if rows else after}
+
         @r.get("/agora/v1/records/{cid}")
         async def record(cid: str, request: Request) -> Response:
             found = self.state.get(cid)

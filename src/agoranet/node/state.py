@@ -38,6 +38,15 @@ class NodeState:
             row = self._db.execute("SELECT kind, data FROM blocks WHERE cid = ?", (cid,)).fetchone()
         return (row[0], bytes(row[1])) if row else None
 
+    def since(self, kind: str, after: int = 0, limit: int = 100) -> list[tuple[int, str, bytes]]:
+        """Blocks of one kind stored after sequence number `after`, oldest first: (seq, cid, data)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT rowid, cid, data FROM blocks WHERE kind = ? AND rowid > ? ORDER BY rowid LIMIT ?",
+                (kind, after, limit),
+            ).fetchall()
+        return [(int(seq), cid, bytes(data)) for seq, cid, data in rows]
+
     def count(self, kind: str) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM blocks WHERE kind = ?", (kind,)).fetchone()[0]

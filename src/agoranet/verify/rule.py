@@ -30,16 +30,16 @@ def gumbel_noise(seed: int, request_id: str, position: int, vocab_size: int) -> 
 
 
 def nucleus_mask(scaled_logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Boolean mask of the smallest set of tokens whose probability reaches top_p (always ≥ 1 token)."""
+    """Boolean mask of the smallest set of tokens whose probability reaches top_p (always ≥ 1 token).
+
+    Works on one row of logits or a batch of rows (last dimension = vocabulary)."""
     if top_p >= 1.0:
         return torch.ones_like(scaled_logits, dtype=torch.bool)
     probs = torch.softmax(scaled_logits.float(), dim=-1)
-    sorted_p, order = torch.sort(probs, descending=True)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
     before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of strictly better tokens
     keep_sorted = before < top_p
-    mask = torch.zeros_like(keep_sorted)
-    mask[order] = keep_sorted
-    return mask
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
 def token_scores(

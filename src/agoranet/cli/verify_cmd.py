@@ -1,0 +1,211 @@
+"""`agora verify …`: check a receipt, re-check a fraud proof, calibrate tolerances.
+
+    agora verify RECEIPT_CID --node URL        replay one receipt fetched from a node
+    agora verify --fraud-proof CID --node URL  re-check a fraud proof (or --fraud-proof FILE.json)
+    agora verify calibrate --precision bf16    measure tolerances on honest runs, sign and store them
+    agora verify serve --source URL            run a verifier node (audits, verdicts, reputation)
+
+Exit status: 0 the receipt is valid / the fraud proof holds; 3 the receipt is fraudulent / the
+fraud proof is false; 1 anything went wrong before a judgement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from agoranet.core.errors import AgoraError
+from agoranet.core.identity import Identity
+from agoranet.core.settings import Settings
+
+console = Console(emoji=False, highlight=False, soft_wrap=True)
+err = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
+JUDGED_BAD = 3
+
+
+class _ReceiptOrCommand(TyperGroup):
+    """`agora verify CID …` and `agora verify --fraud-proof …` mean `agora verify check …`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["check", *args]
+        return super().parse_args(ctx, args)
+
+
+verify_app = typer.Typer(cls=_ReceiptOrCommand, no_args_is_help=True, add_completion=False,
+                         pretty_exceptions_enable=False,
+                         help="Verify receipts by replay, re-check fraud proofs, calibrate tolerances.  "
+                              "`agora verify RECEIPT_CID --node URL` replays one receipt;  "
+                              "`agora verify --fraud-proof CID|FILE [--node URL]` re-checks a fraud proof.  "
+                              "Exit status 3 means fraud found / false proof.")
+
+HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="node directory (default $AGORA_HOME or ~/.agora)")]
+ModelsOpt = Annotated[Optional[list[str]], typer.Option("--model", help="model(s) to replay with: bundled name or "
+                                                        "directory (default agora-tiny)")]
+TolOpt = Annotated[Optional[Path], typer.Option("--tolerances", help="a signed tolerances record (JSON) to use "
+                                                "instead of the shipped defaults")]
+
+
+def _home(home: Path | None) -> Path:
+    return home if home is not None else Settings().home
+
+
+def _fail(exc: AgoraError | str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    return typer.Exit(1)
+
+
+@verify_app.command("check", hidden=True)
+def check(
+    receipt_cid: Annotated[Optional[str], typer.Argument(help="CID of the receipt to verify")] = None,
+    node: Annotated[Optional[str], typer.Option(help="node that stores the receipt/proof and its request")] = None,
+    fraud_proof: Annotated[Optional[str], typer.Option("--fraud-proof", help="CID (with --node) or JSON file of a "
+                                                       "fraud proof to re-check")] = None,
+    model: ModelsOpt = None,
+    tolerances: TolOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="write the verdict and any fraud proof here (JSON)")] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Replay a receipt (or re-check a fraud proof) with the model; print and sign the verdict."""
+    from agoranet.node.verifier import ReplayVerifier, fetch_receipt, fetch_record, load_record_file
+
+    if (receipt_cid is None) == (fraud_proof is None):
+        raise _fail("give a RECEIPT_CID (with --node URL) or --fraud-proof CID|FILE")
+    try:
+        identity = Identity.load_or_create(_home(home) / "identity.key")
+        verifier = ReplayVerifier(identity, models=model or ["agora-tiny"],
+                                  tolerance_files=[tolerances] if tolerances else [])
+        if fraud_proof is not None:
+            if Path(fraud_proof).is_file():
+                proof = load_record_file(Path(fraud_proof))
+            elif node:
+                proof = fetch_record(node, fraud_proof)
+            else:
+                raise _fail(f"{fraud_proof} is not a file; pass --node URL to fetch it by CID")
+            recheck = verifier.recheck(proof)
+            if recheck.holds:
+                console.print(f"[bold green]fraud proof holds[/]: provider {recheck.provider} broke the rule "
+                              f"({recheck.detail})")
+                return
+            console.print(f"[bold red]FALSE fraud proof[/]: the receipt passes replay; verifier {recheck.issuer} "
+                          f"accused an honest provider ({recheck.detail})")
+            raise typer.Exit(JUDGED_BAD)
+        if not node:
+            raise _fail("pass --node URL: the node that served (or stores) the receipt")
+        receipt, request_bytes = fetch_receipt(node, receipt_cid)
+        judgement = verifier.judge(receipt, request_bytes)
+    except AgoraError as exc:
+        raise _fail(exc) from None
+    v = judgement.verdict
+    if out is not None:
+        doc = {"verdict": v.to_json(), "verdict_cid": str(v.cid)}
+        if judgement.proof is not None:
+            doc |= {"fraud_proof": judgement.proof.to_json(), "fraud_proof_cid": str(judgement.proof.cid)}
+        out.write_text(json.dumps(doc, indent=1))
+    body = v.body
+    if body.ok:
+        console.print(f"[bold green]valid[/]: receipt {body.receipt} from {body.provider}: {body.checked_positions} "
+                      f"tokens replayed within {body.precision} tolerances (verdict {v.cid})")
+        return
+    f = body.failure
+    console.print(f"[bold red]FRAUD[/]: receipt {body.receipt} from {body.provider} fails at position {f.position} "
+                  f"({f.kind}: {f.detail})")
+    console.print(f"verdict {v.cid}; fraud proof {judgement.proof.cid}" + (f" written to {out}" if out else ""))
+    raise typer.Exit(JUDGED_BAD)
+
+
+@verify_app.command()
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8500,
+    source: Annotated[Optional[list[str]], typer.Option(help="provider/gateway URL whose receipts to pull")] = None,
+    audit_fraction: Annotated[float, typer.Option(help="share of seen receipts to replay (0-1)")] = 0.1,
+    poll_interval: Annotated[float, typer.Option(help="seconds between pulls from each --source")] = 5.0,
+    model: ModelsOpt = None,
+    tolerances: TolOpt = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest on a shared CPU)")] = 1,
+    home: HomeOpt = None,
+) -> None:
+    """Run a verifier node: audit receipts, sign verdicts and fraud proofs, serve reputation."""
+    import logging
+
+    from agoranet.node.server import bind, serve_forever, url_of
+    from agoranet.node.verifier import VerifierConfig, build_verifier_node
+
+    if not 0.0 <= audit_fraction <= 1.0:
+        raise _fail(f"--audit-fraction {audit_fraction} is not between 0 and 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        raise _fail(f"cannot listen on {host}:{port}: {exc.strerror} (pick another --port)") from None
+    try:
+        app, role = build_verifier_node(
+            _home(home), VerifierConfig(audit_fraction=audit_fraction, sources=tuple(source or ()),
+                                        poll_interval_s=poll_interval),
+            models=model, tolerance_files=[tolerances] if tolerances else [], threads=threads)
+    except AgoraError as exc:
+        raise _fail(exc) from None
+    console.print(f"verifier [bold]{role.identity.peer_id}[/] at [bold]{url_of(sock)}[/]: auditing "
+                  f"{audit_fraction:.0%} of receipts from {', '.join(source or []) or 'submissions'}; "
+                  f"reputation at {url_of(sock)}/agora/v1/reputation")
+    serve_forever(app, sock)
+
+
+@verify_app.command()
+def calibrate(
+    precision: Annotated[list[str], typer.Option(help="precision class(es) to calibrate: fp32, bf16, fp16")],
+    model: Annotated[str, typer.Option(help="bundled model name or local model directory")] = "agora-tiny",
+    sequences: Annotated[int, typer.Option(help="honest calibration sequences per class")] = 400,
+    confirm: Annotated[int, typer.Option(help="independent honest sequences that must all pass")] = 400,
+    headroom: Annotated[float, typer.Option(help="tolerance = headroom x worst honest deviation")] = 1.5,
+    max_tokens: int = 64,
+    seed: int = 1,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest on a shared CPU)")] = 1,
+    out: Annotated[Optional[Path], typer.Option(help="tolerances file to write (merged with an existing one)")] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Measure honest deviations at each precision against the fp32 reference and sign tolerances."""
+    import torch
+
+    from agoranet.engine.models import model_cid, resolve_model
+    from agoranet.engine.transformers_engine import load_causal_lm
+    from agoranet.node.calibration import calibrate_precision
+    from agoranet.node.provider import hardware_summary
+    from agoranet.verify.tolerances import REFERENCE_PRECISION, load_tolerances, tolerances_record
+
+    if headroom < 1.5:
+        raise _fail(f"--headroom {headroom} is below the required 1.5")
+    try:
+        identity = Identity.load_or_create(_home(home) / "identity.key")
+        model_dir, _ = resolve_model(model)
+        cid = model_cid(model_dir)
+        torch.set_num_threads(threads)
+        reference = load_causal_lm(model_dir, REFERENCE_PRECISION)
+        path = out or _home(home) / "tolerances" / f"{cid}.json"
+        classes = {c.precision: c for c in (load_tolerances(path).body.classes if path.exists() else [])}
+        for p in precision:
+            console.print(f"calibrating [bold]{p}[/] on {sequences} honest sequences, confirming on {confirm} …")
+            c = asyncio.run(calibrate_precision(model_dir, cid, p, reference, sequences=sequences, confirm=confirm,
+                                                headroom=headroom, max_tokens=max_tokens, seed=seed, threads=threads))
+            classes[p] = c
+            console.print(f"  {p}: τ_tok {c.tok:.4g}  τ_lp {c.lp:.4g}  τ_top {c.top:.4g}   (worst honest: "
+                          f"{c.measured_tok:.3g} / {c.measured_lp:.3g} / {c.measured_top:.3g}; confirmation set "
+                          f"{c.confirmed_tok:.3g} / {c.confirmed_lp:.3g} / {c.confirmed_top:.3g}, all passed)")
+        record = tolerances_record(
+            identity, cid, list(classes.values()), hardware=hardware_summary(),
+            method=f"agora verify calibrate: {max_tokens}-token honest runs (chat+completion, T 0-1.3, top-p 1; confirmation set also top-p 0.8-0.95, "
+                   f"batch 1 and 16 with left padding) replayed at {REFERENCE_PRECISION}; τ = {headroom}× worst",
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record.to_json(), indent=1))
+    except AgoraError as exc:
+        raise _fail(exc) from None
+    console.print(f"signed tolerances {record.cid} written to {path}")

@@ -1,0 +1,166 @@
+"""Calibrating replay tolerances: honest generations through the real engine, replayed at fp32.
+
+A calibration set (many prompts, temperatures, top-p values, seeds, batch sizes, so sequences are
+left-padded in batches as a busy provider pads them) gives the worst honest deviations; tolerances
+are those × headroom; an independent confirmation set (other prompts and seeds) must then pass them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from agoranet.core.errors import AgoraError
+from agoranet.core.records import PriceCharged, ReceiptBody, SamplingParams, TopLogprob
+from agoranet.engine.base import Generation, GenerationRequest, Sampling
+from agoranet.engine.tokenizer import ByteTokenizer
+from agoranet.engine.transformers_engine import TransformersEngine
+from agoranet.node.provider import canonical_request, derived_request_id
+from agoranet.verify.records import ClassTolerance
+from agoranet.verify.replay import MEASURE, ReplayResult, ToleranceLike, check_receipt
+from agoranet.verify.tolerances import HEADROOM, MIN_TOLERANCE, class_tolerance
+
+TASKS = [
+    "add two numbers", "reverse a list", "sort a dictionary by value", "read a file line by line",
+    "check if a number is prime", "compute a factorial", "parse a date string", "merge two sorted lists",
+    "count words in a string", "flatten a nested list", "find the maximum of a list", "open a socket",
+    "write a class for a stack", "remove duplicates from a list", "compute fibonacci numbers",
+    "convert celsius to fahrenheit", "split a path into parts", "retry a function on error",
+    "join strings with commas", "test if a string is a palindrome", "make a temporary directory",
+    "read json from a file", "define a dataclass for a point", "walk a directory tree",
+]
+SNIPPETS = [
+    "def ", "import os\n\ndef ", "class ", "    def __init__(self", "for i in range(", "if __name__ == ",
+    "def _check(self, value):\n    ", "try:\n    ", "import re\n", "return ", "with open(", "    @property\n    def ",
+]
+
+
+class CalibrationFailed(AgoraError):
+    hint = "calibrate with more --sequences, or a larger --headroom"
+
+
+@dataclass
+class HonestRun:
+    """One honest generation and the receipt body a provider would sign for it."""
+
+    request: GenerationRequest
+    prompt: list[int]
+    body: ReceiptBody
+    request_bytes: bytes
+
+
+def honest_requests(count: int, *, seed: int, model_cid: str, max_tokens: int = 64,
+                    temperatures: tuple[float, ...] = (0.0, 0.6, 0.8, 1.0, 1.3),
+                    top_ps: tuple[float, ...] = (1.0, 1.0, 0.95, 0.8)) -> list[GenerationRequest]:
+    """A reproducible mix of chat and completion requests; different `seed`s give independent sets."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        sampling = Sampling(temperature=rng.choice(temperatures), top_p=rng.choice(top_ps),
+                            seed=rng.randrange(2**62), max_tokens=max_tokens)
+        if rng.random() < 0.6:
+            msgs = [("user", f"{rng.choice(TASKS)} {rng.choice(['', 'in python', 'quickly', 'with tests'])}".strip())]
+            if rng.random() < 0.3:
+                msgs.insert(0, ("system", "You write small Python functions."))
+            req = GenerationRequest(request_id="", kind="chat", sampling=sampling, messages=tuple(msgs))
+        else:
+            req = GenerationRequest(request_id="", kind="completion", sampling=sampling,
+                                    prompt=rng.choice(SNIPPETS) + rng.choice(TASKS).replace(" ", "_")[:12])
+        out.append(replace(req, request_id=derived_request_id(req, model_cid)))
+    return out
+
+
+async def generate_all(engine: TransformersEngine, requests: list[GenerationRequest],
+                       concurrency: int) -> list[Generation]:
+    """Run requests through the engine, `concurrency` at a time (so they share batches and padding)."""
+    results: list[Generation | None] = [None] * len(requests)
+
+    async def one(i: int) -> None:
+        async for item in engine.generate(requests[i]):
+            if isinstance(item, Generation):
+                results[i] = item
+
+    for start in range(0, len(requests), concurrency):
+        await asyncio.gather(*(one(i) for i in range(start, min(start + concurrency, len(requests)))))
+    return results  # type: ignore[return-value]
+
+
+def receipt_body(engine: TransformersEngine, req: GenerationRequest, gen: Generation) -> tuple[ReceiptBody, bytes]:
+    """The receipt body a provider signs for `gen` (prices zero), with its canonical request bytes."""
+    from agoranet.core.cid import DAG_CBOR, cid_of
+
+    request_bytes = canonical_request(req, engine.model_cid)
+    s = req.sampling
+    body = ReceiptBody(
+        model=engine.model_cid, precision=engine.precision, request=str(cid_of(request_bytes, DAG_CBOR)),
+        request_id=req.request_id, prompt_tokens=gen.prompt_tokens, prefix_tokens=list(req.prefix_tokens),
+        output_tokens=gen.tokens, output_text=gen.text, logprobs=gen.logprobs,
+        top_logprobs=[[TopLogprob(token=t, logprob=lp) for t, lp in top] for top in gen.top],
+        sampling=SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed, max_tokens=s.max_tokens,
+                                stop=list(s.stop)),
+        finish_reason=gen.finish_reason, price=PriceCharged(input_per_mtok=0, output_per_mtok=0, charged=0),
+        started_ms=0, finished_ms=0,
+    )
+    return body, request_bytes
+
+
+async def honest_runs(engine: TransformersEngine, requests: list[GenerationRequest],
+                      concurrency: int) -> list[HonestRun]:
+    gens = await generate_all(engine, requests, concurrency)
+    runs = []
+    for req, gen in zip(requests, gens):
+        body, request_bytes = receipt_body(engine, req, gen)
+        runs.append(HonestRun(req, engine.prompt_tokens(req), body, request_bytes))
+    return runs
+
+
+def replay_all(reference: torch.nn.Module, tokenizer: ByteTokenizer, runs: list[HonestRun], tol: ToleranceLike,
+               model_cid: str) -> list[ReplayResult]:
+    return [check_receipt(reference, r.prompt, r.body, tol, model_cid=model_cid, request_bytes=r.request_bytes,
+                          decode=tokenizer.decode, eos_token=tokenizer.eos) for r in runs]
+
+
+def worst(results: list[ReplayResult]) -> tuple[float, float, float]:
+    """Worst honest (token margin, logprob, top-k) deviations. The token figure also takes the worst
+    drift of any logit difference among listed tokens: margins only show at the rare near-tie flips,
+    while that drift, which bounds them, is measured at every position."""
+    return (max(max(r.max_tok, r.max_spread) for r in results), max(r.max_lp for r in results),
+            max(r.max_top for r in results))
+
+
+async def calibrate_precision(
+    model_dir: Path, model_cid: str, precision: str, reference: torch.nn.Module, *, sequences: int = 400,
+    confirm: int = 400, headroom: float = HEADROOM, floor: float = MIN_TOLERANCE, max_tokens: int = 64,
+    seed: int = 1, threads: int | None = None,
+) -> ClassTolerance:
+    """Measure one precision class against the fp32 reference, set τ, and confirm on an independent set."""
+    engine = TransformersEngine(model_dir, model_cid=model_cid, precision=precision, max_batch=16, threads=threads)
+    tokenizer = engine.tokenizer
+    await engine.start()
+    try:
+        # top-p = 1 here: at the nucleus edge honest margins are meaningless (handled by the lp-derived
+        # nucleus slack); the confirmation set below does use top-p < 1.
+        calib = honest_requests(sequences, seed=seed, model_cid=model_cid, max_tokens=max_tokens, top_ps=(1.0,))
+        # mostly batched (padding, other batch sizes) and a share one at a time
+        runs = await honest_runs(engine, calib[: sequences // 4], 1) + await honest_runs(engine, calib[sequences // 4:], 16)
+        measured = worst(replay_all(reference, tokenizer, runs, MEASURE, model_cid))
+        tol = class_tolerance(precision, measured, (0.0, 0.0, 0.0), sequences=len(runs), confirm_sequences=0,
+                              headroom=headroom, floor=floor)
+        check = honest_requests(confirm, seed=seed + 1_000_003, model_cid=model_cid, max_tokens=max_tokens)
+        confirm_runs = await honest_runs(engine, check, 8)
+    finally:
+        await engine.stop()
+    confirmed_results = replay_all(reference, tokenizer, confirm_runs, tol, model_cid)
+    rejected = [r for r in confirmed_results if not r.ok]
+    if rejected:
+        f = rejected[0].failure
+        raise CalibrationFailed(f"{len(rejected)} of {len(confirm_runs)} honest {precision} confirmation sequences "
+                                f"fail the calibrated tolerances (first: {f.kind} at {f.position}: {f.detail})")
+    return tol.model_copy(update={
+        "confirm_sequences": len(confirm_runs),
+        **dict(zip(("confirmed_tok", "confirmed_lp", "confirmed_top"), worst(confirmed_results))),
+    })

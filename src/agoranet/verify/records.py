@@ -1,0 +1,87 @@
+"""The verification layer's signed records: tolerances, verdicts and fraud proofs.
+
+Embedded records (a receipt inside a fraud proof) travel as the hex of their canonical DAG-CBOR
+bytes, so the proof carries the provider's own signature untouched and its CID can be recomputed.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from agoranet.core.records import RecordBody, register
+
+__all__ = ["ClassTolerance", "TolerancesBody", "FailureEvidence", "VerdictBody", "FraudProofBody"]
+
+
+class ClassTolerance(RecordBody):
+    """Tolerances for receipts of one precision class, replayed at the reference precision."""
+
+    precision: str
+    tok: float = Field(ge=0.0)  # max (best score − claimed score), in logit units
+    lp: float = Field(ge=0.0)  # max |claimed logprob − replayed logprob|
+    top: float = Field(ge=0.0)  # max |claimed top-k logprob − replayed logprob|
+    measured_tok: float = Field(ge=0.0)  # worst honest deviation seen in calibration (tok: also logit-difference drift)
+    measured_lp: float = Field(ge=0.0)
+    measured_top: float = Field(ge=0.0)
+    confirmed_tok: float = Field(ge=0.0)  # worst honest deviation on the independent confirmation set
+    confirmed_lp: float = Field(ge=0.0)
+    confirmed_top: float = Field(ge=0.0)
+    sequences: int = Field(ge=0)
+    confirm_sequences: int = Field(ge=0)
+    headroom: float = Field(ge=1.0)
+
+
+@register("agora/tolerances/1")
+class TolerancesBody(RecordBody):
+    """Calibrated replay tolerances of one model, per precision class, and how they were measured."""
+
+    model: str  # model CID
+    reference_precision: str  # the precision verifiers replay at
+    classes: list[ClassTolerance]
+    hardware: str
+    method: str
+    created_ms: int = Field(ge=0)
+
+
+class FailureEvidence(RecordBody):
+    """What the replay saw at the first failing position (scores in logit units)."""
+
+    kind: str  # token | logprob | top_logprobs | nucleus | structure | request | model | text
+    position: int  # index into output_tokens (−1: not tied to one token)
+    detail: str
+    claimed_token: int = -1
+    best_token: int = -1
+    margin: float = 0.0  # best score − claimed score, logit units
+    claimed_logprob: float = 0.0
+    replayed_logprob: float = 0.0
+    tolerance: float = 0.0
+
+
+@register("agora/verdict/1")
+class VerdictBody(RecordBody):
+    """A verifier's signed judgement of one receipt."""
+
+    receipt: str  # receipt CID
+    provider: str  # receipt signer
+    model: str
+    precision: str
+    ok: bool
+    checked_positions: int = Field(ge=0)
+    failure: FailureEvidence | None = None
+    fraud_proof: str | None = None  # CID of the fraud proof, when the check failed
+    tolerances: ClassTolerance | None = None
+    verified_ms: int = Field(ge=0)
+
+
+@register("agora/fraud-proof/1")
+class FraudProofBody(RecordBody):
+    """Everything a third party holding the model needs to re-check that a receipt breaks the rule."""
+
+    receipt_cid: str
+    receipt: str  # hex of the receipt record's canonical DAG-CBOR bytes (provider signature inside)
+    request: str  # hex of the canonical request's DAG-CBOR bytes (its CID is the receipt's `request`)
+    provider: str
+    evidence: FailureEvidence
+    tolerances: ClassTolerance
+    reference_precision: str
+    created_ms: int = Field(ge=0)

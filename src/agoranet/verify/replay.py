@@ -1,0 +1,248 @@
+"""Teacher-forced replay: check a receipt with ONE forward pass over prompt + prefix + claimed tokens.
+
+At every output position the replay recomputes the rule's scores (`agoranet.verify.rule`) and
+accepts the claimed token when its score is within τ_tok of the best score — never an exact
+argmax, because honest hardware and precision differences move logits a little. Margins are in
+logit units (sampling scores are multiplied back by T), so one τ_tok serves every temperature.
+The top-p nucleus is widened/narrowed by the logprob tolerance so tokens on its edge are not misjudged.
+The claimed logprob and top-k logprobs must be within τ_lp and τ_top of the replayed ones.
+The first failing position and what the replay saw there are returned as evidence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from agoranet.core.cid import DAG_CBOR, cid_of
+from agoranet.core.errors import RecordError
+from agoranet.core.records import ReceiptBody, Record, decode_canonical, verify_record
+from agoranet.verify.records import FailureEvidence
+from agoranet.verify.rule import gumbel_noise, nucleus_mask
+
+__all__ = ["Tolerances", "ReplayResult", "check_receipt", "check_request_binding", "MIN_TOP_LOGPROBS",
+           "STRICT", "MEASURE"]
+
+MIN_TOP_LOGPROBS = 5  # receipts carry at least this many alternatives per position
+
+
+class ToleranceLike(Protocol):
+    tok: float
+    lp: float
+    top: float
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    tok: float
+    lp: float
+    top: float
+
+
+STRICT = Tolerances(0.0, 0.0, 0.0)
+MEASURE = Tolerances(math.inf, math.inf, math.inf)  # accept everything, just measure deviations
+
+
+@dataclass
+class ReplayResult:
+    ok: bool
+    checked_positions: int
+    failure: FailureEvidence | None = None
+    # worst deviations seen over all replayed positions (what calibration measures)
+    max_tok: float = 0.0
+    max_lp: float = 0.0
+    max_top: float = 0.0
+    # worst honest drift of a logit *difference* (claimed − replayed logprob, max − min over the listed
+    # tokens of one position): what a near tie can flip by, measured at every position, not just at flips
+    max_spread: float = 0.0
+    flips: int = 0  # positions where the claimed token is not the replay's best (honest only at near ties)
+
+
+def _fail(kind: str, detail: str, position: int = -1, **evidence: Any) -> ReplayResult:
+    return ReplayResult(ok=False, checked_positions=0,
+                        failure=FailureEvidence(kind=kind, position=position, detail=detail, **evidence))
+
+
+def check_request_binding(body: ReceiptBody, request_bytes: bytes) -> str | None:
+    """Why the canonical request does not match the receipt, or None when it does."""
+    if str(cid_of(request_bytes, DAG_CBOR)) != body.request:
+        return f"the request's CID is {cid_of(request_bytes, DAG_CBOR)}, the receipt names {body.request}"
+    try:
+        req = decode_canonical(request_bytes)
+    except RecordError as exc:
+        return f"the canonical request does not decode: {exc}"
+    s = req.get("sampling", {}) if isinstance(req, dict) else {}
+    claimed = body.sampling
+    mismatches = [
+        name for name, a, b in [
+            ("model", req.get("model"), body.model), ("request_id", req.get("request_id"), body.request_id),
+            ("prefix_tokens", req.get("prefix_tokens"), body.prefix_tokens),
+            ("temperature", s.get("temperature"), claimed.temperature), ("top_p", s.get("top_p"), claimed.top_p),
+            ("seed", s.get("seed"), claimed.seed), ("max_tokens", s.get("max_tokens"), claimed.max_tokens),
+            ("stop", s.get("stop"), claimed.stop),
+        ] if a != b
+    ]
+    return f"receipt and request disagree on {', '.join(mismatches)}" if mismatches else None
+
+
+def check_receipt(
+    model: torch.nn.Module, prompt_ids: Sequence[int], receipt: ReceiptBody | Record, tolerances: ToleranceLike, *,
+    model_cid: str | None = None, request_bytes: bytes | None = None,
+    decode: Callable[[list[int]], str] | None = None, eos_token: int | None = None,
+) -> ReplayResult:
+    """Replay a receipt against `model` (loaded at the reference precision) and judge it.
+
+    `receipt` may be a signed Record (its signature is then checked) or a bare body. The model
+    CID, canonical request bytes, `decode` (token ids -> text) and `eos_token` are checked when given.
+    """
+    if isinstance(receipt, Record):
+        try:
+            verify_record(receipt.encode(), ReceiptBody)
+        except RecordError as exc:
+            return _fail("signature", str(exc))
+        body: ReceiptBody = receipt.body
+    else:
+        body = receipt
+    if model_cid is not None and body.model != model_cid:
+        return _fail("model", f"receipt names model {body.model}, the replayed model is {model_cid}")
+    if request_bytes is not None and (why := check_request_binding(body, request_bytes)):
+        return _fail("request", why)
+    if (why := _structure(body, prompt_ids, eos_token, _vocab_size(model))) is not None:
+        return _fail("structure", why[1], why[0])
+    result = _replay(model, list(prompt_ids), body, tolerances)
+    if result.ok and decode is not None and (why := _text(body, decode, eos_token)) is not None:
+        result.ok, result.failure = False, FailureEvidence(kind="text", position=-1, detail=why)
+    return result
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    return int(model.config.vocab_size)
+
+
+def _structure(body: ReceiptBody, prompt_ids: Sequence[int], eos: int | None, vocab: int) -> tuple[int, str] | None:
+    n = len(body.output_tokens)
+    if body.prompt_tokens != len(prompt_ids):
+        return -1, f"receipt counts {body.prompt_tokens} prompt tokens, the request renders to {len(prompt_ids)}"
+    if len(body.logprobs) != n or len(body.top_logprobs) != n:
+        return -1, f"{n} tokens but {len(body.logprobs)} logprobs and {len(body.top_logprobs)} top-logprob lists"
+    if n > body.sampling.max_tokens:
+        return n - 1, f"{n} tokens exceed max_tokens {body.sampling.max_tokens}"
+    for i, token in enumerate(body.output_tokens):
+        if token >= vocab:
+            return i, f"token {token} is outside the vocabulary of {vocab}"
+        if eos is not None and token == eos and i != n - 1:
+            return i, "tokens continue after end-of-sequence"
+    for i, top in enumerate(body.top_logprobs):
+        tokens = [t.token for t in top]
+        if len(tokens) < min(MIN_TOP_LOGPROBS, vocab) or len(set(tokens)) != len(tokens) or max(tokens) >= vocab:
+            return i, f"top_logprobs must list at least {MIN_TOP_LOGPROBS} distinct in-vocabulary tokens"
+    if body.finish_reason == "length" and n != body.sampling.max_tokens:
+        return -1, f"finish_reason 'length' after {n} of max_tokens {body.sampling.max_tokens} tokens"
+    if body.finish_reason == "stop" and eos is not None and n and body.output_tokens[-1] != eos \
+            and not body.sampling.stop:
+        return n - 1, "finish_reason 'stop' without end-of-sequence or a stop string"
+    if body.finish_reason not in ("stop", "length"):
+        return -1, f"finish_reason {body.finish_reason!r} is not one the rule produces"
+    return None
+
+
+def _text(body: ReceiptBody, decode: Callable[[list[int]], str], eos: int | None) -> str | None:
+    """output_text must be exactly the decoded tokens, cut at the first stop string."""
+    tokens = list(body.output_tokens)
+    if eos is not None and tokens and tokens[-1] == eos:
+        tokens.pop()
+    full = decode(tokens)
+    stops = [s for s in body.sampling.stop if s]
+    cuts = [full.find(s) for s in stops if s in full]
+    expected = full[: min(cuts)] if cuts else full
+    if stops and cuts and tokens and any(s in decode(tokens[:-1]) for s in stops):
+        return "generation went on after a stop string"
+    if stops and body.finish_reason == "stop" and not cuts and body.output_tokens[-1:] != [eos]:
+        return "finish_reason 'stop' but no stop string in the output"
+    if body.output_text != expected:
+        return f"output_text differs from the decoded tokens ({len(body.output_text)} vs {len(expected)} chars)"
+    return None
+
+
+@torch.inference_mode()
+def _replay(model: torch.nn.Module, prompt: list[int], body: ReceiptBody, tol: ToleranceLike) -> ReplayResult:
+    out = body.output_tokens
+    n = len(out)
+    if n == 0:
+        return ReplayResult(ok=True, checked_positions=0)
+    context = prompt + list(body.prefix_tokens)
+    ids = torch.tensor([context + list(out[:-1])])
+    logits = model(input_ids=ids).logits[0, len(context) - 1:].float()  # row i predicts out[i]
+    vocab = logits.shape[-1]
+    claimed = torch.tensor(out)
+    rows = torch.arange(n)
+
+    s = body.sampling
+    temperature = float(s.temperature)
+    in_loose = torch.ones(n, dtype=torch.bool)
+    if temperature <= 0.0:
+        scores, strict = logits, torch.ones_like(logits, dtype=torch.bool)
+    else:
+        scaled = logits / temperature
+        offset = len(body.prefix_tokens)
+        noise = torch.stack([gumbel_noise(s.seed, body.request_id, offset + i, vocab) for i in range(n)])
+        scores = scaled + noise
+        strict = torch.ones_like(logits, dtype=torch.bool)
+        if s.top_p < 1.0:
+            # A token's nucleus membership can flip under honest numerics: judge the best score only
+            # among tokens surely inside, and accept a claimed token that is possibly inside. Honest
+            # drift scales probabilities at temperature T by at most about exp(±2·τ_lp/T).
+            eps = min(2 * tol.lp / temperature, 50.0) if math.isfinite(tol.lp) else 0.0
+            strict = nucleus_mask(scaled, s.top_p * math.exp(-eps))
+            in_loose = nucleus_mask(scaled, s.top_p * math.exp(eps))[rows, claimed]
+    best_scores, best_tokens = scores.masked_fill(~strict, float("-inf")).max(dim=-1)
+    scale = temperature if temperature > 0.0 else 1.0
+    margins = ((best_scores - scores[rows, claimed]) * scale).clamp(min=0.0)
+
+    lps = torch.log_softmax(logits, dim=-1)
+    replayed_lp = lps[rows, claimed]
+    lp_dev = (torch.tensor(body.logprobs, dtype=torch.float32) - replayed_lp).abs()
+
+    # Top-k lists, padded to the longest with copies of their first entry (which changes no max/min).
+    k = max(len(top) for top in body.top_logprobs)
+    listed = torch.tensor([[e.token for e in top] + [top[0].token] * (k - len(top)) for top in body.top_logprobs])
+    values = torch.tensor([[e.logprob for e in top] + [top[0].logprob] * (k - len(top))
+                           for top in body.top_logprobs], dtype=torch.float32)
+    kth_rank = torch.tensor([len(top) - 1 for top in body.top_logprobs])
+    kth = torch.sort(lps, dim=-1, descending=True).values[rows, kth_rank]
+    replayed_top = lps.gather(1, listed)
+    drift = values - replayed_top
+    # each listed value must match, and each listed token must really be among the top k
+    top_dev = torch.maximum(drift.abs().amax(dim=1), (kth[:, None] - replayed_top).amax(dim=1).clamp(min=0.0))
+    drift = torch.cat([drift, (torch.tensor(body.logprobs, dtype=torch.float32) - replayed_lp)[:, None]], dim=1)
+    spread = drift.amax(dim=1) - drift.amin(dim=1)
+
+    bad = (margins > tol.tok) | ~in_loose | (lp_dev > tol.lp) | (top_dev > tol.top)
+    result = ReplayResult(
+        ok=not bool(bad.any()), checked_positions=n, max_tok=float(margins.masked_fill(~in_loose, 0.0).max()),
+        max_lp=float(lp_dev.max()), max_top=float(top_dev.max()), max_spread=float(spread.max()),
+        flips=int((margins > 0).sum()),
+    )
+    if result.ok:
+        return result
+    i = int(bad.nonzero()[0])
+    common = dict(position=i, claimed_token=int(out[i]), best_token=int(best_tokens[i]), margin=float(margins[i]),
+                  claimed_logprob=float(body.logprobs[i]), replayed_logprob=float(replayed_lp[i]))
+    if not in_loose[i]:
+        ev = FailureEvidence(kind="nucleus", detail=f"token {out[i]} is outside the top-p {s.top_p} nucleus",
+                             tolerance=float(tol.tok), **common)
+    elif margins[i] > tol.tok:
+        ev = FailureEvidence(kind="token", detail=f"token {out[i]} scores {float(margins[i]):.4g} below the best "
+                             f"token {int(best_tokens[i])} (tolerance {tol.tok:.3g})", tolerance=float(tol.tok), **common)
+    elif lp_dev[i] > tol.lp:
+        ev = FailureEvidence(kind="logprob", detail=f"claimed logprob {body.logprobs[i]:.5g}, replayed "
+                             f"{float(replayed_lp[i]):.5g} (tolerance {tol.lp:.3g})", tolerance=float(tol.lp), **common)
+    else:
+        ev = FailureEvidence(kind="top_logprobs", detail=f"top logprobs deviate by {float(top_dev[i]):.4g} "
+                             f"(tolerance {tol.top:.3g})", tolerance=float(tol.top), **common)
+    result.failure = ev
+    return result

@@ -1,0 +1,36 @@
+"""`agora verify calibrate` measures honest runs and signs tolerances with the required headroom."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from agoranet.cli.verify_cmd import verify_app
+from agoranet.verify.records import TolerancesBody
+from agoranet.verify.tolerances import load_tolerances, tolerance_for
+
+
+def test_calibrate_signs_confirmed_tolerances_and_merges_classes(tmp_path):
+    out, home = tmp_path / "tol.json", str(tmp_path / "home")
+    args = ["calibrate", "--precision", "fp32", "--sequences", "8", "--confirm", "8", "--max-tokens", "12",
+            "--out", str(out), "--home", home]
+    result = CliRunner().invoke(verify_app, args)
+    assert result.exit_code == 0, result.output
+    record = load_tolerances(out)
+    c = tolerance_for(record.body, "fp32")
+    assert (c.sequences, c.confirm_sequences, c.headroom) == (8, 8, 1.5)
+    assert c.tok >= 1.5 * c.measured_tok and c.tok >= 1e-3 and c.lp >= c.confirmed_lp
+    assert isinstance(record.body, TolerancesBody) and record.body.reference_precision == "fp32"
+    assert json.loads(out.read_text())["type"] == "agora/tolerances/1"
+
+
+def test_calibrate_refuses_headroom_below_one_and_a_half(tmp_path):
+    result = CliRunner().invoke(verify_app, ["calibrate", "--precision", "fp32", "--headroom", "1.2",
+                                             "--home", str(tmp_path)])
+    assert result.exit_code == 1 and "headroom" in result.output
+
+
+def test_verify_needs_a_node_or_a_proof(tmp_path):
+    result = CliRunner().invoke(verify_app, ["bafyreceipt", "--home", str(tmp_path)])
+    assert result.exit_code == 1 and "--node" in result.output

@@ -1,0 +1,209 @@
+"""Teacher-forced replay: honest receipts pass, every edit fails at the position it was made."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from agoranet.core.records import TopLogprob
+from agoranet.engine.models import model_cid, resolve_model
+from agoranet.engine.tokenizer import ByteTokenizer
+from agoranet.engine.transformers_engine import TransformersEngine, load_causal_lm
+from agoranet.node.calibration import HonestRun, honest_requests, honest_runs
+from agoranet.verify.replay import MEASURE, STRICT, Tolerances, check_receipt
+from agoranet.verify.rule import token_scores
+from agoranet.verify.tolerances import default_tolerances, tolerance_for
+
+MODEL_DIR = resolve_model("agora-tiny")[0]
+MODEL_CID = model_cid(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def reference() -> torch.nn.Module:
+    torch.set_num_threads(1)  # on a shared 2-core machine one thread is many times faster
+    return load_causal_lm(MODEL_DIR, "fp32")
+
+
+def run_engine(requests, *, precision: str = "fp32", concurrency: int = 4) -> list[HonestRun]:
+    """Generate through the real built-in engine, several requests sharing each batch."""
+    engine = TransformersEngine(MODEL_DIR, model_cid=MODEL_CID, precision=precision, threads=1)
+
+    async def go():
+        await engine.start()
+        try:
+            return await honest_runs(engine, requests, concurrency)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def honest() -> list[HonestRun]:
+    """Eight honest fp32 receipts: chat and completion, greedy and sampled, some with top-p < 1."""
+    return run_engine(honest_requests(8, seed=42, model_cid=MODEL_CID, max_tokens=24))
+
+
+TOK = ByteTokenizer.from_dir(MODEL_DIR)
+FP32 = Tolerances(1e-3, 1e-3, 1e-3)
+
+
+def check(reference, run, body=None, tol=FP32, **kw):
+    kw = {"model_cid": MODEL_CID, "request_bytes": run.request_bytes, "decode": TOK.decode, "eos_token": TOK.eos} | kw
+    return check_receipt(reference, run.prompt, body or run.body, tol, **kw)
+
+
+def edited(body, **changes):
+    return body.model_copy(update=changes)
+
+
+def test_honest_receipts_pass_with_the_shipped_fp32_tolerances(reference, honest):
+    table = default_tolerances(MODEL_CID)
+    assert table is not None, "default_tolerances.json must ship tolerances for agora-tiny"
+    tol = tolerance_for(table.body, "fp32")
+    kinds = {(r.request.kind, r.body.sampling.temperature > 0, r.body.sampling.top_p < 1) for r in honest}
+    assert len(kinds) >= 3  # the fixture covers greedy, sampled and nucleus-sampled requests
+    for run in honest:
+        result = check(reference, run, tol=tol)
+        assert result.ok, result.failure
+        assert result.checked_positions == len(run.body.output_tokens)
+        assert result.max_lp < 1e-4 and result.max_tok < 1e-4
+
+
+@pytest.mark.parametrize("index", [0, 5, 17])
+def test_tampered_token_fails_at_its_position(reference, honest, index):
+    for run in honest:
+        tokens = list(run.body.output_tokens)
+        if len(tokens) <= index or TOK.eos in tokens:
+            continue
+        tokens[index] = (tokens[index] + 7) % 256
+        body = edited(run.body, output_tokens=tokens, output_text=TOK.decode(tokens))
+        result = check(reference, run, body)
+        assert not result.ok
+        assert (result.failure.kind, result.failure.position) in {("token", index), ("nucleus", index)}
+        assert result.failure.claimed_token == tokens[index]
+
+
+def test_tampered_logprob_and_top_logprobs_fail_at_their_position(reference, honest):
+    run = honest[0]
+    logprobs = list(run.body.logprobs)
+    logprobs[3] += 0.01
+    result = check(reference, run, edited(run.body, logprobs=logprobs))
+    assert (result.failure.kind, result.failure.position) == ("logprob", 3)
+    assert result.failure.replayed_logprob == pytest.approx(run.body.logprobs[3], abs=1e-4)
+
+    tops = [list(t) for t in run.body.top_logprobs]
+    tops[4][1] = TopLogprob(token=tops[4][1].token, logprob=tops[4][1].logprob - 0.5)
+    result = check(reference, run, edited(run.body, top_logprobs=tops))
+    assert (result.failure.kind, result.failure.position) == ("top_logprobs", 4)
+
+    # listing a token that is not among the top k, with its true logprob, is caught too
+    tops = [list(t) for t in run.body.top_logprobs]
+    with torch.no_grad():
+        logits = reference(input_ids=torch.tensor([run.prompt + run.body.output_tokens[:6]])).logits[0, -1]
+    lps = torch.log_softmax(logits, -1)
+    listed = {e.token for e in tops[6]}
+    worst = int(torch.argmin(lps))
+    assert worst not in listed
+    tops[6][-1] = TopLogprob(token=worst, logprob=float(lps[worst]))
+    result = check(reference, run, edited(run.body, top_logprobs=tops))
+    assert (result.failure.kind, result.failure.position) == ("top_logprobs", 6)
+
+
+def test_binding_and_consistency_checks(reference, honest):
+    run = honest[1]
+    b = run.body
+    assert check(reference, run, model_cid="bafyother").failure.kind == "model"
+    assert check(reference, run, edited(b, request_id="req-other")).failure.kind == "request"
+    assert check(reference, run, edited(b, sampling=b.sampling.model_copy(update={"temperature": 0.3}))
+                 ).failure.kind == "request"
+    assert check(reference, run, edited(b, prompt_tokens=b.prompt_tokens - 5)).failure.kind == "structure"
+    assert check(reference, run, edited(b, output_text=b.output_text + "!")).failure.kind == "text"
+    assert check(reference, run, edited(b, finish_reason="stop")).failure.kind == "structure"
+    short = edited(b, output_tokens=b.output_tokens[:10], logprobs=b.logprobs[:10], top_logprobs=b.top_logprobs[:10],
+                   output_text=TOK.decode(b.output_tokens[:10]))
+    assert check(reference, run, short).failure.kind == "structure"  # 'length' claimed, 10 < max_tokens
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model whose next-token logits are the same row at every position."""
+
+    def __init__(self, row: list[float]) -> None:
+        super().__init__()
+        self.row = torch.tensor(row)
+        self.config = SimpleNamespace(vocab_size=len(row))
+
+    def forward(self, input_ids):
+        return SimpleNamespace(logits=self.row.expand(1, input_ids.shape[1], -1).clone())
+
+
+def fake_receipt(honest_body, model, token: int, *, temperature=0.0, top_p=1.0):
+    lps = torch.log_softmax(model.row, -1)
+    top = torch.topk(lps, 5)
+    return honest_body.model_copy(update={
+        "output_tokens": [token], "logprobs": [float(lps[token])], "finish_reason": "length",
+        "top_logprobs": [[TopLogprob(token=int(t), logprob=float(v)) for v, t in zip(top.values, top.indices)]],
+        "sampling": honest_body.sampling.model_copy(update={"temperature": temperature, "top_p": top_p,
+                                                            "max_tokens": 1}),
+    })
+
+
+def test_near_ties_pass_within_tolerance_never_by_exact_argmax(honest):
+    run = honest[0]
+    model = FixedLogits([5.0, 5.0 - 4e-4, 1.0, 0.5, 0.2, 0.1] + [0.0] * 4)
+    body = fake_receipt(run.body, model, token=1)  # greedy, but the runner-up by 4e-4
+    assert check_receipt(model, run.prompt, body, FP32).ok
+    strict = check_receipt(model, run.prompt, body, STRICT)
+    assert (strict.failure.kind, strict.failure.best_token) == ("token", 0)
+    assert strict.failure.margin == pytest.approx(4e-4, rel=1e-3)
+    far = fake_receipt(run.body, model, token=2)
+    assert check_receipt(model, run.prompt, far, FP32).failure.kind == "token"
+
+
+def test_sampling_margins_are_in_logit_units_and_nucleus_edges_are_tolerated(honest):
+    run = honest[0]
+    b = run.body
+    model = FixedLogits([3.0, 2.0, 1.9, 1.0, 0.5, 0.1, 0.0, -1.0, -2.0, -3.0])
+    rule = dict(seed=b.sampling.seed, request_id=b.request_id, position=len(b.prefix_tokens))
+    for temperature in (0.25, 0.8, 1.5):
+        scores = token_scores(model.row, temperature=temperature, top_p=1.0, **rule)
+        chosen = int(torch.argmax(scores))
+        assert check_receipt(model, run.prompt, fake_receipt(b, model, chosen, temperature=temperature), FP32).ok
+        other = int(torch.argsort(scores, descending=True)[1])
+        fail = check_receipt(model, run.prompt, fake_receipt(b, model, other, temperature=temperature), FP32).failure
+        assert fail.kind == "token"
+        assert fail.margin == pytest.approx(float(scores[chosen] - scores[other]) * temperature, rel=1e-4)
+    # top-p: a token outside the nucleus is rejected even if its noisy score is the highest
+    probs = torch.softmax(model.row, -1)
+    top_p = float(probs[0]) + 1e-6  # nucleus = {token 0, token 1}; token 2 is well outside
+    edge = fake_receipt(b, model, 2, temperature=1.0, top_p=top_p)
+    assert check_receipt(model, run.prompt, edge, FP32).failure.kind == "nucleus"
+    # … but a token exactly on the edge (mass before it == top_p within tolerance) is accepted as inside
+    at_edge = fake_receipt(b, model, 1, temperature=1.0, top_p=float(probs[0]) - 1e-5)
+    result = check_receipt(model, run.prompt, at_edge, Tolerances(1e-3, 1e-3, 1e-3))
+    assert result.failure is None or result.failure.kind != "nucleus"
+
+
+def test_measure_mode_reports_worst_deviations_without_failing(reference, honest):
+    run = honest[2]
+    logprobs = [lp - 0.2 for lp in run.body.logprobs]
+    result = check(reference, run, edited(run.body, logprobs=logprobs), tol=MEASURE)
+    assert result.ok and result.max_lp == pytest.approx(0.2, abs=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_honest_reduced_precision_receipts_pass_their_class_tolerances_at_the_fp32_reference(reference, precision):
+    runs = run_engine(honest_requests(4, seed=77, model_cid=MODEL_CID, max_tokens=24), precision=precision)
+    tol = tolerance_for(default_tolerances(MODEL_CID).body, precision)
+    for run in runs:
+        assert run.body.precision == precision
+        result = check(reference, run, tol=tol)
+        assert result.ok, result.failure
+    # … and those tolerances are not a blank cheque: a random edit is still caught
+    b = runs[0].body
+    tokens = list(b.output_tokens)
+    tokens[4] = (tokens[4] + 7) % 256
+    assert not check(reference, runs[0], b.model_copy(update={"output_tokens": tokens}), tol=tol).ok
