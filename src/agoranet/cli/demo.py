@@ -1,67 +1,111 @@
-"""`agora demo`: the whole network that exists so far, on 127.0.0.1, in one process, then gone."""
+"""`agora demo`: the whole network on 127.0.0.1 in one process — a verifier, a gateway, providers
+found by gossip — asked through the official openai SDK, then shut down with nothing left running."""
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
-
-import httpx
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
+import httpx
 from rich.console import Console
 from rich.panel import Panel
+from rich.table import Table
 
 from agoranet.core.identity import Identity
 from agoranet.core.records import ReceiptBody, verify_record
+from agoranet.engine.models import resolve_model
 from agoranet.engine.tokenizer import ByteTokenizer
 from agoranet.log.records import verify_tree_head
 from agoranet.log.transparency import check_inclusion
 
+GOSSIP_S = 0.3
+PROVIDERS = (("provider-a", 200_000, None), ("provider-b", 300_000, None))
+CHEATER = ("cheater", 50_000, "token")  # cheapest, so the price-sorted request goes to it first
 
-def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int) -> None:
+
+def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int, cheater: bool = False) -> None:
     import openai
 
-    from agoranet.engine.models import resolve_model
-    from agoranet.node.node import ProviderOptions, build_provider_node
+    from agoranet.net.gossip import GossipConfig
+    from agoranet.node.gateway import GatewayConfig
+    from agoranet.node.node import ProviderOptions, build_gateway_node, build_provider_node
     from agoranet.node.server import BackgroundServer, bind, url_of
+    from agoranet.node.verifier import VerifierConfig, build_verifier_node
 
-    with tempfile.TemporaryDirectory(prefix="agora-demo-") as tmp:
-        home = Path(tmp) / "provider"
-        Identity.generate().save(home / "identity.key")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="agora-demo-") as tmp, ExitStack() as running:
+        def start(app, sock) -> str:
+            return running.enter_context(BackgroundServer(app, sock)).url
+
+        def home(name: str) -> Path:
+            Identity.generate().save(Path(tmp) / name / "identity.key")
+            return Path(tmp) / name
+
         sock = bind()
-        t0 = time.perf_counter()
-        app, provider = build_provider_node(home, url_of(sock), ProviderOptions(threads=None))
-        with BackgroundServer(app, sock) as server:
-            e = provider.engine
-            console.print(f"[green]provider[/] {provider.identity.peer_id} serves [bold]{e.model_name}[/] "
-                          f"({e.model_cid}, {e.precision}) at {server.url}/v1  [dim]started in "
-                          f"{time.perf_counter() - t0:.1f}s[/]")
-            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="demo", max_retries=0)
-            console.print(f"[cyan]user[/] asks (official openai SDK, seed {seed}): {prompt!r}")
-            stream = client.chat.completions.create(
+        app, verifier = build_verifier_node(home("verifier"), VerifierConfig(audit_fraction=1.0))
+        verifier_url = start(app, sock)
+        sock = bind()
+        app, gateway = build_gateway_node(home("gateway"), url_of(sock), [], gossip=GossipConfig(interval_s=GOSSIP_S),
+                                          config=GatewayConfig(verifiers=(verifier_url,), reputation_interval_s=GOSSIP_S))
+        gateway_url = start(app, sock)
+        urls, names = {}, {}
+        for name, price, cheat in PROVIDERS + ((CHEATER,) if cheater else ()):
+            sock = bind()
+            app, provider = build_provider_node(
+                home(name), url_of(sock), ProviderOptions(threads=1, cheat=cheat, pricing={"output_per_mtok": price}),
+                peers=[gateway_url], gossip=GossipConfig(interval_s=GOSSIP_S))
+            peer = str(provider.identity.peer_id)
+            urls[peer], names[peer] = start(app, sock), name
+        deadline = time.monotonic() + 30
+        while len(offers := asyncio.run(gateway.discovery.find_offers("agora-tiny"))) < len(urls):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway discovered {len(offers)} of {len(urls)} providers in 30 s")
+            time.sleep(0.1)
+        console.print(f"[dim]network up in {time.perf_counter() - t0:.1f}s: verifier {verifier_url}, "
+                      f"gateway {gateway_url}/v1 (dashboard {gateway_url}/)[/]")
+        table = Table(title="providers the gateway found by gossip (signed offers)", title_justify="left")
+        for col in ("name", "peer id", "model CID", "precision", "price out / 1M tok"):
+            table.add_column(col)
+        for o in sorted(offers, key=lambda o: o.body.models[0].output_per_mtok):
+            m = o.body.models[0]
+            table.add_row(names[o.signer], o.signer[:20] + "…", m.cid[:20] + "…", o.body.precision,
+                          f"{m.output_per_mtok / 1e6:.2f} credits")
+        console.print(table)
+
+        client = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="demo", max_retries=0)
+        console.print(f"[cyan]user[/] asks the gateway (official openai SDK, seed {seed}): {prompt!r}")
+        text, agora = "", None
+        cheaters = [peer for peer, name in names.items() if name == CHEATER[0]]  # its turn comes later
+        for chunk in client.chat.completions.create(
                 model="agora-tiny", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                temperature=0.8, seed=seed, stream=True, logprobs=True, top_logprobs=2,
-            )
-            text, agora = "", None
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    text += chunk.choices[0].delta.content
-                agora = (chunk.model_extra or {}).get("agora", agora)
-            console.print(Panel(text, title="answer (streamed)", expand=False))
-            if agora is None:
-                raise RuntimeError("the provider sent no receipt")
-            receipt = verify_record(agora["receipt"], ReceiptBody)
-            body = receipt.body
-            tok = ByteTokenizer.from_dir(resolve_model("agora-tiny")[0])
-            assert str(receipt.cid) == agora["receipt_cid"]
-            console.print(f"[magenta]receipt[/] {receipt.cid}")
-            console.print(f"  signed by {receipt.signer} — signature [bold green]valid[/]; "
-                          f"{len(body.output_tokens)} tokens decode to the answer: "
-                          f"[bold]{'yes' if tok.decode(body.output_tokens).startswith(text) else 'NO'}[/]")
-            console.print(f"  model {body.model}, precision {body.precision}, seed {body.sampling.seed}, "
-                          f"charged {body.price.charged} micro-credits")
-            show_inclusion(console, server.url, str(receipt.cid))
-        console.print("[dim]network stopped; nothing left running[/]")
+                temperature=0.8, seed=seed, stream=True, extra_body={"provider": {"ignore": cheaters}}):
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+            agora = (chunk.model_extra or {}).get("agora", agora)
+        if agora is None:
+            raise RuntimeError("the gateway sent no receipt")
+        receipt = verify_record(agora["receipt"], ReceiptBody)
+        served_by = urls[receipt.signer]
+        console.print(Panel(text, title=f"answer, streamed via the gateway from {names[receipt.signer]}",
+                            expand=False))
+        tok = ByteTokenizer.from_dir(resolve_model("agora-tiny")[0])
+        body = receipt.body
+        console.print(f"[magenta]receipt[/] {receipt.cid}: signature [bold green]valid[/] "
+                      f"({names[receipt.signer]}); {len(body.output_tokens)} token ids decode to the answer: "
+                      f"[bold]{'yes' if tok.decode(body.output_tokens).startswith(text) else 'NO'}[/]; "
+                      f"charged {body.price.charged} micro-credits")
+        verdict = httpx.post(f"{verifier_url}/agora/v1/verify", json={"receipt": agora["receipt"], "node": served_by},
+                             timeout=60).json()
+        console.print(f"[magenta]verifier[/] replayed it with one forward pass of model {body.model[:20]}…: "
+                      + ("[bold green]honest[/]" if verdict["ok"] else "[bold red]FRAUD[/]")
+                      + f" (signed verdict {verdict['verdict_cid'][:24]}…)")
+        show_inclusion(console, served_by, str(receipt.cid))
+        if cheater:
+            catch_cheater(console, client, verifier_url, names, prompt, max_tokens)
+    console.print("[dim]network stopped; nothing left running[/]")
 
 
 def show_inclusion(console: Console, url: str, cid: str) -> None:
@@ -69,6 +113,44 @@ def show_inclusion(console: Console, url: str, cid: str) -> None:
     head = verify_tree_head(httpx.get(f"{url}/agora/v1/log/head").json())
     answer = httpx.get(f"{url}/agora/v1/log/proof/inclusion", params={"cid": cid, "size": head.body.size}).json()
     index = check_inclusion(head, cid, answer)
-    console.print(f"[blue]log[/] receipt is entry {index} of {head.body.size} in log {head.body.log_id}: inclusion "
-                  f"proof of {len(answer['proof'])} hashes [bold green]verified[/] against signed head "
+    console.print(f"[blue]log[/] receipt is entry {index} of {head.body.size} in the provider's log: inclusion "
+                  f"proof of {len(answer['proof'])} hashes [bold green]verified[/] against its signed head "
                   f"(root {head.body.root[:16]}…)")
+
+
+def catch_cheater(console: Console, client, verifier_url: str, names: dict[str, str], prompt: str,
+                  max_tokens: int) -> None:
+    from agoranet.node.verifier import ReplayVerifier
+
+    cheater = next(peer for peer, name in names.items() if name == CHEATER[0])
+    console.print(f"[red]cheater[/] {cheater[:20]}… sells cheapest but swaps a token of every answer "
+                  "(a test facility; its receipts still claim the honest model)")
+
+    def ask(i: int) -> str:
+        r = client.chat.completions.create(model="agora-tiny", messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=max_tokens, temperature=0.8, seed=100 + i,
+                                           extra_body={"provider": {"sort": "price"}})
+        return r.model_extra["agora"]["provider"]
+
+    first = ask(0)
+    console.print(f"[cyan]user[/] asks for the cheapest provider: served by {names[first]}")
+    deadline = time.monotonic() + 60
+    while True:
+        rep = httpx.get(f"{verifier_url}/agora/v1/reputation").json()["providers"].get(cheater, {})
+        if rep.get("excluded"):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError("the verifier did not catch the cheater within 60 s")
+        time.sleep(0.2)
+    proof_cid = rep["fraud_proofs"][0]
+    proof = verify_record(httpx.get(f"{verifier_url}/agora/v1/records/{proof_cid}").json()["record"])
+    ev = proof.body.evidence
+    console.print(f"[bold red]fraud proof[/] {proof_cid[:24]}…: the receipt breaks the sampling rule at token "
+                  f"{ev.position} ({ev.detail})")
+    recheck = ReplayVerifier(Identity.generate()).recheck(proof)
+    console.print(f"  re-checked by a third party with the model (`agora verify --fraud-proof CID`): "
+                  + ("[bold green]holds[/]" if recheck.holds else "[bold red]FALSE[/]"))
+    time.sleep(1.0)  # the gateway follows the verifier's reputation table
+    later = [ask(i) for i in range(1, 4)]
+    console.print(f"[cyan]user[/] asks for the cheapest provider again: served by {', '.join(names[p] for p in later)}"
+                  + (" — the cheater gets no more traffic" if cheater not in later else " — [bold red]STILL THE CHEATER[/]"))

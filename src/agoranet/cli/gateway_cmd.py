@@ -26,6 +26,8 @@ def gateway(
     gossip_interval: GossipIntervalOpt = 2.0,
     stall_timeout: Annotated[float, typer.Option(help="seconds of provider silence mid-stream before failing over")] = 10.0,
     connect_timeout: Annotated[float, typer.Option(help="seconds to wait for a provider to accept a connection")] = 2.0,
+    verifier: Annotated[Optional[list[str]], typer.Option(
+        "--verifier", help="verifier URL: relayed receipts go to it, its reputations steer routing (repeatable)")] = None,
     log_json: Annotated[Optional[bool], typer.Option("--log-json/--no-log-json",
                                                      help="log one JSON object per line")] = None,
 ) -> None:
@@ -51,7 +53,8 @@ def gateway(
     except AgoraError as exc:
         raise fail(exc) from None
     url = public_url or url_of(sock)
-    config = GatewayConfig(require_keys=require_keys, stall_timeout_s=stall_timeout, connect_timeout_s=connect_timeout)
+    config = GatewayConfig(require_keys=require_keys, stall_timeout_s=stall_timeout, connect_timeout_s=connect_timeout,
+                           verifiers=tuple(verifier or []))
     app_, _ = build_gateway_node(home, url, list(peer or []), config=config,
                                  gossip=GossipConfig(interval_s=gossip_interval))
     mount_dashboard(app_, url=url)

@@ -15,6 +15,7 @@ from agoranet.core.logs import configure_logging
 from agoranet.core.settings import Settings
 from agoranet.cli.log_cmd import log_app
 from agoranet.cli.store_cmd import store_app
+from agoranet.cli.verify_cmd import verify_app
 
 app = typer.Typer(help="Agora: an open, verifiable network for AI inference.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -23,6 +24,7 @@ err = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
 
 app.add_typer(log_app, name="log")
 app.add_typer(store_app, name="store")
+app.add_typer(verify_app, name="verify")
 
 HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="node directory (default $AGORA_HOME or ~/.agora)")]
 LogJsonOpt = Annotated[Optional[bool], typer.Option("--log-json/--no-log-json",
@@ -84,6 +86,8 @@ def provide(
     token_delay_ms: Annotated[int, typer.Option(hidden=True, help="space tokens out (failover tests, demos)")] = 0,
     watch: WatchOpt = None,
     log_json: LogJsonOpt = None,
+    cheat: Annotated[Optional[str], typer.Option(
+        hidden=True, help="TEST/DEMO ONLY: model|token|logprobs|temperature|seed|prompt")] = None,
 ) -> None:
     """Sell inference: serve a model over the OpenAI API with signed receipts."""
     from agoranet.cli.gateway_cmd import provider_network
@@ -104,7 +108,7 @@ def provide(
     url = public_url or url_of(sock)
     opts = ProviderOptions(model=model, precision=precision, upstream=upstream, upstream_model=upstream_model,
                            threads=threads, storage_peers=storage_peer or [], max_batch=max_batch,
-                           token_delay_ms=token_delay_ms, pricing={"input_per_mtok": price_in, "output_per_mtok": price_out,
+                           token_delay_ms=token_delay_ms, cheat=cheat, pricing={"input_per_mtok": price_in, "output_per_mtok": price_out,
                                                      "max_concurrency": max_concurrency, "max_tokens": max_tokens})
     try:
         app_, provider = build_provider_node(home, url, opts, **provider_network(peer, gossip_interval))
@@ -122,12 +126,13 @@ def demo(
     prompt: Annotated[str, typer.Option(help="what to ask the bundled model")] = "write a function that adds two numbers",
     max_tokens: int = 96,
     seed: int = 7,
+    cheater: Annotated[bool, typer.Option("--cheater", help="add a cheating provider and watch it get caught")] = False,
 ) -> None:
     """Start a small Agora network on 127.0.0.1, ask it through the official openai SDK, shut it down."""
     from agoranet.cli.demo import run_demo
 
     try:
-        run_demo(console, prompt=prompt, max_tokens=max_tokens, seed=seed)
+        run_demo(console, prompt=prompt, max_tokens=max_tokens, seed=seed, cheater=cheater)
     except AgoraError as exc:
         raise fail(exc) from None
 

@@ -30,6 +30,7 @@ from agoranet.core.records import OfferBody, OfferedModel, ReceiptBody, Record, 
 from agoranet.engine.base import Generation
 from agoranet.net.discovery import Discovery
 from agoranet.net.peer import PeerClient, PeerRefused, PeerStream, PeerUnreachable
+from agoranet.node.audit import VerifierLink
 from agoranet.node.keys import ApiKey, KeyStore
 from agoranet.node.protocol import (
     DONE, ChatCompletionRequest, ChunkWriter, CompletionRequest, ProviderPreferences, error_chunk,
@@ -50,6 +51,8 @@ class GatewayConfig:
     max_cooldown_s: float = 120.0
     max_attempts: int = 4  # providers tried for one request, failovers included
     default_max_tokens: int = 64  # set explicitly, so a continuation knows how many tokens remain
+    verifiers: tuple[str, ...] = ()  # verifier URLs: receipts go to them, their reputations steer routing
+    reputation_interval_s: float = 2.0
 
 
 @dataclass
@@ -93,15 +96,23 @@ class Router:
 
     EWMA = 0.3
 
-    def __init__(self, config: GatewayConfig, rng: random.Random | None = None) -> None:
+    def __init__(self, config: GatewayConfig, rng: random.Random | None = None,
+                 verifiers: VerifierLink | None = None) -> None:
         self.config = config
         self.health: dict[str, ProviderHealth] = {}
         self.rng = rng or random.Random()
+        self.verifiers = verifiers
 
     def of(self, peer: str) -> ProviderHealth:
         return self.health.setdefault(peer, ProviderHealth())
 
     def plan(self, candidates: list[Candidate], prefs: ProviderPreferences) -> list[Candidate]:
+        if self.verifiers is not None:  # a proven fraud shuts a provider out, whatever the user asked
+            candidates = [c for c in candidates if not self.verifiers.excluded(c.peer)]
+            if prefs.require_verified:
+                candidates = [c for c in candidates if self.verifiers.verified(c.peer)]
+        elif prefs.require_verified:
+            candidates = []  # no verifier, so nothing is verified
         if prefs.only:
             candidates = [c for c in candidates if c.named_by(prefs.only)]
         if prefs.ignore:
@@ -181,7 +192,8 @@ class Gateway:
         self.identity, self.discovery = identity, discovery
         self.config = config or GatewayConfig()
         self.keys = keys
-        self.router_state = Router(self.config)
+        self.verifiers = VerifierLink(list(self.config.verifiers), interval_s=self.config.reputation_interval_s)
+        self.router_state = Router(self.config, verifiers=self.verifiers)
         self.client: PeerClient | None = None
         self.failovers = 0
         self.router = self._routes()
@@ -189,8 +201,10 @@ class Gateway:
     async def start(self) -> None:
         self.client = PeerClient(connect_timeout_s=self.config.connect_timeout_s,
                                  read_timeout_s=self.config.stall_timeout_s)
+        await self.verifiers.start()
 
     async def stop(self) -> None:
+        await self.verifiers.stop()
         if self.client is not None:
             await self.client.aclose()
 
@@ -249,6 +263,7 @@ class Gateway:
             log.warning("receipt from %s is signed by %s, not the offer's key", cand.url, receipt.signer)
             self.router_state.failed(cand.peer)
             return None
+        self.verifiers.submit(agora["receipt"], cand.url)
         return {"receipt_cid": str(receipt.cid), "receipt": agora["receipt"], "provider": receipt.signer}
 
     def _agora(self, job: _Job) -> dict[str, Any]:

@@ -70,7 +70,7 @@ class ProviderPreferences(_Lenient):
     ignore: list[str] | None = None
     max_price: MaxPrice | None = None
     allow_fallbacks: bool = True
-    require_verified: bool = False  # accepted now; honoured once verifiers publish reputations
+    require_verified: bool = False  # only providers a verifier has checked and found honest
 
 
 class _SamplingRequest(_Lenient):

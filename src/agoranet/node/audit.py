@@ -1,0 +1,94 @@
+"""A gateway's link to its verifiers: it hands them the receipts it relays and follows their
+reputation tables, so a provider with a proven fraud stops getting traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProviderStanding:
+    verified: int = 0
+    passed: int = 0
+    excluded: bool = False
+    fraud_proofs: list[str] = field(default_factory=list)
+
+
+class VerifierLink:
+    def __init__(self, verifiers: list[str], *, interval_s: float = 2.0, timeout_s: float = 5.0) -> None:
+        self.verifiers = [v.rstrip("/") for v in verifiers]
+        self.interval_s = interval_s
+        self.standing: dict[str, ProviderStanding] = {}
+        self.submitted = 0
+        self._http = httpx.AsyncClient(timeout=timeout_s)
+        self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if self.verifiers:
+            self._tasks = [asyncio.create_task(self._follow(), name="agora-reputation"),
+                           asyncio.create_task(self._send(), name="agora-audit-outbox")]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._http.aclose()
+
+    def excluded(self, peer: str) -> bool:
+        s = self.standing.get(peer)
+        return s is not None and s.excluded
+
+    def verified(self, peer: str) -> bool:
+        s = self.standing.get(peer)
+        return s is not None and s.passed > 0 and not s.excluded
+
+    def submit(self, receipt: dict[str, Any], node_url: str) -> None:
+        """Queue a relayed receipt for the verifiers (they audit a share of what they are sent)."""
+        if self.verifiers:
+            with contextlib.suppress(asyncio.QueueFull):  # auditing is sampled anyway; never block a user
+                self._outbox.put_nowait({"receipt": receipt, "node": node_url})
+
+    async def refresh(self) -> None:
+        """Merge every verifier's table: a fraud proof from any of them excludes the provider."""
+        merged: dict[str, ProviderStanding] = {}
+        for url in self.verifiers:
+            try:
+                table = (await self._http.get(f"{url}/agora/v1/reputation")).json()["providers"]
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                log.warning("verifier %s did not answer: %s", url, exc)
+                continue
+            for peer, row in table.items():
+                s = merged.setdefault(peer, ProviderStanding())
+                s.verified += int(row.get("verified", 0))
+                s.passed += int(row.get("passed", 0))
+                s.excluded = s.excluded or bool(row.get("excluded"))
+                s.fraud_proofs += [p for p in row.get("fraud_proofs", []) if p not in s.fraud_proofs]
+        for peer, s in merged.items():
+            if s.excluded and not self.excluded(peer):
+                log.warning("provider %s excluded: fraud proof %s", peer, s.fraud_proofs[:1])
+        self.standing = merged
+
+    async def _follow(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.interval_s)
+
+    async def _send(self) -> None:
+        while True:
+            item = await self._outbox.get()
+            for url in self.verifiers:
+                try:
+                    await self._http.post(f"{url}/agora/v1/receipts", json=item)
+                    self.submitted += 1
+                except httpx.HTTPError as exc:
+                    log.warning("could not hand a receipt to verifier %s: %s", url, exc)
