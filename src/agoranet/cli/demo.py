@@ -148,7 +148,7 @@ def catch_cheater(console: Console, client, verifier_url: str, names: dict[str, 
     console.print(f"[bold red]fraud proof[/] {proof_cid[:24]}…: the receipt breaks the sampling rule at token "
                   f"{ev.position} ({ev.detail})")
     recheck = ReplayVerifier(Identity.generate()).recheck(proof)
-    console.print(f"  re-checked by a third party with the model (`agora verify --fraud-proof CID`): "
+    console.print("  re-checked by a third party with the model (`agora verify --fraud-proof CID`): "
                   + ("[bold green]holds[/]" if recheck.holds else "[bold red]FALSE[/]"))
     time.sleep(1.0)  # the gateway follows the verifier's reputation table
     later = [ask(i) for i in range(1, 4)]
