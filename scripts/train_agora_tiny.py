@@ -57,7 +57,7 @@ def batches(data: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("src/agoranet/models/agora-tiny"))
-    ap.add_argument("--steps", type=int, default=820)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)

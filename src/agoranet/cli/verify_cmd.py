@@ -124,7 +124,7 @@ def check(
 @verify_app.command()
 def serve(
     host: str = "127.0.0.1",
-    port: int = 8500,
+    port: int = 8600,
     source: Annotated[Optional[list[str]], typer.Option(help="provider/gateway URL whose receipts to pull")] = None,
     audit_fraction: Annotated[float, typer.Option(help="share of seen receipts to replay (0-1)")] = 0.1,
     poll_interval: Annotated[float, typer.Option(help="seconds between pulls from each --source")] = 5.0,
@@ -134,14 +134,14 @@ def serve(
     home: HomeOpt = None,
 ) -> None:
     """Run a verifier node: audit receipts, sign verdicts and fraud proofs, serve reputation."""
-    import logging
-
+    from agoranet.core.logs import configure_logging
     from agoranet.node.server import bind, serve_forever, url_of
     from agoranet.node.verifier import VerifierConfig, build_verifier_node
+    from agoranet.web import mount_dashboard
 
     if not 0.0 <= audit_fraction <= 1.0:
         raise _fail(f"--audit-fraction {audit_fraction} is not between 0 and 1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(json_lines=Settings().log_json)
     try:
         sock = bind(host, port)
     except OSError as exc:
@@ -153,6 +153,7 @@ def serve(
             models=model, tolerance_files=[tolerances] if tolerances else [], threads=threads)
     except AgoraError as exc:
         raise _fail(exc) from None
+    mount_dashboard(app, url=url_of(sock))
     console.print(f"verifier [bold]{role.identity.peer_id}[/] at [bold]{url_of(sock)}[/]: auditing "
                   f"{audit_fraction:.0%} of receipts from {', '.join(source or []) or 'submissions'}; "
                   f"reputation at {url_of(sock)}/agora/v1/reputation")
