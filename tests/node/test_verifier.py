@@ -23,7 +23,7 @@ from agoranet.node.server import BackgroundServer, bind
 from agoranet.node.verifier import ReplayVerifier, VerifierConfig, build_verifier_node
 from agoranet.verify.records import FailureEvidence, FraudProofBody
 
-from conftest import start_provider
+from ..conftest import start_provider
 
 MODEL_DIR = resolve_model("agora-tiny")[0]
 MODEL_CID = model_cid(MODEL_DIR)
@@ -66,7 +66,7 @@ def signed(run):
 
 def expected_failure(cheat: str, honest_run, cheat_run) -> set[tuple[str, int]]:
     if cheat in ("model", "prompt"):  # the whole distribution differs from the first token on
-        return {("logprob", 0), ("token", 0)}
+        return {("logprob", 0), ("token", 0), ("top_logprobs", 0)}
     if cheat == "token":
         return {("token", TAMPERED_INDEX), ("nucleus", TAMPERED_INDEX)}
     if cheat == "logprobs":

@@ -9,7 +9,9 @@ from agoranet.core.identity import Identity
 from agoranet.core.records import sign_record, verify_record
 from agoranet.engine.models import model_cid, resolve_model
 from agoranet.verify.records import FailureEvidence, FraudProofBody, TolerancesBody, VerdictBody
-from agoranet.verify.tolerances import class_tolerance, default_tolerances, tolerance_for, tolerances_record
+from agoranet.verify.tolerances import (
+    NoTolerances, class_tolerance, default_tolerances, tolerance_for, tolerances_record,
+)
 
 ID = Identity.generate()
 
@@ -25,14 +27,18 @@ def test_tolerances_get_headroom_and_a_floor_and_round_trip():
         assert back == record and tolerance_for(back.body, "bf16") == c
 
 
-def test_shipped_defaults_cover_every_precision_class_with_headroom():
+def test_shipped_defaults_cover_the_calibrated_classes_with_headroom():
     record = default_tolerances(model_cid(resolve_model("agora-tiny")[0]))
     assert record is not None
-    for precision in ("fp32", "bf16", "fp16"):
+    for precision in ("fp32", "bf16"):
         c = tolerance_for(record.body, precision)
         assert c.sequences >= 400 and c.confirm_sequences >= 400 and c.headroom >= 1.5
         assert c.tok >= 1.5 * c.measured_tok and c.lp >= 1.5 * c.measured_lp and c.top >= 1.5 * c.measured_top
-        assert c.tok >= c.confirmed_tok and c.lp >= c.confirmed_lp and c.top >= c.confirmed_top
+        # ≥ 1.5× headroom over the independent honest set as well, not merely passing it
+        assert c.tok >= 1.5 * c.confirmed_tok and c.lp >= 1.5 * c.confirmed_lp and c.top >= 1.5 * c.confirmed_top
+    # fp16 is not shipped: one honest fp16 sequence in 400 deviated by 0.83 logits (see README)
+    with pytest.raises(NoTolerances, match="fp16"):
+        tolerance_for(record.body, "fp16")
     assert default_tolerances("bafyunknown") is None
 
 
