@@ -131,6 +131,7 @@ def demo(
     """Start a small Agora network on 127.0.0.1, ask it through the official openai SDK, shut it down."""
     from agoranet.cli.demo import run_demo
 
+    configure_logging(level="ERROR")  # the demo narrates; the nodes' own warnings would only interleave
     try:
         run_demo(console, prompt=prompt, max_tokens=max_tokens, seed=seed, cheater=cheater)
     except AgoraError as exc:
