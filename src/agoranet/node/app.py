@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -15,6 +15,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agoranet.core.errors import AgoraError, EngineError, RequestError
 from agoranet.node.protocol import error_body
+from agoranet.node.state import CURSOR_MAX, FEED_PAGE
+
+# Query parameters of the record feeds (receipts, verdicts, fraud proofs): bounded, so a wild
+# value is a 400, not an SQLite overflow.
+Cursor = Annotated[int, Query(ge=0, le=CURSOR_MAX, description="`next` of the previous page")]
+PageSize = Annotated[int, Query(ge=1, le=FEED_PAGE)]
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from agoranet.node.protocol import (
     DONE, ChatCompletionRequest, ChunkWriter, CompletionRequest, chat_logprob_content, chat_response,
     completion_logprobs, completion_response, error_chunk,
 )
+from agoranet.node.app import Cursor, PageSize
 from agoranet.node.state import NodeState
 
 
@@ -216,7 +217,7 @@ class Provider:
 
     async def status(self) -> dict[str, Any]:
         """Dashboard sections: this provider's signed offer and whether it can take work now."""
-        offer = await self.offer()
+        offer = self.offer()
         busy = self.active >= self.config.max_concurrency
         return {
             "offers": [{"cid": str(offer.cid), "record": offer.to_json()}],
@@ -264,11 +265,9 @@ class Provider:
             return {"cid": str(rec.cid), "record": rec.to_json()}
 
         @r.get("/agora/v1/receipts")
-        async def receipts(after: int = 0, limit: int = 100) -> dict[str, Any]:
+        async def receipts(after: Cursor = 0, limit: PageSize = 100) -> dict[str, Any]:
             """The receipts this node signed, oldest first, for verifiers to audit (`next` is the cursor)."""
-            rows = self.state.since("receipt", after, max(1, min(limit, 500)))
-            return {"receipts": [{"cid": cid, "record": decode_record(data).to_json()} for _, cid, data in rows],
-                    "next": rows[-1][0] if rows else after}
+            return self.state.feed("receipt", after, limit, "receipts")
 
         @r.get("/agora/v1/records/{cid}")
         async def record(cid: str, request: Request) -> Response:

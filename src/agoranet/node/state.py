@@ -7,7 +7,13 @@ import threading
 import time
 from pathlib import Path
 
+from typing import Any
+
 from agoranet.core.cid import CID, DAG_CBOR, cid_of
+from agoranet.core.records import decode_record
+
+FEED_PAGE = 500  # most records one feed page returns
+CURSOR_MAX = 2**62  # feed cursors are SQLite rowids; anything larger is a bad request, not a crash
 
 
 class NodeState:
@@ -48,6 +54,12 @@ class NodeState:
                 (kind, after, limit),
             ).fetchall()
         return [(int(seq), cid, bytes(data)) for seq, cid, data in rows]
+
+    def feed(self, kind: str, after: int, limit: int, key: str) -> dict[str, Any]:
+        """One page of a kind of record for HTTP: `{key: [{cid, record}], "next": cursor}`."""
+        rows = self.since(kind, max(0, after), max(1, min(limit, FEED_PAGE)))
+        return {key: [{"cid": cid, "record": decode_record(data).to_json()} for _, cid, data in rows],
+                "next": rows[-1][0] if rows else after}
 
     def count(self, kind: str) -> int:
         with self._lock:

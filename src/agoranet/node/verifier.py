@@ -31,6 +31,7 @@ from agoranet.core.records import ReceiptBody, Record, decode_canonical, decode_
 from agoranet.engine.models import model_cid, resolve_model
 from agoranet.engine.tokenizer import ByteTokenizer
 from agoranet.engine.transformers_engine import load_causal_lm
+from agoranet.node.app import Cursor, PageSize
 from agoranet.node.state import NodeState
 from agoranet.verify.records import FraudProofBody, TolerancesBody, VerdictBody
 from agoranet.verify.replay import ReplayResult, check_receipt, check_request_binding
@@ -434,16 +435,12 @@ class VerifierRole:
                     "issuer": rc.issuer, "detail": rc.detail}
 
         @r.get("/agora/v1/fraud-proofs")
-        async def proofs(after: int = 0, limit: int = 100) -> dict[str, Any]:
-            rows = self.state.since("fraud-proof", after, max(1, min(limit, 500)))
-            return {"fraud_proofs": [{"cid": cid, "record": decode_record(data).to_json()} for _, cid, data in rows],
-                    "next": rows[-1][0] if rows else after}
+        async def proofs(after: Cursor = 0, limit: PageSize = 100) -> dict[str, Any]:
+            return self.state.feed("fraud-proof", after, limit, "fraud_proofs")
 
         @r.get("/agora/v1/verdicts")
-        async def verdicts(after: int = 0, limit: int = 100) -> dict[str, Any]:
-            rows = self.state.since("verdict", after, max(1, min(limit, 500)))
-            return {"verdicts": [{"cid": cid, "record": decode_record(data).to_json()} for _, cid, data in rows],
-                    "next": rows[-1][0] if rows else after}
+        async def verdicts(after: Cursor = 0, limit: PageSize = 100) -> dict[str, Any]:
+            return self.state.feed("verdict", after, limit, "verdicts")
 
         @r.get("/agora/v1/reputation")
         async def reputation() -> dict[str, Any]:
