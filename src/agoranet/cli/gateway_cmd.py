@@ -32,26 +32,18 @@ def gateway(
                                                      help="log one JSON object per line")] = None,
 ) -> None:
     """Buy inference for your users: one OpenAI API in front of every provider the network offers."""
-    from agoranet.cli.main import console, fail, home_dir
-    from agoranet.core.errors import AgoraError
+    from agoranet.cli.main import console, home_dir, open_node
     from agoranet.core.logs import configure_logging
     from agoranet.core.settings import Settings
-    from agoranet.core.identity import Identity
     from agoranet.net.gossip import GossipConfig
     from agoranet.node.gateway import GatewayConfig
     from agoranet.node.node import build_gateway_node
-    from agoranet.node.server import bind, serve_forever, url_of
+    from agoranet.node.server import serve_forever, url_of
     from agoranet.web import mount_dashboard
 
     configure_logging(json_lines=Settings().log_json if log_json is None else log_json)
     home = home_dir(home)
-    try:
-        identity = Identity.load_or_create(home / "identity.key")
-        sock = bind(host, port)
-    except OSError as exc:
-        raise fail(f"cannot listen on {host}:{port}: {exc.strerror} (pick another --port)") from None
-    except AgoraError as exc:
-        raise fail(exc) from None
+    identity, sock = open_node(home, host, port)
     url = public_url or url_of(sock)
     config = GatewayConfig(require_keys=require_keys, stall_timeout_s=stall_timeout, connect_timeout_s=connect_timeout,
                            verifiers=tuple(verifier or []))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -34,6 +35,19 @@ WatchOpt = Annotated[Optional[list[str]], typer.Option("--watch", help="peer URL
 
 def home_dir(home: Path | None) -> Path:
     return home if home is not None else Settings().home
+
+
+def open_node(home: Path, host: str, port: int) -> tuple[Identity, socket.socket]:
+    """This node's identity (created on first run) and its listening socket, or one clear error line."""
+    from agoranet.node.server import bind
+
+    try:
+        identity = Identity.load_or_create(home / "identity.key")
+        return identity, bind(host, port)
+    except OSError as exc:
+        raise fail(f"cannot listen on {host}:{port}: {exc.strerror} (pick another --port)") from None
+    except AgoraError as exc:
+        raise fail(exc) from None
 
 
 def fail(exc: AgoraError | str) -> typer.Exit:
@@ -92,19 +106,13 @@ def provide(
     """Sell inference: serve a model over the OpenAI API with signed receipts."""
     from agoranet.cli.gateway_cmd import provider_network
     from agoranet.node.node import ProviderOptions, build_provider_node
-    from agoranet.node.server import bind, serve_forever, url_of
+    from agoranet.node.server import serve_forever, url_of
 
     from agoranet.web import mount_dashboard
 
     configure_logging(json_lines=Settings().log_json if log_json is None else log_json)
     home = home_dir(home)
-    try:
-        Identity.load_or_create(home / "identity.key")
-        sock = bind(host, port)
-    except OSError as exc:
-        raise fail(f"cannot listen on {host}:{port}: {exc.strerror} (pick another --port)") from None
-    except AgoraError as exc:
-        raise fail(exc) from None
+    _, sock = open_node(home, host, port)
     url = public_url or url_of(sock)
     opts = ProviderOptions(model=model, precision=precision, upstream=upstream, upstream_model=upstream_model,
                            threads=threads, storage_peers=storage_peer or [], max_batch=max_batch,
