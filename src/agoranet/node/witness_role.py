@@ -134,6 +134,9 @@ class WitnessRole:
                 log.info("could not check head %s of log %s: its node did not give a consistency proof",
                          head.cid, log_id)
                 return None
+            if self.witness.needs_proof(head) != sizes:  # the held head moved while we asked: ask again
+                self._pending.setdefault(str(head.cid), head)
+                return None
             self.consistency_checks += 1
             split = self.witness.judge(head, proof)
             if split is not None and not split.conclusive and (strong := await self._conclusive(url, split)):
