@@ -6,6 +6,9 @@ answers with the live records the sender lacks. Only records that verify, have n
 not issued in the future are kept (the latest per signer and type); the rest are counted by reason.
 A peer is live while its latest heartbeat is; when it lapses (missed heartbeats) the peer, its offer
 and its URL are evicted. Records carry their own proof, so they can be relayed by anyone.
+
+Roles may add record kinds of their own (`GossipKind`, e.g. signed tree heads): they travel the
+same way, are kept per signer by the same rules, and the role hears of every one that checks out.
 """
 
 from __future__ import annotations
@@ -43,6 +46,18 @@ GOSSIPED = (OfferBody, HeartbeatBody)
 
 
 @dataclass(frozen=True)
+class GossipKind:
+    """A record type a role adds to gossip: how long one lives, this node's own, and who hears of them."""
+
+    body: type[RecordBody]
+    issued_ms: Callable[[Any], int]  # when a body was signed; it is relayed until ttl_s after that
+    ttl_s: float
+    own: Callable[[], Record[Any] | None] | None = None  # this node's current one, re-read every round
+    problem: Callable[[Record[Any]], str | None] | None = None  # a kind-specific reason to reject, or None
+    observe: Callable[[Record[Any]], None] | None = None  # every new record that passes, even an older one
+
+
+@dataclass(frozen=True)
 class GossipConfig:
     interval_s: float = 2.0  # one push-pull round per interval
     fanout: int = 3  # peers contacted per round
@@ -77,6 +92,11 @@ class GossipDiscovery:
         self._watchers: list[asyncio.Queue[MembershipEvent | None]] = []
         self._client: PeerClient | None = None
         self._task: asyncio.Task[None] | None = None
+        self._kinds: dict[str, GossipKind] = {}  # record type -> kind, for kinds roles added
+
+    def add_kind(self, kind: GossipKind) -> None:
+        """Gossip one more record type besides offers and heartbeats (call before `start`)."""
+        self._kinds[kind.body.record_type] = kind
 
     # -- Discovery ------------------------------------------------------------------------------------
 
@@ -139,7 +159,14 @@ class GossipDiscovery:
                 continue
             key = (record.signer, record.type)
             held = self._records.get(key)
-            if held is not None and (held.body.issued_ms, str(held.cid)) >= (record.body.issued_ms, str(record.cid)):
+            if held is not None and held.cid == record.cid:
+                continue
+            if (kind := self._kinds.get(record.type)) is not None and kind.observe is not None:
+                try:  # told even of records older than the one held: a role may compare them
+                    kind.observe(record)
+                except Exception:
+                    log.exception("observing a gossiped %s failed", record.type)
+            if held is not None and (self._issued(held), str(held.cid)) >= (self._issued(record), str(record.cid)):
                 continue  # we already hold this one or a newer one
             if held is None and len(self._records) >= self.config.max_records:
                 self._reject("full")
@@ -151,11 +178,25 @@ class GossipDiscovery:
             self._sweep()
         return kept
 
+    def _issued(self, record: Record[Any]) -> int:
+        kind = self._kinds.get(record.type)
+        return kind.issued_ms(record.body) if kind is not None else record.body.issued_ms
+
+    def _expires(self, record: Record[Any]) -> int:
+        kind = self._kinds.get(record.type)
+        return kind.issued_ms(record.body) + int(kind.ttl_s * 1000) if kind is not None else record.body.expires_ms
+
     def _problem(self, record: Record[Any]) -> str | None:
         body = record.body
+        now = self.clock()
+        if (kind := self._kinds.get(record.type)) is not None and isinstance(body, kind.body):
+            if self._issued(record) > now + self.config.max_clock_skew_s * 1000:
+                return "from_future"
+            if self._expires(record) <= now:
+                return "expired"
+            return kind.problem(record) if kind.problem is not None else None
         if not isinstance(body, GOSSIPED):
             return "wrong_type"
-        now = self.clock()
         ttl_cap = self.config.max_offer_ttl_s if isinstance(body, OfferBody) else self.config.max_heartbeat_ttl_s
         if body.issued_ms > now + self.config.max_clock_skew_s * 1000:
             return "from_future"
@@ -197,12 +238,15 @@ class GossipDiscovery:
             expires_ms=now + int(ttl * 1000),
         ))
         self._records[(hb.signer, hb.type)] = hb
+        for kind in self._kinds.values():
+            if kind.own is not None and (own := kind.own()) is not None:
+                self._records[(own.signer, own.type)] = own
 
     def _sweep(self) -> None:
         """Drop expired records and peers whose heartbeat lapsed; tell watchers who came and went."""
         now = self.clock()
         for key, record in list(self._records.items()):
-            if record.body.expires_ms <= now:
+            if self._expires(record) <= now:
                 del self._records[key]
         live = {signer: r.body.url for (signer, t), r in self._records.items() if t == HeartbeatBody.record_type}
         for peer, url in live.items():

@@ -17,6 +17,7 @@ import random
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -102,11 +103,15 @@ class Router:
         self.health: dict[str, ProviderHealth] = {}
         self.rng = rng or random.Random()
         self.verifiers = verifiers
+        # Further reasons to shut a provider out, by peer id (e.g. its transparency log forked).
+        self.exclusions: list[Callable[[str], bool]] = []
 
     def of(self, peer: str) -> ProviderHealth:
         return self.health.setdefault(peer, ProviderHealth())
 
     def plan(self, candidates: list[Candidate], prefs: ProviderPreferences) -> list[Candidate]:
+        if self.exclusions:
+            candidates = [c for c in candidates if not any(excluded(c.peer) for excluded in self.exclusions)]
         if self.verifiers is not None:  # a proven fraud shuts a provider out, whatever the user asked
             candidates = [c for c in candidates if not self.verifiers.excluded(c.peer)]
             if prefs.require_verified:

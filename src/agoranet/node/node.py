@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from agoranet.core.identity import Identity
 from agoranet.engine.base import Engine
 from agoranet.log.transparency import TransparencyLog
+from agoranet.log.witness import Witness
 from agoranet.net.gossip import GossipConfig, GossipDiscovery
 from agoranet.node.app import create_app
 from agoranet.node.gateway import Gateway, GatewayConfig
@@ -19,10 +20,12 @@ from agoranet.node.log_role import LogRole
 from agoranet.node.network import NetworkRole
 from agoranet.node.provider import Provider, ProviderConfig
 from agoranet.node.state import NodeState
+from agoranet.node.witness_role import WitnessRole
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+WITNESS_FILE = "witness.db"  # the heads this node has verified of other logs, and split views
 
 
 @dataclass
@@ -81,6 +84,8 @@ def build_provider_node(home: Path, public_url: str, opts: ProviderOptions, *,
     if peers:
         discovery = GossipDiscovery(identity, public_url, peers, roles=["provider"], config=gossip)
         discovery.announce(provider.offer)
+        # Gossips this node's signed tree head and witnesses every other log's.
+        roles.append(WitnessRole(Witness(home / WITNESS_FILE), discovery, own_log=log_role.log))
         roles.append(NetworkRole(discovery))  # started after the engine, stopped before it
     return create_app(roles, max_request_bytes=max_request_bytes, title="Agora provider"), provider
 
@@ -92,5 +97,8 @@ def build_gateway_node(home: Path, public_url: str, peers: list[str], *, config:
     identity = Identity.load(home / "identity.key")
     discovery = GossipDiscovery(identity, public_url, peers, roles=["gateway"], config=gossip)
     gateway = Gateway(identity, discovery, config, KeyStore(home / KEYS_FILE))
-    app = create_app([NetworkRole(discovery), gateway], max_request_bytes=max_request_bytes, title="Agora gateway")
+    witness = WitnessRole(Witness(home / WITNESS_FILE), discovery)
+    gateway.router_state.exclusions.append(witness.untrusted)  # a provider whose log forked gets no traffic
+    app = create_app([witness, NetworkRole(discovery), gateway], max_request_bytes=max_request_bytes,
+                     title="Agora gateway")
     return app, gateway
