@@ -223,7 +223,9 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @invariant()
     def the_log_replays_to_the_same_balances(self) -> None:
-        assert self.ledger.replay() == {k: v for k, v in self.ledger.balances().items() if v or ":" not in k}
+        # As functions of the account (absent = 0): an account emptied to 0 may or may not be listed.
+        nonzero = lambda balances: {k: v for k, v in balances.items() if v}  # noqa: E731
+        assert nonzero(self.ledger.replay()) == nonzero(self.ledger.balances())
 
 
 TestLedgerProperties = LedgerMachine.TestCase
