@@ -30,11 +30,16 @@ def net(tmp_path_factory):
     prov, prov_role = start_provider(root / "p", ProviderOptions(pricing=PRICES),
                                      engine=StubEngine(model_name="agora-tiny"), peers=[gw.url],
                                      gossip=GossipConfig(interval_s=FAST_GOSSIP))
+    slow, slow_role = start_provider(root / "slow", ProviderOptions(pricing=PRICES),
+                                     engine=StubEngine(model_name="slow", token_delay_s=0.05), peers=[gw.url],
+                                     gossip=GossipConfig(interval_s=FAST_GOSSIP))
     peer = str(prov_role.identity.peer_id)
-    wait_for(lambda: peer in gateway.discovery.members(), what="the provider")
+    wait_for(lambda: {peer, str(slow_role.identity.peer_id)} <= set(gateway.discovery.members()),
+             what="the providers")
     try:
         yield gw.url, gateway, peer, root / "gw"
     finally:
+        slow.stop()
         prov.stop()
         gw.stop()
 
@@ -94,6 +99,21 @@ def test_a_request_that_fails_refunds_its_whole_hold(net):
     assert len(moves) == 4  # hold and full refund, twice
 
 
+def test_a_stream_the_client_abandons_is_refunded(net):
+    url, gateway, _, _ = net
+    key_id, secret = funded(gateway, "fay", 10_000)
+    with httpx.stream("POST", f"{url}/v1/chat/completions", headers={"authorization": f"Bearer {secret}"}, timeout=30,
+                      json={"model": "slow", "messages": MSG, "max_tokens": 100, "stream": True}) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        while "content" not in next(lines):
+            pass
+        assert balance(gateway, key_id) < 10_000  # held while it streams
+    # no receipt was signed for the abandoned answer, so the whole hold comes back
+    wait_for(lambda: balance(gateway, key_id) == 10_000 and no_escrow_open(gateway), timeout=10,
+             what="the abandoned stream's refund")
+
+
 def test_an_unfunded_key_gets_402_and_nothing_changes(net):
     url, gateway, _, _ = net
     _, broke = funded(gateway, "cy", 0)
@@ -135,6 +155,7 @@ def test_concurrent_requests_conserve_every_credit(net):
     assert users_before - sum(balance(gateway, k) for k, _ in keys) == sum(charges)
     assert ledger.balance(provider(peer)) - earned_before == sum(charges)
     assert ledger.replay() == ledger.balances()
+    assert gateway.credits.status()["credits"]["held"] == 0 and gateway.credits.status()["credits"]["open_requests"] == 0
 
 
 def test_the_provider_proves_its_earnings_and_the_gateway_log_audits(net):
