@@ -209,6 +209,21 @@ class LedgerMachine(RuleBasedStateMachine):
         if cost + fee <= held:
             assert rid not in self.open
 
+    @precondition(lambda self: self.open)
+    @rule(data=st.data(), costs=st.lists(st.integers(0, 1_200), max_size=3))
+    def settle_many(self, data: st.DataObject, costs: list[int]) -> None:
+        """A failover pays several providers from one escrow; no payment at all refunds it whole."""
+        rid = data.draw(st.sampled_from(self.open))
+        held = self.ledger.escrow(rid)[1]
+        payees = [provider(f"12D3KooWP{i}") for i in range(len(costs))]
+
+        def go() -> None:
+            self.ledger.settle_many(rid, list(zip(payees, costs)))
+            self.open.remove(rid)
+
+        self.attempt(go)
+        assert (rid in self.open) == (sum(costs) > held)
+
     @invariant()
     def balances_never_negative_and_total_conserved(self) -> None:
         balances = self.ledger.balances()

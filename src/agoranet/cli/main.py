@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from agoranet.cli.credits_cmd import credits_app
 from agoranet.cli.gateway_cmd import GossipIntervalOpt, PeerOpt, gateway, keys_app
 from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
@@ -24,6 +25,7 @@ console = Console(emoji=False, highlight=False, soft_wrap=True)
 err = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
 
 app.add_typer(log_app, name="log")
+app.add_typer(credits_app, name="credits")
 app.add_typer(store_app, name="store")
 app.add_typer(verify_app, name="verify")
 

@@ -144,15 +144,29 @@ class CreditLedger:
         verifier_fee: int = 0,
     ) -> list[Record[CreditMoveBody]]:
         """Escrow → provider (cost) and verifier (fee); the rest goes back to the user. Once per request."""
-        _check_account(provider_account)
-        if verifier_account is not None:
-            _check_account(verifier_account)
         for value, what in ((cost, "cost"), (verifier_fee, "verifier fee")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidAmount(f"{what} must be a whole number of micro-credits, at least zero, got {value!r}")
         if verifier_fee and verifier_account is None:
             raise InvalidAmount("a verifier fee needs a verifier account to pay")
+        payments = [(provider_account, cost)]
+        if verifier_account is not None:
+            payments.append((verifier_account, verifier_fee))
+        return self.settle_many(request_id, payments)
+
+    def settle_many(self, request_id: str, payments: Iterable[tuple[str, int]]) -> list[Record[CreditMoveBody]]:
+        """Escrow → each (account, amount) in order, the rest back to the user; no payments refunds it all.
+
+        A request served by several providers (failover) pays each of them from one escrow. Once per request.
+        """
+        payments = list(payments)
+        for account, amount in payments:
+            _check_account(account)
+            if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+                raise InvalidAmount(f"payment to {account} must be a whole number of micro-credits, at least "
+                                    f"zero, got {amount!r}")
         escrow = _escrow(request_id)
+        total = sum(amount for _, amount in payments)
         with self.log.transaction() as tx:
             row = tx.conn.execute(
                 "SELECT user, held, settled FROM credit_escrows WHERE request_id = ?", (request_id,)
@@ -162,16 +176,11 @@ class CreditLedger:
             account, held, settled = row
             if settled:
                 raise EscrowError(f"request {request_id!r} was already settled")
-            if cost + verifier_fee > held:
-                raise EscrowError(
-                    f"request {request_id!r} costs {cost} + fee {verifier_fee}, more than the {held} held"
-                )
-            moves = []
-            if cost:
-                moves.append(self._move(tx, "settle", escrow, provider_account, cost, request_id))
-            if verifier_fee and verifier_account is not None:
-                moves.append(self._move(tx, "settle", escrow, verifier_account, verifier_fee, request_id))
-            if refund := held - cost - verifier_fee:
+            if total > held:
+                shown = " + ".join(str(amount) for _, amount in payments)
+                raise EscrowError(f"request {request_id!r} costs {shown}, more than the {held} held")
+            moves = [self._move(tx, "settle", escrow, payee, amount, request_id) for payee, amount in payments if amount]
+            if refund := held - total:
                 moves.append(self._move(tx, "refund", escrow, account, refund, request_id))
             tx.conn.execute("UPDATE credit_escrows SET settled = 1 WHERE request_id = ?", (request_id,))
             tx.conn.execute("DELETE FROM credit_accounts WHERE name = ? AND balance = 0", (escrow,))

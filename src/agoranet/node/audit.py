@@ -27,6 +27,7 @@ class VerifierLink:
         self.verifiers = [v.rstrip("/") for v in verifiers]
         self.interval_s = interval_s
         self.standing: dict[str, ProviderStanding] = {}
+        self.peer_ids: dict[str, str] = {}  # verifier URL -> the peer id it names in its reputation table
         self.submitted = 0
         self._http = httpx.AsyncClient(timeout=timeout_s)
         self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
@@ -52,6 +53,10 @@ class VerifierLink:
         s = self.standing.get(peer)
         return s is not None and s.passed > 0 and not s.excluded
 
+    def fee_payee(self) -> str | None:
+        """The verifier that verification fees go to: the first configured one whose peer id is known."""
+        return next((self.peer_ids[url] for url in self.verifiers if url in self.peer_ids), None)
+
     def submit(self, receipt: dict[str, Any], node_url: str) -> None:
         """Queue a relayed receipt for the verifiers (they audit a share of what they are sent)."""
         if self.verifiers:
@@ -63,10 +68,13 @@ class VerifierLink:
         merged: dict[str, ProviderStanding] = {}
         for url in self.verifiers:
             try:
-                table = (await self._http.get(f"{url}/agora/v1/reputation")).json()["providers"]
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                answer = (await self._http.get(f"{url}/agora/v1/reputation")).json()
+                table = answer["providers"]
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
                 log.warning("verifier %s did not answer: %s", url, exc)
                 continue
+            if isinstance(answer.get("verifier"), str):
+                self.peer_ids[url] = answer["verifier"]
             for peer, row in table.items():
                 s = merged.setdefault(peer, ProviderStanding())
                 s.verified += int(row.get("verified", 0))

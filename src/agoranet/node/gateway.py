@@ -24,6 +24,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from agoranet.core.errors import RecordError, RequestError
 from agoranet.core.identity import Identity
@@ -32,6 +33,7 @@ from agoranet.engine.base import Generation
 from agoranet.net.discovery import Discovery
 from agoranet.net.peer import PeerClient, PeerRefused, PeerStream, PeerUnreachable
 from agoranet.node.audit import VerifierLink
+from agoranet.node.credits_role import CreditsRole, Escrow, PriceBound, max_price, prompt_token_bound
 from agoranet.node.keys import ApiKey, KeyStore
 from agoranet.node.protocol import (
     DONE, ChatCompletionRequest, ChunkWriter, CompletionRequest, ProviderPreferences, error_chunk,
@@ -54,6 +56,8 @@ class GatewayConfig:
     default_max_tokens: int = 64  # set explicitly, so a continuation knows how many tokens remain
     verifiers: tuple[str, ...] = ()  # verifier URLs: receipts go to them, their reputations steer routing
     reputation_interval_s: float = 2.0
+    charge_credits: bool = False  # bill each request to its API key's credits (implies keys are required)
+    verifier_fee_ppm: int = 0  # verifiers' fee, in millionths of the providers' charge, paid by the user
 
 
 @dataclass
@@ -189,14 +193,18 @@ class _Job:
     max_tokens: int
     tried: list[str] = field(default_factory=list)
     parts: list[dict[str, Any]] = field(default_factory=list)  # {receipt_cid, receipt, provider} per provider
+    escrow: Escrow | None = None  # the credits held for this request, when the gateway charges
 
 
 class Gateway:
     def __init__(self, identity: Identity, discovery: Discovery, config: GatewayConfig | None = None,
-                 keys: KeyStore | None = None) -> None:
+                 keys: KeyStore | None = None, credits: CreditsRole | None = None) -> None:
         self.identity, self.discovery = identity, discovery
         self.config = config or GatewayConfig()
         self.keys = keys
+        self.credits = credits
+        if self.config.charge_credits and (credits is None or keys is None):
+            raise ValueError("a gateway that charges credits needs a key store and a credit ledger")
         self.verifiers = VerifierLink(list(self.config.verifiers), interval_s=self.config.reputation_interval_s)
         self.router_state = Router(self.config, verifiers=self.verifiers)
         self.client: PeerClient | None = None
@@ -221,7 +229,7 @@ class Gateway:
 
     async def _job(self, kind: Kind, req: ChatCompletionRequest | CompletionRequest, authorization: str | None) -> _Job:
         key = None
-        if self.config.require_keys:
+        if self.config.require_keys or self.config.charge_credits:
             if self.keys is None:
                 raise RequestError("this gateway requires API keys but has no key store", status=500)
             key = self.keys.authorize(authorization)
@@ -249,6 +257,33 @@ class Gateway:
             body["stream_options"] = {"include_usage": True}
         return _Job(kind, req, body, plan, key, request_id, max_tokens)
 
+    # -- credits --------------------------------------------------------------------------------------
+
+    async def _hold(self, job: _Job) -> None:
+        """Hold the request's maximum price (see credits_role) from its key's account, or refuse with 402."""
+        if not self.config.charge_credits or job.key is None or self.credits is None:
+            return
+        amount = max_price(prompt_token_bound(job.req), job.max_tokens,
+                           [PriceBound(c.model.input_per_mtok, c.model.output_per_mtok, c.model.context_length)
+                            for c in job.plan],
+                           fee_ppm=self.config.verifier_fee_ppm)
+        job.escrow = await self.credits.hold(job.key.id, job.request_id, amount)
+
+    def _settle_args(self, job: _Job) -> tuple[list[dict[str, Any]], str | None]:
+        return [p["receipt"] for p in job.parts], self.verifiers.fee_payee()
+
+    async def _settle(self, job: _Job) -> None:
+        """Pay the receipts' charges from the hold and refund the rest (all of it when nothing was served)."""
+        if job.escrow is not None and self.credits is not None and not job.escrow.settled:
+            receipts, payee = self._settle_args(job)
+            await self.credits.settle(job.escrow, receipts, verifier_peer=payee)
+
+    def _settle_now(self, job: _Job) -> None:
+        """The same, blocking: for a stream that was cancelled and may await nothing more."""
+        if job.escrow is not None and self.credits is not None and not job.escrow.settled:
+            receipts, payee = self._settle_args(job)
+            self.credits.settle_now(job.escrow, receipts, verifier_peer=payee)
+
     def _next(self, job: _Job) -> Candidate | None:
         for c in job.plan:
             if c.peer not in job.tried:
@@ -273,7 +308,10 @@ class Gateway:
 
     def _agora(self, job: _Job) -> dict[str, Any]:
         last = job.parts[-1] if job.parts else {}
-        return {**last, "receipts": job.parts, "request_id": job.request_id, "gateway": str(self.identity.peer_id)}
+        agora = {**last, "receipts": job.parts, "request_id": job.request_id, "gateway": str(self.identity.peer_id)}
+        if (e := job.escrow) is not None and e.settled:
+            agora["credits"] = {"held": e.held, "charged": e.charged, "verifier_fee": e.fee, "balance": e.balance}
+        return agora
 
     def _meter(self, job: _Job, tokens: int) -> None:
         if job.key is not None and self.keys is not None:
@@ -285,8 +323,20 @@ class Gateway:
     async def serve(self, kind: Kind, req: ChatCompletionRequest | CompletionRequest,
                     authorization: str | None) -> Response:
         job = await self._job(kind, req, authorization)
-        if req.stream:
-            return await self._serve_stream(job)
+        await self._hold(job)
+        streaming = False
+        try:
+            if req.stream:
+                response = await self._serve_stream(job)
+                streaming = True  # the stream settles its hold when it ends
+                return response
+            return await self._serve_plain(job)
+        finally:
+            if not streaming:
+                await self._settle(job)
+
+    async def _serve_plain(self, job: _Job) -> Response:
+        kind, req = job.kind, job.req
         assert self.client is not None
         last_error: Exception | None = None
         while (cand := self._next(job)) is not None:
@@ -318,6 +368,7 @@ class Gateway:
             self.router_state.succeeded(cand.peer, ttft_s=elapsed, tokens=usage.get("completion_tokens", 0),
                                         duration_s=elapsed)
             self._meter(job, usage.get("total_tokens", 0))
+            await self._settle(job)
             body["agora"] = self._agora(job)
             return JSONResponse(body, headers={"x-agora-receipt": part["receipt_cid"]})
         raise RequestError(f"every provider tried for {req.model!r} failed ({len(job.tried)} tried); last error: "
@@ -345,7 +396,10 @@ class Gateway:
         if opened is None:
             raise RequestError(f"no provider for {job.req.model!r} could be reached ({len(job.tried)} tried)",
                                status=502, code="providers_failed", type="server_error")
-        return EventSourceResponse(self._relay(job, *opened), sep="\n", ping=15)
+        # Settling is idempotent: the stream settles when it ends; the background task covers a stream
+        # whose generator never started (the client left at once).
+        return EventSourceResponse(self._relay(job, *opened), sep="\n", ping=15,
+                                   background=BackgroundTask(self._settle_now, job))
 
     async def _relay(self, job: _Job, cand: Candidate, stream: PeerStream):
         req = job.req
@@ -354,9 +408,9 @@ class Gateway:
                              model=req.model, token_text=None, top_k=req.wanted_top, want_logprobs=want_lp)
         tokens: list[int] = []  # ids of every token whose text the client has been sent
         prompt_tokens, completion_tokens, finish = 0, 0, "length"
-        if (opening := writer.first()) is not None:
-            yield {"data": opening}
         try:
+            if (opening := writer.first()) is not None:
+                yield {"data": opening}
             while True:
                 health = self.router_state.of(cand.peer)
                 health.in_flight += 1
@@ -412,6 +466,7 @@ class Gateway:
                     return
                 cand, stream = opened
                 log.info("continuing request %s on %s after %d tokens", job.request_id, cand.url, len(tokens))
+            await self._settle(job)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             gen = Generation(prompt_tokens=prompt_tokens, finish_reason=finish, completion_tokens=completion_tokens)
             for chunk in writer.last(gen, include_usage=include_usage, agora=self._agora(job)):
@@ -421,6 +476,8 @@ class Gateway:
         except asyncio.CancelledError:
             await stream.aclose()  # the client went away: stop the provider's generation too
             raise
+        finally:
+            self._settle_now(job)  # failed or cancelled: pay what receipts came, refund the rest
 
     # -- routes ---------------------------------------------------------------------------------------
 

@@ -85,6 +85,16 @@ class KeyStore:
 
     def authorize(self, authorization: str | None) -> ApiKey:
         """The key a request's `Authorization: Bearer …` names, if it is valid, unrevoked, within limits."""
+        key = self.identify(authorization)
+        if key.quota_tokens and key.used_tokens >= key.quota_tokens:
+            raise RequestError(f"this API key has used its quota of {key.quota_tokens} tokens", status=429,
+                               code="quota_exceeded", type="insufficient_quota")
+        if key.rate_per_min:
+            self._count_request(key)
+        return key
+
+    def identify(self, authorization: str | None) -> ApiKey:
+        """The valid, unrevoked key a request names, without counting it against its limits."""
         secret = (authorization or "").removeprefix("Bearer ").strip()
         parts = secret.split("_")
         if len(parts) < 3 or parts[0] != "agk":
@@ -98,11 +108,6 @@ class KeyStore:
         if key.revoked:
             raise RequestError("this API key was revoked", status=401, code="revoked_api_key",
                                type="authentication_error")
-        if key.quota_tokens and key.used_tokens >= key.quota_tokens:
-            raise RequestError(f"this API key has used its quota of {key.quota_tokens} tokens", status=429,
-                               code="quota_exceeded", type="insufficient_quota")
-        if key.rate_per_min:
-            self._count_request(key)
         return key
 
     def _count_request(self, key: ApiKey) -> None:

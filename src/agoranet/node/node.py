@@ -10,10 +10,12 @@ from fastapi import FastAPI
 
 from agoranet.core.identity import Identity
 from agoranet.engine.base import Engine
+from agoranet.log.credits import CreditLedger
 from agoranet.log.transparency import TransparencyLog
 from agoranet.log.witness import Witness
 from agoranet.net.gossip import GossipConfig, GossipDiscovery
 from agoranet.node.app import create_app
+from agoranet.node.credits_role import CreditsRole
 from agoranet.node.gateway import Gateway, GatewayConfig
 from agoranet.node.keys import KEYS_FILE, KeyStore
 from agoranet.node.log_role import LogRole
@@ -95,10 +97,16 @@ def build_gateway_node(home: Path, public_url: str, peers: list[str], *, config:
                        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> tuple[FastAPI, Gateway]:
     """A gateway node: discovers providers by gossip (seeded with `peers`) and routes users to them."""
     identity = Identity.load(home / "identity.key")
+    config = config or GatewayConfig()
     discovery = GossipDiscovery(identity, public_url, peers, roles=["gateway"], config=gossip)
-    gateway = Gateway(identity, discovery, config, KeyStore(home / KEYS_FILE))
-    witness = WitnessRole(Witness(home / WITNESS_FILE), discovery)
+    keys = KeyStore(home / KEYS_FILE)
+    log_role = LogRole(TransparencyLog(home / "log.db", identity))  # the credit ledger's moves, auditable
+    credits = CreditsRole(CreditLedger(log_role.log), keys, verifier_fee_ppm=config.verifier_fee_ppm)
+    gateway = Gateway(identity, discovery, config, keys, credits)
+    # Gossips the gateway's own head too (its ledger is in its log) and witnesses every other log's.
+    witness = WitnessRole(Witness(home / WITNESS_FILE), discovery, own_log=log_role.log)
     gateway.router_state.exclusions.append(witness.untrusted)  # a provider whose log forked gets no traffic
-    app = create_app([witness, NetworkRole(discovery), gateway], max_request_bytes=max_request_bytes,
+    # Stopped in reverse: the gateway first, then open holds are refunded, and the log closes last.
+    app = create_app([log_role, credits, witness, NetworkRole(discovery), gateway], max_request_bytes=max_request_bytes,
                      title="Agora gateway")
     return app, gateway
