@@ -97,3 +97,22 @@ def test_gateway_never_answers_5xx(gateway_url):
 def test_verifier_never_answers_5xx(verifier_url):
     called = fuzz_node(verifier_url, examples=25)
     assert {"POST /agora/v1/verify", "POST /agora/v1/fraud-proofs", "GET /agora/v1/reputation"} <= set(called)
+
+
+@pytest.mark.parametrize("node", ["", "x", "ftp://a", "http://[::1", "http://127.0.0.1:9"])
+def test_verifier_refuses_an_unusable_node_url_with_a_4xx(verifier_url, node):
+    """Found by the fuzzer: an unparsable or unreachable `node` used to escape as a 500."""
+    import httpx
+
+    r = httpx.post(f"{verifier_url}/agora/v1/verify", json={"receipt_cid": "bafyx", "node": node}, timeout=30)
+    assert 400 <= r.status_code < 500 and r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("path", ["/agora/v1/fraud-proofs", "/agora/v1/verdicts"])
+def test_a_cursor_beyond_sqlite_integers_is_just_past_the_end(verifier_url, path):
+    """Found by the fuzzer: `?after=` over 2**63 used to raise OverflowError (500) in NodeState.since."""
+    import httpx
+
+    for after in (10**30, -(10**30)):
+        r = httpx.get(f"{verifier_url}{path}", params={"after": after})
+        assert r.status_code == 200, r.text
