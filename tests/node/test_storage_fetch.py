@@ -1,10 +1,17 @@
 import asyncio
 
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import Response
 from typer.testing import CliRunner
 
 from agoranet.cli.store_cmd import store_app
-from agoranet.net.storage_client import fetch_dag
+from agoranet.net.storage_client import FetchFailed, FetchStats, fetch_dag
+from agoranet.net.storage_protocol import BLOCKS
+from agoranet.node.server import BackgroundServer, bind
+from agoranet.node.storage_role import StorageRole
 from agoranet.store import Blockstore, add_path
+from agoranet.store.errors import CorruptBlock
 
 KiB = 1 << 10
 
@@ -46,3 +53,40 @@ def test_cli_fetch_from_a_dead_peer_fails_in_one_line(tmp_path):
     r = CliRunner().invoke(store_app, ["fetch", "bafkreifjjcie6lypi6ny7amxnfftagclbuxndqonfipmb64f2km2devei4",
                                        "--peer", "http://127.0.0.1:9", "--home", str(tmp_path)])
     assert r.exit_code == 1 and "could supply" in r.output
+
+
+@pytest.fixture
+def lying_peer():
+    """A storage peer that answers every block request with bytes that do not match the CID."""
+    app = FastAPI()
+
+    @app.get(BLOCKS + "/{cid}")
+    async def block(cid: str) -> Response:
+        return Response(b"not the block you asked for " + cid.encode(), media_type="application/octet-stream")
+
+    with BackgroundServer(app, bind()) as server:
+        yield server.url
+
+
+def test_a_peer_serving_wrong_blocks_is_refused_counted_and_routed_around(storage_peers, lying_peer, tmp_path):
+    [honest] = storage_peers(1, recheck_interval=3600)
+    root, src = seed([honest], tmp_path)
+    store = Blockstore(tmp_path / "client")
+    stats = asyncio.run(fetch_dag(store, root, [lying_peer, honest.url], streams_per_peer=1))
+    assert store.missing(root) == [] and store.verify_all() == []
+    assert stats.forged[lying_peer] >= 1 and set(stats.by_peer) == {honest.url}
+
+    only_liar = FetchStats()
+    with pytest.raises(FetchFailed):
+        asyncio.run(fetch_dag(Blockstore(tmp_path / "c2"), root, [lying_peer], stats=only_liar))
+    assert only_liar.forged[lying_peer] == 1 and len(Blockstore(tmp_path / "c2").cids()) == 0
+
+
+def test_storage_role_counts_forged_blocks_in_its_metrics(lying_peer, tmp_path):
+    role = StorageRole(tmp_path / "peer", "http://127.0.0.1:9", [lying_peer])
+    cid = role.store.put(b"a block that will rot on disk")
+    role.store.path_of(cid).write_bytes(b"rotten")
+    with pytest.raises(CorruptBlock):  # healing asks the liar, whose copy is refused
+        role.store.get(cid)
+    assert role.metrics()["store_forged_blocks_total"] == 1
+    role.store.close()

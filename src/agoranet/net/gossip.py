@@ -9,6 +9,10 @@ and its URL are evicted. Records carry their own proof, so they can be relayed b
 
 Roles may add record kinds of their own (`GossipKind`, e.g. signed tree heads): they travel the
 same way, are kept per signer by the same rules, and the role hears of every one that checks out.
+
+Against hostile peers: each signer gets a token bucket of new records (a flood is rejected as
+`rate_limited`), and the newest issue time seen per signer and type outlives eviction, so a replayed
+older record never rolls state back (`stale`).
 """
 
 from __future__ import annotations
@@ -61,12 +65,38 @@ class GossipKind:
 class GossipConfig:
     interval_s: float = 2.0  # one push-pull round per interval
     fanout: int = 3  # peers contacted per round
-    missed_heartbeats: int = 3  # a peer is dead once this many intervals pass without a heartbeat
+    # A peer is dead once this many intervals pass without a heartbeat. 6, not 3: under a 500-client load
+    # a saturated node's gossip rounds run late, and 3 evicted live providers (3% of requests got 404).
+    missed_heartbeats: int = 6
     max_clock_skew_s: float = 10.0  # records issued further in the future are rejected
     max_heartbeat_ttl_s: float = 60.0  # a heartbeat never keeps a peer alive longer than this
     max_offer_ttl_s: float = 24 * 3600.0
     max_records: int = 4096
     request_timeout_s: float = 2.0
+    signer_records_per_s: float = 10.0  # new records accepted per signer (a node issues ~2 per round)
+    signer_burst: int = 40
+    pushes_per_s: float = 20.0  # gossip pushes answered per client address (NetworkRole)
+    push_burst: int = 60
+    max_response_bytes: int = 4 << 20  # a peer's gossip answer larger than this is dropped
+
+
+class RateLimiter:
+    """Token buckets keyed by sender (signer or client address); the least recently seen key goes first."""
+
+    def __init__(self, rate: float, burst: int, *, max_keys: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.max_keys, self.clock = rate, burst, max_keys, clock
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def allow(self, key: str) -> bool:
+        now = self.clock()
+        tokens, last = self._buckets.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return allowed
 
 
 def now_ms() -> int:
@@ -86,6 +116,10 @@ class GossipDiscovery:
         self.accepted = 0
         self.rounds = 0
         self._records: dict[tuple[str, str], Record[Any]] = {}  # (signer, type) -> latest record
+        # (signer, type) -> newest issued_ms ever accepted; kept after eviction so replays cannot roll back
+        self._newest: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
+        self._signer_limit = RateLimiter(self.config.signer_records_per_s, self.config.signer_burst,
+                                         clock=lambda: self.clock() / 1000)
         self._live: dict[str, str] = {}  # peer id -> url, as of the last sweep
         self._offer_source: OfferSource | None = None
         self._seq = 0
@@ -168,10 +202,19 @@ class GossipDiscovery:
                     log.exception("observing a gossiped %s failed", record.type)
             if held is not None and (self._issued(held), str(held.cid)) >= (self._issued(record), str(record.cid)):
                 continue  # we already hold this one or a newer one
+            if held is None and self._issued(record) < self._newest.get(key, -1):
+                # Older than one we held and evicted: a replay. The same record again is no rollback
+                # (a returning provider's unchanged offer is relayed back after its eviction).
+                self._reject("stale")
+                continue
             if held is None and len(self._records) >= self.config.max_records:
                 self._reject("full")
                 continue
+            if not self._signer_limit.allow(record.signer):
+                self._reject("rate_limited")
+                continue
             self._records[key] = record
+            self._remember(key, self._issued(record))
             self.accepted += 1
             kept += 1
         if kept:
@@ -185,6 +228,12 @@ class GossipDiscovery:
     def _expires(self, record: Record[Any]) -> int:
         kind = self._kinds.get(record.type)
         return kind.issued_ms(record.body) + int(kind.ttl_s * 1000) if kind is not None else record.body.expires_ms
+
+    def _remember(self, key: tuple[str, str], issued_ms: int) -> None:
+        self._newest.pop(key, None)
+        self._newest[key] = issued_ms
+        while len(self._newest) > 4 * self.config.max_records:
+            self._newest.popitem(last=False)  # a record this old has expired by now in all likelihood
 
     def _problem(self, record: Record[Any]) -> str | None:
         body = record.body
@@ -230,6 +279,7 @@ class GossipDiscovery:
             offer = self._offer_source()
             offer_cid = str(offer.cid)
             self._records[(offer.signer, offer.type)] = offer
+            self._remember((offer.signer, offer.type), offer.body.issued_ms)
         self._seq += 1
         # Never under 3 s: a busy node's rounds run late, and that alone must not get it evicted.
         ttl = min(max(self.config.interval_s * self.config.missed_heartbeats, 3.0), self.config.max_heartbeat_ttl_s)
@@ -238,6 +288,7 @@ class GossipDiscovery:
             expires_ms=now + int(ttl * 1000),
         ))
         self._records[(hb.signer, hb.type)] = hb
+        self._remember((hb.signer, hb.type), hb.body.issued_ms)
         for kind in self._kinds.values():
             if kind.own is not None and (own := kind.own()) is not None:
                 self._records[(own.signer, own.type)] = own
@@ -284,7 +335,7 @@ class GossipDiscovery:
     async def _exchange_with(self, url: str) -> None:
         assert self._client is not None
         try:
-            answer = await self._client.gossip(url, self.live_records())
+            answer = await self._client.gossip(url, self.live_records(), max_bytes=self.config.max_response_bytes)
         except PeerError as exc:
             log.debug("gossip with %s failed: %s", url, exc)
             return
@@ -298,6 +349,14 @@ class GossipDiscovery:
                 log.exception("gossip round failed")
             # jitter keeps nodes started together from gossiping in lockstep
             await asyncio.sleep(self.config.interval_s * (0.75 + 0.5 * random.random()))
+
+    def metrics(self) -> dict[str, float]:
+        """Flat readings for /metrics: records accepted and rejected (all reasons), members held."""
+        return {"gossip_records_accepted_total": self.accepted,
+                "gossip_records_rejected_total": sum(self.rejected.values()),
+                "gossip_records_rate_limited_total": self.rejected["rate_limited"],
+                "gossip_records_stale_total": self.rejected["stale"],
+                "gossip_members": len(self.members()), "gossip_records": len(self._records)}
 
     def stats(self) -> dict[str, Any]:
         return {"peer": str(self.identity.peer_id), "url": self.url, "members": self.members(),

@@ -70,9 +70,23 @@ class PeerClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def gossip(self, url: str, records: list[dict[str, Any]]) -> list[Any]:
-        """Push our live records to a peer; get back the ones we lack."""
-        body = await self.post_json(url, "/agora/v1/gossip", {"records": records})
+    async def gossip(self, url: str, records: list[dict[str, Any]], *, max_bytes: int = 4 << 20) -> list[Any]:
+        """Push our live records to a peer; get back the ones we lack (an answer over `max_bytes` is refused)."""
+        try:
+            async with self._http.stream("POST", url.rstrip("/") + "/agora/v1/gossip", json={"records": records}) as r:
+                raw = bytearray()
+                async for part in r.aiter_bytes():
+                    raw += part
+                    if len(raw) > max_bytes:
+                        raise PeerUnreachable(f"{url} answered gossip with more than {max_bytes} bytes")
+        except httpx.TransportError as exc:
+            raise PeerUnreachable(f"cannot reach {url}: {type(exc).__name__} {exc}") from exc
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if r.status_code >= 400:
+            raise PeerRefused(r.status_code, body)
         got = body.get("records") if isinstance(body, dict) else None
         if not isinstance(got, list):
             raise PeerUnreachable(f"{url} answered gossip with something that is not a record list")

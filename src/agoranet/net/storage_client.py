@@ -103,9 +103,11 @@ class StoragePeerClient:
 class PeerBlockFetcher:
     """A Blockstore fetcher: asks peers in turn for a block and returns the first verified copy."""
 
-    def __init__(self, peers: Callable[[CID], list[str]], *, timeout: float = 10.0) -> None:
+    def __init__(self, peers: Callable[[CID], list[str]], *, timeout: float = 10.0,
+                 forged: Counter[str] | None = None) -> None:
         self.peers = peers
         self.timeout = timeout
+        self.forged: Counter[str] = forged if forged is not None else Counter()  # wrong blocks, by peer URL
 
     def __call__(self, cid: CID) -> bytes:
         with httpx.Client(timeout=self.timeout) as client:
@@ -116,6 +118,8 @@ class PeerBlockFetcher:
                         verify_block(cid, r.content)
                         return r.content
                 except (httpx.HTTPError, BlockMismatch) as exc:
+                    if isinstance(exc, BlockMismatch):
+                        self.forged[url] += 1
                     log.info("peer could not supply block", extra={"peer": url, "cid": str(cid), "error": repr(exc)})
         raise FetchFailed(f"no peer could supply block {cid}")
 
@@ -126,24 +130,27 @@ class FetchStats:
     fetched_bytes: int = 0
     local_blocks: int = 0
     by_peer: Counter[str] = field(default_factory=Counter)
+    forged: Counter[str] = field(default_factory=Counter)  # blocks refused for not hashing to their CID, by peer
 
 
 async def fetch_dag(
     store: Blockstore, root: CID | str, peers: list[str], *, streams_per_peer: int = 4,
     progress: Callable[[int, int | None], None] | None = None, client: httpx.AsyncClient | None = None,
+    stats: FetchStats | None = None,
 ) -> FetchStats:
     """Bring every block of the DAG under `root` into `store`, pulling from all `peers` at once.
 
     Each worker prefers its own peer, so load spreads evenly; a peer that lacks a block or fails is
     skipped for that block and the next peer is asked. Every block is verified before it is stored.
     `progress(done_bytes, total_bytes)` is called after each block (total known once the root is in).
+    Pass `stats` to keep its counts (forged blocks by peer) even when the fetch fails.
     """
     root = as_cid(root)
     urls = [_base(u) for u in peers]
     own_client = client is None
     client = client or httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0),
                                          limits=httpx.Limits(max_connections=streams_per_peer * max(1, len(urls)) + 4))
-    stats = FetchStats()
+    stats = stats if stats is not None else FetchStats()
     queue: asyncio.Queue[CID] = asyncio.Queue()
     seen = {str(root)}
     queue.put_nowait(root)
@@ -173,6 +180,7 @@ async def fetch_dag(
             try:
                 await asyncio.to_thread(store.put_block, cid, r.content)
             except BlockMismatch:
+                stats.forged[url] += 1
                 log.warning("peer sent a forged block", extra={"peer": url, "cid": str(cid)})
                 continue
             stats.by_peer[url] += 1

@@ -1,13 +1,18 @@
-"""Network role: serves the gossip exchange and membership view for this node's discovery."""
+"""Network role: serves the gossip exchange and membership view for this node's discovery.
+
+Pushes are rate-limited per client address (429 with Retry-After, counted); the body size limit is
+the node's (413), and a body that is not `{"records": [...]}` gets 400 before discovery sees it.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from agoranet.net.gossip import GossipDiscovery
+from agoranet.core.errors import RequestError
+from agoranet.net.gossip import GossipDiscovery, RateLimiter
 
 
 class GossipPush(BaseModel):
@@ -19,6 +24,9 @@ class NetworkRole:
 
     def __init__(self, discovery: GossipDiscovery) -> None:
         self.discovery = discovery
+        config = discovery.config
+        self.push_limit = RateLimiter(config.pushes_per_s, config.push_burst)
+        self.pushes_rate_limited = 0
         self.router = self._routes()
 
     async def start(self) -> None:
@@ -27,11 +35,19 @@ class NetworkRole:
     async def stop(self) -> None:
         await self.discovery.stop()
 
+    def metrics(self) -> dict[str, float]:
+        return self.discovery.metrics() | {"gossip_pushes_rate_limited_total": self.pushes_rate_limited}
+
     def _routes(self) -> APIRouter:
         r = APIRouter()
 
         @r.post("/agora/v1/gossip")
-        async def gossip(push: GossipPush) -> dict[str, Any]:
+        async def gossip(push: GossipPush, request: Request) -> dict[str, Any]:
+            sender = request.client.host if request.client else "unknown"
+            if not self.push_limit.allow(sender):
+                self.pushes_rate_limited += 1
+                raise RequestError(f"too many gossip pushes from {sender}; slow down", status=429,
+                                   code="rate_limited")
             return {"records": self.discovery.exchange(push.records)}
 
         @r.get("/agora/v1/peers")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from agoranet.core.cid import CID
-from agoranet.net.storage_client import PeerBlockFetcher, PeerUnavailable, StoragePeerClient, fetch_dag
+from agoranet.net.storage_client import FetchStats, PeerBlockFetcher, PeerUnavailable, StoragePeerClient, fetch_dag
 from agoranet.net.storage_protocol import ReplicaIntent
 from agoranet.store import Blockstore
 from agoranet.store.blockstore import as_cid
@@ -65,7 +66,9 @@ class StorageReplicator:
         self.last_report: RecheckReport | None = None  # the latest periodic re-check, for health and metrics
         self._client: httpx.AsyncClient | None = None
         # Corrupt blocks are healed from the other peers, holders first.
-        store.fetcher = PeerBlockFetcher(lambda cid: [p for p in rendezvous_rank(cid, self.peers) if p != self.url])
+        self.forged: Counter[str] = Counter()  # blocks peers sent that did not hash to their CID, by peer URL
+        store.fetcher = PeerBlockFetcher(lambda cid: [p for p in rendezvous_rank(cid, self.peers) if p != self.url],
+                                         forged=self.forged)
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -162,7 +165,9 @@ class StorageReplicator:
                     return None
                 others = [s.rstrip("/") for s in sources if s.rstrip("/") != self.url]
                 others += [p for p in ranked if p != self.url and p not in others]
-                await fetch_dag(self.store, cid, others, client=self._http())
+                stats = FetchStats()
+                stats.forged = self.forged
+                await fetch_dag(self.store, cid, others, client=self._http(), stats=stats)
                 await asyncio.to_thread(self.store.pin, cid)
                 log.info("replica placed", extra={"cid": str(cid), "peer": self.url})
                 return "fetched"

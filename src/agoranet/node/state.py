@@ -48,6 +48,7 @@ class NodeState:
 
     def since(self, kind: str, after: int = 0, limit: int = 100) -> list[tuple[int, str, bytes]]:
         """Blocks of one kind stored after sequence number `after`, oldest first: (seq, cid, data)."""
+        after = max(-(1 << 63), min(after, (1 << 63) - 1))  # a cursor from a URL may exceed SQLite's integers
         with self._lock:
             rows = self._db.execute(
                 "SELECT rowid, cid, data FROM blocks WHERE kind = ? AND rowid > ? ORDER BY rowid LIMIT ?",

@@ -41,7 +41,8 @@ class StorageRole:
     def metrics(self) -> dict[str, float]:
         blocks, size, pins = self.store.usage()
         readings = {"store_blocks": blocks, "store_bytes": size, "store_pins": pins,
-                    "replication_intents": len(self.replicator.intents)}
+                    "replication_intents": len(self.replicator.intents),
+                    "store_forged_blocks_total": sum(self.replicator.forged.values())}
         if (report := self.replicator.last_report) is not None:
             readings |= {"replication_alive_peers": len(report.alive),
                          "replication_corrupt_blocks": len(report.corrupt_blocks),

@@ -463,7 +463,10 @@ class VerifierRole:
 
     async def _fetch_receipt(self, node: str, cid: str) -> Record[ReceiptBody]:
         assert self._http is not None
-        r = await self._http.get(f"{node.rstrip('/')}/agora/v1/records/{cid}", headers={"accept": CBOR})
+        try:
+            r = await self._http.get(f"{node.rstrip('/')}/agora/v1/records/{cid}", headers={"accept": CBOR})
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # a user's `node` may be anything
+            raise UnverifiableReceipt(f"cannot fetch receipt {cid} from {node!r}: {exc}") from exc
         if r.status_code != 200:
             raise UnverifiableReceipt(f"{node} has no receipt {cid} (HTTP {r.status_code})")
         receipt = verify_record(r.content, ReceiptBody)

@@ -18,6 +18,11 @@ from agoranet.store.errors import BlockMismatch, MalformedCar
 
 __all__ = ["export_car", "import_car", "car_header"]
 
+# Bounds on what a length prefix may claim, so a hostile CAR cannot make us allocate gigabytes:
+# a CID plus a block of at most 4 MiB (the most kubo and Agora's storage peers accept), a small header.
+MAX_SECTION = (4 << 20) + 128
+MAX_HEADER = 1 << 20
+
 
 def car_header(roots: list[CID]) -> bytes:
     """The length-prefixed CAR v1 header, as canonical DAG-CBOR (keys sorted: roots, version)."""
@@ -60,7 +65,9 @@ def _read_varint(f: BinaryIO) -> int | None:
             raise MalformedCar("CAR has an overlong length prefix")
 
 
-def _read_exact(f: BinaryIO, n: int) -> bytes:
+def _read_exact(f: BinaryIO, n: int, limit: int, what: str) -> bytes:
+    if n > limit:
+        raise MalformedCar(f"CAR {what} claims {n} bytes, more than the {limit} allowed")
     data = f.read(n)
     if len(data) != n:
         raise MalformedCar(f"CAR is truncated: wanted {n} bytes, got {len(data)}")
@@ -101,7 +108,7 @@ def import_car(store: Blockstore, f: BinaryIO, *, pin: bool = True) -> list[CID]
     if length is None:
         raise MalformedCar("file is empty")
     try:
-        header = libipld.decode_dag_cbor(_read_exact(f, length))
+        header = libipld.decode_dag_cbor(_read_exact(f, length, MAX_HEADER, "header"))
         roots = [as_cid(r[1:] if r[:1] == b"\x00" else r) for r in header["roots"]]
         version = header["version"]
     except MalformedCar:
@@ -112,7 +119,7 @@ def import_car(store: Blockstore, f: BinaryIO, *, pin: bool = True) -> list[CID]
         raise MalformedCar(f"CAR version {version} is not supported; only version 1")
     with store.gc_lock:
         while (size := _read_varint(f)) is not None:
-            cid, data = _split_cid(_read_exact(f, size))
+            cid, data = _split_cid(_read_exact(f, size, MAX_SECTION, "section"))
             try:
                 verify_block(cid, data)
             except BlockMismatch as exc:
