@@ -51,9 +51,14 @@ def parse_cid(text: str | bytes | CID) -> CID:
         return text
     try:
         cid = CID.decode(text)
+        hashfun, digest = cid.hashfun.name, cid.raw_digest  # unwrapping checks the digest length
     except Exception as exc:  # multiformats raises several unrelated types
         shown = text if isinstance(text, str) else text.hex()
         raise InvalidCID(f"not a CID: {shown[:80]!r}") from exc
-    if cid.hashfun.name != "sha2-256":
-        raise InvalidCID(f"CID {cid} uses {cid.hashfun.name}; Agora accepts sha2-256 only")
+    if hashfun != "sha2-256" or len(digest) != 32:
+        raise InvalidCID(f"CID {shown_cid(text)} uses {hashfun}/{len(digest)} bytes; Agora accepts sha2-256 only")
     return cid
+
+
+def shown_cid(text: str | bytes) -> str:
+    return (text if isinstance(text, str) else text.hex())[:80]
