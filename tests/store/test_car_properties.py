@@ -88,3 +88,12 @@ def test_a_length_prefix_claiming_terabytes_is_refused_before_allocating(tmp_pat
         path.write_bytes(blob)
         with path.open("rb") as f, pytest.raises(MalformedCar, match="more than"):
             import_car(Blockstore(tmp_path / "s"), f)
+
+
+def test_a_cid_claiming_a_33_byte_sha256_digest_is_malformed():
+    # Found by the flipped-byte property: multiformats decodes such a CID and only fails when the
+    # digest is unwrapped, which used to escape the parser as a raw MultihashValueError.
+    cid = bytes([0x01, 0x55, 0x12, 0x21]) + bytes(33)
+    section = cid + b"data"
+    roots, bad = _import(car_header([cid_of(b"x")]) + bytes([len(section)]) + section)
+    assert roots is None and bad == []
