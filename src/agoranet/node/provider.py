@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-import torch
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
@@ -306,6 +305,8 @@ def derived_request_id(req: GenerationRequest, model_cid: str) -> str:
 
 
 def hardware_summary() -> str:
+    import torch  # here, not at the top: gateways import this module and need no torch
+
     if torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(0)}"
     return f"cpu:{platform.machine()}x{torch.get_num_threads()}"
