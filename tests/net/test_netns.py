@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 import uuid
 
 import httpx
@@ -41,12 +42,13 @@ def namespaces_unavailable() -> str | None:
     return None
 
 
-@pytest.fixture
-def namespaces():
+@contextmanager
+def veth_namespaces(nets):
+    """One network namespace per entry, linked to the host by a veth pair; all removed afterwards."""
     if (reason := namespaces_unavailable()) is not None:
         pytest.skip(reason)
     try:
-        for ns, host_if, ns_if, net in NETS:
+        for ns, host_if, ns_if, net in nets:
             sh("ip", "netns", "add", ns)
             sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
             sh("ip", "link", "set", ns_if, "netns", ns)
@@ -55,11 +57,17 @@ def namespaces():
             sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{net}.2/24", "dev", ns_if)
             sh("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
             sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        yield NETS
+        yield nets
     finally:
-        for ns, host_if, _, _ in NETS:
+        for ns, host_if, _, _ in nets:
             subprocess.run(["ip", "link", "del", host_if], capture_output=True)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture
+def namespaces():
+    with veth_namespaces(NETS) as nets:
+        yield nets
 
 
 @pytest.mark.slow

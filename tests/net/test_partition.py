@@ -22,7 +22,7 @@ from agoranet.node.node import build_gateway_node
 from agoranet.node.server import BackgroundServer, bind
 
 from ..conftest import FAST_GOSSIP, NodeProcess, free_port, wait_for
-from .test_netns import namespaces_unavailable, sh
+from .test_netns import sh, veth_namespaces
 
 TAG = uuid.uuid4().hex[:4]
 NETS = [(f"agora-{TAG}-p{i}", f"ag{TAG}q{i}", f"ag{TAG}r{i}", f"10.214.{i}") for i in range(2)]
@@ -31,23 +31,8 @@ CONVERGE_S = 20.0  # the bound: a few gossip rounds plus heartbeat expiry, with 
 
 @pytest.fixture
 def two_namespaces():
-    if (reason := namespaces_unavailable()) is not None:
-        pytest.skip(reason)
-    try:
-        for ns, host_if, ns_if, net in NETS:
-            sh("ip", "netns", "add", ns)
-            sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-            sh("ip", "link", "set", ns_if, "netns", ns)
-            sh("ip", "addr", "add", f"{net}.1/24", "dev", host_if)
-            sh("ip", "link", "set", host_if, "up")
-            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{net}.2/24", "dev", ns_if)
-            sh("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
-            sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        yield NETS
-    finally:
-        for ns, host_if, _, _ in NETS:
-            subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    with veth_namespaces(NETS) as nets:
+        yield nets
 
 
 @pytest.mark.slow

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from agoranet.core.cid import DAG_CBOR, cid_of
@@ -20,26 +16,13 @@ from agoranet.log.merkle import leaf_hash, verify_consistency, verify_inclusion
 from agoranet.log.records import CreditMoveBody, verify_tree_head
 from agoranet.log.transparency import MAX_PAGE, TransparencyLog
 from agoranet.node.log_api import log_router
+from agoranet.node.server import BackgroundServer
 
 
 def serve(app: FastAPI) -> Iterator[str]:
     """Run `app` on a free loopback port in a thread; yield its base URL; stop it afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with BackgroundServer(app) as server:
+        yield server.url
 
 
 RECORDS_N = MAX_PAGE + 30
