@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import httpx
 import typer
 from rich.console import Console
 
+from agoranet.cli.remote import NodeUnreachable, get_json
 from agoranet.core.errors import AgoraError
 from agoranet.log.credits import EarningsProof, verify_earnings
 from agoranet.log.records import check_heads, verify_tree_head
@@ -17,27 +17,6 @@ __all__ = ["credits_app"]
 credits_app = typer.Typer(help="Credits at a gateway: earnings statements proven against its log, balances.",
                           no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
-
-
-def _get(client: httpx.Client, path: str, **kw: Any) -> Any:
-    try:
-        response = client.get(path, **kw)
-    except httpx.HTTPError as exc:
-        raise _Unreachable(f"cannot reach {client.base_url}: {exc}; check the URL and that the gateway runs") from exc
-    if response.status_code != 200:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200]
-        raise _Unreachable(f"{client.base_url}{path} answered {response.status_code}: {message}")
-    try:
-        return response.json()
-    except ValueError as exc:
-        raise _Unreachable(f"{client.base_url}{path} did not answer JSON") from exc
-
-
-class _Unreachable(Exception):
-    """The gateway could not be asked: exit 2, not a verdict on its statement."""
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -53,15 +32,15 @@ def statement(
     """Fetch a provider's signed earnings statement and prove every payment is in the gateway's log."""
     try:
         with httpx.Client(base_url=url.rstrip("/"), timeout=30.0) as client:
-            answer = _get(client, f"/agora/v1/credits/statement/{peer_id}")
+            answer = get_json(client, f"/agora/v1/credits/statement/{peer_id}")
             proof = EarningsProof.from_json(answer["proof"])
             body = proof.statement.body
             # The head for the statement's tree comes from the log, not from the statement's answer,
             # and the log's current head must extend it: the gateway cannot show us a private fork.
-            then = verify_tree_head(_get(client, "/agora/v1/log/head", params={"size": body.log_size}))
-            now = verify_tree_head(_get(client, "/agora/v1/log/head"))
-            consistency = _get(client, "/agora/v1/log/proof/consistency",
-                               params={"first": body.log_size, "second": now.body.size})
+            then = verify_tree_head(get_json(client, "/agora/v1/log/head", {"size": body.log_size}))
+            now = verify_tree_head(get_json(client, "/agora/v1/log/head"))
+            consistency = get_json(client, "/agora/v1/log/proof/consistency",
+                                   {"first": body.log_size, "second": now.body.size})
         total = verify_earnings(proof, then)
         if body.account != f"provider:{peer_id}":
             raise _fail(f"the gateway sent the statement of {body.account}, not of provider:{peer_id}")
@@ -69,7 +48,7 @@ def statement(
         if split is not None:
             raise _fail(f"fork: the log's current head does not extend the statement's tree ({split.reason}); "
                         "keep the statement as evidence and stop trusting this gateway")
-    except _Unreachable as exc:
+    except NodeUnreachable as exc:
         raise _fail(str(exc), 2) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise _fail(f"the gateway's answer is malformed: {exc}") from None

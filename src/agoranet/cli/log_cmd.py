@@ -13,6 +13,7 @@ from rich.console import Console
 from agoranet.core.cid import parse_cid
 from agoranet.core.errors import AgoraError, RecordError, UnknownRecordType
 from agoranet.core.records import Record, decode_canonical, verify_record
+from agoranet.cli.remote import NodeUnreachable, get_json
 from agoranet.log.credits import replay_balances
 from agoranet.log.errors import InvalidStatement, InvalidTreeHead
 from agoranet.log.merkle import MerkleTree, leaf_hash
@@ -30,30 +31,13 @@ API = "/agora/v1/log"
 SHOWN_PROBLEMS = 20
 
 
-class _Unreachable(Exception):
-    """The node could not be asked (network, HTTP error): exit 2, not a verdict on the log."""
-
-
 def _fail(message: str, code: int = 1) -> NoReturn:
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
 
 
 def _get(client: httpx.Client, path: str, **params: Any) -> Any:
-    try:
-        response = client.get(API + path, params={k: v for k, v in params.items() if v is not None})
-    except httpx.HTTPError as exc:
-        raise _Unreachable(f"cannot reach {client.base_url}: {exc}; check the URL and that the node runs") from exc
-    if response.status_code != 200:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200]
-        raise _Unreachable(f"{client.base_url}{API}{path} answered {response.status_code}: {message}")
-    try:
-        return response.json()
-    except ValueError as exc:
-        raise _Unreachable(f"{client.base_url}{API}{path} did not answer JSON") from exc
+    return get_json(client, API + path, params)
 
 
 def _client(url: str) -> httpx.Client:
@@ -64,7 +48,7 @@ def _run(body) -> None:
     """Map the ways a check can end to one line and an exit status."""
     try:
         body()
-    except _Unreachable as exc:
+    except NodeUnreachable as exc:
         _fail(str(exc), 2)
     except InvalidTreeHead as exc:
         _fail(f"forged or malformed tree head: {exc}")
@@ -80,7 +64,7 @@ def _load_head(path: Path) -> Record[TreeHeadBody]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise _Unreachable(f"cannot read a saved head from {path}: {exc}") from exc
+        raise NodeUnreachable(f"cannot read a saved head from {path}: {exc}") from exc
     return verify_tree_head(data)
 
 
