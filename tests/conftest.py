@@ -113,9 +113,11 @@ def provider_process(home: Path, seed: str, *, price_out: int, extra: list[str] 
                        prefix=prefix)
 
 
-def wait_for(condition, *, timeout: float = 30, what: str = "condition") -> None:
+def wait_for(condition, *, timeout: float = 30, what: str = "condition", interval: float = 0.1):
+    """Poll `condition` until it returns something truthy; return that value."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (value := condition()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(interval)
+    return value

@@ -71,17 +71,6 @@ def storage_peers(tmp_path):
             peer.stop()
 
 
-def wait_until(condition, timeout: float = 15.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
-
-
 def pinned_at(peer: StoragePeerServer, cid) -> bool:
     try:
         return httpx.get(f"{peer.url}/agora/v1/blocks/{cid}/pin").json()["pinned"]

@@ -10,7 +10,8 @@ from agoranet.net.storage_client import FetchFailed, fetch_dag
 from agoranet.node.replication import rendezvous_rank
 from agoranet.store import Blockstore, add_path, export
 
-from .storage_peers import pinned_at, wait_until
+from ..conftest import wait_for
+from .storage_peers import pinned_at
 
 KiB = 1 << 10
 
@@ -51,7 +52,8 @@ def test_k3_of_5_survives_any_two_losses_and_repairs_to_k_copies(storage_peers, 
     ranked = rendezvous_rank(root, [p.url for p in peers])
     assert sorted(r.json()["holders"]) == sorted(ranked[:3])
     by_url = {p.url: p for p in peers}
-    wait_until(lambda: [p.url for p in peers if pinned_at(p, root)] == [u for u in by_url if u in ranked[:3]])
+    wait_for(lambda: [p.url for p in peers if pinned_at(p, root)] == [u for u in by_url if u in ranked[:3]],
+             timeout=15, what="the replicas")
     for url in ranked[:3]:
         assert all(by_url[url].store.has(c) for c in blocks)
 
@@ -73,7 +75,8 @@ def test_k3_of_5_survives_any_two_losses_and_repairs_to_k_copies(storage_peers, 
     assert (tmp_path / "out" / "weights.bin").read_bytes() == (model_dir / "weights.bin").read_bytes()
 
     # Repair: the survivors' periodic re-check restores 3 pinned, complete copies.
-    wait_until(lambda: sum(pinned_at(p, root) for p in alive) == 3)
+    wait_for(lambda: sum(pinned_at(p, root) for p in alive) == 3,
+             timeout=15, what="the replicas")
     for p in alive:
         assert all(p.store.has(c) for c in blocks)
 
@@ -85,10 +88,12 @@ def test_one_loss_moves_the_copy_to_the_next_ranked_peer(storage_peers, model_di
     httpx.post(f"{peers[0].url}/agora/v1/blocks/{root}/pin", json={"replicas": 3}, timeout=60).raise_for_status()
     ranked = rendezvous_rank(root, [p.url for p in peers])
     by_url = {p.url: p for p in peers}
-    wait_until(lambda: {p.url for p in peers if pinned_at(p, root)} == set(ranked[:3]))
+    wait_for(lambda: {p.url for p in peers if pinned_at(p, root)} == set(ranked[:3]),
+             timeout=15, what="the replicas")
     by_url[ranked[1]].stop()
     expected = {ranked[0], ranked[2], ranked[3]}
-    wait_until(lambda: {p.url for p in peers if p.running and pinned_at(p, root)} == expected)
+    wait_for(lambda: {p.url for p in peers if p.running and pinned_at(p, root)} == expected,
+             timeout=15, what="the replicas")
 
 
 def test_flipped_byte_on_disk_is_detected_on_read_and_healed_from_a_peer(storage_peers, tmp_path):
@@ -119,7 +124,8 @@ def test_periodic_recheck_heals_corruption_nobody_read(storage_peers, tmp_path):
     httpx.post(f"{peers[0].url}/agora/v1/blocks/{root}/pin", json={"replicas": 2}, timeout=60).raise_for_status()
     block_file = peers[1].store.path_of(root)
     block_file.write_bytes(b"X" + block_file.read_bytes()[1:])
-    wait_until(lambda: block_file.exists() and block_file.read_bytes() == src.read_bytes())
+    wait_for(lambda: block_file.exists() and block_file.read_bytes() == src.read_bytes(),
+             timeout=15, what="the replicas")
     assert len(list(peers[1].store.quarantine_dir.iterdir())) == 1
 
 

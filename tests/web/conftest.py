@@ -7,7 +7,6 @@ the others' URLs before it starts. To add a kind (the gateway, say), add a build
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,17 +84,6 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RunningNo
         yield nodes
     finally:
         stop_network(nodes)
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -15,7 +15,8 @@ from agoranet.core.logs import JsonFormatter, configure_logging
 from agoranet.web.observe import TrafficWindow
 from agoranet.web.peers import PeerWatch
 
-from .conftest import RunningNode, wait_until
+from ..conftest import wait_for
+from .conftest import RunningNode
 
 
 def status(node: RunningNode) -> dict:
@@ -47,7 +48,8 @@ def sample(samples: dict[str, float], name: str, **labels: str) -> float:
 
 def test_every_node_sees_the_network_with_roles_models_and_signed_offers(network) -> None:
     a, b, c = network
-    s = wait_until(lambda: (s := status(a)) and len([p for p in s["peers"] if p["health"] == "ok"]) == 3 and s)
+    s = wait_for(lambda: (s := status(a)) and len([p for p in s["peers"] if p["health"] == "ok"]) == 3 and s,
+                 timeout=10, interval=0.05, what="3 healthy peers")
     peers = {p["url"]: p for p in s["peers"]}
     assert peers[a.url]["self"] and peers[a.url]["peer_id"] == a.peer_id
     assert peers[b.url]["peer_id"] == b.peer_id and "provider" in peers[b.url]["roles"]
