@@ -262,22 +262,8 @@ class Blockstore:
             return found
         return []
 
-    def walk(self, root: CID | str) -> Iterator[tuple[CID, bytes]]:
-        """Every block of the DAG under `root` once, depth-first pre-order (CAR order)."""
-        seen: set[str] = set()
-        stack = [as_cid(root)]
-        while stack:
-            cid = stack.pop()
-            if str(cid) in seen:
-                continue
-            seen.add(str(cid))
-            data = self.get(cid)
-            yield cid, data
-            stack.extend(reversed(self.links(cid, data)))
-
-    def missing(self, root: CID | str) -> list[CID]:
-        """Blocks of the DAG under `root` that are not here (children of missing blocks unknown)."""
-        absent: list[CID] = []
+    def _traverse(self, root: CID | str, *, tolerate_missing: bool) -> Iterator[tuple[CID, bytes | None]]:
+        """Each block under `root` once, depth-first pre-order; None for an absent block when tolerated."""
         seen: set[str] = set()
         stack = [as_cid(root)]
         while stack:
@@ -288,10 +274,20 @@ class Blockstore:
             try:
                 data = self.get(cid)
             except (BlockNotFound, CorruptBlock):
-                absent.append(cid)
+                if not tolerate_missing:
+                    raise
+                yield cid, None
                 continue
-            stack.extend(self.links(cid, data))
-        return absent
+            yield cid, data
+            stack.extend(reversed(self.links(cid, data)))
+
+    def walk(self, root: CID | str) -> Iterator[tuple[CID, bytes]]:
+        """Every block of the DAG under `root` once, depth-first pre-order (CAR order)."""
+        yield from self._traverse(root, tolerate_missing=False)  # type: ignore[misc]
+
+    def missing(self, root: CID | str) -> list[CID]:
+        """Blocks of the DAG under `root` that are not here (children of missing blocks unknown)."""
+        return [cid for cid, data in self._traverse(root, tolerate_missing=True) if data is None]
 
     # -- pins and gc ----------------------------------------------------------------------------
 
