@@ -142,8 +142,7 @@ class Provider:
         finally:
             self.active -= 1
         assert gen is not None
-        receipt = await self._receipt(gen_req, request_cid, gen, started)
-        agora = self._agora(receipt)
+        agora = await self._receipt(gen_req, request_cid, gen, started)
         model = self.engine.model_name
         created = started // 1000
         if kind == "chat":
@@ -170,9 +169,9 @@ class Provider:
             item = first
             while True:
                 if isinstance(item, Generation):
-                    receipt = await self._receipt(gen_req, request_cid, item, started)
+                    agora = await self._receipt(gen_req, request_cid, item, started)
                     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                    for chunk in writer.last(item, include_usage=include_usage, agora=self._agora(receipt)):
+                    for chunk in writer.last(item, include_usage=include_usage, agora=agora):
                         yield {"data": chunk}
                     yield {"data": DONE}
                     return
@@ -185,8 +184,9 @@ class Provider:
             self.active -= 1
             await events.aclose()
 
-    async def _receipt(self, gen_req: GenerationRequest, request_cid: str, gen: Generation, started: int) -> Record:
-        """Sign, store and log the receipt; the answer goes out only once its receipt is durable."""
+    async def _receipt(self, gen_req: GenerationRequest, request_cid: str, gen: Generation,
+                       started: int) -> dict[str, Any]:
+        """Sign, store and log the receipt; return the response's `agora` field once it is durable."""
         s, c = gen_req.sampling, self.config
         completion = gen.completion_tokens
         charged = math.ceil((gen.prompt_tokens * c.input_per_mtok + completion * c.output_per_mtok) / 1_000_000)
@@ -202,15 +202,13 @@ class Provider:
             started_ms=started, finished_ms=now_ms(),
         )
         record = sign_record(self.identity, body)
-        self.state.put(record.encode(), "receipt")
-        await self.log.append(record)
+        data = record.encode()  # once: the store, the log and the CID all use these bytes
+        cid = self.state.put(data, "receipt")
+        await self.log.append(data)
         self.served += 1
         self.prompt_tokens += gen.prompt_tokens
         self.completion_tokens += completion
-        return record
-
-    def _agora(self, receipt: Record) -> dict[str, Any]:
-        return {"receipt_cid": str(receipt.cid), "receipt": receipt.to_json(), "provider": receipt.signer}
+        return {"receipt_cid": str(cid), "receipt": record.to_json(), "provider": record.signer}
 
     # -- observability ------------------------------------------------------------------------------
 
