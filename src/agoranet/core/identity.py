@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from multiformats import multibase
+from libipld import decode_multibase, encode_multibase
 
 from agoranet.core.errors import CorruptKeyFile, IdentityExists, IdentityMissing, InvalidPeerId
 
@@ -36,11 +36,11 @@ class PeerId:
         """Parse a `12D3KooW…` peer id (or a did:key) back into its Ed25519 public key."""
         try:
             if text.startswith("did:key:"):
-                raw = multibase.decode(text.removeprefix("did:key:"))
+                raw = _base58btc(text.removeprefix("did:key:"))
                 if raw[:2] != _DID_KEY_ED25519 or len(raw) != 34:
                     raise ValueError("not an ed25519 did:key")
                 return cls(raw[2:])
-            raw = multibase.decode("z" + text)
+            raw = _base58btc("z" + text)
         except Exception as exc:
             raise InvalidPeerId(f"not an Agora peer id: {text[:60]!r}") from exc
         if raw[:2] != _IDENTITY_MULTIHASH or raw[2:6] != _LIBP2P_ED25519_PREFIX or len(raw) != 38:
@@ -48,11 +48,11 @@ class PeerId:
         return cls(raw[6:])
 
     def __str__(self) -> str:
-        return multibase.encode(_IDENTITY_MULTIHASH + _LIBP2P_ED25519_PREFIX + self.public_key, "base58btc")[1:]
+        return encode_multibase("z", _IDENTITY_MULTIHASH + _LIBP2P_ED25519_PREFIX + self.public_key)[1:]
 
     @property
     def did(self) -> str:
-        return "did:key:" + multibase.encode(_DID_KEY_ED25519 + self.public_key, "base58btc")
+        return "did:key:" + encode_multibase("z", _DID_KEY_ED25519 + self.public_key)
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         try:
@@ -60,6 +60,13 @@ class PeerId:
         except (InvalidSignature, ValueError):
             return False
         return True
+
+
+def _base58btc(text: str) -> bytes:
+    """Decode a multibase base58btc string ("z…"); any other base is refused."""
+    if not text.startswith("z"):
+        raise ValueError("not base58btc")
+    return decode_multibase(text)[1]
 
 
 class Identity:

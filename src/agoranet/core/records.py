@@ -8,8 +8,8 @@ rejects unknown types, bodies that do not match their model, non-canonical bytes
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar, Generic, TypeVar
 
 import libipld
@@ -29,9 +29,11 @@ __all__ = [
 def encode_canonical(value: Any) -> bytes:
     """DAG-CBOR bytes of plain data (maps sorted, shortest ints, float64); rejects NaN and infinities."""
     try:
-        return libipld.encode_dag_cbor(_check_floats(value))
+        return libipld.encode_dag_cbor(value)  # raises ValueError for NaN and infinities
     except (TypeError, ValueError, OverflowError) as exc:
-        raise MalformedRecord(f"value cannot be encoded as DAG-CBOR: {exc}") from exc
+        why = ("NaN, infinite floats and integers beyond 64 bits are not allowed" if "out of range" in str(exc)
+               else str(exc))
+        raise MalformedRecord(f"value cannot be encoded as DAG-CBOR: {why}") from exc
 
 
 def decode_canonical(data: bytes) -> Any:
@@ -42,18 +44,6 @@ def decode_canonical(data: bytes) -> Any:
         raise MalformedRecord(f"not valid DAG-CBOR: {exc}") from exc
     if libipld.encode_dag_cbor(value) != bytes(data):
         raise MalformedRecord("DAG-CBOR bytes are not in canonical form")
-    return value
-
-
-def _check_floats(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{value} is not allowed in DAG-CBOR")
-    if isinstance(value, dict):
-        for v in value.values():
-            _check_floats(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _check_floats(v)
     return value
 
 
@@ -98,9 +88,13 @@ class Record(Generic[B]):
         return {"type": self.type, "signer": self.signer, "body": _dump(self.body), "sig": self.sig}
 
     def encode(self) -> bytes:
+        return self._encoded
+
+    @cached_property
+    def _encoded(self) -> bytes:  # records are immutable: encode once
         return encode_canonical(self.to_wire())
 
-    @property
+    @cached_property
     def cid(self) -> CID:
         return cid_of(self.encode(), DAG_CBOR)
 
@@ -129,6 +123,11 @@ def sign_record(identity: Identity, body: B) -> Record[B]:
 
 def decode_record(data: bytes | dict[str, Any]) -> Record[Any]:
     """Parse a record (bytes, or its JSON view) without checking the signature: see verify_record."""
+    return _decode(data)[0]
+
+
+def _decode(data: bytes | dict[str, Any]) -> tuple[Record[Any], dict[str, Any]]:
+    """The record, and its parsed body dumped as plain data (what the signature covers)."""
     wire = decode_canonical(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if not isinstance(wire, dict) or set(wire) != {"type", "signer", "body", "sig"}:
         raise MalformedRecord("a record is a map with exactly the keys type, signer, body, sig")
@@ -149,21 +148,21 @@ def decode_record(data: bytes | dict[str, Any]) -> Record[Any]:
         parsed = model.model_validate(body)
     except ValidationError as exc:
         raise MalformedRecord(f"{type_name} body is invalid: {_first_error(exc)}") from exc
-    if _dump(parsed) != body:
+    if (dumped := _dump(parsed)) != body:
         raise MalformedRecord(f"{type_name} body does not round-trip (wrong field types)")
-    return Record(type=type_name, signer=signer, body=parsed, sig=sig)
+    return Record(type=type_name, signer=signer, body=parsed, sig=sig), dumped
 
 
 def verify_record(data: bytes | dict[str, Any], expect: type[B] | None = None) -> Record[B]:
     """Decode and check a record: canonical, known type, valid body, signed by its signer."""
-    record = decode_record(data)
+    record, body = _decode(data)
     if expect is not None and record.type != expect.record_type:
         raise UnknownRecordType(f"expected a {expect.record_type} record, got {record.type}")
     try:
         peer = PeerId.parse(record.signer)
     except InvalidPeerId as exc:
         raise MalformedRecord(f"signer is not a peer id: {exc}") from exc
-    if not peer.verify(record.sig, _signing_bytes(record.type, record.signer, _dump(record.body))):
+    if not peer.verify(record.sig, _signing_bytes(record.type, record.signer, body)):
         raise BadSignature(f"{record.type} record signature does not match signer {record.signer}")
     return record  # type: ignore[return-value]
 
