@@ -122,3 +122,17 @@ def test_forged_or_expired_offer_never_gets_traffic(net, tmp_path):
         assert canary_provider.served == 0
     finally:
         canary.stop()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_bad_requests_get_openai_errors_on_the_hot_path(net, path):
+    url = net[0]
+    r = httpx.post(url + path, content=b'{"model": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(url + path, json={"model": "agora-tiny", "max_tokens": "many"})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "invalid_value" and err["param"] == "max_tokens"
+    r = httpx.post(url + path, content=b"x" * (2 << 20))  # over the node's 1 MiB body limit
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(url + path, json={"model": "no-such-model", "messages": MSG, "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

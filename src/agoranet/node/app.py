@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -64,7 +65,29 @@ class BodyLimit:
         await response(scope={"type": "http"}, receive=None, send=send)  # type: ignore[arg-type]
 
 
-Role = Any  # a role has .router (APIRouter) and async start()/stop(); optionally status() and metrics()
+Role = Any  # a role has .router (APIRouter) and async start()/stop(); optionally status(), metrics(), hot_routes
+HotHandler = Callable[[Request], Awaitable[Response]]
+
+
+class HotRoutes:
+    """Serves a node's hottest POST routes straight from ASGI, past FastAPI's routing and per-request
+    dependency machinery (~0.13 ms of a gateway's ~0.6 ms CPU per request). The same paths stay declared
+    on the roles' routers, so the OpenAPI schema and docs still describe them; errors get the same
+    answers through `error_response`."""
+
+    def __init__(self, app: ASGIApp, routes: dict[str, HotHandler]) -> None:
+        self.app, self.routes = app, routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or (handler := self.routes.get(scope["path"])) is None:
+            return await self.app(scope, receive, send)
+        try:
+            response = await handler(Request(scope, receive))
+        except BodyTooLarge:
+            raise  # BodyLimit, outside, answers 413
+        except Exception as exc:
+            response = error_response(exc)
+        await response(scope, receive, send)
 
 
 def create_app(roles: list[Role], *, max_request_bytes: int, title: str = "Agora node") -> FastAPI:
@@ -82,42 +105,41 @@ def create_app(roles: list[Role], *, max_request_bytes: int, title: str = "Agora
     for role in roles:
         app.include_router(role.router)
     _install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=max_request_bytes)
+    hot = {path: handler for role in roles for path, handler in getattr(role, "hot_routes", {}).items()}
+    if hot:
+        app.add_middleware(HotRoutes, routes=hot)
+    app.add_middleware(BodyLimit, limit=max_request_bytes)  # added last, so outside HotRoutes
     return app
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+def error_response(exc: Exception) -> JSONResponse:
+    """The OpenAI-style answer for an exception a request raised; the one mapping every route uses."""
+    if isinstance(exc, (RequestValidationError, ValidationError)):
+        errors = exc.errors()
+        err = errors[0] if errors else {"msg": "invalid request", "loc": ()}
         if err.get("type") == "json_invalid":
             return JSONResponse(error_body("the request body is not valid JSON", code="invalid_json"), 400)
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         message = f"{param}: {err['msg']}" if param else str(err["msg"])
         return JSONResponse(error_body(message, param=param, code="invalid_value"), 400)
-
-    @app.exception_handler(RequestError)
-    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+    if isinstance(exc, RequestError):
         headers = {"retry-after": "1"} if exc.status == 429 else None
         return JSONResponse(error_body(str(exc), type=exc.type, param=exc.param, code=exc.code), exc.status, headers)
-
-    @app.exception_handler(EngineError)
-    async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
+    if isinstance(exc, EngineError):
         return JSONResponse(error_body(str(exc), type="server_error", code="engine_error"), 502)
-
-    @app.exception_handler(AgoraError)
-    async def _agora_error(_: Request, exc: AgoraError) -> JSONResponse:
+    if isinstance(exc, AgoraError):
         return JSONResponse(error_body(str(exc), type="agora_error", code=type(exc).__name__), 400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc, StarletteHTTPException):
         return JSONResponse(error_body(str(exc.detail), type="invalid_request_error", code=str(exc.status_code)),
                             exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(error_body("internal error; the node logged the details", type="server_error"), 500)
+    log.exception("unhandled error", exc_info=exc)
+    return JSONResponse(error_body("internal error; the node logged the details", type="server_error"), 500)
 
 
+def _install_error_handlers(app: FastAPI) -> None:
+    async def handle(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    for kind in (RequestValidationError, RequestError, EngineError, AgoraError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handle)

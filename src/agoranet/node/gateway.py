@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
@@ -36,7 +37,7 @@ from agoranet.node.audit import VerifierLink
 from agoranet.node.credits_role import CreditsRole, Escrow, PriceBound, max_price, prompt_token_bound
 from agoranet.node.keys import ApiKey, KeyStore
 from agoranet.node.protocol import (
-    DONE, ChatCompletionRequest, ChunkWriter, CompletionRequest, ProviderPreferences, error_chunk,
+    DONE, ChatCompletionRequest, ChunkWriter, CompletionRequest, FastJSONResponse, ProviderPreferences, error_chunk,
 )
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,9 @@ class Gateway:
         self.client: PeerClient | None = None
         self.failovers = 0
         self.router = self._routes()
+        # Served by app.HotRoutes straight from ASGI (the routes in `_routes` document them).
+        self.hot_routes = {PATHS["chat"]: partial(self._hot, "chat", ChatCompletionRequest),
+                           PATHS["completion"]: partial(self._hot, "completion", CompletionRequest)}
 
     async def start(self) -> None:
         self.client = PeerClient(connect_timeout_s=self.config.connect_timeout_s,
@@ -318,6 +322,11 @@ class Gateway:
             charged = sum(p["receipt"]["body"]["price"]["charged"] for p in job.parts)
             self.keys.record_usage(job.key.id, tokens=tokens, charged=charged)
 
+    async def _hot(self, kind: Kind, schema: type[ChatCompletionRequest] | type[CompletionRequest],
+                   request: Request) -> Response:
+        req = schema.model_validate_json(await request.body())
+        return await self.serve(kind, req, request.headers.get("authorization"))
+
     # -- plain requests -------------------------------------------------------------------------------
 
     async def serve(self, kind: Kind, req: ChatCompletionRequest | CompletionRequest,
@@ -370,7 +379,7 @@ class Gateway:
             self._meter(job, usage.get("total_tokens", 0))
             await self._settle(job)
             body["agora"] = self._agora(job)
-            return JSONResponse(body, headers={"x-agora-receipt": part["receipt_cid"]})
+            return FastJSONResponse(body, headers={"x-agora-receipt": part["receipt_cid"]})
         raise RequestError(f"every provider tried for {req.model!r} failed ({len(job.tried)} tried); last error: "
                            f"{last_error}", status=502, code="providers_failed", type="server_error")
 
@@ -510,6 +519,7 @@ class Gateway:
                                                             c.model.output_per_mtok)
             return {"object": "list", "data": list(seen.values())}
 
+        # Documented here; requests to these two paths are served by `hot_routes` (see app.HotRoutes).
         @r.post("/v1/chat/completions")
         async def chat(req: ChatCompletionRequest, request: Request) -> Response:
             return await self.serve("chat", req, request.headers.get("authorization"))

@@ -9,7 +9,9 @@ import json
 import time
 from typing import Any, Literal
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.responses import JSONResponse
 
 from agoranet.core.errors import RequestError
 from agoranet.engine.base import Generation, Sampling, TokenEvent
@@ -139,6 +141,14 @@ class CompletionRequest(_SamplingRequest):
 
 
 # -- responses ------------------------------------------------------------------------------------
+
+
+class FastJSONResponse(JSONResponse):
+    """A JSON answer rendered by pydantic-core (Rust; ~4× json.dumps): the hot routes' response.
+    NaN and infinities, which JSON lacks, become null."""
+
+    def render(self, content: Any) -> bytes:
+        return pydantic_core.to_json(content, inf_nan_mode="null")
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
