@@ -2,15 +2,26 @@
 
 One run starts a provider on the stub engine (canned tokens, no model: only HTTP, receipts and routing
 are measured) and a gateway that discovers it, each in its own process on 127.0.0.1, then measures
-both paths alternately. Goal: ≥ 0.85× the direct throughput and ≤ 2 ms added p50.
+both paths alternately, with the CPU each process spent per request. Goal: ≥ 0.85× the direct
+throughput and ≤ 2 ms added p50.
+
+Two placements of the processes on the CPUs, each measured with its own direct anchor:
+- shared: client, gateway and provider all float over every core. On a small machine the three
+  compete for CPU, so the ratio mostly says how the gateway's CPU per request compares with the
+  client's and the provider's.
+- split: the gateway gets the last core to itself; the client and the provider share the others, in
+  both arms alike. This is how a network runs (a gateway is not on its providers' machines), and it
+  measures the hop itself: its latency and whether one gateway core keeps up.
 
     python benchmarks/gateway_overhead.py [--requests 300] [--concurrency 8] [--tokens 16]
+        [--placement both|shared|split]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -99,9 +110,51 @@ async def throughput(url: str, n: int, concurrency: int, tokens: int) -> float:
         return n / (time.perf_counter() - t)
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pin(pid: int, cores: set[int]) -> None:
+    """Put every thread of a process on `cores` (threads started later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cores)
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def measure(urls: dict[str, str], pids: dict[str, int], a: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Medians over `a.rounds` alternating rounds of both paths: p50/p99 ms, req/s, CPU ms per request."""
+    runs: dict[str, dict[str, list[float]]] = {k: {"p50": [], "p99": [], "rps": [], "gw_cpu": [], "prov_cpu": []}
+                                               for k in urls}
+    for _ in range(a.rounds):  # alternate, so drift in machine load hits both paths alike
+        for name, url in urls.items():
+            lat = latencies(url, a.requests, a.tokens)
+            runs[name]["p50"].append(pct(lat, 0.5))
+            runs[name]["p99"].append(pct(lat, 0.99))
+            before = {k: cpu_s(p) for k, p in pids.items()}
+            runs[name]["rps"].append(asyncio.run(throughput(url, a.requests, a.concurrency, a.tokens)))
+            for k, p in pids.items():
+                runs[name][f"{k}_cpu"].append((cpu_s(p) - before[k]) * 1000 / a.requests)
+    return {k: {m: statistics.median(v) for m, v in r.items()} for k, r in runs.items()}
+
+
+def report(placement: str, med: dict[str, dict[str, float]], a: argparse.Namespace) -> None:
+    print(f"-- placement {placement}")
+    for k, v in med.items():
+        print(f"{k:8} p50 {v['p50']:6.2f} ms   p99 {v['p99']:6.2f} ms   {v['rps']:7.1f} req/s "
+              f"(concurrency {a.concurrency})   CPU per request: provider {v['prov_cpu']:.2f} ms, "
+              f"gateway {v['gw_cpu']:.2f} ms")
+    ratio = med["gateway"]["rps"] / med["direct"]["rps"]
+    added50 = med["gateway"]["p50"] - med["direct"]["p50"]
+    added99 = med["gateway"]["p99"] - med["direct"]["p99"]
+    print(f"throughput ratio {ratio:.2f}x (goal >= 0.85)   added p50 {added50:.2f} ms (goal <= 2)   "
+          f"added p99 {added99:.2f} ms   [medians of {a.rounds} rounds, {a.requests} requests each, "
+          f"{a.tokens} tokens per answer]")
 
 
 def main() -> None:
@@ -114,39 +167,36 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--placement", choices=["both", "shared", "split"], default="both")
     a = ap.parse_args()
     if a.serve:
         return serve(a.serve, a.home, a.port, a.seed)
+    cores = sorted(os.sched_getaffinity(0))
+    placements = ["shared", "split"] if a.placement == "both" else [a.placement]
+    if "split" in placements and len(cores) < 2:
+        print("-- placement split needs at least 2 cores; skipped")
+        placements.remove("split")
+    print(f"{len(cores)} cores; gateway and provider each in their own process, stub engine")
     with tempfile.TemporaryDirectory(prefix="agora-bench-") as tmp:
         gp, pp = free_port(), free_port()
         gw, prov = f"http://127.0.0.1:{gp}", f"http://127.0.0.1:{pp}"
-        procs = [spawn("gateway", Path(tmp) / "gw", gp)]
-        procs.append(spawn("provider", Path(tmp) / "p", pp, seed=gw))
+        procs = {"gw": spawn("gateway", Path(tmp) / "gw", gp)}
+        procs["prov"] = spawn("provider", Path(tmp) / "p", pp, seed=gw)
+        pids = {k: p.pid for k, p in procs.items()}
         try:
             wait(gw, "/v1/models", lambda j: bool(j["data"]))
-            latencies(prov, 30, a.tokens), latencies(gw, 30, a.tokens)  # warm up both paths
-            p50s, p99s, rps = {"direct": [], "gateway": []}, {"direct": [], "gateway": []}, {"direct": [], "gateway": []}
-            for _ in range(a.rounds):  # alternate, so drift in machine load hits both paths alike
-                for name, url in (("direct", prov), ("gateway", gw)):
-                    lat = latencies(url, a.requests, a.tokens)
-                    p50s[name].append(pct(lat, 0.5))
-                    p99s[name].append(pct(lat, 0.99))
-                    rps[name].append(asyncio.run(throughput(url, a.requests, a.concurrency, a.tokens)))
+            for placement in placements:
+                if placement == "split":
+                    rest = set(cores[:-1])
+                    pin(pids["gw"], {cores[-1]})
+                    pin(pids["prov"], rest)
+                    pin(os.getpid(), rest)
+                latencies(prov, 30, a.tokens), latencies(gw, 30, a.tokens)  # warm up both paths
+                report(placement, measure({"direct": prov, "gateway": gw}, pids, a), a)
         finally:
-            for p in procs:
+            for p in procs.values():
                 p.terminate()
                 p.wait()
-    med = {k: {m: statistics.median(v[k]) for m, v in (("p50", p50s), ("p99", p99s), ("rps", rps))}
-           for k in ("direct", "gateway")}
-    for k, v in med.items():
-        print(f"{k:8} p50 {v['p50']:6.2f} ms   p99 {v['p99']:6.2f} ms   {v['rps']:7.1f} req/s "
-              f"(concurrency {a.concurrency})")
-    ratio = med["gateway"]["rps"] / med["direct"]["rps"]
-    added50 = med["gateway"]["p50"] - med["direct"]["p50"]
-    added99 = med["gateway"]["p99"] - med["direct"]["p99"]
-    print(f"throughput ratio {ratio:.2f}x (goal >= 0.85)   added p50 {added50:.2f} ms (goal <= 2)   "
-          f"added p99 {added99:.2f} ms   [medians of {a.rounds} rounds, {a.requests} requests each, "
-          f"{a.tokens} tokens per answer]")
 
 
 if __name__ == "__main__":
