@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import httpx
 import openai
@@ -58,7 +59,7 @@ def balance(gateway, key_id: str) -> int:
 
 def chat(url: str, secret: str, **kw):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
-    return client.chat.completions.create(model="agora-tiny", messages=MSG, **{"max_tokens": 8} | kw)
+    return client.chat.completions.create(messages=MSG, **{"model": "agora-tiny", "max_tokens": 8} | kw)
 
 
 def no_escrow_open(gateway) -> bool:
@@ -198,3 +199,27 @@ def test_max_price_bounds_the_stub_prompt_and_caps_payments(net):
     finally:
         gateway.credits.verifier_fee_ppm = 0
     assert payments == [(provider(peer), 30), ("verifier:12D3KooWVerifier", 3)] and fee == 3
+
+
+def test_a_receipt_charging_more_than_its_offer_is_not_paid(net, tmp_path):
+    url, gateway, _, _ = net
+    server, greedy = start_provider(tmp_path / "greedy", ProviderOptions(pricing=PRICES),
+                                    engine=StubEngine(model_name="greedy"), peers=[url],
+                                    gossip=GossipConfig(interval_s=FAST_GOSSIP))
+    peer = str(greedy.identity.peer_id)
+    try:
+        wait_for(lambda: peer in gateway.discovery.members(), what="the greedy provider")
+        greedy.offer()  # signed at PRICES, and announced unchanged for half its lifetime...
+        greedy.config = replace(greedy.config, output_per_mtok=10 * PRICES["output_per_mtok"])  # ...but charging 10x
+        key_id, secret = funded(gateway, "gus", 10_000)
+        with pytest.raises(openai.APIStatusError) as err:
+            chat(url, secret, model="greedy")
+        assert err.value.status_code == 502 and "providers_failed" in str(err.value.body)
+        streamed = list(chat(url, secret, model="greedy", stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)  # the text came...
+        assert streamed[-1].model_extra["agora"]["receipts"] == []  # ...its receipt was refused
+        wait_for(lambda: no_escrow_open(gateway), what="the holds to be released")
+        assert balance(gateway, key_id) == 10_000  # nothing was paid for either
+        assert gateway.credits.ledger.balance(provider(peer)) == 0
+    finally:
+        server.stop()

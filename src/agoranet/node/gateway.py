@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import random
 import secrets
 import time
@@ -177,6 +178,21 @@ class Router:
             h.tokens_per_s = _ewma(h.tokens_per_s, tokens / duration_s, self.EWMA)
 
 
+def overcharged(receipt: ReceiptBody, offered: OfferedModel) -> int | None:
+    """What the offer a receipt was routed by allows it to charge, when it charges more; else None.
+
+    Its rates may not exceed the offer's, and its charge not the offer's price of its prompt tokens plus
+    its output tokens (at most max_tokens when an upstream engine reports a count, not token ids)."""
+    price = receipt.price
+    completion = len(receipt.output_tokens) or receipt.sampling.max_tokens
+    allowed = math.ceil((receipt.prompt_tokens * offered.input_per_mtok + completion * offered.output_per_mtok)
+                        / 1_000_000)
+    if (price.input_per_mtok > offered.input_per_mtok or price.output_per_mtok > offered.output_per_mtok
+            or price.charged > allowed):
+        return allowed
+    return None
+
+
 def _ewma(old: float | None, new: float, alpha: float) -> float:
     return new if old is None else (1 - alpha) * old + alpha * new
 
@@ -305,6 +321,11 @@ class Gateway:
             return None
         if receipt.signer != cand.peer:
             log.warning("receipt from %s is signed by %s, not the offer's key", cand.url, receipt.signer)
+            self.router_state.failed(cand.peer)
+            return None
+        if (allowed := overcharged(receipt.body, cand.model)) is not None:
+            log.warning("receipt from %s charges %d, more than its offer allows (%d); it is not paid",
+                        cand.url, receipt.body.price.charged, allowed)
             self.router_state.failed(cand.peer)
             return None
         self.verifiers.submit(agora["receipt"], cand.url)
