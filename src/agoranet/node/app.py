@@ -112,6 +112,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.detail, dict) and "error" in exc.detail:  # already an OpenAI-style body (storage routes)
+            return JSONResponse(exc.detail, exc.status_code)
         return JSONResponse(error_body(str(exc.detail), type="invalid_request_error", code=str(exc.status_code)),
                             exc.status_code)
 
