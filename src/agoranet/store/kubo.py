@@ -95,7 +95,7 @@ class KuboClient:
         try:
             response = self._client.send(request)
         except httpx.TransportError as exc:
-            raise KuboUnavailable(f"kubo RPC at {self.url} did not answer ({what}): {exc!r}") from exc
+            raise KuboUnavailable(f"kubo RPC at {self.url} did not answer {what}: {exc or type(exc).__name__}") from exc
         return response
 
     @staticmethod
@@ -111,7 +111,7 @@ class KuboClient:
 
     def version(self) -> str:
         """The daemon's version; raises KuboUnavailable or KuboError when it cannot store Agora's blocks."""
-        response = self._send(httpx.Request("POST", _endpoint(self.url, "version")), "version")
+        response = self._send(httpx.Request("POST", _endpoint(self.url, "version")), "a version request")
         try:
             response.raise_for_status()
             version = str(response.json()["Version"])
