@@ -15,7 +15,11 @@ from agoranet.node.server import BackgroundServer, bind, url_of
 from agoranet.node.storage_role import StorageRole
 from agoranet.store.unixfs import add_path, model_cid
 
+from .. import kubo_daemon
 from ..conftest import start_provider
+from ..kubo_daemon import IPFS_ADD
+
+kubo = kubo_daemon.kubo  # the fixture: a real kubo daemon, or the test is skipped with the reason
 
 
 def test_provider_serves_a_model_fetched_by_cid(tmp_path):
@@ -39,6 +43,14 @@ def test_provider_serves_a_model_fetched_by_cid(tmp_path):
     # Now cached locally: no peer needed, and the files still hash to the CID.
     path, name = materialize_model(str(cid), tmp_path / "provider")
     assert name == str(cid) and model_cid(path) == cid
+
+
+def test_model_pinned_in_kubo_is_read_from_it_verified(kubo, tmp_path):
+    bundled = resolve_model("agora-tiny")[0]
+    cid = kubo.ipfs(*IPFS_ADD, "-r", str(bundled)).decode().strip()  # published with kubo, not with Agora
+    assert cid == str(model_cid(bundled))
+    path, name = materialize_model(cid, tmp_path / "provider", kubo_rpc=kubo.rpc_url)
+    assert name == cid and model_cid(path) == model_cid(bundled)
 
 
 def test_unknown_cid_without_peers_says_how_to_get_it(tmp_path):

@@ -1,18 +1,26 @@
 import asyncio
+import os
+import socket
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import Response
 from typer.testing import CliRunner
 
 from agoranet.cli.store_cmd import store_app
+from agoranet.core.cid import cid_of
 from agoranet.net.storage_client import FetchFailed, FetchStats, fetch_dag
 from agoranet.net.storage_protocol import BLOCKS
+from agoranet.node.app import create_app
 from agoranet.node.server import BackgroundServer, bind
 from agoranet.node.storage_role import StorageRole
-from agoranet.store import Blockstore, add_path
+from agoranet.store import Blockstore, KuboClient, add_path
 from agoranet.store.errors import CorruptBlock
 
+from .. import kubo_daemon
+
+kubo = kubo_daemon.kubo  # the fixture: a real kubo daemon, or the test is skipped with the reason
 KiB = 1 << 10
 
 
@@ -89,4 +97,32 @@ def test_storage_role_counts_forged_blocks_in_its_metrics(lying_peer, tmp_path):
     with pytest.raises(CorruptBlock):  # healing asks the liar, whose copy is refused
         role.store.get(cid)
     assert role.metrics()["store_forged_blocks_total"] == 1
+    role.store.close()
+
+
+def test_storage_peer_whose_kubo_dies_refuses_puts_and_keeps_nothing(tmp_path):
+    with socket.socket() as closed:  # bound, not listening: connections to it are refused
+        closed.bind(("127.0.0.1", 0))
+        role = StorageRole(tmp_path / "peer", "http://127.0.0.1:1", [])
+        role.store.kubo = KuboClient(f"http://127.0.0.1:{closed.getsockname()[1]}")  # as if kubo died after start
+        data = b"a block for kubo"
+        with BackgroundServer(create_app([role], max_request_bytes=1 << 20)) as peer:
+            r = httpx.put(f"{peer.url}{BLOCKS}/{cid_of(data)}", content=data)
+            assert r.status_code == 502 and r.json()["error"]["code"] == "kubo_failed"
+            assert "ipfs daemon" in r.json()["error"]["message"]
+            assert not role.store.has(cid_of(data))
+            r = httpx.get(f"{peer.url}{BLOCKS}/{cid_of(b'not here')}")
+            assert r.status_code == 502 and str(closed.getsockname()[1]) in r.json()["error"]["message"]
+        role.store.close()
+
+
+def test_storage_peer_mirrors_to_kubo_and_serves_what_kubo_holds(kubo, tmp_path):
+    role = StorageRole(tmp_path / "peer", "http://127.0.0.1:1", [], kubo_rpc=kubo.rpc_url)
+    pushed, pinned_in_kubo = os.urandom(1000), os.urandom(1000)
+    kubo_cid = kubo.ipfs("block", "put", "--cid-codec=raw", input=pinned_in_kubo).decode().strip()
+    with BackgroundServer(create_app([role], max_request_bytes=1 << 20)) as peer:
+        assert httpx.put(f"{peer.url}{BLOCKS}/{cid_of(pushed)}", content=pushed).status_code == 201
+        assert kubo.ipfs("block", "get", str(cid_of(pushed))) == pushed
+        r = httpx.get(f"{peer.url}{BLOCKS}/{kubo_cid}")
+        assert r.status_code == 200 and r.content == pinned_in_kubo
     role.store.close()

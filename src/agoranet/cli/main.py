@@ -85,6 +85,7 @@ def provide(
     home: HomeOpt = None,
     model: Annotated[str, typer.Option(help="bundled model name, local model directory, or model CID")] = "agora-tiny",
     storage_peer: Annotated[Optional[list[str]], typer.Option(help="storage peer URL to fetch a model CID from")] = None,
+    kubo_rpc: Annotated[Optional[str], typer.Option(help="kubo RPC address to read a model CID from (default: $AGORA_KUBO_RPC)")] = None,
     host: str = "127.0.0.1",
     port: int = 8400,
     precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16")] = "fp32",
@@ -118,6 +119,7 @@ def provide(
     url = public_url or url_of(sock)
     opts = ProviderOptions(model=model, precision=precision, upstream=upstream, upstream_model=upstream_model,
                            threads=threads, storage_peers=storage_peer or [], max_batch=max_batch,
+                           kubo_rpc=(kubo_rpc if kubo_rpc is not None else Settings().kubo_rpc) or None,
                            token_delay_ms=token_delay_ms, cheat=cheat, pricing={"input_per_mtok": price_in, "output_per_mtok": price_out,
                                                      "max_concurrency": max_concurrency, "max_tokens": max_tokens})
     try:

@@ -27,16 +27,27 @@ Home = Annotated[Optional[Path], typer.Option("--home", help="Agora home directo
                                               show_default=False)]
 
 
+KuboRpc = Annotated[str | None, typer.Option(
+    "--kubo-rpc", help="a kubo (IPFS) daemon's RPC address, e.g. http://127.0.0.1:5001: blocks are also put to and "
+                       "read from it (default: $AGORA_KUBO_RPC)", show_default=False)]
+
+
 def _home(home: Path | None) -> Path:
     return home if home is not None else Settings().home
 
 
+def _kubo_rpc(flag: str | None) -> str | None:
+    """--kubo-rpc, else $AGORA_KUBO_RPC; `--kubo-rpc ''` turns the setting off for one command."""
+    return (flag if flag is not None else Settings().kubo_rpc) or None
+
+
 @contextmanager
-def _store(home: Path | None) -> Iterator["Blockstore"]:  # noqa: F821 - imported lazily to keep `--help` fast
-    from agoranet.store import Blockstore
+def _store(home: Path | None, kubo_rpc: str | None = None) -> Iterator["Blockstore"]:  # noqa: F821 - lazy import
+    """The local store; with `kubo_rpc` a kubo daemon mirrors it (commands that touch blocks pass it)."""
+    from agoranet.store import Blockstore, connect_kubo
 
     with _fail_cleanly():
-        store = Blockstore(_home(home) / "blocks")
+        store = Blockstore(_home(home) / "blocks", kubo=connect_kubo(kubo_rpc) if kubo_rpc else None)
         try:
             yield store
         finally:
@@ -62,21 +73,22 @@ def _fail_cleanly() -> Iterator[None]:
 def add(path: Annotated[Path, typer.Argument(help="file or directory (a model directory, say)")],
         home: Home = None,
         hidden: Annotated[bool, typer.Option(help="include files whose names start with a dot")] = False,
-        pin: Annotated[bool, typer.Option(help="pin it so gc keeps it")] = True) -> None:
+        pin: Annotated[bool, typer.Option(help="pin it so gc keeps it")] = True,
+        kubo_rpc: KuboRpc = None) -> None:
     """Add a file or directory; prints its CID (the same CID IPFS gives with CIDv1, raw leaves, 1 MiB chunks)."""
     from agoranet.store import add_path
 
-    with _store(home) as store:
+    with _store(home, _kubo_rpc(kubo_rpc)) as store:
         cid = add_path(store, path, pin=pin, hidden=hidden)
     console.print(str(cid), highlight=False)
 
 
 @store_app.command()
-def cat(cid: str, home: Home = None) -> None:
+def cat(cid: str, home: Home = None, kubo_rpc: KuboRpc = None) -> None:
     """Write a file's bytes to stdout, verifying every block."""
     from agoranet.store import cat as cat_file
 
-    with _store(home) as store:
+    with _store(home, _kubo_rpc(kubo_rpc)) as store:
         out = sys.stdout.buffer
         for piece in cat_file(store, cid):
             out.write(piece)
@@ -84,21 +96,21 @@ def cat(cid: str, home: Home = None) -> None:
 
 
 @store_app.command()
-def export(cid: str, dest: Path, home: Home = None) -> None:
+def export(cid: str, dest: Path, home: Home = None, kubo_rpc: KuboRpc = None) -> None:
     """Write the file or directory at CID to DEST (which must not exist)."""
     from agoranet.store import export as export_tree
 
-    with _store(home) as store:
+    with _store(home, _kubo_rpc(kubo_rpc)) as store:
         export_tree(store, cid, dest)
     console.print(f"exported {cid} to {dest}", highlight=False)
 
 
 @store_app.command("export-car")
-def export_car(cid: str, file: Path, home: Home = None) -> None:
+def export_car(cid: str, file: Path, home: Home = None, kubo_rpc: KuboRpc = None) -> None:
     """Write the DAG at CID to a CAR v1 file (for IPFS, Filecoin or Arweave bundlers)."""
     from agoranet.store import export_car as write_car
 
-    with _store(home) as store:
+    with _store(home, _kubo_rpc(kubo_rpc)) as store:
         tmp = file.with_name(file.name + ".partial")
         with open(tmp, "wb") as f:
             count = write_car(store, cid, f)
@@ -107,11 +119,11 @@ def export_car(cid: str, file: Path, home: Home = None) -> None:
 
 
 @store_app.command("import-car")
-def import_car(file: Path, home: Home = None) -> None:
+def import_car(file: Path, home: Home = None, kubo_rpc: KuboRpc = None) -> None:
     """Import a CAR v1 file, verifying every block; complete roots are pinned and printed."""
     from agoranet.store import import_car as read_car
 
-    with _store(home) as store:
+    with _store(home, _kubo_rpc(kubo_rpc)) as store:
         with open(file, "rb") as f:
             roots = read_car(store, f)
     for root in roots:
@@ -119,9 +131,9 @@ def import_car(file: Path, home: Home = None) -> None:
 
 
 @store_app.command()
-def pin(cid: str, home: Home = None) -> None:
+def pin(cid: str, home: Home = None, kubo_rpc: KuboRpc = None) -> None:
     """Pin a DAG whose blocks are all here, so gc keeps it."""
-    with _store(home) as store:
+    with _store(home, _kubo_rpc(kubo_rpc)) as store:
         store.pin(cid)
     console.print(f"pinned {cid}", highlight=False)
 
@@ -155,11 +167,12 @@ def gc(home: Home = None) -> None:
 def fetch(cid: str,
           peer: Annotated[list[str], typer.Option("--peer", help="storage peer URL; repeat to fetch from several")],
           home: Home = None,
-          pin_it: Annotated[bool, typer.Option("--pin/--no-pin", help="pin it once complete")] = True) -> None:
+          pin_it: Annotated[bool, typer.Option("--pin/--no-pin", help="pin it once complete")] = True,
+          kubo_rpc: KuboRpc = None) -> None:
     """Fetch a DAG from storage peers in parallel, verifying every block."""
     from agoranet.net.storage_client import fetch_dag
 
-    with _store(home) as store:
+    with _store(home, _kubo_rpc(kubo_rpc)) as store:
         columns = (TextColumn("[bold]fetch"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TimeRemainingColumn())
         with Progress(*columns, console=errors, transient=False) as progress:
@@ -181,6 +194,7 @@ def serve(home: Home = None, host: str = "127.0.0.1", port: int = 8500,
           peer: Annotated[Optional[list[str]], typer.Option("--peer", help="other storage peer URL; repeat")] = None,
           public_url: Annotated[Optional[str], typer.Option(help="URL other peers reach this one at")] = None,
           recheck: Annotated[float, typer.Option(help="seconds between re-checks of local copies")] = 60.0,
+          kubo_rpc: KuboRpc = None,
           log_json: Annotated[Optional[bool], typer.Option("--log-json/--no-log-json",
                                                            help="log one JSON object per line")] = None) -> None:
     """Run a storage peer: serve blocks, keep pins at their replication factor, repair when peers leave."""
@@ -200,9 +214,10 @@ def serve(home: Home = None, host: str = "127.0.0.1", port: int = 8500,
         raise typer.Exit(1) from None
     url = public_url or url_of(sock)
     with _fail_cleanly():
-        role = StorageRole(_home(home), url, peer or [], recheck_interval=recheck)
-    console.print(f"storage peer at {url} with {len(role.store.pins())} pins; peers: {', '.join(peer or []) or 'none'}",
-                  highlight=False)
+        role = StorageRole(_home(home), url, peer or [], recheck_interval=recheck, kubo_rpc=_kubo_rpc(kubo_rpc))
+    mirror = f"; blocks mirrored to kubo at {role.store.kubo.url}" if role.store.kubo is not None else ""
+    console.print(f"storage peer at {url} with {len(role.store.pins())} pins; peers: {', '.join(peer or []) or 'none'}"
+                  + mirror, highlight=False)
     node = create_app([role], max_request_bytes=64 << 20, title="Agora storage peer")
     mount_dashboard(node, url=url, watch=peer or [])  # its replication peers show on its dashboard
     serve_forever(node, sock)

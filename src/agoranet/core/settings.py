@@ -15,6 +15,8 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=lambda: Path.home() / ".agora")
     log_json: bool = False
+    # A kubo (IPFS) daemon's RPC address, e.g. http://127.0.0.1:5001: blocks are also put to and read from it.
+    kubo_rpc: str | None = None
 
     @property
     def key_path(self) -> Path:

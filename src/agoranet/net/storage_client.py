@@ -159,7 +159,7 @@ async def fetch_dag(
     done_bytes = 0
 
     async def obtain(cid: CID, preferred: int) -> bytes:
-        if store.has(cid):
+        if store.has(cid) or store.kubo is not None:  # a kubo beside the store answers from its repo at once
             try:
                 data = await asyncio.to_thread(store.get, cid)
                 stats.local_blocks += 1
@@ -215,7 +215,7 @@ async def fetch_dag(
             await queue.join()
             for task in workers:
                 task.cancel()
-    except* FetchFailed as failures:
+    except* AgoraError as failures:  # FetchFailed, or the store's kubo failing a put
         raise failures.exceptions[0] from None
     finally:
         if own_client:

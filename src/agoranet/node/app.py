@@ -131,6 +131,8 @@ def error_response(exc: Exception) -> JSONResponse:
     if isinstance(exc, AgoraError):
         return JSONResponse(error_body(str(exc), type="agora_error", code=type(exc).__name__), 400)
     if isinstance(exc, StarletteHTTPException):
+        if isinstance(exc.detail, dict) and "error" in exc.detail:  # already an OpenAI-style body (storage routes)
+            return JSONResponse(exc.detail, exc.status_code)
         return JSONResponse(error_body(str(exc.detail), type="invalid_request_error", code=str(exc.status_code)),
                             exc.status_code)
     log.exception("unhandled error", exc_info=exc)

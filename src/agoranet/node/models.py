@@ -11,12 +11,16 @@ from agoranet.core.cid import parse_cid
 from agoranet.core.errors import InvalidCID, ModelError
 from agoranet.engine.models import resolve_model
 from agoranet.net.storage_client import fetch_dag
-from agoranet.store import Blockstore
+from agoranet.store import Blockstore, connect_kubo
 from agoranet.store.unixfs import export, model_cid
 
 
-def materialize_model(spec: str, home: Path, storage_peers: list[str] = ()) -> tuple[Path, str]:
-    """(directory, served name) for a bundled name, a local directory, or a model CID."""
+def materialize_model(spec: str, home: Path, storage_peers: list[str] = (), kubo_rpc: str | None = None,
+                      ) -> tuple[Path, str]:
+    """(directory, served name) for a bundled name, a local directory, or a model CID.
+
+    With `kubo_rpc`, blocks missing here are read from that kubo's repo first (verified), then from peers.
+    """
     try:
         cid = parse_cid(spec)
     except InvalidCID:
@@ -24,14 +28,15 @@ def materialize_model(spec: str, home: Path, storage_peers: list[str] = ()) -> t
     dest = home / "models" / str(cid)
     if (dest / "config.json").exists() and model_cid(dest) == cid:
         return dest, str(cid)
-    with Blockstore(home / "blocks") as store:
+    with Blockstore(home / "blocks", kubo=connect_kubo(kubo_rpc) if kubo_rpc else None) as store:
         if store.missing(cid) and storage_peers:
             asyncio.run(fetch_dag(store, cid, list(storage_peers)))
         absent = store.missing(cid)
         if absent:
             raise ModelError(
                 f"model {cid} is not in the local store ({len(absent)} block(s) missing)",
-                hint="pass --storage-peer URL of a peer that holds it, or publish it here with `agora store add DIR`",
+                hint="pass --storage-peer URL of a peer that holds it, --kubo-rpc URL of a kubo that pinned it, "
+                     "or publish it here with `agora store add DIR`",
             )
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -40,6 +40,7 @@ class ProviderOptions:
     threads: int | None = None
     max_batch: int = 16
     storage_peers: list[str] = field(default_factory=list)  # where to fetch a model given by CID
+    kubo_rpc: str | None = None  # a kubo daemon whose repo a model CID is read from first
     token_delay_ms: int = 0  # space tokens out (tests and demos that cut a stream mid-way)
     pricing: dict[str, int] = field(default_factory=dict)  # ProviderConfig overrides
     cheat: str | None = None  # TEST/DEMO ONLY: see agoranet.node.cheat
@@ -63,7 +64,7 @@ def _make_engine(opts: ProviderOptions, home: Path) -> Engine:
     from agoranet.engine.models import model_cid
     from agoranet.node.models import materialize_model
 
-    model_dir, name = materialize_model(opts.model, home, opts.storage_peers)
+    model_dir, name = materialize_model(opts.model, home, opts.storage_peers, opts.kubo_rpc)
     engine = TransformersEngine(model_dir, model_cid=model_cid(model_dir), model_name=name,
                                 precision=opts.precision, max_batch=opts.max_batch, threads=opts.threads)
     if opts.cheat:

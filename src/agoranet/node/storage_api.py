@@ -14,7 +14,7 @@ from agoranet.net.storage_protocol import (
     BLOCK_MEDIA_TYPE, BLOCKS, HasRequest, HasResponse, PinRequest, PinResponse, PinStatus, ReplicaIntent, StoreStatus,
 )
 from agoranet.node.replication import StorageReplicator
-from agoranet.store import BlockMismatch, BlockNotFound, Blockstore, CorruptBlock, PinError
+from agoranet.store import BlockMismatch, BlockNotFound, Blockstore, CorruptBlock, KuboError, PinError
 from agoranet.store.blockstore import as_cid
 
 __all__ = ["storage_router", "storage_app"]
@@ -59,6 +59,8 @@ def storage_router(store: Blockstore, replicator: StorageReplicator | None = Non
             data = store.get(_cid(cid))
         except (BlockNotFound, CorruptBlock) as exc:
             raise _error(404, str(exc), "block_not_found") from exc
+        except KuboError as exc:
+            raise _error(502, str(exc), "kubo_failed") from exc
         return Response(content=data, media_type=BLOCK_MEDIA_TYPE)
 
     @router.put("/{cid}", status_code=201)
@@ -73,6 +75,8 @@ def storage_router(store: Blockstore, replicator: StorageReplicator | None = Non
             await asyncio.to_thread(store.put_block, parsed, bytes(data))
         except BlockMismatch as exc:
             raise _error(400, str(exc), "block_mismatch") from exc
+        except KuboError as exc:  # the block is not kept here either: see Blockstore
+            raise _error(502, str(exc), "kubo_failed") from exc
         return Response(status_code=201)
 
     @router.get("/{cid}/pin", response_model=PinStatus)

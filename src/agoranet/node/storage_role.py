@@ -9,12 +9,14 @@ from typing import Any
 
 from agoranet.node.replication import StorageReplicator
 from agoranet.node.storage_api import storage_router
-from agoranet.store import Blockstore
+from agoranet.store import Blockstore, connect_kubo
 
 
 class StorageRole:
-    def __init__(self, home: Path, public_url: str, peers: list[str], *, recheck_interval: float = 60.0) -> None:
-        self.store = Blockstore(home / "blocks")
+    def __init__(self, home: Path, public_url: str, peers: list[str], *, recheck_interval: float = 60.0,
+                 kubo_rpc: str | None = None) -> None:
+        # With a kubo RPC address, every block this peer stores is put to that kubo as well.
+        self.store = Blockstore(home / "blocks", kubo=connect_kubo(kubo_rpc) if kubo_rpc else None)
         self.replicator = StorageReplicator(self.store, public_url, peers, recheck_interval=recheck_interval,
                                             state_path=home / "replicas.json")
         self.router = storage_router(self.store, self.replicator)
@@ -29,7 +31,8 @@ class StorageRole:
         r = self.replicator
         report = r.last_report
         section: dict[str, Any] = {"url": r.url, "blocks": blocks, "bytes": size, "pins": pins,
-                                   "replicated_pins": len(r.intents), "known_peers": len(r.peers)}
+                                   "replicated_pins": len(r.intents), "known_peers": len(r.peers),
+                                   "kubo_rpc": self.store.kubo.url if self.store.kubo is not None else None}
         health = "ok"
         if report is not None:
             section |= {"alive_peers": len(report.alive), "corrupt_blocks": len(report.corrupt_blocks),

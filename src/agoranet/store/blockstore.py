@@ -5,6 +5,13 @@ the next-to-last two characters of the CID), `index.sqlite` (WAL) lists blocks a
 `quarantine/` keeps copies that failed their hash check so nothing is silently thrown away.
 Writes are atomic (temp file + rename) but not fsynced: a torn block after a crash fails its hash
 check on the next read and is healed like any other corruption.
+
+With a kubo daemon beside it (`kubo=KuboClient(...)`), every block written here is put to kubo first
+and pins are added there too, and a block missing or corrupt here is read back from kubo (re-hashed).
+A put to kubo that fails fails the write, and an add rolls back what it wrote: whoever names a kubo
+expects it to hold every block the store lists, and a block skipped while the daemon was down would
+never be sent again. A block missing here while kubo does not answer raises KuboUnavailable, which
+names the RPC address; a corrupt one is then still healed through the fetcher.
 """
 
 from __future__ import annotations
@@ -24,7 +31,14 @@ import libipld
 
 from agoranet.core.cid import CID, DAG_CBOR, DAG_PB, RAW, cid_from_digest, parse_cid
 from agoranet.store.dagpb import decode_node
-from agoranet.store.errors import BlockMismatch, BlockNotFound, CorruptBlock, PinError
+from agoranet.store.errors import (
+    BlockMismatch,
+    BlockNotFound,
+    CorruptBlock,
+    KuboError,
+    PinError,
+)
+from agoranet.store.kubo import KuboClient
 
 __all__ = ["Blockstore", "BlockFetcher", "GcResult", "verify_block", "as_cid"]
 
@@ -59,13 +73,15 @@ def verify_block(cid: CID, data: bytes | memoryview) -> None:
 class Blockstore:
     """A content-addressed block store on local disk; safe to share between threads."""
 
-    def __init__(self, root: str | os.PathLike[str], *, fetcher: BlockFetcher | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, fetcher: BlockFetcher | None = None,
+                 kubo: KuboClient | None = None) -> None:
         self.root = Path(root)
         self.data_dir = self.root / "data"
         self.quarantine_dir = self.root / "quarantine"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir.mkdir(exist_ok=True)
         self.fetcher = fetcher
+        self.kubo = kubo  # owned: closed with the store
         # Held by whoever writes blocks that are not pinned yet (an add) and by gc, so gc never
         # sweeps a DAG halfway through being added.
         self.gc_lock = threading.RLock()
@@ -79,6 +95,8 @@ class Blockstore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self.kubo is not None:
+            self.kubo.close()
 
     def __enter__(self) -> Blockstore:
         return self
@@ -143,6 +161,8 @@ class Blockstore:
         written: list[Path] = []
 
         def sink(cid: CID, data: bytes) -> None:
+            if self.kubo is not None:
+                self.kubo.put(cid, data)
             if self._write_file(cid, data):
                 written.append(self.path_of(cid))
             rows.append((str(cid), len(data), time.time()))  # list.append is atomic
@@ -151,7 +171,7 @@ class Blockstore:
             try:
                 yield sink
             except BaseException:
-                # A failed import (disk full, say) leaves no unlisted files behind.
+                # A failed import (disk full, kubo down) leaves no unlisted files behind.
                 for path in written:
                     path.unlink(missing_ok=True)
                 raise
@@ -160,7 +180,9 @@ class Blockstore:
                 self._db.executemany("INSERT OR IGNORE INTO blocks VALUES (?,?,?)", rows)
                 self._db.execute("COMMIT")
 
-    def _write(self, cid: CID, data: bytes) -> None:
+    def _write(self, cid: CID, data: bytes, *, to_kubo: bool = True) -> None:
+        if to_kubo and self.kubo is not None:
+            self.kubo.put(cid, data)  # first, so a refused put leaves nothing here
         self._write_file(cid, data)
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO blocks VALUES (?,?,?)", (str(cid), len(data), time.time()))
@@ -194,10 +216,32 @@ class Blockstore:
             data = self.path_of(cid).read_bytes()
         except FileNotFoundError:
             self._forget(cid)
-            raise BlockNotFound(f"block {cid} is not in this store") from None
+            if self.kubo is not None and (data := self.kubo.get(cid)) is not None:
+                self._write(cid, data, to_kubo=False)
+                return data
+            raise BlockNotFound(f"block {cid} is not in this store"
+                                + (f" nor in kubo at {self.kubo.url}" if self.kubo is not None else "")) from None
         if hashlib.sha256(data).digest() == cid.raw_digest:
             return data
         self._quarantine(cid)
+        return self._heal(cid)
+
+    def _heal(self, cid: CID) -> bytes:
+        """A good copy of a block that failed its hash check: from kubo's repo, else from the fetcher.
+
+        The copy is not put to kubo again: the block was listed here, so kubo got it when it was first
+        written, and a read must not fail because kubo is down.
+        """
+        if self.kubo is not None:
+            try:
+                healed = self.kubo.get(cid)
+            except KuboError as exc:
+                log.warning("kubo could not heal a block", extra={"cid": str(cid), "error": str(exc)})
+                healed = None
+            if healed is not None:
+                self._write(cid, healed, to_kubo=False)
+                log.info("block healed from kubo", extra={"cid": str(cid)})
+                return healed
         if self.fetcher is None:
             raise CorruptBlock(f"block {cid} failed its hash check")
         try:
@@ -205,7 +249,7 @@ class Blockstore:
             verify_block(cid, healed)
         except Exception as exc:
             raise CorruptBlock(f"block {cid} failed its hash check and could not be re-fetched: {exc}") from exc
-        self._write(cid, healed)
+        self._write(cid, healed, to_kubo=False)
         log.info("block healed", extra={"cid": str(cid)})
         return healed
 
@@ -298,6 +342,12 @@ class Blockstore:
             absent = self.missing(cid)
             if absent:
                 raise PinError(f"cannot pin {cid}: {len(absent)} block(s) missing, first {absent[0]}")
+        if self.kubo is not None and not self.kubo.pin(cid):
+            # kubo lacks blocks this store had before kubo was named: send the DAG, then pin again.
+            for block_cid, data in self.walk(cid):
+                self.kubo.put(block_cid, data)
+            if not self.kubo.pin(cid):
+                raise KuboError(f"kubo at {self.kubo.url} still lacks blocks of {cid} after they were all put")
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO pins VALUES (?,?)", (str(cid), time.time()))
 

@@ -39,3 +39,19 @@ class MalformedCar(StoreError, ValueError):
 
 class PinError(StoreError):
     hint = "fetch the missing blocks first (`agora store fetch CID --peer URL`), then pin"
+
+
+class KuboError(StoreError):
+    """The kubo (IPFS) daemon given with --kubo-rpc could not do what the store asked."""
+
+    hint = ("check that the kubo daemon runs (`ipfs daemon`) and that --kubo-rpc or AGORA_KUBO_RPC is its RPC "
+            "address (`ipfs config Addresses.API`, http://127.0.0.1:5001 by default), or leave --kubo-rpc out to use the local "
+            "store alone")
+
+
+class KuboUnavailable(KuboError):
+    """Nothing answered at the kubo RPC address, or what answered is not kubo's RPC API."""
+
+
+class KuboMismatch(KuboError):
+    hint = "the kubo daemon disagrees with Agora about a block's CID or bytes; it was not trusted"
