@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
@@ -20,7 +20,7 @@ from agoranet.core.errors import AgoraError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.records import (
     OfferBody, OfferedModel, PriceCharged, ReceiptBody, Record, SamplingParams, TopLogprob,
-    decode_canonical, decode_record, encode_canonical, sign_record,
+    encode_canonical, sign_record,
 )
 from agoranet.engine.base import Engine, Generation, GenerationRequest, TokenEvent
 from agoranet.node.log_role import LogRole
@@ -29,6 +29,7 @@ from agoranet.node.protocol import (
     completion_logprobs, completion_response, error_chunk,
 )
 from agoranet.node.app import Cursor, PageSize
+from agoranet.node.records_api import records_router
 from agoranet.node.state import NodeState
 
 
@@ -266,18 +267,7 @@ class Provider:
             """The receipts this node signed, oldest first, for verifiers to audit (`next` is the cursor)."""
             return self.state.feed("receipt", after, limit, "receipts")
 
-        @r.get("/agora/v1/records/{cid}")
-        async def record(cid: str, request: Request) -> Response:
-            found = self.state.get(cid)
-            if found is None:
-                raise RequestError(f"no record {cid[:80]!r} on this node", status=404, code="not_found", param="cid")
-            kind, data = found
-            if "application/vnd.ipld.dag-cbor" in request.headers.get("accept", ""):
-                return Response(data, media_type="application/vnd.ipld.dag-cbor")
-            if kind == "request":
-                return JSONResponse({"cid": cid, "kind": kind, "request": _jsonable(decode_canonical(data))})
-            return JSONResponse({"cid": cid, "kind": kind, "record": decode_record(data).to_json()})
-
+        r.include_router(records_router(self.state))  # receipts and the requests they bind
         return r
 
 
@@ -308,13 +298,3 @@ def hardware_summary() -> str:
     if torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(0)}"
     return f"cpu:{platform.machine()}x{torch.get_num_threads()}"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value

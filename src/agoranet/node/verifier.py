@@ -21,8 +21,7 @@ from typing import Any
 
 import httpx
 import torch
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter
 from pydantic import BaseModel
 
 from agoranet.core.errors import AgoraError, RecordError, RequestError
@@ -32,6 +31,7 @@ from agoranet.engine.models import model_cid, resolve_model
 from agoranet.engine.tokenizer import ByteTokenizer
 from agoranet.engine.transformers_engine import load_causal_lm
 from agoranet.node.app import Cursor, PageSize
+from agoranet.node.records_api import CBOR, records_router
 from agoranet.node.state import NodeState
 from agoranet.verify.records import FraudProofBody, TolerancesBody, VerdictBody
 from agoranet.verify.replay import ReplayResult, check_receipt, check_request_binding
@@ -40,7 +40,6 @@ from agoranet.verify.tolerances import (
 )
 
 log = logging.getLogger(__name__)
-CBOR = "application/vnd.ipld.dag-cbor"
 
 
 class UnverifiableReceipt(AgoraError):
@@ -383,7 +382,8 @@ class VerifierRole:
                 raise UnverifiableReceipt(f"{node} does not have request {receipt.body.request} (HTTP {r.status_code})")
             request_bytes = r.content
         judgement = await asyncio.to_thread(self.verifier.judge, receipt, request_bytes)
-        self.state.put(receipt.encode(), "receipt")
+        # Not "receipt": that kind is the receipts this node signed, which a provider beside it feeds.
+        self.state.put(receipt.encode(), "audited-receipt")
         self.state.put(request_bytes, "request")
         self.state.put(judgement.verdict.encode(), "verdict")
         if judgement.proof is not None:
@@ -447,18 +447,7 @@ class VerifierRole:
             return {"verifier": str(self.identity.peer_id), "audit_fraction": self.config.audit_fraction,
                     "audited": self.audited, **self.reputation.to_json()}
 
-        @r.get("/agora/v1/records/{cid}")
-        async def record(cid: str, request: Request) -> Response:
-            found = self.state.get(cid)
-            if found is None:
-                raise RequestError(f"no record {cid[:80]!r} on this node", status=404, code="not_found", param="cid")
-            kind, data = found
-            if CBOR in request.headers.get("accept", ""):
-                return Response(data, media_type=CBOR)
-            if kind == "request":
-                return JSONResponse({"cid": cid, "kind": kind, "request": decode_canonical(data)})
-            return JSONResponse({"cid": cid, "kind": kind, "record": decode_record(data).to_json()})
-
+        r.include_router(records_router(self.state))  # the receipts audited, verdicts and fraud proofs
         return r
 
     async def _fetch_receipt(self, node: str, cid: str) -> Record[ReceiptBody]:
