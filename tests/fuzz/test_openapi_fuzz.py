@@ -79,8 +79,9 @@ def gateway_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def verifier_url(tmp_path_factory):
+    from agoranet.node.node import build_verifier_node
     from agoranet.node.server import BackgroundServer, bind
-    from agoranet.node.verifier import VerifierConfig, build_verifier_node
+    from agoranet.node.verifier import VerifierConfig
 
     app, _ = build_verifier_node(tmp_path_factory.mktemp("fuzz-verifier"), VerifierConfig(audit_fraction=1.0, seed=1))
     with BackgroundServer(app, bind()) as server:

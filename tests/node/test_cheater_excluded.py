@@ -8,9 +8,9 @@ import openai
 import pytest
 
 from agoranet.net.gossip import GossipConfig
-from agoranet.node.node import ProviderOptions
+from agoranet.node.node import ProviderOptions, build_verifier_node
 from agoranet.node.server import BackgroundServer, bind
-from agoranet.node.verifier import VerifierConfig, build_verifier_node
+from agoranet.node.verifier import VerifierConfig
 
 from ..conftest import FAST_GOSSIP, start_gateway, start_provider, wait_for
 

@@ -18,9 +18,9 @@ from agoranet.engine.models import model_cid, resolve_model
 from agoranet.engine.transformers_engine import TransformersEngine
 from agoranet.node.calibration import honest_requests, honest_runs
 from agoranet.node.cheat import TAMPERED_INDEX, CheatingEngine
-from agoranet.node.node import ProviderOptions
+from agoranet.node.node import ProviderOptions, build_verifier_node
 from agoranet.node.server import BackgroundServer, bind
-from agoranet.node.verifier import ReplayVerifier, VerifierConfig, build_verifier_node
+from agoranet.node.verifier import ReplayVerifier, VerifierConfig
 from agoranet.verify.records import FailureEvidence, FraudProofBody
 
 from ..conftest import start_provider

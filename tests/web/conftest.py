@@ -16,10 +16,8 @@ import pytest
 from fastapi import FastAPI
 
 from agoranet.core.identity import Identity
-from agoranet.node.app import create_app
-from agoranet.node.node import ProviderOptions, build_provider_node
+from agoranet.node.node import ProviderOptions, StorageOptions, build_node, build_provider_node
 from agoranet.node.server import BackgroundServer, bind, url_of
-from agoranet.node.storage_role import StorageRole
 from agoranet.web import Dashboard, mount_dashboard
 
 
@@ -43,8 +41,8 @@ def _provider(home: Path, url: str) -> tuple[FastAPI, Any]:
 
 
 def _storage(home: Path, url: str) -> tuple[FastAPI, Any]:
-    role = StorageRole(home, url, [], recheck_interval=3600)
-    return create_app([role], max_request_bytes=64 << 20, title="Agora storage peer"), role
+    node = build_node(home, url, ["storage"], storage=StorageOptions(recheck_interval_s=3600))
+    return node.app, node.storage
 
 
 BUILDERS: dict[str, Callable[[Path, str], tuple[FastAPI, Any]]] = {"provider": _provider, "storage": _storage}

@@ -31,9 +31,9 @@ def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int, cheat
 
     from agoranet.net.gossip import GossipConfig
     from agoranet.node.gateway import GatewayConfig
-    from agoranet.node.node import ProviderOptions, build_gateway_node, build_provider_node
+    from agoranet.node.node import ProviderOptions, build_gateway_node, build_provider_node, build_verifier_node
     from agoranet.node.server import BackgroundServer, bind, url_of
-    from agoranet.node.verifier import VerifierConfig, build_verifier_node
+    from agoranet.node.verifier import VerifierConfig
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="agora-demo-") as tmp, ExitStack() as running:

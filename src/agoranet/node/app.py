@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -90,7 +90,9 @@ class HotRoutes:
         await response(scope, receive, send)
 
 
-def create_app(roles: list[Role], *, max_request_bytes: int, title: str = "Agora node") -> FastAPI:
+def create_app(roles: list[Role], *, max_request_bytes: int, title: str = "Agora node",
+               routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The node's app: every role's routes (and `routers`, routes of no one role), started in list order."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
@@ -102,8 +104,8 @@ def create_app(roles: list[Role], *, max_request_bytes: int, title: str = "Agora
     app = FastAPI(title=title, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     # The roles this node runs, in start order: a layer above (the dashboard) may add one before startup.
     app.state.roles = list(roles)
-    for role in roles:
-        app.include_router(role.router)
+    for router in [*(role.router for role in roles), *routers]:
+        app.include_router(router)
     _install_error_handlers(app)
     hot = {path: handler for role in roles for path, handler in getattr(role, "hot_routes", {}).items()}
     if hot:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
+from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
 from agoranet.engine.base import Engine
 from agoranet.log.credits import CreditLedger
@@ -21,13 +24,37 @@ from agoranet.node.keys import KEYS_FILE, KeyStore
 from agoranet.node.log_role import LogRole
 from agoranet.node.network import NetworkRole
 from agoranet.node.provider import Provider, ProviderConfig
+from agoranet.node.records_api import records_router
 from agoranet.node.state import NodeState
+from agoranet.node.storage_role import StorageRole
 from agoranet.node.witness_role import WitnessRole
+
+if TYPE_CHECKING:  # the verifier imports torch, which a gateway must not load
+    from agoranet.node.verifier import VerifierConfig, VerifierRole
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 WITNESS_FILE = "witness.db"  # the heads this node has verified of other logs, and split views
+ROLES = ("gateway", "provider", "verifier", "storage")
+PROVIDER_PATH = "/provider"  # where a provider beside a gateway serves its API (the gateway owns /v1)
+# The largest request body each role takes; a node takes the largest of its roles'.
+REQUEST_LIMITS = {"gateway": DEFAULT_MAX_REQUEST_BYTES, "provider": DEFAULT_MAX_REQUEST_BYTES,
+                  "verifier": 8 << 20, "storage": 64 << 20}  # storage: blocks of up to 4 MiB, pins
+
+
+class UnknownRole(AgoraError):
+    hint = f"--roles takes a comma-separated list of {', '.join(ROLES)}"
+
+
+def parse_roles(text: str) -> tuple[str, ...]:
+    """Role names from "gateway,provider": known ones only, each once, in ROLES order."""
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    if not names:
+        raise UnknownRole("no role given")
+    if unknown := [name for name in names if name not in ROLES]:
+        raise UnknownRole(f"unknown role{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}")
+    return tuple(name for name in ROLES if name in names)
 
 
 @dataclass
@@ -44,6 +71,34 @@ class ProviderOptions:
     token_delay_ms: int = 0  # space tokens out (tests and demos that cut a stream mid-way)
     pricing: dict[str, int] = field(default_factory=dict)  # ProviderConfig overrides
     cheat: str | None = None  # TEST/DEMO ONLY: see agoranet.node.cheat
+
+
+@dataclass
+class VerifierOptions:
+    audit: VerifierConfig | None = None  # audit fraction, sources, poll interval (VerifierConfig() by default)
+    models: list[str] | None = None  # models to replay with (agora-tiny by default)
+    tolerance_files: list[Path] = field(default_factory=list)
+    threads: int | None = 1
+
+
+@dataclass
+class StorageOptions:
+    peers: list[str] = field(default_factory=list)  # the other storage peers, to replicate pins among
+    recheck_interval_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node process: its app and the roles it runs (None for those it does not)."""
+
+    app: FastAPI
+    identity: Identity
+    roles: tuple[str, ...]
+    discovery: GossipDiscovery | None = None
+    provider: Provider | None = None
+    gateway: Gateway | None = None
+    verifier: VerifierRole | None = None
+    storage: StorageRole | None = None
 
 
 def make_engine(opts: ProviderOptions, home: Path) -> Engine:
@@ -74,40 +129,101 @@ def _make_engine(opts: ProviderOptions, home: Path) -> Engine:
     return engine
 
 
+def build_node(home: Path, public_url: str, roles: Iterable[str], *, peers: Sequence[str] = (),
+               gossip: GossipConfig | None = None, provider: ProviderOptions | None = None,
+               engine: Engine | None = None, gateway: GatewayConfig | None = None,
+               verifier: VerifierOptions | None = None, storage: StorageOptions | None = None,
+               max_request_bytes: int | None = None) -> Node:
+    """One process, one identity, one port serving any combination of ROLES.
+
+    What a node has once, its roles share: the identity, the transparency log (a provider's receipts
+    and offers, a gateway's credit moves), the records (`node.db`: what a provider signs, what a
+    verifier audits), and gossip discovery with the witness of other logs, which a gateway always
+    runs and any other node when given `peers`.
+    """
+    names = parse_roles(",".join(roles))
+    identity = Identity.load_or_create(home / "identity.key")
+    if "provider" in names and engine is None:
+        engine = make_engine(provider or ProviderOptions(), home)  # first: a model that will not load stops here
+    log_role = LogRole(TransparencyLog(home / "log.db", identity)) if {"provider", "gateway"} & set(names) else None
+    state = NodeState(home / "node.db") if {"provider", "verifier"} & set(names) else None
+    discovery = witness = None
+    if "gateway" in names or peers:
+        discovery = GossipDiscovery(identity, public_url, list(peers), roles=list(names), config=gossip)
+        # Gossips this node's signed tree head (if it keeps a log) and witnesses every other log's.
+        witness = WitnessRole(Witness(home / WITNESS_FILE), discovery, own_log=log_role.log if log_role else None)
+
+    # The roles in start order (create_app stops them in reverse): the log opens first and closes last,
+    # since everyone appends to it; gossip starts once the engine runs (the offer it announces must be
+    # served) and stops before it; the gateway stops first, then its open credit holds are refunded.
+    started: list = [log_role] if log_role is not None else []
+    gateway_role = provider_role = verifier_role = storage_role = None
+    if "gateway" in names:
+        gateway = gateway or GatewayConfig()
+        keys = KeyStore(home / KEYS_FILE)
+        credits = CreditsRole(CreditLedger(log_role.log), keys, verifier_fee_ppm=gateway.verifier_fee_ppm)
+        started.append(credits)
+    if "storage" in names:
+        storage = storage or StorageOptions()
+        storage_role = StorageRole(home, public_url, storage.peers, recheck_interval=storage.recheck_interval_s)
+        started.append(storage_role)
+    if "verifier" in names:
+        from agoranet.node.verifier import ReplayVerifier, VerifierConfig, VerifierRole  # torch: verifiers only
+
+        verifier = verifier or VerifierOptions()
+        replay = ReplayVerifier(identity, models=verifier.models, tolerance_files=list(verifier.tolerance_files),
+                                threads=verifier.threads)
+        verifier_role = VerifierRole(identity, replay, state, verifier.audit or VerifierConfig())
+        started.append(verifier_role)
+    if "provider" in names:
+        # Beside a gateway, which owns /v1 (users talk to it, and it routes over the whole network,
+        # this provider included, over HTTP), the provider's API moves to PROVIDER_PATH: its offer's URL.
+        path = PROVIDER_PATH if "gateway" in names else ""
+        config = ProviderConfig(public_url=public_url, path=path, **(provider or ProviderOptions()).pricing)
+        provider_role = Provider(identity, engine, state, config, log_role)
+        started.append(provider_role)
+    if discovery is not None:
+        if provider_role is not None:
+            discovery.announce(provider_role.offer)
+        started += [witness, NetworkRole(discovery)]
+    if "gateway" in names:
+        if verifier_role is not None and public_url.rstrip("/") not in gateway.verifiers:
+            gateway = replace(gateway, verifiers=(public_url.rstrip("/"), *gateway.verifiers))  # its own verifier too
+        gateway_role = Gateway(identity, discovery, gateway, keys, credits)
+        gateway_role.router_state.exclusions.append(witness.untrusted)  # a provider whose log forked: no traffic
+        started.append(gateway_role)
+    # The provider's records are the node's too, at its root, where its dashboard links receipts
+    # (a verifier there serves the same records already).
+    routers = [records_router(state)] if provider_role and provider_role.config.path and not verifier_role else []
+    app = create_app(started, max_request_bytes=max_request_bytes or max(REQUEST_LIMITS[n] for n in names),
+                     title=f"Agora {names[0]}" if len(names) == 1 else f"Agora node ({', '.join(names)})",
+                     routers=routers)
+    return Node(app, identity, names, discovery, provider=provider_role, gateway=gateway_role,
+                verifier=verifier_role, storage=storage_role)
+
+
 def build_provider_node(home: Path, public_url: str, opts: ProviderOptions, *,
                         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, peers: list[str] | None = None,
                         gossip: GossipConfig | None = None, engine: Engine | None = None) -> tuple[FastAPI, Provider]:
     """A provider node; with `peers` it also joins the network by gossip and announces its offer."""
-    identity = Identity.load(home / "identity.key")
-    state = NodeState(home / "node.db")
-    log_role = LogRole(TransparencyLog(home / "log.db", identity))
-    provider = Provider(identity, engine or make_engine(opts, home), state,
-                        ProviderConfig(public_url=public_url, **opts.pricing), log_role)
-    roles: list = [log_role, provider]
-    if peers:
-        discovery = GossipDiscovery(identity, public_url, peers, roles=["provider"], config=gossip)
-        discovery.announce(provider.offer)
-        # Gossips this node's signed tree head and witnesses every other log's.
-        roles.append(WitnessRole(Witness(home / WITNESS_FILE), discovery, own_log=log_role.log))
-        roles.append(NetworkRole(discovery))  # started after the engine, stopped before it
-    return create_app(roles, max_request_bytes=max_request_bytes, title="Agora provider"), provider
+    node = build_node(home, public_url, ["provider"], provider=opts, engine=engine, peers=peers or [], gossip=gossip,
+                      max_request_bytes=max_request_bytes)
+    return node.app, node.provider
 
 
 def build_gateway_node(home: Path, public_url: str, peers: list[str], *, config: GatewayConfig | None = None,
                        gossip: GossipConfig | None = None,
                        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> tuple[FastAPI, Gateway]:
     """A gateway node: discovers providers by gossip (seeded with `peers`) and routes users to them."""
-    identity = Identity.load(home / "identity.key")
-    config = config or GatewayConfig()
-    discovery = GossipDiscovery(identity, public_url, peers, roles=["gateway"], config=gossip)
-    keys = KeyStore(home / KEYS_FILE)
-    log_role = LogRole(TransparencyLog(home / "log.db", identity))  # the credit ledger's moves, auditable
-    credits = CreditsRole(CreditLedger(log_role.log), keys, verifier_fee_ppm=config.verifier_fee_ppm)
-    gateway = Gateway(identity, discovery, config, keys, credits)
-    # Gossips the gateway's own head too (its ledger is in its log) and witnesses every other log's.
-    witness = WitnessRole(Witness(home / WITNESS_FILE), discovery, own_log=log_role.log)
-    gateway.router_state.exclusions.append(witness.untrusted)  # a provider whose log forked gets no traffic
-    # Stopped in reverse: the gateway first, then open holds are refunded, and the log closes last.
-    app = create_app([log_role, credits, witness, NetworkRole(discovery), gateway], max_request_bytes=max_request_bytes,
-                     title="Agora gateway")
-    return app, gateway
+    node = build_node(home, public_url, ["gateway"], gateway=config, peers=peers, gossip=gossip,
+                      max_request_bytes=max_request_bytes)
+    return node.app, node.gateway
+
+
+def build_verifier_node(home: Path, audit: VerifierConfig, *, models: list[str] | None = None,
+                        tolerance_files: list[Path] = (), threads: int | None = 1,
+                        max_request_bytes: int | None = None) -> tuple[FastAPI, VerifierRole]:
+    """A verifier node, reached by its URL alone: it gossips with no one, so it needs none to be built."""
+    node = build_node(home, "", ["verifier"], max_request_bytes=max_request_bytes,
+                      verifier=VerifierOptions(audit, models, list(tolerance_files), threads))
+    return node.app, node.verifier

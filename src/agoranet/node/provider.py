@@ -35,13 +35,21 @@ from agoranet.node.state import NodeState
 
 @dataclass(frozen=True)
 class ProviderConfig:
-    public_url: str
+    public_url: str  # the node's URL
     input_per_mtok: int = 100_000  # micro-credits per 1M input tokens
     output_per_mtok: int = 200_000
     max_concurrency: int = 16
     max_tokens: int = 512  # the most a request may ask for
     default_max_tokens: int = 64
     offer_ttl_s: int = 600
+    # Where under the node's URL the provider's whole API is served: the root when it runs alone,
+    # "/provider" beside a gateway (which owns /v1 there). Its offers name public_url + path.
+    path: str = ""
+
+    @property
+    def url(self) -> str:
+        """The URL of the provider's API, the one its offers name (what gateways and verifiers use)."""
+        return self.public_url.rstrip("/") + self.path
 
 
 def now_ms() -> int:
@@ -74,7 +82,7 @@ class Provider:
         if self._offer is None or now > self._offer.body.issued_ms + ttl // 2:
             e = self.engine
             body = OfferBody(
-                url=self.config.public_url,
+                url=self.config.url,
                 models=[OfferedModel(cid=e.model_cid, name=e.model_name, input_per_mtok=self.config.input_per_mtok,
                                      output_per_mtok=self.config.output_per_mtok, context_length=e.context_length)],
                 precision=e.precision, max_concurrency=self.config.max_concurrency, hardware=hardware_summary(),
@@ -239,7 +247,7 @@ class Provider:
     # -- routes -------------------------------------------------------------------------------------
 
     def _routes(self) -> APIRouter:
-        r = APIRouter()
+        r = APIRouter(prefix=self.config.path)
 
         @r.get("/v1/models")
         async def models() -> dict[str, Any]:

@@ -477,14 +477,3 @@ def _judgement_json(j: Judgement) -> dict[str, Any]:
         out |= {"fraud_proof_cid": str(j.proof.cid), "fraud_proof": j.proof.to_json()}
     return out
 
-
-def build_verifier_node(home: Path, opts: VerifierConfig, *, models: list[str] | None = None,
-                        tolerance_files: list[Path] = (), threads: int | None = 1,
-                        max_request_bytes: int = 8 << 20):
-    """A node running only the verifier role (the app and the role, for tests and `agora node`)."""
-    from agoranet.node.app import create_app
-
-    identity = Identity.load_or_create(home / "identity.key")
-    role = VerifierRole(identity, ReplayVerifier(identity, models=models, tolerance_files=list(tolerance_files),
-                                                 threads=threads), NodeState(home / "node.db"), opts)
-    return create_app([role], max_request_bytes=max_request_bytes, title="Agora verifier"), role
