@@ -7,13 +7,14 @@ so importing this module never imports main (and main can import it at any point
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="node directory (default $AGORA_HOME or ~/.agora)")]
-PeerOpt = Annotated[Optional[list[str]], typer.Option("--peer", help="seed peer URL to gossip with (repeatable)")]
-GossipIntervalOpt = Annotated[float, typer.Option(help="seconds between gossip rounds")]
+from agoranet.cli.options import (
+    ChargeCreditsOpt, ConnectTimeoutOpt, GossipIntervalOpt, HomeOpt, LogJsonOpt, PeerOpt, PublicUrlOpt, RequireKeysOpt,
+    StallTimeoutOpt, VerifierFeeOpt, VerifierOpt, home_dir,
+)
 
 
 def gateway(
@@ -21,60 +22,30 @@ def gateway(
     host: str = "127.0.0.1",
     port: int = 8300,
     peer: PeerOpt = None,
-    public_url: Annotated[Optional[str], typer.Option(help="URL others reach this node at")] = None,
-    require_keys: Annotated[bool, typer.Option(help="serve only requests with an API key from `agora keys create`")] = False,
+    public_url: PublicUrlOpt = None,
+    require_keys: RequireKeysOpt = False,
     gossip_interval: GossipIntervalOpt = 2.0,
-    stall_timeout: Annotated[float, typer.Option(help="seconds of provider silence mid-stream before failing over")] = 10.0,
-    connect_timeout: Annotated[float, typer.Option(help="seconds to wait for a provider to accept a connection")] = 2.0,
-    verifier: Annotated[Optional[list[str]], typer.Option(
-        "--verifier", help="verifier URL: relayed receipts go to it, its reputations steer routing (repeatable)")] = None,
-    charge_credits: Annotated[bool, typer.Option(
-        help="bill every request to its API key's credits (`agora keys fund`); implies --require-keys")] = False,
-    verifier_fee_ppm: Annotated[int, typer.Option(
-        help="verifiers' fee in millionths of the providers' charge, paid by the user (0 to 1000000)")] = 0,
-    log_json: Annotated[Optional[bool], typer.Option("--log-json/--no-log-json",
-                                                     help="log one JSON object per line")] = None,
+    stall_timeout: StallTimeoutOpt = 10.0,
+    connect_timeout: ConnectTimeoutOpt = 2.0,
+    verifier: VerifierOpt = None,
+    charge_credits: ChargeCreditsOpt = False,
+    verifier_fee_ppm: VerifierFeeOpt = 0,
+    log_json: LogJsonOpt = None,
 ) -> None:
     """Buy inference for your users: one OpenAI API in front of every provider the network offers."""
-    from agoranet.cli.main import console, fail, home_dir, open_node
-    from agoranet.core.logs import configure_logging
-    from agoranet.core.settings import Settings
-    from agoranet.net.gossip import GossipConfig
-    from agoranet.node.gateway import GatewayConfig
-    from agoranet.node.node import build_gateway_node
-    from agoranet.node.server import serve_forever, url_of
-    from agoranet.web import mount_dashboard
-
-    configure_logging(json_lines=Settings().log_json if log_json is None else log_json)
-    home = home_dir(home)
-    if not 0 <= verifier_fee_ppm <= 1_000_000:
-        raise fail(f"--verifier-fee-ppm is {verifier_fee_ppm}; give 0 to 1000000 (millionths of the charge)")
-    identity, sock = open_node(home, host, port)
-    url = public_url or url_of(sock)
-    config = GatewayConfig(require_keys=require_keys, stall_timeout_s=stall_timeout, connect_timeout_s=connect_timeout,
-                           verifiers=tuple(verifier or []), charge_credits=charge_credits,
-                           verifier_fee_ppm=verifier_fee_ppm)
-    app_, _ = build_gateway_node(home, url, list(peer or []), config=config,
-                                 gossip=GossipConfig(interval_s=gossip_interval))
-    mount_dashboard(app_, url=url)
-    console.print(f"gateway [bold]{identity.peer_id}[/] at [bold]{url}/v1[/]; seeds: {', '.join(peer or []) or 'none'}"
-                  f"{'; API keys required' if require_keys or charge_credits else ''}"
-                  f"{'; requests are charged in credits' if charge_credits else ''}; dashboard at {url}/")
-    serve_forever(app_, sock)
-
-
-def provider_network(peer: list[str] | None, gossip_interval: float) -> dict:
-    """Keyword arguments for `build_provider_node` that make `agora provide --peer URL` join the network."""
+    from agoranet.cli.node_cmd import gateway_config, serve_node
     from agoranet.net.gossip import GossipConfig
 
-    return {"peers": list(peer or []), "gossip": GossipConfig(interval_s=gossip_interval)} if peer else {}
+    config = gateway_config(require_keys=require_keys, stall_timeout=stall_timeout, connect_timeout=connect_timeout,
+                            verifier=verifier, charge_credits=charge_credits, verifier_fee_ppm=verifier_fee_ppm)
+    serve_node(["gateway"], home=home, host=host, port=port, public_url=public_url, log_json=log_json,
+               gateway=config, peers=list(peer or []), gossip=GossipConfig(interval_s=gossip_interval))
 
 
 keys_app = typer.Typer(help="API keys for this gateway's users (only their hashes are stored).", no_args_is_help=True)
 
 
 def _store(home: Path | None):
-    from agoranet.cli.main import home_dir
     from agoranet.node.keys import KEYS_FILE, KeyStore
 
     return KeyStore(home_dir(home) / KEYS_FILE)
@@ -82,7 +53,7 @@ def _store(home: Path | None):
 
 def _ledger(home: Path | None):
     """The gateway's credit ledger in its log (a running gateway sees the moves at its next commit)."""
-    from agoranet.cli.main import fail, home_dir
+    from agoranet.cli.main import fail
     from agoranet.core.errors import AgoraError
     from agoranet.core.identity import Identity
     from agoranet.log.credits import CreditLedger
@@ -153,8 +124,6 @@ def keys_fund(
 def keys_list(home: HomeOpt = None) -> None:
     """List keys with their limits and usage."""
     from agoranet.cli.main import console
-
-    from agoranet.cli.main import home_dir
     from agoranet.log.credits import user
 
     ledger = _ledger(home) if (home_dir(home) / "log.db").exists() else None

@@ -14,8 +14,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from agoranet.cli.options import (
+    HomeOpt, KuboRpcOpt, LogJsonOpt, PublicUrlOpt, RecheckOpt, home_dir, resolve_kubo_rpc,
+)
 from agoranet.core.errors import AgoraError
-from agoranet.core.settings import Settings
 
 store_app = typer.Typer(help="Content-addressed storage: add files and models, pin them, move them as CAR files, "
                              "fetch them from peers.", no_args_is_help=True)
@@ -23,31 +25,13 @@ store_app = typer.Typer(help="Content-addressed storage: add files and models, p
 console = Console()
 errors = Console(stderr=True)
 
-Home = Annotated[Optional[Path], typer.Option("--home", help="Agora home directory (default: $AGORA_HOME or ~/.agora)",
-                                              show_default=False)]
-
-
-KuboRpc = Annotated[str | None, typer.Option(
-    "--kubo-rpc", help="a kubo (IPFS) daemon's RPC address, e.g. http://127.0.0.1:5001: blocks are also put to and "
-                       "read from it (default: $AGORA_KUBO_RPC)", show_default=False)]
-
-
-def _home(home: Path | None) -> Path:
-    return home if home is not None else Settings().home
-
-
-def _kubo_rpc(flag: str | None) -> str | None:
-    """--kubo-rpc, else $AGORA_KUBO_RPC; `--kubo-rpc ''` turns the setting off for one command."""
-    return (flag if flag is not None else Settings().kubo_rpc) or None
-
-
 @contextmanager
 def _store(home: Path | None, kubo_rpc: str | None = None) -> Iterator["Blockstore"]:  # noqa: F821 - lazy import
     """The local store; with `kubo_rpc` a kubo daemon mirrors it (commands that touch blocks pass it)."""
     from agoranet.store import Blockstore, connect_kubo
 
     with _fail_cleanly():
-        store = Blockstore(_home(home) / "blocks", kubo=connect_kubo(kubo_rpc) if kubo_rpc else None)
+        store = Blockstore(home_dir(home) / "blocks", kubo=connect_kubo(kubo_rpc) if kubo_rpc else None)
         try:
             yield store
         finally:
@@ -71,24 +55,24 @@ def _fail_cleanly() -> Iterator[None]:
 
 @store_app.command()
 def add(path: Annotated[Path, typer.Argument(help="file or directory (a model directory, say)")],
-        home: Home = None,
+        home: HomeOpt = None,
         hidden: Annotated[bool, typer.Option(help="include files whose names start with a dot")] = False,
         pin: Annotated[bool, typer.Option(help="pin it so gc keeps it")] = True,
-        kubo_rpc: KuboRpc = None) -> None:
+        kubo_rpc: KuboRpcOpt = None) -> None:
     """Add a file or directory; prints its CID (the same CID IPFS gives with CIDv1, raw leaves, 1 MiB chunks)."""
     from agoranet.store import add_path
 
-    with _store(home, _kubo_rpc(kubo_rpc)) as store:
+    with _store(home, resolve_kubo_rpc(kubo_rpc)) as store:
         cid = add_path(store, path, pin=pin, hidden=hidden)
     console.print(str(cid), highlight=False)
 
 
 @store_app.command()
-def cat(cid: str, home: Home = None, kubo_rpc: KuboRpc = None) -> None:
+def cat(cid: str, home: HomeOpt = None, kubo_rpc: KuboRpcOpt = None) -> None:
     """Write a file's bytes to stdout, verifying every block."""
     from agoranet.store import cat as cat_file
 
-    with _store(home, _kubo_rpc(kubo_rpc)) as store:
+    with _store(home, resolve_kubo_rpc(kubo_rpc)) as store:
         out = sys.stdout.buffer
         for piece in cat_file(store, cid):
             out.write(piece)
@@ -96,21 +80,21 @@ def cat(cid: str, home: Home = None, kubo_rpc: KuboRpc = None) -> None:
 
 
 @store_app.command()
-def export(cid: str, dest: Path, home: Home = None, kubo_rpc: KuboRpc = None) -> None:
+def export(cid: str, dest: Path, home: HomeOpt = None, kubo_rpc: KuboRpcOpt = None) -> None:
     """Write the file or directory at CID to DEST (which must not exist)."""
     from agoranet.store import export as export_tree
 
-    with _store(home, _kubo_rpc(kubo_rpc)) as store:
+    with _store(home, resolve_kubo_rpc(kubo_rpc)) as store:
         export_tree(store, cid, dest)
     console.print(f"exported {cid} to {dest}", highlight=False)
 
 
 @store_app.command("export-car")
-def export_car(cid: str, file: Path, home: Home = None, kubo_rpc: KuboRpc = None) -> None:
+def export_car(cid: str, file: Path, home: HomeOpt = None, kubo_rpc: KuboRpcOpt = None) -> None:
     """Write the DAG at CID to a CAR v1 file (for IPFS, Filecoin or Arweave bundlers)."""
     from agoranet.store import export_car as write_car
 
-    with _store(home, _kubo_rpc(kubo_rpc)) as store:
+    with _store(home, resolve_kubo_rpc(kubo_rpc)) as store:
         tmp = file.with_name(file.name + ".partial")
         with open(tmp, "wb") as f:
             count = write_car(store, cid, f)
@@ -119,11 +103,11 @@ def export_car(cid: str, file: Path, home: Home = None, kubo_rpc: KuboRpc = None
 
 
 @store_app.command("import-car")
-def import_car(file: Path, home: Home = None, kubo_rpc: KuboRpc = None) -> None:
+def import_car(file: Path, home: HomeOpt = None, kubo_rpc: KuboRpcOpt = None) -> None:
     """Import a CAR v1 file, verifying every block; complete roots are pinned and printed."""
     from agoranet.store import import_car as read_car
 
-    with _store(home, _kubo_rpc(kubo_rpc)) as store:
+    with _store(home, resolve_kubo_rpc(kubo_rpc)) as store:
         with open(file, "rb") as f:
             roots = read_car(store, f)
     for root in roots:
@@ -131,15 +115,15 @@ def import_car(file: Path, home: Home = None, kubo_rpc: KuboRpc = None) -> None:
 
 
 @store_app.command()
-def pin(cid: str, home: Home = None, kubo_rpc: KuboRpc = None) -> None:
+def pin(cid: str, home: HomeOpt = None, kubo_rpc: KuboRpcOpt = None) -> None:
     """Pin a DAG whose blocks are all here, so gc keeps it."""
-    with _store(home, _kubo_rpc(kubo_rpc)) as store:
+    with _store(home, resolve_kubo_rpc(kubo_rpc)) as store:
         store.pin(cid)
     console.print(f"pinned {cid}", highlight=False)
 
 
 @store_app.command()
-def unpin(cid: str, home: Home = None) -> None:
+def unpin(cid: str, home: HomeOpt = None) -> None:
     """Remove a pin; the blocks go at the next gc."""
     with _store(home) as store:
         if not store.unpin(cid):
@@ -148,7 +132,7 @@ def unpin(cid: str, home: Home = None) -> None:
 
 
 @store_app.command()
-def pins(home: Home = None) -> None:
+def pins(home: HomeOpt = None) -> None:
     """List pinned CIDs, oldest first."""
     with _store(home) as store:
         for cid in store.pins():
@@ -156,7 +140,7 @@ def pins(home: Home = None) -> None:
 
 
 @store_app.command()
-def gc(home: Home = None) -> None:
+def gc(home: HomeOpt = None) -> None:
     """Delete every block not reachable from a pin."""
     with _store(home) as store:
         result = store.gc()
@@ -166,13 +150,13 @@ def gc(home: Home = None) -> None:
 @store_app.command()
 def fetch(cid: str,
           peer: Annotated[list[str], typer.Option("--peer", help="storage peer URL; repeat to fetch from several")],
-          home: Home = None,
+          home: HomeOpt = None,
           pin_it: Annotated[bool, typer.Option("--pin/--no-pin", help="pin it once complete")] = True,
-          kubo_rpc: KuboRpc = None) -> None:
+          kubo_rpc: KuboRpcOpt = None) -> None:
     """Fetch a DAG from storage peers in parallel, verifying every block."""
     from agoranet.net.storage_client import fetch_dag
 
-    with _store(home, _kubo_rpc(kubo_rpc)) as store:
+    with _store(home, resolve_kubo_rpc(kubo_rpc)) as store:
         columns = (TextColumn("[bold]fetch"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TimeRemainingColumn())
         with Progress(*columns, console=errors, transient=False) as progress:
@@ -190,34 +174,16 @@ def fetch(cid: str,
 
 
 @store_app.command()
-def serve(home: Home = None, host: str = "127.0.0.1", port: int = 8500,
+def serve(home: HomeOpt = None, host: str = "127.0.0.1", port: int = 8500,
           peer: Annotated[Optional[list[str]], typer.Option("--peer", help="other storage peer URL; repeat")] = None,
-          public_url: Annotated[Optional[str], typer.Option(help="URL other peers reach this one at")] = None,
-          recheck: Annotated[float, typer.Option(help="seconds between re-checks of local copies")] = 60.0,
-          kubo_rpc: KuboRpc = None,
-          log_json: Annotated[Optional[bool], typer.Option("--log-json/--no-log-json",
-                                                           help="log one JSON object per line")] = None) -> None:
+          public_url: PublicUrlOpt = None,
+          recheck: RecheckOpt = 60.0,
+          kubo_rpc: KuboRpcOpt = None,
+          log_json: LogJsonOpt = None) -> None:
     """Run a storage peer: serve blocks, keep pins at their replication factor, repair when peers leave."""
-    from agoranet.node.app import create_app
-    from agoranet.node.server import bind, serve_forever, url_of
-    from agoranet.node.storage_role import StorageRole
-    from agoranet.core.logs import configure_logging
-    from agoranet.core.settings import Settings
-    from agoranet.web import mount_dashboard
+    from agoranet.cli.node_cmd import serve_node
+    from agoranet.node.node import StorageOptions
 
-    configure_logging(json_lines=Settings().log_json if log_json is None else log_json)
-
-    try:
-        sock = bind(host, port)
-    except OSError as exc:
-        errors.print(f"[bold red]error:[/] cannot listen on {host}:{port}: {exc.strerror} (pick another --port)")
-        raise typer.Exit(1) from None
-    url = public_url or url_of(sock)
-    with _fail_cleanly():
-        role = StorageRole(_home(home), url, peer or [], recheck_interval=recheck, kubo_rpc=_kubo_rpc(kubo_rpc))
-    mirror = f"; blocks mirrored to kubo at {role.store.kubo.url}" if role.store.kubo is not None else ""
-    console.print(f"storage peer at {url} with {len(role.store.pins())} pins; peers: {', '.join(peer or []) or 'none'}"
-                  + mirror, highlight=False)
-    node = create_app([role], max_request_bytes=64 << 20, title="Agora storage peer")
-    mount_dashboard(node, url=url, watch=peer or [])  # its replication peers show on its dashboard
-    serve_forever(node, sock)
+    storage = StorageOptions(peers=list(peer or []), recheck_interval_s=recheck, kubo_rpc=resolve_kubo_rpc(kubo_rpc))
+    serve_node(["storage"], home=home, host=host, port=port, public_url=public_url, log_json=log_json,
+               watch=peer or [], storage=storage)  # its replication peers show on its dashboard

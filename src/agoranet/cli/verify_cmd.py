@@ -21,9 +21,11 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from agoranet.cli.options import (
+    AuditFractionOpt, HomeOpt, PollIntervalOpt, SourceOpt, ThreadsOpt, TolerancesOpt, home_dir,
+)
 from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
-from agoranet.core.settings import Settings
 
 console = Console(emoji=False, highlight=False, soft_wrap=True)
 err = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
@@ -46,15 +48,8 @@ verify_app = typer.Typer(cls=_ReceiptOrCommand, no_args_is_help=True, add_comple
                               "`agora verify --fraud-proof CID|FILE [--node URL]` re-checks a fraud proof.  "
                               "Exit status 3 means fraud found / false proof.")
 
-HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="node directory (default $AGORA_HOME or ~/.agora)")]
 ModelsOpt = Annotated[Optional[list[str]], typer.Option("--model", help="model(s) to replay with: bundled name or "
                                                         "directory (default agora-tiny)")]
-TolOpt = Annotated[Optional[Path], typer.Option("--tolerances", help="a signed tolerances record (JSON) to use "
-                                                "instead of the shipped defaults")]
-
-
-def _home(home: Path | None) -> Path:
-    return home if home is not None else Settings().home
 
 
 def _fail(exc: AgoraError | str) -> typer.Exit:
@@ -69,7 +64,7 @@ def check(
     fraud_proof: Annotated[Optional[str], typer.Option("--fraud-proof", help="CID (with --node) or JSON file of a "
                                                        "fraud proof to re-check")] = None,
     model: ModelsOpt = None,
-    tolerances: TolOpt = None,
+    tolerances: TolerancesOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="write the verdict and any fraud proof here (JSON)")] = None,
     home: HomeOpt = None,
 ) -> None:
@@ -79,7 +74,7 @@ def check(
     if (receipt_cid is None) == (fraud_proof is None):
         raise _fail("give a RECEIPT_CID (with --node URL) or --fraud-proof CID|FILE")
     try:
-        identity = Identity.load_or_create(_home(home) / "identity.key")
+        identity = Identity.load_or_create(home_dir(home) / "identity.key")
         verifier = ReplayVerifier(identity, models=model or ["agora-tiny"],
                                   tolerance_files=[tolerances] if tolerances else [])
         if fraud_proof is not None:
@@ -125,39 +120,20 @@ def check(
 def serve(
     host: str = "127.0.0.1",
     port: int = 8600,
-    source: Annotated[Optional[list[str]], typer.Option(help="provider/gateway URL whose receipts to pull")] = None,
-    audit_fraction: Annotated[float, typer.Option(help="share of seen receipts to replay (0-1)")] = 0.1,
-    poll_interval: Annotated[float, typer.Option(help="seconds between pulls from each --source")] = 5.0,
+    source: SourceOpt = None,
+    audit_fraction: AuditFractionOpt = 0.1,
+    poll_interval: PollIntervalOpt = 5.0,
     model: ModelsOpt = None,
-    tolerances: TolOpt = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest on a shared CPU)")] = 1,
+    tolerances: TolerancesOpt = None,
+    threads: ThreadsOpt = 1,
     home: HomeOpt = None,
 ) -> None:
     """Run a verifier node: audit receipts, sign verdicts and fraud proofs, serve reputation."""
-    from agoranet.core.logs import configure_logging
-    from agoranet.node.server import bind, serve_forever, url_of
-    from agoranet.node.verifier import VerifierConfig, build_verifier_node
-    from agoranet.web import mount_dashboard
+    from agoranet.cli.node_cmd import serve_node, verifier_options
 
-    if not 0.0 <= audit_fraction <= 1.0:
-        raise _fail(f"--audit-fraction {audit_fraction} is not between 0 and 1")
-    configure_logging(json_lines=Settings().log_json)
-    try:
-        sock = bind(host, port)
-    except OSError as exc:
-        raise _fail(f"cannot listen on {host}:{port}: {exc.strerror} (pick another --port)") from None
-    try:
-        app, role = build_verifier_node(
-            _home(home), VerifierConfig(audit_fraction=audit_fraction, sources=tuple(source or ()),
-                                        poll_interval_s=poll_interval),
-            models=model, tolerance_files=[tolerances] if tolerances else [], threads=threads)
-    except AgoraError as exc:
-        raise _fail(exc) from None
-    mount_dashboard(app, url=url_of(sock))
-    console.print(f"verifier [bold]{role.identity.peer_id}[/] at [bold]{url_of(sock)}[/]: auditing "
-                  f"{audit_fraction:.0%} of receipts from {', '.join(source or []) or 'submissions'}; "
-                  f"reputation at {url_of(sock)}/agora/v1/reputation")
-    serve_forever(app, sock)
+    opts = verifier_options(source=source, audit_fraction=audit_fraction, poll_interval=poll_interval, models=model,
+                            tolerances=tolerances, threads=threads)
+    serve_node(["verifier"], home=home, host=host, port=port, verifier=opts)
 
 
 @verify_app.command()
@@ -169,7 +145,7 @@ def calibrate(
     headroom: Annotated[float, typer.Option(help="tolerance = headroom x worst honest deviation")] = 1.5,
     max_tokens: int = 64,
     seed: int = 1,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest on a shared CPU)")] = 1,
+    threads: ThreadsOpt = 1,
     out: Annotated[Optional[Path], typer.Option(help="tolerances file to write (merged with an existing one)")] = None,
     home: HomeOpt = None,
 ) -> None:
@@ -185,12 +161,12 @@ def calibrate(
     if headroom < 1.5:
         raise _fail(f"--headroom {headroom} is below the required 1.5")
     try:
-        identity = Identity.load_or_create(_home(home) / "identity.key")
+        identity = Identity.load_or_create(home_dir(home) / "identity.key")
         model_dir, _ = resolve_model(model)
         cid = model_cid(model_dir)
         torch.set_num_threads(threads)
         reference = load_causal_lm(model_dir, REFERENCE_PRECISION)
-        path = out or _home(home) / "tolerances" / f"{cid}.json"
+        path = out or home_dir(home) / "tolerances" / f"{cid}.json"
         classes = {c.precision: c for c in (load_tolerances(path).body.classes if path.exists() else [])}
         for p in precision:
             console.print(f"calibrating [bold]{p}[/] on {sequences} honest sequences, confirming on {confirm} …")

@@ -85,6 +85,7 @@ class VerifierOptions:
 class StorageOptions:
     peers: list[str] = field(default_factory=list)  # the other storage peers, to replicate pins among
     recheck_interval_s: float = 60.0
+    kubo_rpc: str | None = None  # a kubo daemon every stored block is also put to
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,8 @@ def build_node(home: Path, public_url: str, roles: Iterable[str], *, peers: Sequ
         started.append(credits)
     if "storage" in names:
         storage = storage or StorageOptions()
-        storage_role = StorageRole(home, public_url, storage.peers, recheck_interval=storage.recheck_interval_s)
+        storage_role = StorageRole(home, public_url, storage.peers, recheck_interval=storage.recheck_interval_s,
+                                   kubo_rpc=storage.kubo_rpc)
         started.append(storage_role)
     if "verifier" in names:
         from agoranet.node.verifier import ReplayVerifier, VerifierConfig, VerifierRole  # torch: verifiers only

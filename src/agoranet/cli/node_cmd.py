@@ -1,0 +1,224 @@
+"""`agora node --roles gateway,provider,…`: one process, one identity, one port, any mix of roles.
+
+Also what every command that runs a node shares (`provide`, `gateway`, `verify serve`, `store serve`
+run one role each through `serve_node`): turning their options into the node layer's settings,
+opening the port, building the node, mounting the dashboard, serving. Helpers from cli/main.py are
+imported inside the functions, so importing this module never imports main.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from agoranet.cli.options import (
+    AuditFractionOpt, ChargeCreditsOpt, CheatOpt, ConnectTimeoutOpt, GossipIntervalOpt, HomeOpt, KuboRpcOpt, LogJsonOpt,
+    MaxBatchOpt, MaxConcurrencyOpt, MaxTokensOpt, ModelOpt, PeerOpt, PollIntervalOpt, PrecisionOpt, PriceInOpt,
+    PriceOutOpt, PublicUrlOpt, RecheckOpt, RequireKeysOpt, SourceOpt, StallTimeoutOpt, ThreadsOpt, TokenDelayOpt,
+    TolerancesOpt, UpstreamModelOpt, UpstreamOpt, VerifierFeeOpt, VerifierOpt, WatchOpt, home_dir, resolve_kubo_rpc,
+)
+
+if TYPE_CHECKING:
+    from agoranet.node.gateway import GatewayConfig
+    from agoranet.node.node import Node, ProviderOptions, VerifierOptions
+
+# A node listens where its front role's own command would: users talk to a gateway, else a provider.
+DEFAULT_PORTS = {"gateway": 8300, "provider": 8400, "storage": 8500, "verifier": 8600}
+
+
+def provider_options(*, model: str, precision: str, upstream: str | None, upstream_model: str | None,
+                     storage_peer: list[str] | None, kubo_rpc: str | None, threads: int | None, max_batch: int,
+                     token_delay_ms: int, cheat: str | None, price_in: int, price_out: int, max_concurrency: int,
+                     max_tokens: int) -> ProviderOptions:
+    from agoranet.node.node import ProviderOptions
+
+    return ProviderOptions(model=model, precision=precision, upstream=upstream, upstream_model=upstream_model,
+                           threads=threads, storage_peers=list(storage_peer or []), max_batch=max_batch,
+                           kubo_rpc=resolve_kubo_rpc(kubo_rpc), token_delay_ms=token_delay_ms, cheat=cheat,
+                           pricing={"input_per_mtok": price_in, "output_per_mtok": price_out,
+                                    "max_concurrency": max_concurrency, "max_tokens": max_tokens})
+
+
+def gateway_config(*, require_keys: bool, stall_timeout: float, connect_timeout: float, verifier: list[str] | None,
+                   charge_credits: bool, verifier_fee_ppm: int) -> GatewayConfig:
+    from agoranet.cli.main import fail
+    from agoranet.node.gateway import GatewayConfig
+
+    if not 0 <= verifier_fee_ppm <= 1_000_000:
+        raise fail(f"--verifier-fee-ppm is {verifier_fee_ppm}; give 0 to 1000000 (millionths of the charge)")
+    return GatewayConfig(require_keys=require_keys, stall_timeout_s=stall_timeout, connect_timeout_s=connect_timeout,
+                         verifiers=tuple(v.rstrip("/") for v in verifier or []), charge_credits=charge_credits,
+                         verifier_fee_ppm=verifier_fee_ppm)
+
+
+def verifier_options(*, source: list[str] | None, audit_fraction: float, poll_interval: float,
+                     models: list[str] | None, tolerances: Path | None, threads: int | None) -> VerifierOptions:
+    from agoranet.cli.main import fail
+    from agoranet.node.node import VerifierOptions
+    from agoranet.node.verifier import VerifierConfig
+
+    if not 0.0 <= audit_fraction <= 1.0:
+        raise fail(f"--audit-fraction {audit_fraction} is not between 0 and 1")
+    audit = VerifierConfig(audit_fraction=audit_fraction, sources=tuple(source or ()), poll_interval_s=poll_interval)
+    return VerifierOptions(audit, models, [tolerances] if tolerances else [], threads)
+
+
+def serve_node(roles: Sequence[str], *, home: Path | None, host: str, port: int | None, public_url: str | None = None,
+               log_json: bool | None = None, watch: Sequence[str] = (), **build: Any) -> None:
+    """Run a node in the foreground until SIGINT/SIGTERM: `build` is `build_node`'s keyword arguments."""
+    from agoranet.cli.main import console, fail, open_node
+    from agoranet.core.errors import AgoraError
+    from agoranet.core.logs import configure_logging
+    from agoranet.core.settings import Settings
+    from agoranet.node.node import build_node
+    from agoranet.node.server import serve_forever, url_of
+    from agoranet.web import mount_dashboard
+
+    configure_logging(json_lines=Settings().log_json if log_json is None else log_json)
+    home = home_dir(home)
+    if port is None:
+        port = next(DEFAULT_PORTS[role] for role in DEFAULT_PORTS if role in roles)
+    _, sock = open_node(home, host, port)
+    url = (public_url or url_of(sock)).rstrip("/")
+    try:
+        node = build_node(home, url, roles, **build)
+    except AgoraError as exc:
+        raise fail(exc) from None
+    except OSError as exc:
+        raise fail(f"cannot open this node's files in {home}: {exc}") from None
+    mount_dashboard(node.app, identity=node.identity, url=url, watch=list(watch))
+    for line in describe(node, url):
+        console.print(line)
+    serve_forever(node.app, sock)
+
+
+def describe(node: Node, url: str) -> list[str]:
+    """What the node serves where, one line per role, for the operator."""
+    lines = []
+    if (g := node.gateway) is not None:
+        seeds = ", ".join(node.discovery.seeds) if node.discovery else ""
+        c = g.config
+        lines.append(f"gateway at [bold]{url}/v1[/]: routes to every provider gossip finds (seeds: {seeds or 'none'})"
+                     f"{'; API keys required' if c.require_keys or c.charge_credits else ''}"
+                     f"{'; requests are charged in credits' if c.charge_credits else ''}"
+                     f"{'; verifiers: ' + ', '.join(c.verifiers) if c.verifiers else ''}")
+    if (p := node.provider) is not None:
+        e = p.engine
+        lines.append(f"provider serving [bold]{e.model_name}[/] ({e.model_cid}, {e.precision}) at "
+                     f"[bold]{p.config.url}/v1[/]")
+    if (v := node.verifier) is not None:
+        a = v.config
+        lines.append(f"verifier at {url}: auditing {a.audit_fraction:.0%} of receipts from "
+                     f"{', '.join(a.sources) or 'submissions'}; reputation at {url}/agora/v1/reputation")
+    if (s := node.storage) is not None:
+        peers = [p for p in s.replicator.peers if p != s.replicator.url]
+        mirror = f"; blocks mirrored to kubo at {s.store.kubo.url}" if s.store.kubo is not None else ""
+        lines.append(f"storage peer at {url} with {len(s.store.pins())} pins; peers: {', '.join(peers) or 'none'}"
+                     + mirror)
+    lines.append(f"node [bold]{node.identity.peer_id}[/]; dashboard at {url}/, metrics at {url}/metrics")
+    return lines
+
+
+# Which roles use each option that not every node takes: giving one for a role not run is a mistake.
+ROLE_OPTIONS = {
+    **dict.fromkeys(("model", "precision", "upstream", "upstream_model", "price_in", "price_out", "max_concurrency",
+                     "max_tokens", "max_batch", "token_delay_ms", "cheat"), ("provider",)),
+    **dict.fromkeys(("storage_peer", "kubo_rpc"), ("provider", "storage")),
+    "threads": ("provider", "verifier"),
+    **dict.fromkeys(("require_keys", "stall_timeout", "connect_timeout", "verifier", "charge_credits",
+                     "verifier_fee_ppm"), ("gateway",)),
+    **dict.fromkeys(("source", "audit_fraction", "poll_interval", "verify_model", "tolerances"), ("verifier",)),
+    "recheck": ("storage",),
+}
+
+
+def node(
+    ctx: typer.Context,
+    roles: Annotated[str, typer.Option(
+        help="roles to run, comma-separated: gateway, provider, verifier, storage")],
+    home: HomeOpt = None,
+    host: str = "127.0.0.1",
+    port: Annotated[Optional[int], typer.Option(
+        help="port (default: 8300 with a gateway, else 8400 provider, 8500 storage, 8600 verifier)")] = None,
+    public_url: PublicUrlOpt = None,
+    peer: PeerOpt = None,
+    gossip_interval: GossipIntervalOpt = 2.0,
+    watch: WatchOpt = None,
+    log_json: LogJsonOpt = None,
+    # provider
+    model: ModelOpt = "agora-tiny",
+    precision: PrecisionOpt = "fp32",
+    upstream: UpstreamOpt = None,
+    upstream_model: UpstreamModelOpt = None,
+    price_in: PriceInOpt = 100_000,
+    price_out: PriceOutOpt = 200_000,
+    max_concurrency: MaxConcurrencyOpt = 16,
+    max_tokens: MaxTokensOpt = 512,
+    max_batch: MaxBatchOpt = 16,
+    threads: ThreadsOpt = None,
+    token_delay_ms: TokenDelayOpt = 0,
+    cheat: CheatOpt = None,
+    storage_peer: Annotated[Optional[list[str]], typer.Option(
+        help="other storage peer URL (repeatable): where a model CID is fetched from; storage replicates with them")
+    ] = None,
+    kubo_rpc: KuboRpcOpt = None,
+    # gateway
+    require_keys: RequireKeysOpt = False,
+    stall_timeout: StallTimeoutOpt = 10.0,
+    connect_timeout: ConnectTimeoutOpt = 2.0,
+    verifier: VerifierOpt = None,
+    charge_credits: ChargeCreditsOpt = False,
+    verifier_fee_ppm: VerifierFeeOpt = 0,
+    # verifier
+    source: SourceOpt = None,
+    audit_fraction: AuditFractionOpt = 0.1,
+    poll_interval: PollIntervalOpt = 5.0,
+    verify_model: Annotated[Optional[list[str]], typer.Option(
+        help="model(s) the verifier replays with: bundled name or directory (default agora-tiny; repeatable)")] = None,
+    tolerances: TolerancesOpt = None,
+    # storage
+    recheck: RecheckOpt = 60.0,
+) -> None:
+    """Run several roles in one process: one identity, one port, one gossip membership.
+
+    A gateway serves /v1 and routes over the whole network; a provider beside it serves under /provider/v1.
+    """
+    from agoranet.cli.main import fail
+    from agoranet.core.errors import AgoraError
+    from agoranet.net.gossip import GossipConfig
+    from agoranet.node.node import StorageOptions, parse_roles
+
+    try:
+        names = parse_roles(roles)
+    except AgoraError as exc:
+        raise fail(exc) from None
+    for param in ctx.command.params:
+        used_by = ROLE_OPTIONS.get(param.name or "", names)
+        given = getattr(ctx.get_parameter_source(param.name), "name", None) == "COMMANDLINE"  # not a default
+        if given and not set(used_by) & set(names):
+            raise fail(f"{param.opts[0]} is for a node running {' or '.join(used_by)}; this one runs "
+                       f"{', '.join(names)} (add to --roles, or drop the option)")
+    build: dict[str, Any] = {"peers": list(peer or []), "gossip": GossipConfig(interval_s=gossip_interval)}
+    if "provider" in names:
+        build["provider"] = provider_options(
+            model=model, precision=precision, upstream=upstream, upstream_model=upstream_model,
+            storage_peer=storage_peer, kubo_rpc=kubo_rpc, threads=threads, max_batch=max_batch,
+            token_delay_ms=token_delay_ms,
+            cheat=cheat, price_in=price_in, price_out=price_out, max_concurrency=max_concurrency,
+            max_tokens=max_tokens)
+    if "gateway" in names:
+        build["gateway"] = gateway_config(require_keys=require_keys, stall_timeout=stall_timeout,
+                                          connect_timeout=connect_timeout, verifier=verifier,
+                                          charge_credits=charge_credits, verifier_fee_ppm=verifier_fee_ppm)
+    if "verifier" in names:
+        build["verifier"] = verifier_options(source=source, audit_fraction=audit_fraction, poll_interval=poll_interval,
+                                             models=verify_model, tolerances=tolerances, threads=threads)
+    if "storage" in names:
+        build["storage"] = StorageOptions(peers=list(storage_peer or []), recheck_interval_s=recheck,
+                                          kubo_rpc=resolve_kubo_rpc(kubo_rpc))
+        watch = [*(watch or []), *(storage_peer or [])]  # as `agora store serve` shows its replication peers
+    serve_node(names, home=home, host=host, port=port, public_url=public_url, log_json=log_json, watch=watch or [],
+               **build)

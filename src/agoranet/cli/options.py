@@ -1,0 +1,91 @@
+"""Options of the commands that run a node (`provide`, `gateway`, `verify serve`, `store serve`, `node`),
+each defined once: `agora node` takes the union of the single-role commands' options.
+
+It imports nothing from the command modules, so each of them can import it at the top.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from agoranet.core.settings import Settings
+
+# Every node (--threads: a provider's engine and a verifier's replays; --kubo-rpc: a provider's model, a store)
+HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="node directory (default $AGORA_HOME or ~/.agora)")]
+PublicUrlOpt = Annotated[Optional[str], typer.Option("--public-url", help="URL others reach this node at")]
+PeerOpt = Annotated[Optional[list[str]], typer.Option("--peer", help="seed peer URL to gossip with (repeatable)")]
+GossipIntervalOpt = Annotated[float, typer.Option("--gossip-interval", help="seconds between gossip rounds")]
+WatchOpt = Annotated[Optional[list[str]], typer.Option("--watch", help="peer URL to show on the dashboard; repeat")]
+LogJsonOpt = Annotated[Optional[bool], typer.Option("--log-json/--no-log-json",
+                                                    help="log one JSON object per line (default $AGORA_LOG_JSON)")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads",
+                                                   help="torch CPU threads (1 is fastest on a shared CPU)")]
+KuboRpcOpt = Annotated[Optional[str], typer.Option(
+    "--kubo-rpc", help="a kubo (IPFS) daemon's RPC address, e.g. http://127.0.0.1:5001: blocks (a model CID's too) "
+                       "are read from it, and those stored here put to it (default: $AGORA_KUBO_RPC)",
+    show_default=False)]
+
+# Each role's own options show in a panel of their own in `--help`.
+_provider = partial(typer.Option, rich_help_panel="Provider")
+_gateway = partial(typer.Option, rich_help_panel="Gateway")
+_verifier = partial(typer.Option, rich_help_panel="Verifier")
+_storage = partial(typer.Option, rich_help_panel="Storage peer")
+
+# Provider
+ModelOpt = Annotated[str, _provider("--model", help="bundled model name, local model directory, or model CID")]
+StoragePeerOpt = Annotated[Optional[list[str]], _provider(
+    "--storage-peer", help="storage peer URL to fetch a model CID from (repeatable)")]
+PrecisionOpt = Annotated[str, _provider("--precision", help="fp32, bf16 or fp16")]
+UpstreamOpt = Annotated[Optional[str], _provider(
+    "--upstream", help="serve through an OpenAI-compatible server at this URL")]
+UpstreamModelOpt = Annotated[Optional[str], _provider("--upstream-model", help="model name the upstream serves")]
+PriceInOpt = Annotated[int, _provider("--price-in", help="micro-credits per 1M input tokens")]
+PriceOutOpt = Annotated[int, _provider("--price-out", help="micro-credits per 1M output tokens")]
+MaxConcurrencyOpt = Annotated[int, _provider("--max-concurrency", help="most requests served at once")]
+MaxTokensOpt = Annotated[int, _provider("--max-tokens", help="most tokens a request may ask for")]
+MaxBatchOpt = Annotated[int, _provider("--max-batch", help="most sequences decoded together")]
+TokenDelayOpt = Annotated[int, _provider("--token-delay-ms", hidden=True,
+                                         help="space tokens out (failover tests, demos)")]
+CheatOpt = Annotated[Optional[str], _provider(
+    "--cheat", hidden=True, help="TEST/DEMO ONLY: model|token|logprobs|temperature|seed|prompt")]
+
+# Gateway
+RequireKeysOpt = Annotated[bool, _gateway(
+    "--require-keys/--no-require-keys", help="serve only requests with an API key from `agora keys create`")]
+StallTimeoutOpt = Annotated[float, _gateway(
+    "--stall-timeout", help="seconds of provider silence mid-stream before failing over")]
+ConnectTimeoutOpt = Annotated[float, _gateway(
+    "--connect-timeout", help="seconds to wait for a provider to accept a connection")]
+VerifierOpt = Annotated[Optional[list[str]], _gateway(
+    "--verifier", help="verifier URL: relayed receipts go to it, its reputations steer routing (repeatable)")]
+ChargeCreditsOpt = Annotated[bool, _gateway(
+    "--charge-credits/--no-charge-credits",
+    help="bill every request to its API key's credits (`agora keys fund`); implies --require-keys")]
+VerifierFeeOpt = Annotated[int, _gateway(
+    "--verifier-fee-ppm",
+    help="verifiers' fee in millionths of the providers' charge, paid by the user (0 to 1000000)")]
+
+# Verifier
+SourceOpt = Annotated[Optional[list[str]], _verifier(
+    "--source", help="provider/gateway URL whose receipts to pull (repeatable)")]
+AuditFractionOpt = Annotated[float, _verifier("--audit-fraction", help="share of seen receipts to replay (0-1)")]
+PollIntervalOpt = Annotated[float, _verifier("--poll-interval", help="seconds between pulls from each --source")]
+TolerancesOpt = Annotated[Optional[Path], _verifier(
+    "--tolerances", help="a signed tolerances record (JSON) to use instead of the shipped defaults")]
+
+# Storage peer
+RecheckOpt = Annotated[float, _storage("--recheck", help="seconds between re-checks of local copies")]
+
+
+def home_dir(home: Path | None) -> Path:
+    """The node directory: --home, else $AGORA_HOME, else ~/.agora."""
+    return home if home is not None else Settings().home
+
+
+def resolve_kubo_rpc(flag: str | None) -> str | None:
+    """--kubo-rpc, else $AGORA_KUBO_RPC; `--kubo-rpc ''` turns the setting off for one command."""
+    return (flag if flag is not None else Settings().kubo_rpc) or None
