@@ -38,7 +38,7 @@ def net(tmp_path_factory):
     wait_for(lambda: {peer, str(slow_role.identity.peer_id)} <= set(gateway.discovery.members()),
              what="the providers")
     try:
-        yield gw.url, gateway, peer, root / "gw"
+        yield gw.url, gateway, peer, root / "gw", slow_role
     finally:
         slow.stop()
         prov.stop()
@@ -67,7 +67,7 @@ def no_escrow_open(gateway) -> bool:
 
 
 def test_a_funded_key_pays_exactly_what_the_receipts_charge(net):
-    url, gateway, peer, _ = net
+    url, gateway, peer, _, _ = net
     key_id, secret = funded(gateway, "ann", 10_000)
     earned_before = gateway.credits.ledger.balance(provider(peer))
     r = chat(url, secret)
@@ -88,7 +88,7 @@ def test_a_funded_key_pays_exactly_what_the_receipts_charge(net):
 
 
 def test_a_request_that_fails_refunds_its_whole_hold(net):
-    url, gateway, _, _ = net
+    url, gateway, _, _, _ = net
     key_id, secret = funded(gateway, "bo", 10_000)
     size = gateway.credits.ledger.log.size
     with pytest.raises(openai.BadRequestError, match="max_tokens"):  # the provider allows at most 512
@@ -100,8 +100,8 @@ def test_a_request_that_fails_refunds_its_whole_hold(net):
     assert len(moves) == 4  # hold and full refund, twice
 
 
-def test_a_stream_the_client_abandons_is_refunded(net):
-    url, gateway, _, _ = net
+def test_a_stream_the_client_abandons_is_refunded_and_stops_its_provider(net):
+    url, gateway, _, _, slow = net
     key_id, secret = funded(gateway, "fay", 10_000)
     with httpx.stream("POST", f"{url}/v1/chat/completions", headers={"authorization": f"Bearer {secret}"}, timeout=30,
                       json={"model": "slow", "messages": MSG, "max_tokens": 100, "stream": True}) as response:
@@ -110,13 +110,16 @@ def test_a_stream_the_client_abandons_is_refunded(net):
         while "content" not in next(lines):
             pass
         assert balance(gateway, key_id) < 10_000  # held while it streams
-    # no receipt was signed for the abandoned answer, so the whole hold comes back
+        assert slow.active == 1
+    # The gateway closes its stream from the provider, which stops generating at once (100 tokens would
+    # take it 5 s), and no receipt is signed for the abandoned answer, so the whole hold comes back.
+    wait_for(lambda: slow.active == 0, timeout=2, what="the provider to stop generating")
     wait_for(lambda: balance(gateway, key_id) == 10_000 and no_escrow_open(gateway), timeout=10,
              what="the abandoned stream's refund")
 
 
 def test_an_unfunded_key_gets_402_and_nothing_changes(net):
-    url, gateway, _, _ = net
+    url, gateway, _, _, _ = net
     _, broke = funded(gateway, "cy", 0)
     # the hold bounds the prompt at 3 tokens a byte + overheads: 108 for MSG, + 3 per token out
     key_id, poor = funded(gateway, "di", 120)
@@ -134,7 +137,7 @@ def test_an_unfunded_key_gets_402_and_nothing_changes(net):
 
 
 def test_concurrent_requests_conserve_every_credit(net):
-    url, gateway, peer, _ = net
+    url, gateway, peer, _, _ = net
     keys = [funded(gateway, f"crowd{i}", 5_000) for i in range(3)]
     ledger = gateway.credits.ledger
     users_before = sum(balance(gateway, k) for k, _ in keys)
@@ -160,7 +163,7 @@ def test_concurrent_requests_conserve_every_credit(net):
 
 
 def test_the_provider_proves_its_earnings_and_the_gateway_log_audits(net):
-    url, gateway, peer, home = net
+    url, gateway, peer, home, _ = net
     runner = CliRunner()
     created = runner.invoke(cli, ["keys", "create", "eve", "--credits", "500", "--home", str(home)])
     assert created.exit_code == 0, created.output
@@ -182,7 +185,7 @@ def test_the_provider_proves_its_earnings_and_the_gateway_log_audits(net):
 
 
 def test_max_price_bounds_the_stub_prompt_and_caps_payments(net):
-    _, gateway, peer, _ = net
+    _, gateway, peer, _, _ = net
     req = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG + [{"role": "system", "content": "é\n"}]})
     assert prompt_token_bound(req) >= 1 + len("add two numbers") + len("é\n".encode())
     bounds = [PriceBound(1_000_000, 3_000_000, 4096), PriceBound(2_000_000, 1_000_000, 4096)]
@@ -202,7 +205,7 @@ def test_max_price_bounds_the_stub_prompt_and_caps_payments(net):
 
 
 def test_a_receipt_charging_more_than_its_offer_is_not_paid(net, tmp_path):
-    url, gateway, _, _ = net
+    url, gateway, _, _, _ = net
     server, greedy = start_provider(tmp_path / "greedy", ProviderOptions(pricing=PRICES),
                                     engine=StubEngine(model_name="greedy"), peers=[url],
                                     gossip=GossipConfig(interval_s=FAST_GOSSIP))
