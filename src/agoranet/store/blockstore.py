@@ -160,9 +160,9 @@ class Blockstore:
         rows: list[tuple[str, int, float]] = []
         written: list[Path] = []
 
-        def sink(cid: CID, data: bytes) -> None:
+        def sink(cid: CID, data: bytes | memoryview) -> None:
             if self.kubo is not None:
-                self.kubo.put(cid, data)
+                self.kubo.put(cid, bytes(data))
             if self._write_file(cid, data):
                 written.append(self.path_of(cid))
             rows.append((str(cid), len(data), time.time()))  # list.append is atomic
@@ -187,7 +187,7 @@ class Blockstore:
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO blocks VALUES (?,?,?)", (str(cid), len(data), time.time()))
 
-    def _write_file(self, cid: CID, data: bytes) -> bool:
+    def _write_file(self, cid: CID, data: bytes | memoryview) -> bool:
         """Write a block file atomically; False when it was already there."""
         path = self.path_of(cid)
         if path.exists():

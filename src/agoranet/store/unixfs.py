@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ MAX_LINKS = 1024
 # kubo switches a directory to a HAMT once its links' names + CIDs exceed this estimate.
 HAMT_THRESHOLD = 256 * 1024
 
-BlockSink = Callable[[CID, bytes], None]
-"""Receives every block the importer makes, already addressed; must be thread-safe."""
+BlockSink = Callable[[CID, bytes | memoryview], None]
+"""Receives every block the importer makes, already addressed; must be thread-safe. The bytes are only
+valid during the call (the importer reuses its chunk buffers): copy them to keep them."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,23 @@ class _Child:
     filesize: int  # file bytes under it (the parent's blocksizes entry)
 
 
-def _discard(cid: CID, data: bytes) -> None:
+_local = threading.local()
+
+
+def _buffer(size: int) -> bytearray:
+    """This thread's chunk buffer, reused: a fresh 1 MiB bytes per chunk costs an allocation and 256
+    page faults, about a sixth of the time an add spends per chunk."""
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or len(buffer) != size:
+        buffer = _local.buffer = bytearray(size)
+    return buffer
+
+
+def _discard(cid: CID, data: bytes | memoryview) -> None:
     pass
 
 
-def _emit(sink: BlockSink, data: bytes, codec: str) -> CID:
+def _emit(sink: BlockSink, data: bytes | memoryview, codec: str) -> CID:
     cid = cid_from_digest(hashlib.sha256(data).digest(), codec)
     sink(cid, data)
     return cid
@@ -78,8 +92,10 @@ def _import_file(path: Path, size: int, sink: BlockSink, chunk_size: int, max_li
     fd = os.open(path, os.O_RDONLY)
     try:
         def leaf(offset: int) -> _Child:
-            chunk = os.pread(fd, chunk_size, offset)
-            return _Child(_emit(sink, chunk, RAW), len(chunk), len(chunk))
+            buffer = _buffer(chunk_size)
+            n = os.preadv(fd, [buffer], offset)
+            chunk = memoryview(buffer)[:n]
+            return _Child(_emit(sink, chunk, RAW), n, n)
 
         # sha256 and file writes release the GIL, so chunks are hashed and stored in parallel.
         leaves = list(pool.map(leaf, range(0, size, chunk_size)))
