@@ -68,3 +68,11 @@ def test_a_node_without_a_gateway_serves_its_provider_at_the_root(tmp_path):
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["owned_by"] == str(built.identity.peer_id)
         assert httpx.get(f"{url}/agora/v1/offer").json()["record"]["body"]["url"] == url
         assert httpx.get(f"{url}/agora/v1/blocks").json()["url"] == url
+
+
+def test_body_limits_follow_the_route_not_the_largest_role(node):
+    # The storage role takes blocks of up to 4 MiB; the gateway's and provider's routes keep 1 MiB.
+    url, _ = node
+    for path in ("/v1/chat/completions", f"{PROVIDER_PATH}/v1/chat/completions", "/agora/v1/gossip"):
+        r = httpx.post(url + path, content=b"x" * (2 << 20))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", path

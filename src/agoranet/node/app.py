@@ -31,17 +31,26 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimit:
-    """Reject request bodies over `limit` bytes with 413 before they are read into memory."""
+    """Reject request bodies over their path's limit with 413 before they are read into memory.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    `limit` holds wherever `by_prefix` names no larger or smaller one (the longest matching prefix
+    wins), so a node whose storage role takes 4 MiB blocks still refuses a 4 MiB chat request.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, by_prefix: dict[str, int] | None = None) -> None:
         self.app, self.limit = app, limit
+        self.by_prefix = sorted((by_prefix or {}).items(), key=lambda item: -len(item[0]))
+
+    def limit_for(self, path: str) -> int:
+        return next((n for prefix, n in self.by_prefix if path.startswith(prefix)), self.limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.limit_for(scope["path"]) if self.by_prefix else self.limit
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._reject(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._reject(send, limit)
         seen = 0
 
         async def limited() -> Message:
@@ -49,23 +58,24 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     raise BodyTooLarge
             return message
 
         try:
             await self.app(scope, limited, send)
         except BodyTooLarge:
-            await self._reject(send)
+            await self._reject(send, limit)
 
-    async def _reject(self, send: Send) -> None:
-        body = error_body(f"request body is larger than this node's limit of {self.limit} bytes",
+    async def _reject(self, send: Send, limit: int) -> None:
+        body = error_body(f"request body is larger than this node's limit of {limit} bytes for this path",
                           code="request_too_large")
         response = JSONResponse(body, status_code=413)
         await response(scope={"type": "http"}, receive=None, send=send)  # type: ignore[arg-type]
 
 
-Role = Any  # a role has .router (APIRouter) and async start()/stop(); optionally status(), metrics(), hot_routes
+Role = Any  # a role has .router (APIRouter) and async start()/stop(); optionally status(), metrics(), hot_routes,
+# and body_limits ({path prefix: bytes} for routes that take bodies larger than the node's default)
 HotHandler = Callable[[Request], Awaitable[Response]]
 
 
@@ -110,7 +120,8 @@ def create_app(roles: list[Role], *, max_request_bytes: int, title: str = "Agora
     hot = {path: handler for role in roles for path, handler in getattr(role, "hot_routes", {}).items()}
     if hot:
         app.add_middleware(HotRoutes, routes=hot)
-    app.add_middleware(BodyLimit, limit=max_request_bytes)  # added last, so outside HotRoutes
+    limits = {prefix: n for role in roles for prefix, n in getattr(role, "body_limits", {}).items()}
+    app.add_middleware(BodyLimit, limit=max_request_bytes, by_prefix=limits)  # added last: outside HotRoutes
     return app
 
 

@@ -38,9 +38,6 @@ DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 WITNESS_FILE = "witness.db"  # the heads this node has verified of other logs, and split views
 ROLES = ("gateway", "provider", "verifier", "storage")
 PROVIDER_PATH = "/provider"  # where a provider beside a gateway serves its API (the gateway owns /v1)
-# The largest request body each role takes; a node takes the largest of its roles'.
-REQUEST_LIMITS = {"gateway": DEFAULT_MAX_REQUEST_BYTES, "provider": DEFAULT_MAX_REQUEST_BYTES,
-                  "verifier": 8 << 20, "storage": 64 << 20}  # storage: blocks of up to 4 MiB, pins
 
 
 class UnknownRole(AgoraError):
@@ -197,7 +194,8 @@ def build_node(home: Path, public_url: str, roles: Iterable[str], *, peers: Sequ
     # The provider's records are the node's too, at its root, where its dashboard links receipts
     # (a verifier there serves the same records already).
     routers = [records_router(state)] if provider_role and provider_role.config.path and not verifier_role else []
-    app = create_app(started, max_request_bytes=max_request_bytes or max(REQUEST_LIMITS[n] for n in names),
+    # Routes that take larger bodies (storage blocks, verifier receipts) say so in their role's body_limits.
+    app = create_app(started, max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
                      title=f"Agora {names[0]}" if len(names) == 1 else f"Agora node ({', '.join(names)})",
                      routers=routers)
     return Node(app, identity, names, discovery, provider=provider_role, gateway=gateway_role,

@@ -7,6 +7,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+from agoranet.net.storage_protocol import BLOCKS
 from agoranet.node.replication import StorageReplicator
 from agoranet.node.storage_api import storage_router
 from agoranet.store import Blockstore, connect_kubo
@@ -20,6 +21,7 @@ class StorageRole:
         self.replicator = StorageReplicator(self.store, public_url, peers, recheck_interval=recheck_interval,
                                             state_path=home / "replicas.json")
         self.router = storage_router(self.store, self.replicator)
+        self.body_limits = {BLOCKS: 64 << 20}  # blocks of up to 4 MiB, and lists of many CIDs
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

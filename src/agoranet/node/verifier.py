@@ -293,6 +293,8 @@ class ProofSubmission(BaseModel):
 class VerifierRole:
     def __init__(self, identity: Identity, verifier: ReplayVerifier, state: NodeState, config: VerifierConfig) -> None:
         self.identity, self.verifier, self.state, self.config = identity, verifier, state, config
+        # Receipts with top-20 logprobs of long answers, and fraud proofs carrying them, run to megabytes.
+        self.body_limits = {path: 8 << 20 for path in ("/agora/v1/verify", "/agora/v1/receipts", "/agora/v1/fraud-proofs")}
         self.reputation = Reputation()
         self.audited = 0
         self.skipped = 0
