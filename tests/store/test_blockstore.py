@@ -114,3 +114,34 @@ def test_add_path_of_a_missing_path_says_so(tmp_path):
     from agoranet.store import StoreError
     with pytest.raises(StoreError, match="does not exist"):
         add_path(Blockstore(tmp_path / "b"), tmp_path / "nope")
+
+
+def test_a_reader_that_missed_a_block_never_unlists_the_copy_just_written(tmp_path):
+    # A storage peer serves GET /blocks/{cid} while its own fetch writes that block: the reader finds no
+    # file, the writer writes file and index row, then the reader must not unlist what is now there.
+    import threading
+
+    store = Blockstore(tmp_path / "s")
+    blocks = [bytes([i % 256]) * (1000 + i) for i in range(300)]
+    cids = [cid_of(b) for b in blocks]
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            for cid in cids:
+                try:
+                    store.get(cid)
+                except BlockNotFound:
+                    pass
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for t in readers:
+        t.start()
+    try:
+        for cid, data in zip(cids, blocks):
+            store.put_block(cid, data)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert [cid for cid in cids if not store.has(cid)] == []

@@ -258,8 +258,13 @@ class Blockstore:
         self._forget(cid)
 
     def _forget(self, cid: CID | str) -> None:
+        """Unlist a block whose file is gone. Checked under the index lock, because a writer lists a
+        block after writing its file: a reader that found no file a moment ago must not unlist the
+        copy a concurrent fetch has just written (the file would stay, unlisted, and `has` would lie)."""
+        cid = as_cid(cid)
         with self._lock:
-            self._db.execute("DELETE FROM blocks WHERE cid=?", (str(as_cid(cid)),))
+            if not self.path_of(cid).exists():
+                self._db.execute("DELETE FROM blocks WHERE cid=?", (str(cid),))
 
     def _quarantine(self, cid: CID) -> None:
         target = self.quarantine_dir / f"{cid}.{time.time_ns()}"
