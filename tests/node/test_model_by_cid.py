@@ -29,10 +29,13 @@ def test_provider_serves_a_model_fetched_by_cid(tmp_path):
     cid = add_path(role.store, bundled)
     assert cid == model_cid(bundled)
     with BackgroundServer(create_app([role], max_request_bytes=1 << 20), sock) as peer:
+        seen: list[tuple[int, int | None]] = []
         server, prov = start_provider(tmp_path / "provider", ProviderOptions(
-            model=str(cid), storage_peers=[peer.url], threads=1))
+            model=str(cid), storage_peers=[peer.url], threads=1, fetch_progress=lambda *p: seen.append(p)))
         try:
             assert prov.engine.model_cid == str(cid)
+            done, total = seen[-1]  # what `agora provide` draws its transfer bar from
+            assert done == total > 6_000_000 and len(seen) > 5
             models = httpx.get(f"{server.url}/v1/models").json()["data"]
             assert models[0]["id"] == str(cid)
             r = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x").completions.create(

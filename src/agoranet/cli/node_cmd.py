@@ -9,6 +9,7 @@ imported inside the functions, so importing this module never imports main.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -70,6 +71,7 @@ def serve_node(roles: Sequence[str], *, home: Path | None, host: str, port: int 
                log_json: bool | None = None, watch: Sequence[str] = (), **build: Any) -> None:
     """Run a node in the foreground until SIGINT/SIGTERM: `build` is `build_node`'s keyword arguments."""
     from agoranet.cli.main import console, fail, open_node
+    from agoranet.cli.progress import transfer_bar
     from agoranet.core.errors import AgoraError
     from agoranet.core.logs import configure_logging
     from agoranet.core.settings import Settings
@@ -84,7 +86,10 @@ def serve_node(roles: Sequence[str], *, home: Path | None, host: str, port: int 
     _, sock = open_node(home, host, port)
     url = (public_url or url_of(sock)).rstrip("/")
     try:
-        node = build_node(home, url, roles, **build)
+        with transfer_bar("model") as bar:  # drawn only if the provider fetches its model by CID
+            if build.get("provider") is not None:
+                build["provider"] = replace(build["provider"], fetch_progress=bar.update)
+            node = build_node(home, url, roles, **build)
     except AgoraError as exc:
         raise fail(exc) from None
     except OSError as exc:

@@ -12,8 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from agoranet.cli.progress import transfer_bar
 from agoranet.cli.options import (
     HomeOpt, KuboRpcOpt, LogJsonOpt, PublicUrlOpt, RecheckOpt, home_dir, resolve_kubo_rpc,
 )
@@ -157,15 +157,8 @@ def fetch(cid: str,
     from agoranet.net.storage_client import fetch_dag
 
     with _store(home, resolve_kubo_rpc(kubo_rpc)) as store:
-        columns = (TextColumn("[bold]fetch"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=errors, transient=False) as progress:
-            task = progress.add_task("fetch", total=None)
-
-            def update(done: int, total: int | None) -> None:
-                progress.update(task, completed=done, total=total)
-
-            stats = asyncio.run(fetch_dag(store, cid, peer, progress=update))
+        with transfer_bar("fetch", errors) as bar:
+            stats = asyncio.run(fetch_dag(store, cid, peer, progress=bar.update))
         if pin_it:
             store.pin(cid)
     sources = ", ".join(f"{url} {n}" for url, n in stats.by_peer.most_common())

@@ -19,7 +19,9 @@ from agoranet.store import BlockMismatch, BlockNotFound, Blockstore, CorruptBloc
 from agoranet.store.blockstore import as_cid
 from agoranet.store.dagpb import decode_node
 
-__all__ = ["StoragePeerClient", "PeerBlockFetcher", "PeerUnavailable", "FetchFailed", "FetchStats", "fetch_dag"]
+Progress = Callable[[int, int | None], None]  # (bytes done, total bytes once known)
+
+__all__ = ["Progress", "StoragePeerClient", "PeerBlockFetcher", "PeerUnavailable", "FetchFailed", "FetchStats", "fetch_dag"]
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ class FetchStats:
 
 async def fetch_dag(
     store: Blockstore, root: CID | str, peers: list[str], *, streams_per_peer: int = 4,
-    progress: Callable[[int, int | None], None] | None = None, client: httpx.AsyncClient | None = None,
+    progress: Progress | None = None, client: httpx.AsyncClient | None = None,
     stats: FetchStats | None = None,
 ) -> FetchStats:
     """Bring every block of the DAG under `root` into `store`, pulling from all `peers` at once.

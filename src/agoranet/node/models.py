@@ -10,16 +10,17 @@ from pathlib import Path
 from agoranet.core.cid import parse_cid
 from agoranet.core.errors import InvalidCID, ModelError
 from agoranet.engine.models import resolve_model
-from agoranet.net.storage_client import fetch_dag
+from agoranet.net.storage_client import Progress, fetch_dag
 from agoranet.store import Blockstore, connect_kubo
 from agoranet.store.unixfs import export, model_cid
 
 
 def materialize_model(spec: str, home: Path, storage_peers: list[str] = (), kubo_rpc: str | None = None,
-                      ) -> tuple[Path, str]:
+                      progress: Progress | None = None) -> tuple[Path, str]:
     """(directory, served name) for a bundled name, a local directory, or a model CID.
 
     With `kubo_rpc`, blocks missing here are read from that kubo's repo first (verified), then from peers.
+    `progress(done_bytes, total_bytes)` follows a fetch from peers.
     """
     try:
         cid = parse_cid(spec)
@@ -30,7 +31,7 @@ def materialize_model(spec: str, home: Path, storage_peers: list[str] = (), kubo
         return dest, str(cid)
     with Blockstore(home / "blocks", kubo=connect_kubo(kubo_rpc) if kubo_rpc else None) as store:
         if store.missing(cid) and storage_peers:
-            asyncio.run(fetch_dag(store, cid, list(storage_peers)))
+            asyncio.run(fetch_dag(store, cid, list(storage_peers), progress=progress))
         absent = store.missing(cid)
         if absent:
             raise ModelError(

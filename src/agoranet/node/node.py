@@ -17,6 +17,7 @@ from agoranet.log.credits import CreditLedger
 from agoranet.log.transparency import TransparencyLog
 from agoranet.log.witness import Witness
 from agoranet.net.gossip import GossipConfig, GossipDiscovery
+from agoranet.net.storage_client import Progress
 from agoranet.node.app import create_app
 from agoranet.node.credits_role import CreditsRole
 from agoranet.node.gateway import Gateway, GatewayConfig
@@ -68,6 +69,7 @@ class ProviderOptions:
     token_delay_ms: int = 0  # space tokens out (tests and demos that cut a stream mid-way)
     pricing: dict[str, int] = field(default_factory=dict)  # ProviderConfig overrides
     cheat: str | None = None  # TEST/DEMO ONLY: see agoranet.node.cheat
+    fetch_progress: Progress | None = None  # follows the fetch of a model given by CID (the CLI draws a bar)
 
 
 @dataclass
@@ -117,7 +119,7 @@ def _make_engine(opts: ProviderOptions, home: Path) -> Engine:
     from agoranet.engine.models import model_cid
     from agoranet.node.models import materialize_model
 
-    model_dir, name = materialize_model(opts.model, home, opts.storage_peers, opts.kubo_rpc)
+    model_dir, name = materialize_model(opts.model, home, opts.storage_peers, opts.kubo_rpc, opts.fetch_progress)
     engine = TransformersEngine(model_dir, model_cid=model_cid(model_dir), model_name=name,
                                 precision=opts.precision, max_batch=opts.max_batch, threads=opts.threads)
     if opts.cheat:
