@@ -66,3 +66,42 @@ def test_unreachable_or_wrong_upstream_is_reported_clearly(upstream):
     engine = UpstreamEngine(upstream, model="llama-70b")
     with pytest.raises(EngineError, match="--upstream-model"):
         asyncio.run(engine.start())
+
+
+def test_a_gateway_never_repeats_text_when_an_upstream_backed_provider_dies_mid_stream(tmp_path):
+    # An upstream engine streams text without token ids, so where it stopped is unknown in tokens: the
+    # gateway must end the stream with an error, not start over on another provider (the client would
+    # see the beginning of the answer twice).
+    from agoranet.engine.stub import StubEngine
+    from agoranet.net.gossip import GossipConfig
+
+    from ..conftest import FAST_GOSSIP, start_gateway, wait_for
+
+    upstream = NodeProcess(["provide", "--threads", "1", "--token-delay-ms", "40"], tmp_path / "up",
+                           free_port()).wait_ready()
+    gw, gateway = start_gateway(tmp_path / "gw")
+    net = dict(peers=[gw.url], gossip=GossipConfig(interval_s=FAST_GOSSIP))
+    wrapper, w = start_provider(tmp_path / "w", ProviderOptions(
+        upstream=upstream.url, upstream_model="agora-tiny", pricing={"output_per_mtok": 1}), **net)
+    other, o = start_provider(tmp_path / "o", ProviderOptions(pricing={"output_per_mtok": 9}),
+                              engine=StubEngine(model_name="agora-tiny"), **net)
+    try:
+        peers = {str(w.identity.peer_id), str(o.identity.peer_id)}
+        wait_for(lambda: peers <= set(gateway.discovery.members()), what="both providers")
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0, timeout=60)
+        stream = client.chat.completions.create(model="agora-tiny", messages=MSG, max_tokens=200, temperature=0.7,
+                                                seed=3, stream=True, extra_body={"provider": {"sort": "price"}})
+        text = ""
+        with pytest.raises(openai.APIError, match="does not report token ids"):
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    text += chunk.choices[0].delta.content
+                    if len(text) >= 10 and upstream.proc.poll() is None:
+                        upstream.kill()  # the wrapper's engine loses its upstream mid-answer
+        assert len(text) >= 10
+        assert gateway.router_state.of(str(o.identity.peer_id)).served == 0  # nobody started over
+    finally:
+        other.stop()
+        wrapper.stop()
+        gw.stop()
+        upstream.stop()

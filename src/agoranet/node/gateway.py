@@ -447,6 +447,7 @@ class Gateway:
                 health = self.router_state.of(cand.peer)
                 health.in_flight += 1
                 started, first_at, part_tokens, part_done = time.monotonic(), None, 0, False
+                part_text = False  # whether this part relayed text (an upstream engine's has no token ids)
                 try:
                     async for chunk in stream.chunks():
                         if "error" in chunk:
@@ -455,6 +456,7 @@ class Gateway:
                             text = (choice.get("delta") or {}).get("content") if job.kind == "chat" else choice.get("text")
                             if choice.get("finish_reason"):
                                 finish = choice["finish_reason"]
+                            part_text = part_text or bool(text)
                             if (out := writer.relay(text or "", choice.get("logprobs") if want_lp else None)) is not None:
                                 yield {"data": out}
                         agora = chunk.get("agora") or {}
@@ -482,6 +484,13 @@ class Gateway:
                 finally:
                     health.in_flight -= 1
                     await stream.aclose()
+                if part_text and not part_tokens:
+                    # Text with no token ids (a provider in front of vLLM, Ollama…): where it stopped is
+                    # unknown in tokens, so another provider could only start over and repeat it.
+                    yield {"data": error_chunk("the provider failed mid-stream and its engine does not report "
+                                               "token ids, so no other provider can continue the answer "
+                                               "without repeating it; retry the request", code="provider_failed")}
+                    return
                 # Continue the same generation elsewhere from the tokens already forwarded.
                 remaining = job.max_tokens - len(tokens)
                 if remaining <= 0:
