@@ -9,9 +9,9 @@ from ..conftest import FAST_GOSSIP, start_provider, wait_for
 from agoranet.core.identity import Identity
 from agoranet.core.records import sign_record
 from agoranet.engine.stub import StubEngine
-from agoranet.log.records import SplitViewProof, TreeHeadBody, verify_tree_head
+from agoranet.log.records import SplitViewProof, SplitViewsBody, TreeHeadBody, check_heads, verify_tree_head
 from agoranet.log.transparency import TransparencyLog
-from agoranet.net.gossip import GossipConfig
+from agoranet.net.gossip import GossipConfig, now_ms
 from agoranet.node.node import build_gateway_node
 from agoranet.node.server import BackgroundServer, bind, url_of
 from agoranet.web import mount_dashboard
@@ -150,3 +150,44 @@ def test_a_fork_behind_the_head_is_proven_with_the_logs_own_answers(net):
     signed_now = verify_tree_head(httpx.get(f"{net['servers']['c'].url}/agora/v1/log/head",
                                             params={"size": size - 1}).json())
     assert signed_now.body.root in (conclusive[0].first.body.root, conclusive[0].second.body.root)
+
+
+def fork_proof(tmp_path, identity: Identity, size: int = 3) -> dict:
+    """Two heads of one size and different roots, both signed with `identity`'s key: a conclusive fork."""
+    heads = []
+    for n in (1, 2):
+        with TransparencyLog(tmp_path / f"fork-{identity.peer_id}-{n}.db", identity) as forked:
+            forked.append_many([f"history {n} entry {i}".encode() for i in range(size)])
+            heads.append(forked.head())
+    split = check_heads(heads[0], heads[1], [])
+    assert split is not None and split.conclusive
+    return split.to_json()
+
+
+def test_a_node_that_never_saw_a_fork_learns_it_from_a_witness_report(tmp_path):
+    # Two gateways that have never seen a head of the forked log; a witness report reaches the first
+    # (pushed, as gossip would bring it): it re-checks the proof, distrusts the log, and its own report
+    # carries the proof on to the second by gossip. A report whose proof does not re-check changes nothing.
+    first, g1 = start_gateway(tmp_path / "g1")
+    Identity.load_or_create(tmp_path / "g2" / "identity.key")
+    sock = bind()
+    app, g2 = build_gateway_node(tmp_path / "g2", url_of(sock), [first.url], gossip=GossipConfig(interval_s=FAST_GOSSIP))
+    second = BackgroundServer(app, sock).start()
+    try:
+        forked, honest, witness = Identity.generate(), Identity.generate(), Identity.generate()
+        report = sign_record(witness, SplitViewsBody(proofs=[fork_proof(tmp_path, forked)], issued_ms=now_ms()))
+        push(first.url, report.to_json())
+        for url in (first.url, second.url):
+            wait_for(lambda url=url: str(forked.peer_id) in httpx.get(f"{url}/agora/v1/log/split-views").json()[
+                "untrusted"], what="the fork to be learnt", timeout=10)
+        assert g1.router_state.exclusions and g1.router_state.exclusions[0](str(forked.peer_id))
+
+        proof = fork_proof(tmp_path, honest)
+        proof["second"] = proof["first"]  # one head twice: consistent, so no evidence of anything
+        rejected = g1.discovery.rejected["bad_split_view"]
+        push(first.url, sign_record(witness, SplitViewsBody(proofs=[proof], issued_ms=now_ms())).to_json())
+        assert g1.discovery.rejected["bad_split_view"] == rejected + 1
+        assert str(honest.peer_id) not in httpx.get(f"{first.url}/agora/v1/log/split-views").json()["untrusted"]
+    finally:
+        second.stop()
+        first.stop()

@@ -18,7 +18,7 @@ from agoranet.log.errors import InvalidProof, InvalidTreeHead
 from agoranet.log.merkle import verify_consistency
 
 __all__ = [
-    "TreeHeadBody", "CreditMoveBody", "EarningsStatementBody", "SplitViewProof",
+    "TreeHeadBody", "CreditMoveBody", "EarningsStatementBody", "SplitViewProof", "SplitViewsBody",
     "verify_tree_head", "check_heads", "MoveKind",
 ]
 
@@ -115,6 +115,16 @@ class SplitViewProof:
         if split is None:
             raise InvalidTreeHead("the two heads are consistent: this is no split-view proof")
         return split
+
+
+@register("agora/split-views/1")
+class SplitViewsBody(RecordBody):
+    """The conclusive split-view proofs a witness holds, gossiped so that a node which only ever saw
+    one of a log's views (an eclipsed one) learns of the fork too. Whoever receives it re-checks every
+    proof (`SplitViewProof.from_json`) and trusts nothing else in it, the signer included."""
+
+    proofs: list[dict[str, Any]]  # SplitViewProof.to_json() each
+    issued_ms: int = NonNeg
 
 
 def check_heads(

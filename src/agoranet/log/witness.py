@@ -87,6 +87,10 @@ class Witness:
     def untrusted_logs(self) -> list[str]:
         return sorted(self._untrusted)
 
+    def split_view_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM split_views").fetchone()[0]
+
     def split_views(self, log_id: str | None = None) -> list[SplitView]:
         """The stored proofs, oldest first; each is re-checked as it is read back."""
         query = "SELECT id, log_id, found_ms, proof FROM split_views"

@@ -20,9 +20,10 @@ from typing import Any
 import httpx
 from fastapi import APIRouter
 
-from agoranet.core.records import Record
+from agoranet.core.errors import RecordError
+from agoranet.core.records import Record, sign_record
 from agoranet.log.errors import InvalidTreeHead
-from agoranet.log.records import SplitViewProof, TreeHeadBody, verify_tree_head
+from agoranet.log.records import SplitViewProof, SplitViewsBody, TreeHeadBody, verify_tree_head
 from agoranet.log.transparency import TransparencyLog
 from agoranet.log.witness import Witness
 from agoranet.net.gossip import GossipDiscovery, GossipKind
@@ -31,6 +32,25 @@ log = logging.getLogger(__name__)
 
 HEAD_TTL_S = 600.0  # a gossiped head is relayed this long after it was signed
 MAX_PENDING = 256  # heads waiting for a consistency proof; more are dropped (the log re-signs anyway)
+REPORT_TTL_S = 3600.0  # a gossiped split-view report is relayed this long after it was signed
+MAX_REPORTED = 16  # conclusive proofs in one report: the newest (a report with more is refused)
+
+
+def _report_problem(record: Record[Any]) -> str | None:
+    """Why a gossiped split-view report is refused (a short code, counted by gossip): too many proofs,
+    or one that is not a conclusive fork once re-checked here."""
+    proofs = record.body.proofs
+    if len(proofs) > MAX_REPORTED:
+        return "too_many_split_views"
+    for data in proofs:
+        try:
+            split = SplitViewProof.from_json(data)
+        except (InvalidTreeHead, RecordError, KeyError, TypeError, ValueError) as exc:
+            log.info("a split-view report from %s does not re-check: %s", record.signer, exc)
+            return "bad_split_view"
+        if not split.conclusive:
+            return "inconclusive_split_view"
+    return None
 
 
 def _signed_by_its_log(record: Record[Any]) -> str | None:
@@ -60,6 +80,13 @@ class WitnessRole:
         discovery.add_kind(GossipKind(TreeHeadBody, issued_ms=lambda body: body.timestamp_ms, ttl_s=head_ttl_s,
                                       own=self.own_head if own_log is not None else None,
                                       problem=_signed_by_its_log, observe=self.observe))
+        # The proofs themselves travel too, so a node that only ever saw one of a log's views learns of
+        # the fork from any witness that caught it (and re-checks the proof: it trusts no witness).
+        self._reports: Record[SplitViewsBody] | None = None
+        self._reported = 0  # split views this node held when it last signed its report
+        self.reports_adopted = 0  # split views learnt from other witnesses' reports
+        discovery.add_kind(GossipKind(SplitViewsBody, issued_ms=lambda body: body.issued_ms, ttl_s=REPORT_TTL_S,
+                                      own=self.own_reports, problem=_report_problem, observe=self.observe_reports))
 
     async def start(self) -> None:
         self._http = httpx.AsyncClient(timeout=self.timeout_s)
@@ -88,6 +115,27 @@ class WitnessRole:
         if held is None or held.body.size != self.own_log.size or age_ms > self.head_ttl_s * 250:
             self._own = self.own_log.head()
         return self._own
+
+    def own_reports(self) -> Record[SplitViewsBody] | None:
+        """This node's report of the conclusive split views it holds (None while it holds none),
+        re-signed when it learns of another or a quarter of the report's gossip lifetime passed."""
+        count = self.witness.split_view_count()
+        held = self._reports
+        age_ms = int(time.time() * 1000) - held.body.issued_ms if held is not None else 0
+        if count != self._reported or (held is not None and age_ms > REPORT_TTL_S * 250):
+            proofs = [v.proof.to_json() for v in self.witness.split_views() if v.proof.conclusive][-MAX_REPORTED:]
+            self._reports = sign_record(self.discovery.identity, SplitViewsBody(
+                proofs=proofs, issued_ms=int(time.time() * 1000))) if proofs else None
+            self._reported = count
+        return self._reports
+
+    def observe_reports(self, report: Record[SplitViewsBody]) -> None:
+        """Keep every proof of another witness's report (each re-checked, as `_report_problem` did)."""
+        for data in report.body.proofs:
+            split = SplitViewProof.from_json(data)
+            if not self.witness.untrusted(split.first.body.log_id):
+                self.reports_adopted += 1
+                self._found(split)
 
     def observe(self, head: Record[TreeHeadBody]) -> None:
         """A new verified head from gossip: judge it now if no proof is needed, else queue it."""
@@ -202,7 +250,8 @@ class WitnessRole:
         return {"witness_logs": len(self.witness.heads()), "witness_untrusted_logs": len(self.witness.untrusted_logs()),
                 "witness_heads_seen_total": self.heads_seen, "witness_consistency_checks_total": self.consistency_checks,
                 "witness_check_failures_total": self.check_failures,
-                "witness_split_views_total": self.split_views_found}
+                "witness_split_views_total": self.split_views_found,
+                "witness_split_views_adopted_total": self.reports_adopted}
 
     def _routes(self) -> APIRouter:
         r = APIRouter(tags=["log"])
