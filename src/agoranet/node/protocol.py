@@ -278,7 +278,9 @@ def error_chunk(message: str, *, code: str) -> str:
 
 
 def _data(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    # json.dumps(separators=(",", ":"), ensure_ascii=False)'s JSON (exponents may print as 1e-7, not 1e-07)
+    # at a fifth of its cost: this runs for every token of every stream, at the provider and the gateway.
+    return pydantic_core.to_json(payload, inf_nan_mode="constants").decode()
 
 
 DONE = "[DONE]"
