@@ -29,6 +29,7 @@ from typing import Any
 from agoranet.core.errors import BadSignature, RecordError
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, Record, RecordBody, register, sign_record, verify_record
+from agoranet.core.tasks import cancel_and_wait
 from agoranet.net.discovery import MembershipEvent, OfferSource, offers_model
 from agoranet.net.peer import PeerClient, PeerError
 
@@ -166,12 +167,7 @@ class GossipDiscovery:
         self._task = asyncio.create_task(self._run(), name="agora-gossip")  # owned: cancelled in stop()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         for queue in self._watchers:
             queue.put_nowait(None)
         if self._client is not None:

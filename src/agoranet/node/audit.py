@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 
+from agoranet.core.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 
@@ -40,9 +42,7 @@ class VerifierLink:
 
     async def stop(self) -> None:
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await self._http.aclose()
 
     def excluded(self, peer: str) -> bool:

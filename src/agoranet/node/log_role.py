@@ -7,10 +7,10 @@ arrive together share one commit, so a busy node pays one fsync per batch, not p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 from agoranet.core.records import Record
+from agoranet.core.tasks import cancel_and_wait
 from agoranet.log.transparency import LogEntry, TransparencyLog
 from agoranet.node.log_api import log_router
 
@@ -26,10 +26,7 @@ class LogRole:
         self._writer = asyncio.create_task(self._write_batches(), name="agora-log-writer")
 
     async def stop(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+        await cancel_and_wait(self._writer)
         self.log.close()
 
     def status(self) -> dict[str, Any]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 from typing import Any
 
+from agoranet.core.tasks import cancel_and_wait
 from agoranet.net.storage_protocol import BLOCKS
 from agoranet.node.replication import StorageReplicator
 from agoranet.node.storage_api import storage_router
@@ -55,8 +55,5 @@ class StorageRole:
         return readings
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         self.store.close()

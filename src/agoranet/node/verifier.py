@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from agoranet.core.errors import AgoraError, RecordError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.records import ReceiptBody, Record, decode_canonical, decode_record, sign_record, verify_record
+from agoranet.core.tasks import cancel_and_wait
 from agoranet.engine.models import model_cid, resolve_model
 from agoranet.engine.tokenizer import ByteTokenizer
 from agoranet.engine.transformers_engine import load_causal_lm
@@ -314,12 +315,7 @@ class VerifierRole:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="agora-verifier")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         if self._http is not None:
             await self._http.aclose()
 

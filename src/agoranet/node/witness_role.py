@@ -12,7 +12,6 @@ gateway stops routing to its provider.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -22,6 +21,7 @@ from fastapi import APIRouter
 
 from agoranet.core.errors import RecordError
 from agoranet.core.records import Record, sign_record
+from agoranet.core.tasks import cancel_and_wait
 from agoranet.log.errors import InvalidTreeHead
 from agoranet.log.records import SplitViewProof, SplitViewsBody, TreeHeadBody, verify_tree_head
 from agoranet.log.transparency import TransparencyLog
@@ -93,10 +93,7 @@ class WitnessRole:
         self._task = asyncio.create_task(self._check_pending(), name="agora-witness")  # owned: cancelled in stop()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._http is not None:
             await self._http.aclose()
         self.witness.close()

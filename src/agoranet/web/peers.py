@@ -8,7 +8,6 @@ gateway role that knows peers contributes the same rows through its own `status(
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import httpx
 from fastapi import APIRouter
 
+from agoranet.core.tasks import cancel_and_wait
 __all__ = ["PeerWatch", "peer_row"]
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,7 @@ class PeerWatch:
         self._task = asyncio.create_task(self._run(), name="agora-peer-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def status(self) -> dict[str, Any]:
         return {"peers": [self.rows[u] for u in self.urls if u in self.rows]}
