@@ -91,16 +91,19 @@ class NodeProcess:
 FAST_GOSSIP = 0.3  # seconds between gossip rounds in tests
 
 
-def start_gateway(home: Path, peers: list[str] | None = None, **config) -> tuple[BackgroundServer, object]:
-    """An in-process gateway node on a free 127.0.0.1 port, gossiping every FAST_GOSSIP seconds."""
+def start_gateway(home: Path, peers: list[str] | None = None, *, host: str = "127.0.0.1",
+                  public_host: str | None = None, **config) -> tuple[BackgroundServer, object]:
+    """An in-process gateway node on a free port of `host`, gossiping every FAST_GOSSIP seconds; others
+    reach it at `public_host` (say, its address on a network namespace's link) when that is given."""
     from agoranet.net.gossip import GossipConfig
     from agoranet.node.gateway import GatewayConfig
     from agoranet.node.node import build_gateway_node
 
     if not (home / "identity.key").exists():
         Identity.generate().save(home / "identity.key")
-    sock = bind()
-    app, gateway = build_gateway_node(home, url_of(sock), peers or [], config=GatewayConfig(**config),
+    sock = bind(host)
+    url = f"http://{public_host}:{sock.getsockname()[1]}" if public_host else url_of(sock)
+    app, gateway = build_gateway_node(home, url, peers or [], config=GatewayConfig(**config),
                                       gossip=GossipConfig(interval_s=FAST_GOSSIP))
     return BackgroundServer(app, sock).start(), gateway
 

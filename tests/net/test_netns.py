@@ -12,13 +12,8 @@ import uuid
 import httpx
 import openai
 import pytest
-from ..conftest import FAST_GOSSIP, provider_process, wait_for
+from ..conftest import provider_process, start_gateway, wait_for
 
-from agoranet.core.identity import Identity
-from agoranet.net.gossip import GossipConfig
-from agoranet.node.gateway import GatewayConfig
-from agoranet.node.node import build_gateway_node
-from agoranet.node.server import BackgroundServer, bind
 
 TAG = uuid.uuid4().hex[:4]
 NETS = [(f"agora-{TAG}-{i}", f"ag{TAG}h{i}", f"ag{TAG}n{i}", f"10.213.{i}") for i in range(2)]
@@ -72,14 +67,9 @@ def namespaces():
 
 @pytest.mark.slow
 def test_gateway_routes_around_a_provider_cut_off_from_the_network(namespaces, tmp_path):
-    home = tmp_path / "gw"
-    Identity.generate().save(home / "identity.key")
-    sock = bind("0.0.0.0", 0)
-    port = sock.getsockname()[1]
-    app, gateway = build_gateway_node(home, f"http://{NETS[0][3]}.1:{port}", [],
-                                      config=GatewayConfig(connect_timeout_s=1.0, stall_timeout_s=3.0),
-                                      gossip=GossipConfig(interval_s=FAST_GOSSIP))
-    server = BackgroundServer(app, sock).start()
+    server, gateway = start_gateway(tmp_path / "gw", host="0.0.0.0", public_host=f"{NETS[0][3]}.1",
+                                    connect_timeout_s=1.0, stall_timeout_s=3.0)
+    port = server.sock.getsockname()[1]
     procs = [provider_process(tmp_path / f"p{i}", f"http://{net}.1:{port}", price_out=price, host=f"{net}.2",
                               prefix=["ip", "netns", "exec", ns])
              for i, ((ns, _, _, net), price) in enumerate(zip(namespaces, (100_000, 400_000)))]

@@ -17,11 +17,8 @@ import uuid
 import pytest
 
 from agoranet.core.identity import Identity
-from agoranet.net.gossip import GossipConfig
-from agoranet.node.node import build_gateway_node
-from agoranet.node.server import BackgroundServer, bind
 
-from ..conftest import FAST_GOSSIP, NodeProcess, free_port, wait_for
+from ..conftest import FAST_GOSSIP, NodeProcess, free_port, start_gateway, wait_for
 from .test_netns import sh, veth_namespaces
 
 TAG = uuid.uuid4().hex[:4]
@@ -37,13 +34,8 @@ def two_namespaces():
 
 @pytest.mark.slow
 def test_split_network_heals_and_gossip_membership_converges(two_namespaces, tmp_path):
-    home = tmp_path / "host"
-    Identity.generate().save(home / "identity.key")
-    sock = bind("0.0.0.0", 0)
-    port = sock.getsockname()[1]
-    app, host_gw = build_gateway_node(home, f"http://{NETS[0][3]}.1:{port}", [],
-                                      gossip=GossipConfig(interval_s=FAST_GOSSIP))
-    server = BackgroundServer(app, sock).start()
+    server, host_gw = start_gateway(tmp_path / "host", host="0.0.0.0", public_host=f"{NETS[0][3]}.1")
+    port = server.sock.getsockname()[1]
     procs = [NodeProcess(["gateway", "--host", f"{net}.2", "--peer", f"http://{net}.1:{port}",
                           "--gossip-interval", str(FAST_GOSSIP)], tmp_path / f"g{i}", free_port(), host=f"{net}.2",
                          prefix=["ip", "netns", "exec", ns])
