@@ -19,11 +19,11 @@ from agoranet.web import mount_dashboard
 MSG = [{"role": "user", "content": "hi"}]
 
 
-def start_gateway(home):
+def start_gateway(home, peers=()):
     """A gateway that also serves its status and metrics (the dashboard), gossiping every FAST_GOSSIP s."""
     Identity.load_or_create(home / "identity.key")
     sock = bind()
-    app, gateway = build_gateway_node(home, url_of(sock), [], gossip=GossipConfig(interval_s=FAST_GOSSIP))
+    app, gateway = build_gateway_node(home, url_of(sock), list(peers), gossip=GossipConfig(interval_s=FAST_GOSSIP))
     mount_dashboard(app, url=url_of(sock))
     return BackgroundServer(app, sock).start(), gateway
 
@@ -169,10 +169,7 @@ def test_a_node_that_never_saw_a_fork_learns_it_from_a_witness_report(tmp_path):
     # (pushed, as gossip would bring it): it re-checks the proof, distrusts the log, and its own report
     # carries the proof on to the second by gossip. A report whose proof does not re-check changes nothing.
     first, g1 = start_gateway(tmp_path / "g1")
-    Identity.load_or_create(tmp_path / "g2" / "identity.key")
-    sock = bind()
-    app, g2 = build_gateway_node(tmp_path / "g2", url_of(sock), [first.url], gossip=GossipConfig(interval_s=FAST_GOSSIP))
-    second = BackgroundServer(app, sock).start()
+    second, _ = start_gateway(tmp_path / "g2", peers=[first.url])
     try:
         forked, honest, witness = Identity.generate(), Identity.generate(), Identity.generate()
         report = sign_record(witness, SplitViewsBody(proofs=[fork_proof(tmp_path, forked)], issued_ms=now_ms()))
