@@ -8,6 +8,7 @@ rejects unknown types, bodies that do not match their model, non-canonical bytes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Generic, TypeVar
@@ -22,7 +23,7 @@ from agoranet.core.identity import Identity, PeerId
 __all__ = [
     "Record", "RecordBody", "register", "sign_record", "decode_record", "verify_record",
     "encode_canonical", "decode_canonical", "ReceiptBody", "OfferBody", "OfferedModel", "TopLogprob",
-    "SamplingParams", "record_types",
+    "SamplingParams", "record_types", "token_charge",
 ]
 
 
@@ -197,6 +198,12 @@ class PriceCharged(RecordBody):
     input_per_mtok: int = NonNegInt
     output_per_mtok: int = NonNegInt
     charged: int = NonNegInt
+
+
+def token_charge(prompt_tokens: int, completion_tokens: int, input_per_mtok: int, output_per_mtok: int) -> int:
+    """What `prompt_tokens` in and `completion_tokens` out cost at these prices per 1M tokens, in
+    micro-credits rounded up: the rule a receipt's `price.charged` follows, and gateways hold and check by."""
+    return math.ceil((prompt_tokens * input_per_mtok + completion_tokens * output_per_mtok) / 1_000_000)
 
 
 @register("agora/receipt/1")

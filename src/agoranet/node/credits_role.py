@@ -32,7 +32,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from agoranet.core.errors import RequestError
-from agoranet.core.records import Record
+from agoranet.core.records import Record, token_charge
 from agoranet.log.credits import OPERATOR, CreditLedger, provider, user, verifier
 from agoranet.log.errors import CreditError, InsufficientCredits, UnknownAccount
 from agoranet.log.records import CreditMoveBody
@@ -43,7 +43,6 @@ __all__ = ["CreditsRole", "Escrow", "PriceBound", "fund_key", "max_price", "prom
 
 log = logging.getLogger(__name__)
 
-MTOK = 1_000_000
 PPM = 1_000_000
 TOKENS_PER_BYTE = 3
 TOKENS_PER_MESSAGE = 16
@@ -76,8 +75,8 @@ def max_price(prompt_tokens: int, max_tokens: int, bounds: Iterable[PriceBound],
     contexts = [b.context_length for b in bounds]
     if contexts and all(contexts):
         prompt_tokens = min(prompt_tokens, max(contexts))
-    cost = math.ceil((prompt_tokens * max(b.input_per_mtok for b in bounds)
-                      + max_tokens * max(b.output_per_mtok for b in bounds)) / MTOK)
+    cost = token_charge(prompt_tokens, max_tokens, max(b.input_per_mtok for b in bounds),
+                        max(b.output_per_mtok for b in bounds))
     return max(1, cost + math.ceil(cost * fee_ppm / PPM))
 
 

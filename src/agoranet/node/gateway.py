@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
 import random
 import secrets
 import time
@@ -30,7 +29,7 @@ from starlette.background import BackgroundTask
 
 from agoranet.core.errors import RecordError, RequestError
 from agoranet.core.identity import Identity
-from agoranet.core.records import OfferBody, OfferedModel, ReceiptBody, Record, verify_record
+from agoranet.core.records import OfferBody, OfferedModel, ReceiptBody, Record, token_charge, verify_record
 from agoranet.engine.base import Generation
 from agoranet.net.discovery import Discovery
 from agoranet.net.peer import PeerClient, PeerRefused, PeerStream, PeerUnreachable
@@ -185,8 +184,7 @@ def overcharged(receipt: ReceiptBody, offered: OfferedModel) -> int | None:
     its output tokens (at most max_tokens when an upstream engine reports a count, not token ids)."""
     price = receipt.price
     completion = len(receipt.output_tokens) or receipt.sampling.max_tokens
-    allowed = math.ceil((receipt.prompt_tokens * offered.input_per_mtok + completion * offered.output_per_mtok)
-                        / 1_000_000)
+    allowed = token_charge(receipt.prompt_tokens, completion, offered.input_per_mtok, offered.output_per_mtok)
     if (price.input_per_mtok > offered.input_per_mtok or price.output_per_mtok > offered.output_per_mtok
             or price.charged > allowed):
         return allowed

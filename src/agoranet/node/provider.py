@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import platform
 import secrets
 import time
@@ -20,7 +19,7 @@ from agoranet.core.errors import AgoraError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.records import (
     OfferBody, OfferedModel, PriceCharged, ReceiptBody, Record, SamplingParams, TopLogprob,
-    encode_canonical, sign_record,
+    encode_canonical, sign_record, token_charge,
 )
 from agoranet.engine.base import Engine, Generation, GenerationRequest, TokenEvent
 from agoranet.node.log_role import LogRole
@@ -198,7 +197,7 @@ class Provider:
         """Sign, store and log the receipt; return the response's `agora` field once it is durable."""
         s, c = gen_req.sampling, self.config
         completion = gen.completion_tokens
-        charged = math.ceil((gen.prompt_tokens * c.input_per_mtok + completion * c.output_per_mtok) / 1_000_000)
+        charged = token_charge(gen.prompt_tokens, completion, c.input_per_mtok, c.output_per_mtok)
         body = ReceiptBody(
             model=self.engine.model_cid, precision=self.engine.precision, request=request_cid,
             request_id=gen_req.request_id, prompt_tokens=gen.prompt_tokens, prefix_tokens=list(gen_req.prefix_tokens),
