@@ -14,7 +14,7 @@ from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, ReceiptBody, sign_record, verify_record
 from agoranet.engine.stub import StubEngine
 from agoranet.node.gateway import Candidate, GatewayConfig, Router
-from agoranet.node.protocol import ProviderPreferences
+from agoranet.wire.openai import ProviderPreferences
 
 MSG = [{"role": "user", "content": "write a function that reverses a list"}]
 CHEAP, DEAR = 100_000, 400_000

@@ -17,7 +17,7 @@ from agoranet.log.credits import ISSUANCE, provider, user
 from agoranet.net.gossip import GossipConfig
 from agoranet.node.credits_role import Escrow, PriceBound, max_price, prompt_token_bound
 from agoranet.node.node import ProviderOptions
-from agoranet.node.protocol import ChatCompletionRequest
+from agoranet.wire.openai import ChatCompletionRequest
 
 # 1 micro-credit per prompt token, 3 per completion token: charges are easy to read
 PRICES = {"input_per_mtok": 1_000_000, "output_per_mtok": 3_000_000}

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from agoranet.cli.store_cmd import store_app
 from agoranet.core.cid import cid_of
 from agoranet.net.storage_client import FetchFailed, FetchStats, fetch_dag
-from agoranet.net.storage_protocol import BLOCKS
+from agoranet.wire.storage import BLOCKS
 from agoranet.node.app import create_app
 from agoranet.node.server import BackgroundServer, bind
 from agoranet.node.storage_role import StorageRole

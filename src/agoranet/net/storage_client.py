@@ -12,7 +12,7 @@ import httpx
 
 from agoranet.core.cid import CID, DAG_PB
 from agoranet.core.errors import AgoraError
-from agoranet.net.storage_protocol import (
+from agoranet.wire.storage import (
     BLOCK_MEDIA_TYPE, BLOCKS, HasRequest, HasResponse, PinRequest, PinResponse, PinStatus, ReplicaIntent, StoreStatus,
 )
 from agoranet.store import BlockMismatch, BlockNotFound, Blockstore, CorruptBlock, verify_block

@@ -37,7 +37,7 @@ from agoranet.log.credits import OPERATOR, CreditLedger, provider, user, verifie
 from agoranet.log.errors import CreditError, InsufficientCredits, UnknownAccount
 from agoranet.log.records import CreditMoveBody
 from agoranet.node.keys import KeyStore
-from agoranet.node.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from agoranet.wire.openai import ChatCompletionRequest, CompletionRequest, error_body
 
 __all__ = ["CreditsRole", "Escrow", "PriceBound", "fund_key", "max_price", "prompt_token_bound"]
 

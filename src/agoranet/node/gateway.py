@@ -33,12 +33,14 @@ from agoranet.core.records import OfferBody, OfferedModel, ReceiptBody, Record, 
 from agoranet.engine.base import Generation
 from agoranet.net.discovery import Discovery
 from agoranet.net.peer import PeerClient, PeerRefused, PeerStream, PeerUnreachable
+from agoranet.node.app import FastJSONResponse
 from agoranet.node.audit import VerifierLink
 from agoranet.node.credits_role import CreditsRole, Escrow, PriceBound, max_price, prompt_token_bound
 from agoranet.node.keys import ApiKey, KeyStore
-from agoranet.node.protocol import (
-    DONE, ChatCompletionRequest, ChunkWriter, CompletionRequest, FastJSONResponse, ProviderPreferences, error_chunk,
+from agoranet.wire.openai import (
+    ChatCompletionRequest, ChunkWriter, CompletionRequest, ProviderPreferences, error_chunk,
 )
+from agoranet.wire.sse import DONE
 
 log = logging.getLogger(__name__)
 

@@ -21,15 +21,16 @@ from agoranet.core.records import (
     OfferBody, OfferedModel, PriceCharged, ReceiptBody, Record, SamplingParams, TopLogprob,
     encode_canonical, sign_record, token_charge,
 )
-from agoranet.engine.base import Engine, Generation, GenerationRequest, TokenEvent
+from agoranet.engine.base import Engine, Generation, GenerationRequest, Sampling, TokenEvent
 from agoranet.node.log_role import LogRole
-from agoranet.node.protocol import (
-    DONE, ChatCompletionRequest, ChunkWriter, CompletionRequest, chat_logprob_content, chat_response,
-    completion_logprobs, completion_response, error_chunk,
-)
 from agoranet.node.app import Cursor, PageSize
 from agoranet.node.records_api import records_router
 from agoranet.node.state import NodeState
+from agoranet.wire.openai import (
+    ChatCompletionRequest, ChunkWriter, CompletionRequest, chat_logprob_content, chat_response,
+    completion_logprobs, completion_response, error_chunk,
+)
+from agoranet.wire.sse import DONE
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,11 @@ class Provider:
                                status=429, code="rate_limited", type="rate_limit_error")
         ext = req.agora
         prefix = tuple(ext.prefix_tokens) if ext else ()
-        sampling = req.sampling(self.config.default_max_tokens, seed=secrets.randbits(63))
+        sampling = Sampling(
+            temperature=req.temperature, top_p=req.top_p,
+            seed=req.seed if req.seed is not None else secrets.randbits(63),
+            max_tokens=req.max_tokens or self.config.default_max_tokens, stop=tuple(s for s in (req.stop or []) if s),
+        )
         if kind == "chat":
             gen_req = GenerationRequest(
                 request_id="", kind="chat", sampling=sampling, top_logprobs=req.wanted_top,

@@ -23,7 +23,7 @@ import httpx
 
 from agoranet.core.cid import CID
 from agoranet.net.storage_client import FetchStats, PeerBlockFetcher, PeerUnavailable, StoragePeerClient, fetch_dag
-from agoranet.net.storage_protocol import ReplicaIntent
+from agoranet.wire.storage import ReplicaIntent
 from agoranet.store import Blockstore
 from agoranet.store.blockstore import as_cid
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 
 from agoranet.core.errors import AgoraError, InvalidCID
 from agoranet.net.storage_client import fetch_dag
-from agoranet.net.storage_protocol import (
+from agoranet.wire.storage import (
     BLOCK_MEDIA_TYPE, BLOCKS, HasRequest, HasResponse, PinRequest, PinResponse, PinStatus, ReplicaIntent, StoreStatus,
 )
 from agoranet.node.replication import StorageReplicator

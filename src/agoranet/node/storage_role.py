@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from agoranet.core.tasks import cancel_and_wait
-from agoranet.net.storage_protocol import BLOCKS
+from agoranet.wire.storage import BLOCKS
 from agoranet.node.replication import StorageReplicator
 from agoranet.node.storage_api import storage_router
 from agoranet.store import Blockstore, connect_kubo

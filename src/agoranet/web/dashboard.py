@@ -32,7 +32,7 @@ from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, decode_record, verify_record
 from agoranet.log.transparency import TransparencyLog
-from agoranet.node.protocol import error_body
+from agoranet.wire.openai import error_body
 from agoranet.web.observe import NodeMetrics, role_name
 from agoranet.web.peers import PeerWatch, peer_row
 
