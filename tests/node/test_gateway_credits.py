@@ -10,8 +10,11 @@ import openai
 import pytest
 from typer.testing import CliRunner
 from ..conftest import FAST_GOSSIP, start_gateway, start_provider, wait_for
+from ..core.test_records import receipt_body
 
 from agoranet.cli.main import app as cli
+from agoranet.core.identity import Identity
+from agoranet.core.records import PriceCharged, sign_record
 from agoranet.engine.stub import StubEngine
 from agoranet.log.credits import ISSUANCE, provider, user
 from agoranet.net.gossip import GossipConfig
@@ -185,20 +188,24 @@ def test_the_provider_proves_its_earnings_and_the_gateway_log_audits(net):
 
 
 def test_max_price_bounds_the_stub_prompt_and_caps_payments(net):
-    _, gateway, peer, _, _ = net
+    _, gateway, _, _, _ = net
     req = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG + [{"role": "system", "content": "é\n"}]})
     assert prompt_token_bound(req) >= 1 + len("add two numbers") + len("é\n".encode())
     bounds = [PriceBound(1_000_000, 3_000_000, 4096), PriceBound(2_000_000, 1_000_000, 4096)]
     assert max_price(10, 8, bounds) == 10 * 2 + 8 * 3
     assert max_price(10, 8, bounds, fee_ppm=100_000) == 44 + 5
     assert max_price(10**9, 8, [PriceBound(1_000_000, 0, 2048)]) == 2048  # no prompt is longer than the context
-    receipt = {"signer": peer, "body": {"price": {"charged": 70}}}
-    payments, fee = gateway.credits.payments(Escrow("x", user("z"), 50), [receipt], None)
+    signer = Identity.generate()
+    peer = str(signer.peer_id)
+
+    def receipt(charged: int):
+        return sign_record(signer, receipt_body(price=PriceCharged(input_per_mtok=1, output_per_mtok=1, charged=charged)))
+
+    payments, fee = gateway.credits.payments(Escrow("x", user("z"), 50), [receipt(70)], None)
     assert payments == [(provider(peer), 50)] and fee == 0  # never more than was held
     gateway.credits.verifier_fee_ppm = 100_000
     try:
-        payments, fee = gateway.credits.payments(Escrow("x", user("z"), 50), [receipt | {
-            "body": {"price": {"charged": 30}}}], "12D3KooWVerifier")
+        payments, fee = gateway.credits.payments(Escrow("x", user("z"), 50), [receipt(30)], "12D3KooWVerifier")
     finally:
         gateway.credits.verifier_fee_ppm = 0
     assert payments == [(provider(peer), 30), ("verifier:12D3KooWVerifier", 3)] and fee == 3

@@ -15,11 +15,12 @@ from rich.panel import Panel
 from rich.table import Table
 
 from agoranet.core.identity import Identity
-from agoranet.core.records import ReceiptBody, verify_record
+from agoranet.core.records import verify_record
 from agoranet.engine.models import resolve_model
 from agoranet.engine.tokenizer import ByteTokenizer
 from agoranet.log.records import verify_tree_head
 from agoranet.log.transparency import check_inclusion
+from agoranet.wire.openai import ReceiptPart
 
 GOSSIP_S = 0.3
 PROVIDERS = (("provider-a", 200_000, None), ("provider-b", 300_000, None))
@@ -87,7 +88,7 @@ def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int, cheat
             agora = (chunk.model_extra or {}).get("agora", agora)
         if agora is None:
             raise RuntimeError("the gateway sent no receipt")
-        receipt = verify_record(agora["receipt"], ReceiptBody)
+        receipt = ReceiptPart.read(agora).receipt
         served_by = urls[receipt.signer]
         console.print(Panel(text, title=f"answer, streamed via the gateway from {names[receipt.signer]}",
                             expand=False))
@@ -97,7 +98,7 @@ def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int, cheat
                       f"({names[receipt.signer]}); {len(body.output_tokens)} token ids decode to the answer: "
                       f"[bold]{'yes' if tok.decode(body.output_tokens).startswith(text) else 'NO'}[/]; "
                       f"charged {body.price.charged} micro-credits")
-        verdict = httpx.post(f"{verifier_url}/agora/v1/verify", json={"receipt": agora["receipt"], "node": served_by},
+        verdict = httpx.post(f"{verifier_url}/agora/v1/verify", json={"receipt": receipt.to_json(), "node": served_by},
                              timeout=60).json()
         console.print(f"[magenta]verifier[/] replayed it with one forward pass of model {body.model[:20]}…: "
                       + ("[bold green]honest[/]" if verdict["ok"] else "[bold red]FRAUD[/]")

@@ -8,9 +8,7 @@ signed and logged like any other, but only replay-verifiable when the model CID 
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 
@@ -18,6 +16,10 @@ from agoranet.core.cid import DAG_CBOR, cid_of, parse_cid
 from agoranet.core.errors import EngineError, InvalidCID, RequestError
 from agoranet.core.records import encode_canonical
 from agoranet.engine.base import Generation, GenerationRequest, TokenEvent
+from agoranet.wire.openai import (
+    ChatCompletionRequest, ChatMessage, CompletionRequest, ModelList, StreamChunk, StreamOptions, error_message,
+)
+from agoranet.wire.sse import StreamTruncated, sse_payloads
 
 
 class UpstreamEngine:
@@ -43,7 +45,11 @@ class UpstreamEngine:
         except httpx.HTTPError as exc:
             raise EngineError(f"the upstream server at {self.base_url} does not answer GET /models: {exc}",
                               hint="start it first, or check --upstream") from exc
-        served = [m.get("id") for m in r.json().get("data", [])]
+        try:
+            served = [m.id for m in ModelList.model_validate_json(r.content).data]
+        except ValueError as exc:
+            raise EngineError(f"the upstream server at {self.base_url} answered GET /models with no model list",
+                              hint="check that --upstream names an OpenAI-compatible server") from exc
         if served and self.model_name not in served:
             raise EngineError(f"the upstream at {self.base_url} serves {served}, not {self.model_name!r}",
                               hint="pass --upstream-model with one of those names")
@@ -59,20 +65,21 @@ class UpstreamEngine:
             raise RequestError("continuing from token ids is not possible through an upstream engine",
                                param="agora.prefix_tokens", code="unsupported")
         s = request.sampling
-        body: dict[str, Any] = {
-            "model": self.model_name, "stream": True, "stream_options": {"include_usage": True},
-            "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed, "max_tokens": s.max_tokens,
-        }
+        # Only the fields set here are sent (exclude_unset): an upstream gets no defaults it may not know.
+        common = dict(model=self.model_name, stream=True, stream_options=StreamOptions(include_usage=True),
+                      temperature=s.temperature, top_p=s.top_p, seed=s.seed, max_tokens=s.max_tokens)
         if s.stop:
-            body["stop"] = list(s.stop)
+            common["stop"] = list(s.stop)
+        upstream_req: ChatCompletionRequest | CompletionRequest
         if request.kind == "chat":
             path = "/chat/completions"
-            body["messages"] = [{"role": r, "content": c} for r, c in request.messages]
-            if request.top_logprobs:
-                body |= {"logprobs": True, "top_logprobs": request.top_logprobs}
+            upstream_req = ChatCompletionRequest(
+                messages=[ChatMessage(role=r, content=c) for r, c in request.messages], **common,
+                **({"logprobs": True, "top_logprobs": request.top_logprobs} if request.top_logprobs else {}))
         else:
             path = "/completions"
-            body["prompt"] = request.prompt
+            upstream_req = CompletionRequest(prompt=request.prompt, **common)
+        body = upstream_req.model_dump(mode="json", exclude_unset=True)
         gen = Generation(prompt_tokens=0)
         completion_tokens = 0
         try:
@@ -80,25 +87,24 @@ class UpstreamEngine:
                 if r.status_code >= 400:
                     await r.aread()
                     raise _upstream_error(r)
-                async for line in r.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise EngineError(f"upstream failed mid-stream: {chunk['error']}")
-                    if chunk.get("usage"):
-                        gen.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
-                        completion_tokens = chunk["usage"].get("completion_tokens", 0)
-                    for choice in chunk.get("choices", []):
-                        text = choice.get("delta", {}).get("content") if request.kind == "chat" else choice.get("text")
+                async for data in sse_payloads(r.aiter_lines()):
+                    chunk = StreamChunk.decode(data)
+                    if (error := chunk.error) is not None:
+                        raise EngineError(f"upstream failed mid-stream: {error}")
+                    if (usage := chunk.usage) is not None:
+                        gen.prompt_tokens = usage.prompt_tokens
+                        completion_tokens = usage.completion_tokens
+                    for text, _, finish_reason in chunk.deltas(request.kind):
                         if text:
                             gen.text += text
                             yield TokenEvent(text=text)
-                        if choice.get("finish_reason"):
-                            gen.finish_reason = choice["finish_reason"]
+                        if finish_reason:
+                            gen.finish_reason = finish_reason
+        except StreamTruncated:
+            pass  # an upstream that closes without [DONE] has still said all it had (as before the wire module)
+        except ValueError as exc:
+            raise EngineError(f"the upstream server at {self.base_url} sent a stream chunk that is not one: {exc}",
+                              hint="check that --upstream names an OpenAI-compatible server") from exc
         except httpx.HTTPError as exc:
             raise EngineError(f"lost the upstream server at {self.base_url}: {exc}",
                               hint="check that it is running") from exc
@@ -107,10 +113,12 @@ class UpstreamEngine:
 
 
 def _upstream_error(r: httpx.Response) -> Exception:
+    message = None
     try:
-        message = r.json()["error"]["message"]
-    except Exception:
-        message = r.text[:300]
+        message = error_message(r.json())
+    except ValueError:
+        pass
+    message = message or r.text[:300]
     if 400 <= r.status_code < 500:
         return RequestError(f"upstream refused the request: {message}", status=r.status_code, code="upstream_error")
     return EngineError(f"upstream failed with HTTP {r.status_code}: {message}")

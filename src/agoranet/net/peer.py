@@ -19,6 +19,8 @@ import aiohttp
 from pydantic_core import from_json, to_json
 
 from agoranet.core.errors import AgoraError
+from agoranet.wire.openai import StreamChunk, error_body, error_message
+from agoranet.wire.sse import StreamTruncated, sse_payloads
 
 JSON = {"content-type": "application/json"}
 # Idle pooled connections are dropped before uvicorn's 5 s keep-alive would close them under us:
@@ -37,7 +39,7 @@ class PeerUnreachable(PeerError):
 
 class PeerRefused(PeerError):
     def __init__(self, status: int, body: Any) -> None:
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        message = error_message(body)
         super().__init__(f"peer answered HTTP {status}: {message or str(body)[:200]}")
         self.status, self.body = status, body
 
@@ -47,7 +49,7 @@ def _where(response: aiohttp.ClientResponse) -> str:
 
 
 class PeerStream:
-    """An open SSE stream from a peer; iterate `chunks()` for its decoded data payloads."""
+    """An open SSE stream from a peer; iterate `chunks()` for its decoded chunks."""
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.response = response
@@ -56,20 +58,16 @@ class PeerStream:
         # An unfinished body closes the connection, which is what stops the peer's generation.
         self.response.release()
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(self) -> AsyncIterator[StreamChunk]:
         try:
-            async for line in self.response.content:
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    return
-                yield from_json(data)
+            async for data in sse_payloads(self.response.content):
+                yield StreamChunk.decode(data)
         except _NET_ERRORS as exc:
             raise PeerUnreachable(f"lost the stream from {_where(self.response)}: {type(exc).__name__}") from exc
         except ValueError as exc:  # not JSON, or a line longer than the read buffer
             raise PeerUnreachable(f"{_where(self.response)} sent a stream line that is not a JSON chunk: {exc}") from exc
-        raise PeerUnreachable(f"the stream from {_where(self.response)} ended without [DONE]")
+        except StreamTruncated as exc:
+            raise PeerUnreachable(f"the stream from {_where(self.response)} ended without [DONE]") from exc
 
 
 class PeerClient:
@@ -114,7 +112,7 @@ class PeerClient:
         try:
             return r.status, from_json(raw)
         except ValueError:
-            return r.status, None if r.status < 400 else {"error": {"message": raw[:300].decode(errors="replace")}}
+            return r.status, None if r.status < 400 else error_body(raw[:300].decode(errors="replace"))
 
     async def gossip(self, url: str, records: list[dict[str, Any]], *, max_bytes: int = 4 << 20) -> list[Any]:
         """Push our live records to a peer; get back the ones we lack (an answer over `max_bytes` is refused)."""
@@ -148,7 +146,7 @@ class PeerClient:
         try:
             payload = from_json(await self._read(response, 1 << 16, path))
         except (PeerError, ValueError, *_NET_ERRORS):
-            payload = {"error": {"message": f"HTTP {response.status}"}}
+            payload = error_body(f"HTTP {response.status}")
         finally:
             response.release()
         raise PeerRefused(response.status, payload)

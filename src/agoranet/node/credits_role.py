@@ -32,7 +32,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from agoranet.core.errors import RequestError
-from agoranet.core.records import Record, token_charge
+from agoranet.core.records import ReceiptBody, Record, token_charge
 from agoranet.log.credits import OPERATOR, CreditLedger, provider, user, verifier
 from agoranet.log.errors import CreditError, InsufficientCredits, UnknownAccount
 from agoranet.log.records import CreditMoveBody
@@ -157,19 +157,19 @@ class CreditsRole:
         self._open[escrow.id] = escrow
         return escrow
 
-    def payments(self, escrow: Escrow, receipts: Iterable[dict[str, Any]], verifier_peer: str | None,
+    def payments(self, escrow: Escrow, receipts: Iterable[Record[ReceiptBody]], verifier_peer: str | None,
                  ) -> tuple[list[tuple[str, int]], int]:
         """Each provider's charge from its receipts (never more than the hold), and the verifier fee."""
         budget = escrow.held
         owed: dict[str, int] = {}
         for receipt in receipts:
-            charged = int(receipt["body"]["price"]["charged"])
+            charged = receipt.body.price.charged
             paid = min(charged, budget)
             if paid < charged:
                 log.warning("receipt charges more than the hold", extra={
-                    "escrow": escrow.id, "provider": receipt["signer"], "charged": charged, "paid": paid})
+                    "escrow": escrow.id, "provider": receipt.signer, "charged": charged, "paid": paid})
             if paid:
-                owed[provider(receipt["signer"])] = owed.get(provider(receipt["signer"]), 0) + paid
+                owed[provider(receipt.signer)] = owed.get(provider(receipt.signer), 0) + paid
             budget -= paid
         fee = 0
         if self.verifier_fee_ppm and verifier_peer is not None:
@@ -177,7 +177,7 @@ class CreditsRole:
         payments = list(owed.items()) + ([(verifier(verifier_peer), fee)] if fee and verifier_peer else [])
         return payments, fee
 
-    def settle_now(self, escrow: Escrow, receipts: Iterable[dict[str, Any]], *, verifier_peer: str | None) -> Escrow:
+    def settle_now(self, escrow: Escrow, receipts: Iterable[Record[ReceiptBody]], *, verifier_peer: str | None) -> Escrow:
         """Pay the receipts' charges from the hold and refund the rest; once per escrow, later calls do nothing.
 
         Blocking (one SQLite commit): a cancelled stream may await nothing more, so it settles this way.
@@ -200,7 +200,7 @@ class CreditsRole:
         escrow.balance = self.ledger.balance(escrow.account)
         return escrow
 
-    async def settle(self, escrow: Escrow, receipts: Iterable[dict[str, Any]], *,
+    async def settle(self, escrow: Escrow, receipts: Iterable[Record[ReceiptBody]], *,
                      verifier_peer: str | None) -> Escrow:
         return await asyncio.to_thread(self.settle_now, escrow, list(receipts), verifier_peer=verifier_peer)
 

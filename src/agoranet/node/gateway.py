@@ -29,7 +29,7 @@ from starlette.background import BackgroundTask
 
 from agoranet.core.errors import RecordError, RequestError
 from agoranet.core.identity import Identity
-from agoranet.core.records import OfferBody, OfferedModel, ReceiptBody, Record, token_charge, verify_record
+from agoranet.core.records import OfferBody, OfferedModel, ReceiptBody, Record, token_charge
 from agoranet.engine.base import Generation
 from agoranet.net.discovery import Discovery
 from agoranet.net.peer import PeerClient, PeerRefused, PeerStream, PeerUnreachable
@@ -38,7 +38,8 @@ from agoranet.node.audit import VerifierLink
 from agoranet.node.credits_role import CreditsRole, Escrow, PriceBound, max_price, prompt_token_bound
 from agoranet.node.keys import ApiKey, KeyStore
 from agoranet.wire.openai import (
-    ChatCompletionRequest, ChunkWriter, CompletionRequest, ProviderPreferences, error_chunk,
+    Answer, ChatCompletionRequest, ChunkWriter, CompletionRequest, ProviderPreferences, ReceiptPart, error_chunk,
+    gateway_summary,
 )
 from agoranet.wire.sse import DONE
 
@@ -209,7 +210,7 @@ class _Job:
     request_id: str
     max_tokens: int
     tried: list[str] = field(default_factory=list)
-    parts: list[dict[str, Any]] = field(default_factory=list)  # {receipt_cid, receipt, provider} per provider
+    parts: list[ReceiptPart] = field(default_factory=list)  # one per provider that finished its part
     escrow: Escrow | None = None  # the credits held for this request, when the gateway charges
 
 
@@ -289,8 +290,8 @@ class Gateway:
                            fee_ppm=self.config.verifier_fee_ppm)
         job.escrow = await self.credits.hold(job.key.id, job.request_id, amount)
 
-    def _settle_args(self, job: _Job) -> tuple[list[dict[str, Any]], str | None]:
-        return [p["receipt"] for p in job.parts], self.verifiers.fee_payee()
+    def _settle_args(self, job: _Job) -> tuple[list[Record[ReceiptBody]], str | None]:
+        return [p.receipt for p in job.parts], self.verifiers.fee_payee()
 
     async def _settle(self, job: _Job) -> None:
         """Pay the receipts' charges from the hold and refund the rest (all of it when nothing was served)."""
@@ -311,14 +312,15 @@ class Gateway:
                 return c
         return None
 
-    def _receipt_part(self, cand: Candidate, agora: Any) -> dict[str, Any] | None:
+    def _receipt_part(self, cand: Candidate, read: Callable[[], ReceiptPart]) -> ReceiptPart | None:
         """Check a provider's receipt is signed by the key that made the offer we routed by."""
         try:
-            receipt = verify_record(agora["receipt"], ReceiptBody)
-        except (RecordError, KeyError, TypeError):
+            part = read()
+        except RecordError:
             log.warning("provider %s sent no valid receipt", cand.peer)
             self.router_state.failed(cand.peer)
             return None
+        receipt = part.receipt
         if receipt.signer != cand.peer:
             log.warning("receipt from %s is signed by %s, not the offer's key", cand.url, receipt.signer)
             self.router_state.failed(cand.peer)
@@ -328,19 +330,19 @@ class Gateway:
                         cand.url, receipt.body.price.charged, allowed)
             self.router_state.failed(cand.peer)
             return None
-        self.verifiers.submit(agora["receipt"], cand.url)
-        return {"receipt_cid": str(receipt.cid), "receipt": agora["receipt"], "provider": receipt.signer}
+        self.verifiers.submit(receipt, cand.url)
+        return part
 
     def _agora(self, job: _Job) -> dict[str, Any]:
-        last = job.parts[-1] if job.parts else {}
-        agora = {**last, "receipts": job.parts, "request_id": job.request_id, "gateway": str(self.identity.peer_id)}
-        if (e := job.escrow) is not None and e.settled:
-            agora["credits"] = {"held": e.held, "charged": e.charged, "verifier_fee": e.fee, "balance": e.balance}
-        return agora
+        e = job.escrow
+        credits = ({"held": e.held, "charged": e.charged, "verifier_fee": e.fee, "balance": e.balance}
+                   if e is not None and e.settled else None)
+        return gateway_summary(job.parts, request_id=job.request_id, gateway=str(self.identity.peer_id),
+                               credits=credits)
 
     def _meter(self, job: _Job, tokens: int) -> None:
         if job.key is not None and self.keys is not None:
-            charged = sum(p["receipt"]["body"]["price"]["charged"] for p in job.parts)
+            charged = sum(p.receipt.body.price.charged for p in job.parts)
             self.keys.record_usage(job.key.id, tokens=tokens, charged=charged)
 
     async def _hot(self, kind: Kind, schema: type[ChatCompletionRequest] | type[CompletionRequest],
@@ -389,18 +391,23 @@ class Gateway:
             finally:
                 health.in_flight -= 1
             elapsed = time.monotonic() - started
-            part = self._receipt_part(cand, body.get("agora"))
+            try:
+                answer = Answer.model_validate(body)
+            except ValueError as exc:
+                self.router_state.failed(cand.peer)
+                last_error = RequestError(f"provider {cand.peer} answered something that is not an answer: {exc}")
+                continue
+            part = self._receipt_part(cand, partial(ReceiptPart.read, answer.agora))
             if part is None:
                 last_error = RequestError(f"provider {cand.peer} answered without a valid receipt")
                 continue
             job.parts.append(part)
-            usage = body.get("usage") or {}
-            self.router_state.succeeded(cand.peer, ttft_s=elapsed, tokens=usage.get("completion_tokens", 0),
+            self.router_state.succeeded(cand.peer, ttft_s=elapsed, tokens=answer.usage.completion_tokens,
                                         duration_s=elapsed)
-            self._meter(job, usage.get("total_tokens", 0))
+            self._meter(job, answer.usage.total_tokens)
             await self._settle(job)
-            body["agora"] = self._agora(job)
-            return FastJSONResponse(body, headers={"x-agora-receipt": part["receipt_cid"]})
+            body["agora"] = self._agora(job)  # the rest of the answer goes to the client as the provider wrote it
+            return FastJSONResponse(body, headers={"x-agora-receipt": str(part.receipt.cid)})
         raise RequestError(f"every provider tried for {req.model!r} failed ({len(job.tried)} tried); last error: "
                            f"{last_error}", status=502, code="providers_failed", type="server_error")
 
@@ -450,28 +457,26 @@ class Gateway:
                 part_text = False  # whether this part relayed text (an upstream engine's has no token ids)
                 try:
                     async for chunk in stream.chunks():
-                        if "error" in chunk:
-                            raise PeerUnreachable(f"provider failed mid-stream: {chunk['error']}")
-                        for choice in chunk.get("choices") or []:
-                            text = (choice.get("delta") or {}).get("content") if job.kind == "chat" else choice.get("text")
-                            if choice.get("finish_reason"):
-                                finish = choice["finish_reason"]
+                        if (error := chunk.error) is not None:
+                            raise PeerUnreachable(f"provider failed mid-stream: {error}")
+                        for text, logprobs, finish_reason in chunk.deltas(job.kind):
+                            if finish_reason:
+                                finish = finish_reason
                             part_text = part_text or bool(text)
-                            if (out := writer.relay(text or "", choice.get("logprobs") if want_lp else None)) is not None:
+                            if (out := writer.relay(text, logprobs if want_lp else None)) is not None:
                                 yield {"data": out}
-                        agora = chunk.get("agora") or {}
-                        if "token" in agora:
-                            tokens.append(agora["token"])
+                        if (token := chunk.token) is not None:
+                            tokens.append(token)
                             part_tokens += 1
                             first_at = first_at or time.monotonic()
-                        if chunk.get("usage"):
-                            prompt_tokens = prompt_tokens or chunk["usage"].get("prompt_tokens", 0)
-                            completion_tokens += chunk["usage"].get("completion_tokens", 0)
-                        if "receipt" in agora:
-                            if (part := self._receipt_part(cand, agora)) is not None:
+                        if (usage := chunk.usage) is not None:
+                            prompt_tokens = prompt_tokens or usage.prompt_tokens
+                            completion_tokens += usage.completion_tokens
+                        if chunk.has_receipt:
+                            if (part := self._receipt_part(cand, chunk.receipt)) is not None:
                                 job.parts.append(part)
                             part_done = True
-                except PeerUnreachable as exc:
+                except (PeerUnreachable, ValueError) as exc:  # ValueError: a chunk field of the wrong type
                     log.warning("stream from %s broke after %d tokens: %s", cand.url, len(tokens), exc)
                     self.router_state.failed(cand.peer)
                 else:

@@ -27,7 +27,7 @@ from agoranet.node.app import Cursor, PageSize
 from agoranet.node.records_api import records_router
 from agoranet.node.state import NodeState
 from agoranet.wire.openai import (
-    ChatCompletionRequest, ChunkWriter, CompletionRequest, chat_logprob_content, chat_response,
+    ChatCompletionRequest, ChunkWriter, CompletionRequest, ReceiptPart, chat_logprob_content, chat_response,
     completion_logprobs, completion_response, error_chunk,
 )
 from agoranet.wire.sse import DONE
@@ -216,12 +216,12 @@ class Provider:
         )
         record = sign_record(self.identity, body)
         data = record.encode()  # once: the store, the log and the CID all use these bytes
-        cid = self.state.put(data, "receipt")
+        self.state.put(data, "receipt")
         await self.log.append(data)
         self.served += 1
         self.prompt_tokens += gen.prompt_tokens
         self.completion_tokens += completion
-        return {"receipt_cid": str(cid), "receipt": record.to_json(), "provider": record.signer}
+        return ReceiptPart(record).json
 
     # -- observability ------------------------------------------------------------------------------
 

@@ -310,6 +310,14 @@ class ErrorBody(_Lenient):
     error: ErrorDetail
 
 
+def error_message(body: Any) -> str | None:
+    """The message of an OpenAI error body, or None when `body` is not one."""
+    try:
+        return ErrorBody.model_validate(body).error.message or None
+    except ValueError:
+        return None
+
+
 class ModelEntry(_Lenient):
     id: str
 
@@ -390,7 +398,9 @@ class StreamChunk:
 
     def deltas(self, kind: Kind) -> Iterator[tuple[str, Any, str | None]]:
         """(text, logprobs in wire form, finish_reason) of each choice."""
-        choices = self._raw.get("choices") or ()
+        choices = self._raw.get("choices")
+        if not choices:
+            return  # the usage chunk has none
         if not isinstance(choices, list):
             raise ValueError("stream chunk choices is not a list")
         for choice in choices:
