@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from agoranet.wire.canonical import CanonicalMessage, CanonicalRequest, CanonicalSampling
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -27,6 +29,28 @@ class GenerationRequest:
     prompt: str = ""
     top_logprobs: int = 0
     prefix_tokens: tuple[int, ...] = ()  # already generated (failover continuation)
+
+    def canonical(self, model_cid: str) -> CanonicalRequest:
+        """What a receipt for this generation binds (see wire.canonical)."""
+        s = self.sampling
+        return CanonicalRequest(
+            kind=self.kind, model=model_cid, request_id=self.request_id,
+            sampling=CanonicalSampling(temperature=float(s.temperature), top_p=float(s.top_p), seed=s.seed,
+                                       max_tokens=s.max_tokens, stop=list(s.stop)),
+            top_logprobs=self.top_logprobs, prefix_tokens=list(self.prefix_tokens),
+            messages=[CanonicalMessage(role=r, content=c) for r, c in self.messages] if self.kind == "chat" else None,
+            prompt=self.prompt if self.kind == "completion" else None,
+        )
+
+    @classmethod
+    def from_canonical(cls, request: CanonicalRequest) -> GenerationRequest:
+        """The generation a canonical request asked for (a verifier renders its prompt from it)."""
+        s = request.sampling
+        return cls(request_id=request.request_id, kind=request.kind,
+                   sampling=Sampling(temperature=s.temperature, top_p=s.top_p, seed=s.seed, max_tokens=s.max_tokens,
+                                     stop=tuple(s.stop)),
+                   messages=tuple(request.chat_messages()), prompt=request.prompt or "",
+                   top_logprobs=request.top_logprobs, prefix_tokens=tuple(request.prefix_tokens))
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,13 @@ def load_causal_lm(model_dir: Path, precision: str) -> torch.nn.Module:
     return model.eval()
 
 
+def render_prompt(tokenizer: ByteTokenizer, request: GenerationRequest) -> list[int]:
+    """The prompt token ids of a request: what this engine generates from and what a verifier replays."""
+    if request.kind == "chat":
+        return tokenizer.chat_prompt(list(request.messages))
+    return tokenizer.completion_prompt(request.prompt)
+
+
 @dataclass
 class _Sequence:
     request: GenerationRequest
@@ -111,9 +118,7 @@ class TransformersEngine:
     # -- requests -------------------------------------------------------------------------------------
 
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
-        if request.kind == "chat":
-            return self.tokenizer.chat_prompt(list(request.messages))
-        return self.tokenizer.completion_prompt(request.prompt)
+        return render_prompt(self.tokenizer, request)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Generation]:
         prompt = self.prompt_tokens(request)

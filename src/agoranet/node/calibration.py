@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from agoranet.core.errors import AgoraError
-from agoranet.core.records import PriceCharged, ReceiptBody, SamplingParams, TopLogprob
+from agoranet.core.records import PriceCharged, ReceiptBody
 from agoranet.engine.base import Generation, GenerationRequest, Sampling
 from agoranet.engine.tokenizer import ByteTokenizer
 from agoranet.engine.transformers_engine import TransformersEngine
-from agoranet.node.provider import canonical_request, derived_request_id
+from agoranet.node.provider import derived_request_id, receipt_body as provider_receipt_body
 from agoranet.verify.records import ClassTolerance
 from agoranet.verify.replay import MEASURE, ReplayResult, ToleranceLike, check_receipt
 from agoranet.verify.tolerances import HEADROOM, MIN_TOLERANCE, class_tolerance
@@ -93,18 +93,9 @@ def receipt_body(engine: TransformersEngine, req: GenerationRequest, gen: Genera
     """The receipt body a provider signs for `gen` (prices zero), with its canonical request bytes."""
     from agoranet.core.cid import DAG_CBOR, cid_of
 
-    request_bytes = canonical_request(req, engine.model_cid)
-    s = req.sampling
-    body = ReceiptBody(
-        model=engine.model_cid, precision=engine.precision, request=str(cid_of(request_bytes, DAG_CBOR)),
-        request_id=req.request_id, prompt_tokens=gen.prompt_tokens, prefix_tokens=list(req.prefix_tokens),
-        output_tokens=gen.tokens, output_text=gen.text, logprobs=gen.logprobs,
-        top_logprobs=[[TopLogprob(token=t, logprob=lp) for t, lp in top] for top in gen.top],
-        sampling=SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed, max_tokens=s.max_tokens,
-                                stop=list(s.stop)),
-        finish_reason=gen.finish_reason, price=PriceCharged(input_per_mtok=0, output_per_mtok=0, charged=0),
-        started_ms=0, finished_ms=0,
-    )
+    request_bytes = req.canonical(engine.model_cid).encode()
+    body = provider_receipt_body(engine, req, str(cid_of(request_bytes, DAG_CBOR)), gen,
+                                 PriceCharged(input_per_mtok=0, output_per_mtok=0, charged=0), started_ms=0, finished_ms=0)
     return body, request_bytes
 
 

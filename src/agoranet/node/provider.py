@@ -19,7 +19,7 @@ from agoranet.core.errors import AgoraError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.records import (
     OfferBody, OfferedModel, PriceCharged, ReceiptBody, Record, SamplingParams, TopLogprob,
-    encode_canonical, sign_record, token_charge,
+    sign_record, token_charge,
 )
 from agoranet.engine.base import Engine, Generation, GenerationRequest, Sampling, TokenEvent
 from agoranet.node.log_role import LogRole
@@ -133,7 +133,7 @@ class Provider:
         gen_req = replace(gen_req, request_id=(ext.request_id if ext and ext.request_id else derived_request_id(
             gen_req, self.engine.model_cid)))
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        request_cid = str(self.state.put(canonical_request(gen_req, self.engine.model_cid), "request"))
+        request_cid = str(self.state.put(gen_req.canonical(self.engine.model_cid).encode(), "request"))
         self.active += 1
         started = now_ms()
         events = self.engine.generate(gen_req)
@@ -200,20 +200,13 @@ class Provider:
     async def _receipt(self, gen_req: GenerationRequest, request_cid: str, gen: Generation,
                        started: int) -> dict[str, Any]:
         """Sign, store and log the receipt; return the response's `agora` field once it is durable."""
-        s, c = gen_req.sampling, self.config
+        c = self.config
         completion = gen.completion_tokens
         charged = token_charge(gen.prompt_tokens, completion, c.input_per_mtok, c.output_per_mtok)
-        body = ReceiptBody(
-            model=self.engine.model_cid, precision=self.engine.precision, request=request_cid,
-            request_id=gen_req.request_id, prompt_tokens=gen.prompt_tokens, prefix_tokens=list(gen_req.prefix_tokens),
-            output_tokens=gen.tokens, output_text=gen.text, logprobs=gen.logprobs,
-            top_logprobs=[[TopLogprob(token=t, logprob=lp) for t, lp in top] for top in gen.top],
-            sampling=SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed, max_tokens=s.max_tokens,
-                                    stop=list(s.stop)),
-            finish_reason=gen.finish_reason,
-            price=PriceCharged(input_per_mtok=c.input_per_mtok, output_per_mtok=c.output_per_mtok, charged=charged),
-            started_ms=started, finished_ms=now_ms(),
-        )
+        body = receipt_body(self.engine, gen_req, request_cid, gen,
+                            PriceCharged(input_per_mtok=c.input_per_mtok, output_per_mtok=c.output_per_mtok,
+                                         charged=charged),
+                            started_ms=started, finished_ms=now_ms())
         record = sign_record(self.identity, body)
         data = record.encode()  # once: the store, the log and the CID all use these bytes
         self.state.put(data, "receipt")
@@ -283,25 +276,24 @@ class Provider:
         return r
 
 
-def canonical_request(req: GenerationRequest, model_cid: str) -> bytes:
-    """The DAG-CBOR form of what was asked, whose CID every receipt binds."""
+def receipt_body(engine: Engine, req: GenerationRequest, request_cid: str, gen: Generation, price: PriceCharged, *,
+                 started_ms: int, finished_ms: int) -> ReceiptBody:
+    """What a provider signs for `gen`: the one place receipt bodies are built (calibration uses it too)."""
     s = req.sampling
-    body: dict[str, Any] = {
-        "kind": req.kind, "model": model_cid, "request_id": req.request_id,
-        "sampling": {"temperature": float(s.temperature), "top_p": float(s.top_p), "seed": s.seed,
-                     "max_tokens": s.max_tokens, "stop": list(s.stop)},
-        "top_logprobs": req.top_logprobs, "prefix_tokens": list(req.prefix_tokens),
-    }
-    if req.kind == "chat":
-        body["messages"] = [{"role": role, "content": content} for role, content in req.messages]
-    else:
-        body["prompt"] = req.prompt
-    return encode_canonical(body)
+    return ReceiptBody(
+        model=engine.model_cid, precision=engine.precision, request=request_cid,
+        request_id=req.request_id, prompt_tokens=gen.prompt_tokens, prefix_tokens=list(req.prefix_tokens),
+        output_tokens=gen.tokens, output_text=gen.text, logprobs=gen.logprobs,
+        top_logprobs=[[TopLogprob(token=t, logprob=lp) for t, lp in top] for top in gen.top],
+        sampling=SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed, max_tokens=s.max_tokens,
+                                stop=list(s.stop)),
+        finish_reason=gen.finish_reason, price=price, started_ms=started_ms, finished_ms=finished_ms,
+    )
 
 
 def derived_request_id(req: GenerationRequest, model_cid: str) -> str:
     """A request id that is a pure function of the request (its content, sampling and seed)."""
-    return "req-" + hashlib.sha256(canonical_request(replace(req, request_id=""), model_cid)).hexdigest()[:32]
+    return "req-" + hashlib.sha256(replace(req, request_id="").canonical(model_cid).encode()).hexdigest()[:32]
 
 
 def hardware_summary() -> str:

@@ -26,19 +26,21 @@ from pydantic import BaseModel
 
 from agoranet.core.errors import AgoraError, RecordError, RequestError
 from agoranet.core.identity import Identity
-from agoranet.core.records import ReceiptBody, Record, decode_canonical, decode_record, sign_record, verify_record
+from agoranet.core.records import ReceiptBody, Record, decode_record, sign_record, verify_record
 from agoranet.core.tasks import cancel_and_wait
+from agoranet.engine.base import GenerationRequest
 from agoranet.engine.models import model_cid, resolve_model
 from agoranet.engine.tokenizer import ByteTokenizer
-from agoranet.engine.transformers_engine import load_causal_lm
+from agoranet.engine.transformers_engine import load_causal_lm, render_prompt
 from agoranet.node.app import Cursor, PageSize
 from agoranet.node.records_api import CBOR, records_router
 from agoranet.node.state import NodeState
-from agoranet.verify.records import FraudProofBody, TolerancesBody, VerdictBody
-from agoranet.verify.replay import ReplayResult, check_receipt, check_request_binding
+from agoranet.verify.records import ClassTolerance, FraudProofBody, TolerancesBody, VerdictBody
+from agoranet.verify.replay import ReplayResult, check_receipt, check_request_binding, request_mismatch
 from agoranet.verify.tolerances import (
     REFERENCE_PRECISION, NoTolerances, default_tolerances, load_tolerances, tolerance_for,
 )
+from agoranet.wire.canonical import CanonicalRequest
 
 log = logging.getLogger(__name__)
 
@@ -137,30 +139,35 @@ class ReplayVerifier:
                                  ByteTokenizer.from_dir(self._dirs[cid]))
         return self._loaded[cid]
 
-    def tolerances(self, cid: str, precision: str):
+    def tolerances(self, cid: str, precision: str) -> ClassTolerance:
         table = self._tables.get(cid)
         if table is None:
             raise NoTolerances(f"no tolerances for model {cid}")
         return tolerance_for(table, precision)
 
-    def replay(self, receipt: Record[ReceiptBody], request_bytes: bytes) -> ReplayResult:
-        """Check signature and request binding, then replay; raises when the receipt cannot be judged."""
+    def replay(self, receipt: Record[ReceiptBody], request_bytes: bytes) -> tuple[ReplayResult, ClassTolerance]:
+        """Check signature and request binding (once each), then replay; raises when the receipt cannot be judged.
+
+        Returns the judgement and the tolerances it was judged by."""
         receipt = verify_record(receipt.encode(), ReceiptBody)  # a forged signature is nobody's fraud
         body = receipt.body
-        if (why := check_request_binding(body, request_bytes)) and "CID" in why:
+        why = check_request_binding(body, request_bytes)
+        if why and "CID" in why:
             raise UnverifiableReceipt(f"the request given for receipt {receipt.cid} is not the one it binds: {why}")
-        request = decode_canonical(request_bytes)
+        request = CanonicalRequest.decode(request_bytes)
         tol = self.tolerances(body.model, body.precision)
         with self._lock:
             model, tok = self._model(body.model)
+            if why:  # signed for other sampling than was asked: fraud, whatever the tokens
+                return request_mismatch(why), tol
             prompt = prompt_ids(tok, request)
-            return check_receipt(model, prompt, body, tol, model_cid=body.model, request_bytes=request_bytes,
-                                 decode=tok.decode, eos_token=tok.eos)
+            # Signature and binding are checked above, so the bare body is replayed.
+            return check_receipt(model, prompt, body, tol, model_cid=body.model, decode=tok.decode,
+                                 eos_token=tok.eos), tol
 
     def judge(self, receipt: Record[ReceiptBody], request_bytes: bytes) -> Judgement:
-        result = self.replay(receipt, request_bytes)
+        result, tol = self.replay(receipt, request_bytes)
         body = receipt.body
-        tol = self.tolerances(body.model, body.precision)
         proof = None
         if not result.ok:
             proof = sign_record(self.identity, FraudProofBody(
@@ -186,7 +193,7 @@ class ReplayVerifier:
             raise RecordError(f"fraud proof {proof.cid} embeds undecodable bytes: {exc}") from exc
         if str(receipt.cid) != p.receipt_cid or receipt.signer != p.provider:
             raise RecordError(f"fraud proof {proof.cid} names a receipt or provider other than the one it embeds")
-        result = self.replay(receipt, request_bytes)
+        result, _ = self.replay(receipt, request_bytes)
         if result.ok:
             detail = f"all {result.checked_positions} positions are within tolerances; claimed " \
                      f"{p.evidence.kind} failure at position {p.evidence.position}"
@@ -198,16 +205,12 @@ class ReplayVerifier:
         return Recheck(holds=not result.ok, provider=p.provider, issuer=proof.signer, detail=detail, result=result)
 
 
-def prompt_ids(tokenizer: ByteTokenizer, request: dict[str, Any]) -> list[int]:
+def prompt_ids(tokenizer: ByteTokenizer, request: CanonicalRequest) -> list[int]:
     """The prompt token ids the provider's engine rendered for a canonical request."""
-    try:
-        if request.get("kind") == "chat":
-            return tokenizer.chat_prompt([(m["role"], m["content"]) for m in request["messages"]])
-        if request.get("kind") == "completion":
-            return tokenizer.completion_prompt(request["prompt"])
-    except (AttributeError, KeyError, TypeError) as exc:
-        raise UnverifiableReceipt(f"the canonical request is malformed: {exc!r}") from exc
-    raise UnverifiableReceipt(f"unknown request kind {request.get('kind')!r}")
+    if (request.messages if request.kind == "chat" else request.prompt) is None:
+        raise UnverifiableReceipt(f"the canonical request is malformed: a {request.kind} request without "
+                                  f"{'messages' if request.kind == 'chat' else 'a prompt'}")
+    return render_prompt(tokenizer, GenerationRequest.from_canonical(request))
 
 
 # -- reputation -----------------------------------------------------------------------------------

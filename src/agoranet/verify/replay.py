@@ -20,12 +20,13 @@ import torch
 
 from agoranet.core.cid import DAG_CBOR, cid_of
 from agoranet.core.errors import RecordError
-from agoranet.core.records import ReceiptBody, Record, decode_canonical, verify_record
+from agoranet.core.records import ReceiptBody, Record, verify_record
 from agoranet.verify.records import FailureEvidence
+from agoranet.wire.canonical import CanonicalRequest
 from agoranet.verify.rule import gumbel_noise, nucleus_mask
 
-__all__ = ["Tolerances", "ReplayResult", "check_receipt", "check_request_binding", "MIN_TOP_LOGPROBS",
-           "STRICT", "MEASURE"]
+__all__ = ["Tolerances", "ReplayResult", "check_receipt", "check_request_binding", "request_mismatch",
+           "MIN_TOP_LOGPROBS", "STRICT", "MEASURE"]
 
 MIN_TOP_LOGPROBS = 5  # receipts carry at least this many alternatives per position
 
@@ -72,21 +73,25 @@ def check_request_binding(body: ReceiptBody, request_bytes: bytes) -> str | None
     if str(cid_of(request_bytes, DAG_CBOR)) != body.request:
         return f"the request's CID is {cid_of(request_bytes, DAG_CBOR)}, the receipt names {body.request}"
     try:
-        req = decode_canonical(request_bytes)
+        req = CanonicalRequest.decode(request_bytes)
     except RecordError as exc:
         return f"the canonical request does not decode: {exc}"
-    s = req.get("sampling", {}) if isinstance(req, dict) else {}
-    claimed = body.sampling
+    s, claimed = req.sampling, body.sampling
     mismatches = [
         name for name, a, b in [
-            ("model", req.get("model"), body.model), ("request_id", req.get("request_id"), body.request_id),
-            ("prefix_tokens", req.get("prefix_tokens"), body.prefix_tokens),
-            ("temperature", s.get("temperature"), claimed.temperature), ("top_p", s.get("top_p"), claimed.top_p),
-            ("seed", s.get("seed"), claimed.seed), ("max_tokens", s.get("max_tokens"), claimed.max_tokens),
-            ("stop", s.get("stop"), claimed.stop),
+            ("model", req.model, body.model), ("request_id", req.request_id, body.request_id),
+            ("prefix_tokens", req.prefix_tokens, body.prefix_tokens),
+            ("temperature", s.temperature, claimed.temperature), ("top_p", s.top_p, claimed.top_p),
+            ("seed", s.seed, claimed.seed), ("max_tokens", s.max_tokens, claimed.max_tokens),
+            ("stop", s.stop, claimed.stop),
         ] if a != b
     ]
     return f"receipt and request disagree on {', '.join(mismatches)}" if mismatches else None
+
+
+def request_mismatch(why: str) -> ReplayResult:
+    """The judgement on a receipt whose canonical request (with the right CID) is not what it claims."""
+    return _fail("request", why)
 
 
 def check_receipt(
