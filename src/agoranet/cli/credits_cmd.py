@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import httpx
 import typer
-from rich.console import Console
 
+from agoranet.cli.console import console, fail
 from agoranet.cli.remote import NodeUnreachable, get_json
 from agoranet.core.errors import AgoraError
 from agoranet.log.credits import EarningsProof, verify_earnings
@@ -16,12 +16,6 @@ __all__ = ["credits_app"]
 
 credits_app = typer.Typer(help="Credits at a gateway: earnings statements proven against its log, balances.",
                           no_args_is_help=True)
-console = Console(highlight=False, soft_wrap=True)
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
 
 
 @credits_app.command()
@@ -43,17 +37,17 @@ def statement(
                                    {"first": body.log_size, "second": now.body.size})
         total = verify_earnings(proof, then)
         if body.account != f"provider:{peer_id}":
-            raise _fail(f"the gateway sent the statement of {body.account}, not of provider:{peer_id}")
+            raise fail(f"the gateway sent the statement of {body.account}, not of provider:{peer_id}")
         split = check_heads(then, now, [bytes.fromhex(h) for h in consistency["proof"]])
         if split is not None:
-            raise _fail(f"fork: the log's current head does not extend the statement's tree ({split.reason}); "
+            raise fail(f"fork: the log's current head does not extend the statement's tree ({split.reason}); "
                         "keep the statement as evidence and stop trusting this gateway")
     except NodeUnreachable as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     except (KeyError, TypeError, ValueError) as exc:
-        raise _fail(f"the gateway's answer is malformed: {exc}") from None
+        raise fail(f"the gateway's answer is malformed: {exc}") from None
     except AgoraError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     console.print(f"[green]✓[/] {peer_id} earned {total} micro-credits in {len(body.moves)} payments at gateway "
                   f"{proof.statement.signer}; every payment is in its log at size {body.log_size} "
                   f"(root {body.log_root[:16]}…), which its current head ({now.body.size} entries) extends")

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from agoranet.cli.console import console, fail
 from agoranet.cli.options import (
     ChargeCreditsOpt, ConnectTimeoutOpt, GossipIntervalOpt, HomeOpt, LogJsonOpt, PeerOpt, PublicUrlOpt, RequireKeysOpt,
     StallTimeoutOpt, VerifierFeeOpt, VerifierOpt, home_dir,
@@ -53,7 +54,6 @@ def _store(home: Path | None):
 
 def _ledger(home: Path | None):
     """The gateway's credit ledger in its log (a running gateway sees the moves at its next commit)."""
-    from agoranet.cli.main import fail
     from agoranet.core.errors import AgoraError
     from agoranet.core.identity import Identity
     from agoranet.log.credits import CreditLedger
@@ -69,7 +69,6 @@ def _ledger(home: Path | None):
 
 def _fund(home: Path | None, key_id: str, amount: int) -> int:
     """Fund a key's account (minting what the operator lacks); returns its new balance."""
-    from agoranet.cli.main import fail
     from agoranet.log.credits import user
     from agoranet.log.errors import CreditError
     from agoranet.node.credits_role import fund_key
@@ -93,7 +92,6 @@ def keys_create(
     credits: Annotated[int, typer.Option(help="micro-credits to fund the key with (see `agora keys fund`)")] = 0,
 ) -> None:
     """Create a key; it is shown once, keep it."""
-    from agoranet.cli.main import console, fail
 
     if credits < 0:
         raise fail(f"--credits is {credits}; give a whole number of micro-credits, 0 or more")
@@ -111,7 +109,6 @@ def keys_fund(
     home: HomeOpt = None,
 ) -> None:
     """Give a key credits to spend on a gateway run with --charge-credits; the moves are logged."""
-    from agoranet.cli.main import console, fail
 
     if _store(home).get(key_id) is None:
         raise fail(f"no key {key_id!r} (see `agora keys list`)")
@@ -123,7 +120,6 @@ def keys_fund(
 @keys_app.command("list")
 def keys_list(home: HomeOpt = None) -> None:
     """List keys with their limits and usage."""
-    from agoranet.cli.main import console
     from agoranet.log.credits import user
 
     ledger = _ledger(home) if (home_dir(home) / "log.db").exists() else None
@@ -142,7 +138,6 @@ def keys_list(home: HomeOpt = None) -> None:
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key id `agora keys list` shows")],
                 home: HomeOpt = None) -> None:
     """Revoke a key: requests with it get 401 from now on."""
-    from agoranet.cli.main import console, fail
 
     if not _store(home).revoke(key_id):
         raise fail(f"no key {key_id!r} (see `agora keys list`)")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
 import typer
-from rich.console import Console
 
+from agoranet.cli.console import console, fail
 from agoranet.core.cid import parse_cid
 from agoranet.core.errors import AgoraError, RecordError, UnknownRecordType
 from agoranet.core.records import Record, decode_canonical, verify_record
@@ -26,14 +26,8 @@ log_app = typer.Typer(
     help="Check a node's transparency log: its signed head, inclusion and consistency proofs, a full audit.",
     no_args_is_help=True,
 )
-console = Console(highlight=False, soft_wrap=True)
 API = "/agora/v1/log"
 SHOWN_PROBLEMS = 20
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 def _get(client: httpx.Client, path: str, **params: Any) -> Any:
@@ -49,11 +43,11 @@ def _run(body) -> None:
     try:
         body()
     except NodeUnreachable as exc:
-        _fail(str(exc), 2)
+        raise fail(str(exc), 2)
     except InvalidTreeHead as exc:
-        _fail(f"forged or malformed tree head: {exc}")
+        raise fail(f"forged or malformed tree head: {exc}")
     except AgoraError as exc:
-        _fail(str(exc))
+        raise fail(str(exc))
 
 
 def _fetch_head(client: httpx.Client, size: int | None = None) -> Record[TreeHeadBody]:
@@ -130,7 +124,7 @@ def verify_consistency_cmd(
         proof = [bytes.fromhex(h) for h in got["proof"]]
         split = check_heads(small, large, proof)
         if split is not None:
-            _fail(f"fork: log {small.body.log_id} signed inconsistent heads at sizes {small.body.size} and "
+            raise fail(f"fork: log {small.body.log_id} signed inconsistent heads at sizes {small.body.size} and "
                   f"{large.body.size} ({split.reason}); keep both heads as evidence and stop trusting this log")
         console.print(f"[green]✓[/] log {small.body.log_id}: size {large.body.size} extends size {small.body.size}")
     _run(body)
@@ -183,7 +177,7 @@ def audit(
         if len(problems) > SHOWN_PROBLEMS:
             console.print(f"[red]✗[/] … and {len(problems) - SHOWN_PROBLEMS} more problems")
         if problems:
-            _fail(f"audit of log {signed.body.log_id} found {len(problems)} problem(s); do not trust this log")
+            raise fail(f"audit of log {signed.body.log_id} found {len(problems)} problem(s); do not trust this log")
         console.print(
             f"[green]✓[/] log {signed.body.log_id}: {size} entries, root {signed.body.root[:16]}… recomputed, "
             f"{len(records)} signatures valid, {len(balances)} credit accounts balanced, "

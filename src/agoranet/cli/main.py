@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from agoranet.cli.console import console, fail
 from agoranet.cli.credits_cmd import credits_app
 from agoranet.cli.gateway_cmd import gateway, keys_app
 from agoranet.cli.node_cmd import node, provider_options, serve_node
@@ -26,31 +24,11 @@ from agoranet.cli.verify_cmd import verify_app
 
 app = typer.Typer(help="Agora: an open, verifiable network for AI inference.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-console = Console(emoji=False, highlight=False, soft_wrap=True)
-err = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
 
 app.add_typer(log_app, name="log")
 app.add_typer(credits_app, name="credits")
 app.add_typer(store_app, name="store")
 app.add_typer(verify_app, name="verify")
-
-
-def open_node(home: Path, host: str, port: int) -> tuple[Identity, socket.socket]:
-    """This node's identity (created on first run) and its listening socket, or one clear error line."""
-    from agoranet.node.server import bind
-
-    try:
-        identity = Identity.load_or_create(home / "identity.key")
-        return identity, bind(host, port)
-    except OSError as exc:
-        raise fail(f"cannot listen on {host}:{port}: {exc.strerror} (pick another --port)") from None
-    except AgoraError as exc:
-        raise fail(exc) from None
-
-
-def fail(exc: AgoraError | str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
-    return typer.Exit(1)
 
 
 @app.command()

@@ -2,12 +2,12 @@
 
 Also what every command that runs a node shares (`provide`, `gateway`, `verify serve`, `store serve`
 run one role each through `serve_node`): turning their options into the node layer's settings,
-opening the port, building the node, mounting the dashboard, serving. Helpers from cli/main.py are
-imported inside the functions, so importing this module never imports main.
+opening the port, building the node, mounting the dashboard, serving.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -15,12 +15,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from agoranet.cli.console import console, fail
 from agoranet.cli.options import (
     AuditFractionOpt, ChargeCreditsOpt, CheatOpt, ConnectTimeoutOpt, GossipIntervalOpt, HomeOpt, KuboRpcOpt, LogJsonOpt,
     MaxBatchOpt, MaxConcurrencyOpt, MaxTokensOpt, ModelOpt, PeerOpt, PollIntervalOpt, PrecisionOpt, PriceInOpt,
     PriceOutOpt, PublicUrlOpt, RecheckOpt, RequireKeysOpt, SourceOpt, StallTimeoutOpt, ThreadsOpt, TokenDelayOpt,
     TolerancesOpt, UpstreamModelOpt, UpstreamOpt, VerifierFeeOpt, VerifierOpt, WatchOpt, home_dir, resolve_kubo_rpc,
 )
+from agoranet.core.errors import AgoraError
+from agoranet.core.identity import Identity
 
 if TYPE_CHECKING:
     from agoranet.node.gateway import GatewayConfig
@@ -28,6 +31,19 @@ if TYPE_CHECKING:
 
 # A node listens where its front role's own command would: users talk to a gateway, else a provider.
 DEFAULT_PORTS = {"gateway": 8300, "provider": 8400, "storage": 8500, "verifier": 8600}
+
+
+def open_node(home: Path, host: str, port: int) -> tuple[Identity, socket.socket]:
+    """This node's identity (created on first run) and its listening socket, or one clear error line."""
+    from agoranet.node.server import bind
+
+    try:
+        identity = Identity.load_or_create(home / "identity.key")
+        return identity, bind(host, port)
+    except OSError as exc:
+        raise fail(f"cannot listen on {host}:{port}: {exc.strerror} (pick another --port)") from None
+    except AgoraError as exc:
+        raise fail(exc) from None
 
 
 def provider_options(*, model: str, precision: str, upstream: str | None, upstream_model: str | None,
@@ -45,7 +61,6 @@ def provider_options(*, model: str, precision: str, upstream: str | None, upstre
 
 def gateway_config(*, require_keys: bool, stall_timeout: float, connect_timeout: float, verifier: list[str] | None,
                    charge_credits: bool, verifier_fee_ppm: int) -> GatewayConfig:
-    from agoranet.cli.main import fail
     from agoranet.node.gateway import GatewayConfig
 
     if not 0 <= verifier_fee_ppm <= 1_000_000:
@@ -57,7 +72,6 @@ def gateway_config(*, require_keys: bool, stall_timeout: float, connect_timeout:
 
 def verifier_options(*, source: list[str] | None, audit_fraction: float, poll_interval: float,
                      models: list[str] | None, tolerances: Path | None, threads: int | None) -> VerifierOptions:
-    from agoranet.cli.main import fail
     from agoranet.node.node import VerifierOptions
     from agoranet.node.verifier import VerifierConfig
 
@@ -70,9 +84,7 @@ def verifier_options(*, source: list[str] | None, audit_fraction: float, poll_in
 def serve_node(roles: Sequence[str], *, home: Path | None, host: str, port: int | None, public_url: str | None = None,
                log_json: bool | None = None, watch: Sequence[str] = (), **build: Any) -> None:
     """Run a node in the foreground until SIGINT/SIGTERM: `build` is `build_node`'s keyword arguments."""
-    from agoranet.cli.main import console, fail, open_node
     from agoranet.cli.progress import transfer_bar
-    from agoranet.core.errors import AgoraError
     from agoranet.core.logs import configure_logging
     from agoranet.core.settings import Settings
     from agoranet.node.node import build_node
@@ -191,8 +203,6 @@ def node(
 
     A gateway serves /v1 and routes over the whole network; a provider beside it serves under /provider/v1.
     """
-    from agoranet.cli.main import fail
-    from agoranet.core.errors import AgoraError
     from agoranet.net.gossip import GossipConfig
     from agoranet.node.node import StorageOptions, parse_roles
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
+from agoranet.cli.console import console, err, fail
 from agoranet.cli.progress import transfer_bar
 from agoranet.cli.options import (
     HomeOpt, KuboRpcOpt, LogJsonOpt, PublicUrlOpt, RecheckOpt, home_dir, resolve_kubo_rpc,
@@ -22,8 +22,6 @@ from agoranet.core.errors import AgoraError
 store_app = typer.Typer(help="Content-addressed storage: add files and models, pin them, move them as CAR files, "
                              "fetch them from peers.", no_args_is_help=True)
 
-console = Console()
-errors = Console(stderr=True)
 
 @contextmanager
 def _store(home: Path | None, kubo_rpc: str | None = None) -> Iterator["Blockstore"]:  # noqa: F821 - lazy import
@@ -44,13 +42,10 @@ def _fail_cleanly() -> Iterator[None]:
     try:
         yield
     except AgoraError as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise fail(exc) from None
     except OSError as exc:
         hint = " (free some space or use another --home; nothing partial was kept)" if exc.errno == errno.ENOSPC else ""
-        errors.print(f"[red]error:[/red] {exc.strerror or exc}: {exc.filename or ''}".rstrip(": ") + hint,
-                     highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ") + hint) from None
 
 
 @store_app.command()
@@ -157,7 +152,7 @@ def fetch(cid: str,
     from agoranet.net.storage_client import fetch_dag
 
     with _store(home, resolve_kubo_rpc(kubo_rpc)) as store:
-        with transfer_bar("fetch", errors) as bar:
+        with transfer_bar("fetch", err) as bar:
             stats = asyncio.run(fetch_dag(store, cid, peer, progress=bar.update))
         if pin_it:
             store.pin(cid)

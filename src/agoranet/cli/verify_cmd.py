@@ -18,17 +18,15 @@ from typing import Annotated, Optional
 
 import click
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
+from agoranet.cli.console import console, fail
 from agoranet.cli.options import (
     AuditFractionOpt, HomeOpt, PollIntervalOpt, SourceOpt, ThreadsOpt, TolerancesOpt, home_dir,
 )
 from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
 
-console = Console(emoji=False, highlight=False, soft_wrap=True)
-err = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
 JUDGED_BAD = 3
 
 
@@ -52,11 +50,6 @@ ModelsOpt = Annotated[Optional[list[str]], typer.Option("--model", help="model(s
                                                         "directory (default agora-tiny)")]
 
 
-def _fail(exc: AgoraError | str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
-    return typer.Exit(1)
-
-
 @verify_app.command("check", hidden=True)
 def check(
     receipt_cid: Annotated[Optional[str], typer.Argument(help="CID of the receipt to verify")] = None,
@@ -72,7 +65,7 @@ def check(
     from agoranet.node.verifier import ReplayVerifier, fetch_receipt, fetch_record, load_record_file
 
     if (receipt_cid is None) == (fraud_proof is None):
-        raise _fail("give a RECEIPT_CID (with --node URL) or --fraud-proof CID|FILE")
+        raise fail("give a RECEIPT_CID (with --node URL) or --fraud-proof CID|FILE")
     try:
         identity = Identity.load_or_create(home_dir(home) / "identity.key")
         verifier = ReplayVerifier(identity, models=model or ["agora-tiny"],
@@ -83,7 +76,7 @@ def check(
             elif node:
                 proof = fetch_record(node, fraud_proof)
             else:
-                raise _fail(f"{fraud_proof} is not a file; pass --node URL to fetch it by CID")
+                raise fail(f"{fraud_proof} is not a file; pass --node URL to fetch it by CID")
             recheck = verifier.recheck(proof)
             if recheck.holds:
                 console.print(f"[bold green]fraud proof holds[/]: provider {recheck.provider} broke the rule "
@@ -93,11 +86,11 @@ def check(
                           f"accused an honest provider ({recheck.detail})")
             raise typer.Exit(JUDGED_BAD)
         if not node:
-            raise _fail("pass --node URL: the node that served (or stores) the receipt")
+            raise fail("pass --node URL: the node that served (or stores) the receipt")
         receipt, request_bytes = fetch_receipt(node, receipt_cid)
         judgement = verifier.judge(receipt, request_bytes)
     except AgoraError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     v = judgement.verdict
     if out is not None:
         doc = {"verdict": v.to_json(), "verdict_cid": str(v.cid)}
@@ -159,7 +152,7 @@ def calibrate(
     from agoranet.verify.tolerances import REFERENCE_PRECISION, load_tolerances, tolerances_record
 
     if headroom < 1.5:
-        raise _fail(f"--headroom {headroom} is below the required 1.5")
+        raise fail(f"--headroom {headroom} is below the required 1.5")
     try:
         identity = Identity.load_or_create(home_dir(home) / "identity.key")
         model_dir, _ = resolve_model(model)
@@ -184,5 +177,5 @@ def calibrate(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record.to_json(), indent=1))
     except AgoraError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(f"signed tolerances {record.cid} written to {path}")
