@@ -99,7 +99,7 @@ def test_a_gateway_never_repeats_text_when_an_upstream_backed_provider_dies_mid_
                     if len(text) >= 10 and upstream.proc.poll() is None:
                         upstream.kill()  # the wrapper's engine loses its upstream mid-answer
         assert len(text) >= 10
-        assert gateway.router_state.of(str(o.identity.peer_id)).served == 0  # nobody started over
+        assert gateway.routing.of(str(o.identity.peer_id)).served == 0  # nobody started over
     finally:
         other.stop()
         wrapper.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -12,14 +11,9 @@ import pytest
 import uvicorn
 
 from agoranet.node.replication import StorageReplicator
+from ..conftest import free_port
 from agoranet.node.storage_api import storage_app
 from agoranet.store import Blockstore
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class StoragePeerServer:

@@ -177,7 +177,7 @@ def test_a_node_that_never_saw_a_fork_learns_it_from_a_witness_report(tmp_path):
         for url in (first.url, second.url):
             wait_for(lambda url=url: str(forked.peer_id) in httpx.get(f"{url}/agora/v1/log/split-views").json()[
                 "untrusted"], what="the fork to be learnt", timeout=10)
-        assert g1.router_state.exclusions and g1.router_state.exclusions[0](str(forked.peer_id))
+        assert g1.routing.exclusions and g1.routing.exclusions[0](str(forked.peer_id))
 
         proof = fork_proof(tmp_path, honest)
         proof["second"] = proof["first"]  # one head twice: consistent, so no evidence of anything

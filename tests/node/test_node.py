@@ -47,7 +47,7 @@ def test_gateway_provider_and_storage_share_one_identity_log_and_port(node):
     answer = httpx.post(f"{url}/v1/chat/completions", json={
         "model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).json()
     receipt = verify_record(answer["agora"]["receipt"], ReceiptBody)
-    assert receipt.signer == str(built.identity.peer_id) and built.gateway.router_state.of(receipt.signer).served == 1
+    assert receipt.signer == str(built.identity.peer_id) and built.gateway.routing.of(receipt.signer).served == 1
     for base in (url, url + PROVIDER_PATH):  # the node's records, and its provider's where its offer points
         assert httpx.get(f"{base}/agora/v1/records/{receipt.cid}").json()["record"] == answer["agora"]["receipt"]
     assert httpx.get(f"{url}/agora/v1/log/proof/inclusion", params={"cid": str(receipt.cid)}).status_code == 200

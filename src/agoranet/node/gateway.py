@@ -224,10 +224,10 @@ class Gateway:
         if self.config.charge_credits and (credits is None or keys is None):
             raise ValueError("a gateway that charges credits needs a key store and a credit ledger")
         self.verifiers = VerifierLink(list(self.config.verifiers), interval_s=self.config.reputation_interval_s)
-        self.router_state = Router(self.config, verifiers=self.verifiers)
+        self.routing = Router(self.config, verifiers=self.verifiers)  # which providers, in what order
         self.client: PeerClient | None = None
         self.failovers = 0
-        self.router = self._routes()
+        self.router = self._routes()  # the HTTP routes, as every role's `router`
         # Served by app.HotRoutes straight from ASGI (the routes in `_routes` document them).
         self.hot_routes = {PATHS["chat"]: partial(self._hot, "chat", ChatCompletionRequest),
                            PATHS["completion"]: partial(self._hot, "completion", CompletionRequest)}
@@ -259,7 +259,7 @@ class Gateway:
         if not candidates:
             raise RequestError(f"no live provider offers model {req.model!r}; GET /v1/models lists what the "
                                "network serves", status=404, code="model_not_found", param="model")
-        plan = self.router_state.plan(candidates, prefs)
+        plan = self.routing.plan(candidates, prefs)
         if not plan:
             raise RequestError(f"{len(candidates)} providers serve {req.model!r} but none matches your `provider` "
                                "preferences (only/ignore/max_price/order)", status=404, code="no_provider_matches",
@@ -318,17 +318,17 @@ class Gateway:
             part = read()
         except RecordError:
             log.warning("provider %s sent no valid receipt", cand.peer)
-            self.router_state.failed(cand.peer)
+            self.routing.failed(cand.peer)
             return None
         receipt = part.receipt
         if receipt.signer != cand.peer:
             log.warning("receipt from %s is signed by %s, not the offer's key", cand.url, receipt.signer)
-            self.router_state.failed(cand.peer)
+            self.routing.failed(cand.peer)
             return None
         if (allowed := overcharged(receipt.body, cand.model)) is not None:
             log.warning("receipt from %s charges %d, more than its offer allows (%d); it is not paid",
                         cand.url, receipt.body.price.charged, allowed)
-            self.router_state.failed(cand.peer)
+            self.routing.failed(cand.peer)
             return None
         self.verifiers.submit(receipt, cand.url)
         return part
@@ -372,20 +372,20 @@ class Gateway:
         assert self.client is not None
         last_error: Exception | None = None
         while (cand := self._next(job)) is not None:
-            health = self.router_state.of(cand.peer)
+            health = self.routing.of(cand.peer)
             health.in_flight += 1
             started = time.monotonic()
             try:
                 body = await self.client.post_json(cand.url, PATHS[kind], job.body)
             except PeerUnreachable as exc:
-                self.router_state.failed(cand.peer)
+                self.routing.failed(cand.peer)
                 last_error = exc
                 continue
             except PeerRefused as exc:
                 if exc.status in (400, 401, 403, 413, 422):  # the request's fault, not the provider's
                     return JSONResponse(exc.body, exc.status)
                 if exc.status != 429:  # busy is no failure; just try the next one
-                    self.router_state.failed(cand.peer)
+                    self.routing.failed(cand.peer)
                 last_error = exc
                 continue
             finally:
@@ -394,7 +394,7 @@ class Gateway:
             try:
                 answer = Answer.model_validate(body)
             except ValueError as exc:
-                self.router_state.failed(cand.peer)
+                self.routing.failed(cand.peer)
                 last_error = RequestError(f"provider {cand.peer} answered something that is not an answer: {exc}")
                 continue
             part = self._receipt_part(cand, partial(ReceiptPart.read, answer.agora))
@@ -402,7 +402,7 @@ class Gateway:
                 last_error = RequestError(f"provider {cand.peer} answered without a valid receipt")
                 continue
             job.parts.append(part)
-            self.router_state.succeeded(cand.peer, ttft_s=elapsed, tokens=answer.usage.completion_tokens,
+            self.routing.succeeded(cand.peer, ttft_s=elapsed, tokens=answer.usage.completion_tokens,
                                         duration_s=elapsed)
             self._meter(job, answer.usage.total_tokens)
             await self._settle(job)
@@ -420,12 +420,12 @@ class Gateway:
             try:
                 return cand, await self.client.open_stream(cand.url, PATHS[job.kind], job.body)
             except PeerUnreachable:
-                self.router_state.failed(cand.peer)
+                self.routing.failed(cand.peer)
             except PeerRefused as exc:
                 if exc.status in (400, 401, 403, 413, 422) and not job.body["agora"]["prefix_tokens"]:
                     raise RequestError(str(exc), status=exc.status, code="provider_refused") from exc
                 if exc.status != 429:
-                    self.router_state.failed(cand.peer)
+                    self.routing.failed(cand.peer)
         return None
 
     async def _serve_stream(self, job: _Job) -> Response:
@@ -451,7 +451,7 @@ class Gateway:
             if (opening := writer.first()) is not None:
                 yield {"data": opening}
             while True:
-                health = self.router_state.of(cand.peer)
+                health = self.routing.of(cand.peer)
                 health.in_flight += 1
                 started, first_at, part_tokens, part_done = time.monotonic(), None, 0, False
                 part_text = False  # whether this part relayed text (an upstream engine's has no token ids)
@@ -478,14 +478,14 @@ class Gateway:
                             part_done = True
                 except (PeerUnreachable, ValueError) as exc:  # ValueError: a chunk field of the wrong type
                     log.warning("stream from %s broke after %d tokens: %s", cand.url, len(tokens), exc)
-                    self.router_state.failed(cand.peer)
+                    self.routing.failed(cand.peer)
                 else:
                     if part_done:
                         now = time.monotonic()
-                        self.router_state.succeeded(cand.peer, ttft_s=(first_at or now) - started,
+                        self.routing.succeeded(cand.peer, ttft_s=(first_at or now) - started,
                                                     tokens=part_tokens, duration_s=now - (first_at or now))
                         break
-                    self.router_state.failed(cand.peer)
+                    self.routing.failed(cand.peer)
                 finally:
                     health.in_flight -= 1
                     await stream.aclose()
@@ -533,7 +533,7 @@ class Gateway:
         now = time.monotonic()
         for rec in await self.discovery.find_offers(None):
             signer = rec.signer
-            h = self.router_state.of(signer)
+            h = self.routing.of(signer)
             out.append({"peer": signer, "url": rec.body.url, "models": [m.model_dump() for m in rec.body.models],
                         "healthy": h.healthy(now), "failures": h.failures, "served": h.served,
                         "in_flight": h.in_flight, "ttft_ms": h.ttft_ms, "tokens_per_s": h.tokens_per_s})

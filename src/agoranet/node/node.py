@@ -191,7 +191,7 @@ def build_node(home: Path, public_url: str, roles: Iterable[str], *, peers: Sequ
         if verifier_role is not None and public_url.rstrip("/") not in gateway.verifiers:
             gateway = replace(gateway, verifiers=(public_url.rstrip("/"), *gateway.verifiers))  # its own verifier too
         gateway_role = Gateway(identity, discovery, gateway, keys, credits)
-        gateway_role.router_state.exclusions.append(witness.untrusted)  # a provider whose log forked: no traffic
+        gateway_role.routing.exclusions.append(witness.untrusted)  # a provider whose log forked: no traffic
         started.append(gateway_role)
     # The provider's records are the node's too, at its root, where its dashboard links receipts
     # (a verifier there serves the same records already).
