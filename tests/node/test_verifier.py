@@ -20,7 +20,8 @@ from agoranet.node.calibration import honest_requests, honest_runs
 from agoranet.node.cheat import TAMPERED_INDEX, CheatingEngine
 from agoranet.node.node import ProviderOptions, build_verifier_node
 from agoranet.node.server import BackgroundServer, bind
-from agoranet.node.verifier import ReplayVerifier, VerifierConfig
+from agoranet.node.judge import ReplayVerifier
+from agoranet.node.verifier import VerifierConfig
 from agoranet.verify.records import FailureEvidence, FraudProofBody
 
 from ..conftest import start_provider

@@ -121,7 +121,7 @@ def show_inclusion(console: Console, url: str, cid: str) -> None:
 
 def catch_cheater(console: Console, client, verifier_url: str, names: dict[str, str], prompt: str,
                   max_tokens: int) -> None:
-    from agoranet.node.verifier import ReplayVerifier
+    from agoranet.node.judge import ReplayVerifier
 
     cheater = next(peer for peer, name in names.items() if name == CHEATER[0])
     console.print(f"[red]cheater[/] {cheater[:20]}… sells cheapest but swaps a token of every answer "

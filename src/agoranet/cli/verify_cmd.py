@@ -62,7 +62,8 @@ def check(
     home: HomeOpt = None,
 ) -> None:
     """Replay a receipt (or re-check a fraud proof) with the model; print and sign the verdict."""
-    from agoranet.node.verifier import ReplayVerifier, fetch_receipt, fetch_record, load_record_file
+    from agoranet.cli.records import fetch_receipt, fetch_record, load_record_file
+    from agoranet.node.judge import ReplayVerifier
 
     if (receipt_cid is None) == (fraud_proof is None):
         raise fail("give a RECEIPT_CID (with --node URL) or --fraud-proof CID|FILE")

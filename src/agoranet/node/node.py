@@ -169,7 +169,8 @@ def build_node(home: Path, public_url: str, roles: Iterable[str], *, peers: Sequ
                                    kubo_rpc=storage.kubo_rpc)
         started.append(storage_role)
     if "verifier" in names:
-        from agoranet.node.verifier import ReplayVerifier, VerifierConfig, VerifierRole  # torch: verifiers only
+        from agoranet.node.judge import ReplayVerifier  # torch: verifiers only
+        from agoranet.node.verifier import VerifierConfig, VerifierRole
 
         verifier = verifier or VerifierOptions()
         replay = ReplayVerifier(identity, models=verifier.models, tolerance_files=list(verifier.tolerance_files),

@@ -1,4 +1,4 @@
-"""Verifier role: replays receipts, signs verdicts and fraud proofs, keeps per-provider reputation.
+"""Verifier role: replays receipts (with node.judge), signs verdicts and fraud proofs, keeps reputation.
 
 It audits a random fraction of the receipts it is sent (`POST /agora/v1/receipts`, e.g. by a
 gateway) or pulls from providers/gateways (`GET {source}/agora/v1/receipts`), and every receipt a
@@ -10,270 +10,29 @@ issuer. `GET /agora/v1/reputation` gives gateways the scores to route by.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
-import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import torch
 from fastapi import APIRouter
 from pydantic import BaseModel
 
 from agoranet.core.errors import AgoraError, RecordError, RequestError
 from agoranet.core.identity import Identity
-from agoranet.core.records import ReceiptBody, Record, decode_record, sign_record, verify_record
+from agoranet.core.records import ReceiptBody, Record, decode_record, verify_record
 from agoranet.core.tasks import cancel_and_wait
-from agoranet.engine.base import GenerationRequest
-from agoranet.engine.models import model_cid, resolve_model
-from agoranet.engine.tokenizer import ByteTokenizer
-from agoranet.engine.transformers_engine import load_causal_lm, render_prompt
 from agoranet.node.app import Cursor, PageSize
+from agoranet.node.judge import Judgement, Recheck, ReplayVerifier, UnverifiableReceipt
 from agoranet.node.records_api import CBOR, records_router
+from agoranet.node.reputation import Reputation
 from agoranet.node.state import NodeState
-from agoranet.verify.records import ClassTolerance, FraudProofBody, TolerancesBody, VerdictBody
-from agoranet.verify.replay import ReplayResult, check_receipt, check_request_binding, request_mismatch
-from agoranet.verify.tolerances import (
-    REFERENCE_PRECISION, NoTolerances, default_tolerances, load_tolerances, tolerance_for,
-)
-from agoranet.wire.canonical import CanonicalRequest
+from agoranet.verify.records import FraudProofBody
 
 log = logging.getLogger(__name__)
 
-
-class UnverifiableReceipt(AgoraError):
-    hint = "the verifier needs the receipt's canonical request and the model it names (pass --model DIR)"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-# -- fetching records from nodes ------------------------------------------------------------------
-
-def fetch_record(node: str, cid: str, client: httpx.Client | None = None) -> Record[Any]:
-    """A signed record by CID from a node, checked (canonical bytes, known type, valid signature)."""
-    raw = _fetch_bytes(node, cid, client)
-    record = verify_record(raw)
-    if str(record.cid) != cid:
-        raise RecordError(f"{node} returned a record whose CID is {record.cid}, not {cid}")
-    return record
-
-
-def fetch_receipt(node: str, cid: str, client: httpx.Client | None = None) -> tuple[Record[ReceiptBody], bytes]:
-    receipt = fetch_record(node, cid, client)
-    if not isinstance(receipt.body, ReceiptBody):
-        raise RecordError(f"{cid} is a {receipt.type} record, not a receipt")
-    return receipt, _fetch_bytes(node, receipt.body.request, client)
-
-
-def _fetch_bytes(node: str, cid: str, client: httpx.Client | None) -> bytes:
-    url = f"{node.rstrip('/')}/agora/v1/records/{cid}"
-    try:
-        r = (client or httpx).get(url, headers={"accept": CBOR}, timeout=30)
-    except httpx.HTTPError as exc:
-        raise UnverifiableReceipt(f"cannot reach {node}: {exc}") from exc
-    if r.status_code != 200:
-        raise UnverifiableReceipt(f"{node} has no record {cid} (HTTP {r.status_code})")
-    return r.content
-
-
-def load_record_file(path: Path) -> Record[Any]:
-    """A record saved as JSON: its `to_json` view, or a verdict file holding a `fraud_proof` key."""
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RecordError(f"cannot read a record from {path}: {exc}") from exc
-    return verify_record(doc.get("fraud_proof", doc))
-
-
-# -- judging --------------------------------------------------------------------------------------
-
-@dataclass
-class Judgement:
-    verdict: Record[VerdictBody]
-    proof: Record[FraudProofBody] | None
-    result: ReplayResult
-
-
-@dataclass
-class Recheck:
-    holds: bool  # True: the receipt really breaks the rule
-    provider: str
-    issuer: str  # the verifier that signed the proof
-    detail: str
-    result: ReplayResult
-
-
-class ReplayVerifier:
-    """Reference models by CID (loaded at fp32 on first use), tolerance tables, and the judging logic."""
-
-    def __init__(self, identity: Identity, *, models: list[str] | None = None, tolerance_files: list[Path] = (),
-                 threads: int | None = 1) -> None:
-        self.identity = identity
-        self._dirs: dict[str, Path] = {}
-        for spec in models or ["agora-tiny"]:
-            model_dir, _ = resolve_model(spec)
-            self._dirs[model_cid(model_dir)] = model_dir
-        self._tables: dict[str, TolerancesBody] = {}
-        for cid in self._dirs:
-            if (record := default_tolerances(cid)) is not None:
-                self._tables[cid] = record.body
-        for path in tolerance_files:
-            table = load_tolerances(path).body
-            self._tables[table.model] = table
-        self._loaded: dict[str, tuple[torch.nn.Module, ByteTokenizer]] = {}
-        self._lock = threading.Lock()  # one replay at a time: the model is not re-entrant under torch threads
-        if threads:
-            torch.set_num_threads(threads)
-
-    def _model(self, cid: str) -> tuple[torch.nn.Module, ByteTokenizer]:
-        if cid not in self._loaded:
-            if cid not in self._dirs:
-                raise UnverifiableReceipt(f"this verifier does not hold model {cid}")
-            self._loaded[cid] = (load_causal_lm(self._dirs[cid], REFERENCE_PRECISION),
-                                 ByteTokenizer.from_dir(self._dirs[cid]))
-        return self._loaded[cid]
-
-    def tolerances(self, cid: str, precision: str) -> ClassTolerance:
-        table = self._tables.get(cid)
-        if table is None:
-            raise NoTolerances(f"no tolerances for model {cid}")
-        return tolerance_for(table, precision)
-
-    def replay(self, receipt: Record[ReceiptBody], request_bytes: bytes) -> tuple[ReplayResult, ClassTolerance]:
-        """Check signature and request binding (once each), then replay; raises when the receipt cannot be judged.
-
-        Returns the judgement and the tolerances it was judged by."""
-        receipt = verify_record(receipt.encode(), ReceiptBody)  # a forged signature is nobody's fraud
-        body = receipt.body
-        why = check_request_binding(body, request_bytes)
-        if why and "CID" in why:
-            raise UnverifiableReceipt(f"the request given for receipt {receipt.cid} is not the one it binds: {why}")
-        request = CanonicalRequest.decode(request_bytes)
-        tol = self.tolerances(body.model, body.precision)
-        with self._lock:
-            model, tok = self._model(body.model)
-            if why:  # signed for other sampling than was asked: fraud, whatever the tokens
-                return request_mismatch(why), tol
-            prompt = prompt_ids(tok, request)
-            # Signature and binding are checked above, so the bare body is replayed.
-            return check_receipt(model, prompt, body, tol, model_cid=body.model, decode=tok.decode,
-                                 eos_token=tok.eos), tol
-
-    def judge(self, receipt: Record[ReceiptBody], request_bytes: bytes) -> Judgement:
-        result, tol = self.replay(receipt, request_bytes)
-        body = receipt.body
-        proof = None
-        if not result.ok:
-            proof = sign_record(self.identity, FraudProofBody(
-                receipt_cid=str(receipt.cid), receipt=receipt.encode().hex(), request=request_bytes.hex(),
-                provider=receipt.signer, evidence=result.failure, tolerances=tol,
-                reference_precision=REFERENCE_PRECISION, created_ms=now_ms(),
-            ))
-        verdict = sign_record(self.identity, VerdictBody(
-            receipt=str(receipt.cid), provider=receipt.signer, model=body.model, precision=body.precision,
-            ok=result.ok, checked_positions=result.checked_positions, failure=result.failure,
-            fraud_proof=str(proof.cid) if proof else None, tolerances=tol, verified_ms=now_ms(),
-        ))
-        return Judgement(verdict, proof, result)
-
-    def recheck(self, proof: Record[FraudProofBody]) -> Recheck:
-        """Independently replay the receipt inside a fraud proof: does it really break the rule?"""
-        proof = verify_record(proof.encode(), FraudProofBody)
-        p = proof.body
-        try:
-            receipt = verify_record(bytes.fromhex(p.receipt), ReceiptBody)
-            request_bytes = bytes.fromhex(p.request)
-        except ValueError as exc:
-            raise RecordError(f"fraud proof {proof.cid} embeds undecodable bytes: {exc}") from exc
-        if str(receipt.cid) != p.receipt_cid or receipt.signer != p.provider:
-            raise RecordError(f"fraud proof {proof.cid} names a receipt or provider other than the one it embeds")
-        result, _ = self.replay(receipt, request_bytes)
-        if result.ok:
-            detail = f"all {result.checked_positions} positions are within tolerances; claimed " \
-                     f"{p.evidence.kind} failure at position {p.evidence.position}"
-        else:
-            f = result.failure
-            same = (f.kind, f.position) == (p.evidence.kind, p.evidence.position)
-            detail = f"{f.kind} at position {f.position}: {f.detail}" + ("" if same else " (proof claimed "
-                                                                         f"{p.evidence.kind} at {p.evidence.position})")
-        return Recheck(holds=not result.ok, provider=p.provider, issuer=proof.signer, detail=detail, result=result)
-
-
-def prompt_ids(tokenizer: ByteTokenizer, request: CanonicalRequest) -> list[int]:
-    """The prompt token ids the provider's engine rendered for a canonical request."""
-    if (request.messages if request.kind == "chat" else request.prompt) is None:
-        raise UnverifiableReceipt(f"the canonical request is malformed: a {request.kind} request without "
-                                  f"{'messages' if request.kind == 'chat' else 'a prompt'}")
-    return render_prompt(tokenizer, GenerationRequest.from_canonical(request))
-
-
-# -- reputation -----------------------------------------------------------------------------------
-
-@dataclass
-class ProviderScore:
-    verified: int = 0
-    passed: int = 0
-    failed: int = 0
-    fraud_proofs: list[str] = field(default_factory=list)
-
-    @property
-    def excluded(self) -> bool:
-        return bool(self.fraud_proofs)
-
-    @property
-    def score(self) -> float:
-        """Laplace-smoothed pass rate; 0 once a fraud is proven."""
-        return 0.0 if self.excluded else (self.passed + 1) / (self.verified + 2)
-
-
-@dataclass
-class VerifierScore:
-    proofs_checked: int = 0
-    false_proofs: list[str] = field(default_factory=list)
-
-
-class Reputation:
-    def __init__(self) -> None:
-        self.providers: dict[str, ProviderScore] = {}
-        self.verifiers: dict[str, VerifierScore] = {}
-
-    def add_verdict(self, verdict: VerdictBody) -> None:
-        s = self.providers.setdefault(verdict.provider, ProviderScore())
-        s.verified += 1
-        if verdict.ok:
-            s.passed += 1
-        else:
-            s.failed += 1
-            if verdict.fraud_proof and verdict.fraud_proof not in s.fraud_proofs:
-                s.fraud_proofs.append(verdict.fraud_proof)
-
-    def add_recheck(self, proof_cid: str, recheck: Recheck) -> None:
-        v = self.verifiers.setdefault(recheck.issuer, VerifierScore())
-        v.proofs_checked += 1
-        if recheck.holds:
-            s = self.providers.setdefault(recheck.provider, ProviderScore())
-            if proof_cid not in s.fraud_proofs:
-                s.fraud_proofs.append(proof_cid)
-        elif proof_cid not in v.false_proofs:
-            v.false_proofs.append(proof_cid)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "providers": {peer: {"score": round(s.score, 6), "verified": s.verified, "passed": s.passed,
-                                 "failed": s.failed, "excluded": s.excluded, "fraud_proofs": s.fraud_proofs}
-                          for peer, s in self.providers.items()},
-            "verifiers": {peer: {"proofs_checked": v.proofs_checked, "false_proofs": v.false_proofs,
-                                 "trusted": not v.false_proofs} for peer, v in self.verifiers.items()},
-        }
-
-
-# -- the role -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class VerifierConfig:

@@ -1,0 +1,156 @@
+"""The replay judge: reference models by CID and tolerance tables; signs verdicts and fraud proofs.
+
+It judges one receipt (with its canonical request) by teacher-forced replay, and re-checks the
+receipt inside another verifier's fraud proof. The verifier role and `agora verify` both use it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from agoranet.core.errors import AgoraError, RecordError
+from agoranet.core.identity import Identity
+from agoranet.core.records import ReceiptBody, Record, sign_record, verify_record
+from agoranet.engine.base import GenerationRequest
+from agoranet.engine.models import model_cid, resolve_model
+from agoranet.engine.tokenizer import ByteTokenizer
+from agoranet.engine.transformers_engine import load_causal_lm, render_prompt
+from agoranet.verify.records import ClassTolerance, FraudProofBody, TolerancesBody, VerdictBody
+from agoranet.verify.replay import ReplayResult, check_receipt, check_request_binding, request_mismatch
+from agoranet.verify.tolerances import (
+    REFERENCE_PRECISION, NoTolerances, default_tolerances, load_tolerances, tolerance_for,
+)
+from agoranet.wire.canonical import CanonicalRequest
+
+
+class UnverifiableReceipt(AgoraError):
+    hint = "the verifier needs the receipt's canonical request and the model it names (pass --model DIR)"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Judgement:
+    verdict: Record[VerdictBody]
+    proof: Record[FraudProofBody] | None
+    result: ReplayResult
+
+
+@dataclass
+class Recheck:
+    holds: bool  # True: the receipt really breaks the rule
+    provider: str
+    issuer: str  # the verifier that signed the proof
+    detail: str
+    result: ReplayResult
+
+
+class ReplayVerifier:
+    """Reference models by CID (loaded at fp32 on first use), tolerance tables, and the judging logic."""
+
+    def __init__(self, identity: Identity, *, models: list[str] | None = None, tolerance_files: list[Path] = (),
+                 threads: int | None = 1) -> None:
+        self.identity = identity
+        self._dirs: dict[str, Path] = {}
+        for spec in models or ["agora-tiny"]:
+            model_dir, _ = resolve_model(spec)
+            self._dirs[model_cid(model_dir)] = model_dir
+        self._tables: dict[str, TolerancesBody] = {}
+        for cid in self._dirs:
+            if (record := default_tolerances(cid)) is not None:
+                self._tables[cid] = record.body
+        for path in tolerance_files:
+            table = load_tolerances(path).body
+            self._tables[table.model] = table
+        self._loaded: dict[str, tuple[torch.nn.Module, ByteTokenizer]] = {}
+        self._lock = threading.Lock()  # one replay at a time: the model is not re-entrant under torch threads
+        if threads:
+            torch.set_num_threads(threads)
+
+    def _model(self, cid: str) -> tuple[torch.nn.Module, ByteTokenizer]:
+        if cid not in self._loaded:
+            if cid not in self._dirs:
+                raise UnverifiableReceipt(f"this verifier does not hold model {cid}")
+            self._loaded[cid] = (load_causal_lm(self._dirs[cid], REFERENCE_PRECISION),
+                                 ByteTokenizer.from_dir(self._dirs[cid]))
+        return self._loaded[cid]
+
+    def tolerances(self, cid: str, precision: str) -> ClassTolerance:
+        table = self._tables.get(cid)
+        if table is None:
+            raise NoTolerances(f"no tolerances for model {cid}")
+        return tolerance_for(table, precision)
+
+    def replay(self, receipt: Record[ReceiptBody], request_bytes: bytes) -> tuple[ReplayResult, ClassTolerance]:
+        """Check signature and request binding (once each), then replay; raises when the receipt cannot be judged.
+
+        Returns the judgement and the tolerances it was judged by."""
+        receipt = verify_record(receipt.encode(), ReceiptBody)  # a forged signature is nobody's fraud
+        body = receipt.body
+        why = check_request_binding(body, request_bytes)
+        if why and "CID" in why:
+            raise UnverifiableReceipt(f"the request given for receipt {receipt.cid} is not the one it binds: {why}")
+        request = CanonicalRequest.decode(request_bytes)
+        tol = self.tolerances(body.model, body.precision)
+        with self._lock:
+            model, tok = self._model(body.model)
+            if why:  # signed for other sampling than was asked: fraud, whatever the tokens
+                return request_mismatch(why), tol
+            prompt = prompt_ids(tok, request)
+            # Signature and binding are checked above, so the bare body is replayed.
+            return check_receipt(model, prompt, body, tol, model_cid=body.model, decode=tok.decode,
+                                 eos_token=tok.eos), tol
+
+    def judge(self, receipt: Record[ReceiptBody], request_bytes: bytes) -> Judgement:
+        result, tol = self.replay(receipt, request_bytes)
+        body = receipt.body
+        proof = None
+        if not result.ok:
+            proof = sign_record(self.identity, FraudProofBody(
+                receipt_cid=str(receipt.cid), receipt=receipt.encode().hex(), request=request_bytes.hex(),
+                provider=receipt.signer, evidence=result.failure, tolerances=tol,
+                reference_precision=REFERENCE_PRECISION, created_ms=now_ms(),
+            ))
+        verdict = sign_record(self.identity, VerdictBody(
+            receipt=str(receipt.cid), provider=receipt.signer, model=body.model, precision=body.precision,
+            ok=result.ok, checked_positions=result.checked_positions, failure=result.failure,
+            fraud_proof=str(proof.cid) if proof else None, tolerances=tol, verified_ms=now_ms(),
+        ))
+        return Judgement(verdict, proof, result)
+
+    def recheck(self, proof: Record[FraudProofBody]) -> Recheck:
+        """Independently replay the receipt inside a fraud proof: does it really break the rule?"""
+        proof = verify_record(proof.encode(), FraudProofBody)
+        p = proof.body
+        try:
+            receipt = verify_record(bytes.fromhex(p.receipt), ReceiptBody)
+            request_bytes = bytes.fromhex(p.request)
+        except ValueError as exc:
+            raise RecordError(f"fraud proof {proof.cid} embeds undecodable bytes: {exc}") from exc
+        if str(receipt.cid) != p.receipt_cid or receipt.signer != p.provider:
+            raise RecordError(f"fraud proof {proof.cid} names a receipt or provider other than the one it embeds")
+        result, _ = self.replay(receipt, request_bytes)
+        if result.ok:
+            detail = f"all {result.checked_positions} positions are within tolerances; claimed " \
+                     f"{p.evidence.kind} failure at position {p.evidence.position}"
+        else:
+            f = result.failure
+            same = (f.kind, f.position) == (p.evidence.kind, p.evidence.position)
+            detail = f"{f.kind} at position {f.position}: {f.detail}" + ("" if same else " (proof claimed "
+                                                                         f"{p.evidence.kind} at {p.evidence.position})")
+        return Recheck(holds=not result.ok, provider=p.provider, issuer=proof.signer, detail=detail, result=result)
+
+
+def prompt_ids(tokenizer: ByteTokenizer, request: CanonicalRequest) -> list[int]:
+    """The prompt token ids the provider's engine rendered for a canonical request."""
+    if (request.messages if request.kind == "chat" else request.prompt) is None:
+        raise UnverifiableReceipt(f"the canonical request is malformed: a {request.kind} request without "
+                                  f"{'messages' if request.kind == 'chat' else 'a prompt'}")
+    return render_prompt(tokenizer, GenerationRequest.from_canonical(request))
