@@ -17,7 +17,7 @@ from agoranet.node.records_api import CBOR
 def fetch_record(node: str, cid: str, client: httpx.Client | None = None) -> Record[Any]:
     """A signed record by CID from a node, checked (canonical bytes, known type, valid signature)."""
     raw = _fetch_bytes(node, cid, client)
-    record = verify_record(raw)
+    record: Record[Any] = verify_record(raw)
     if str(record.cid) != cid:
         raise RecordError(f"{node} returned a record whose CID is {record.cid}, not {cid}")
     return record

@@ -9,6 +9,7 @@ signed and logged like any other, but only replay-verifiable when the model CID 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 
@@ -17,7 +18,7 @@ from agoranet.core.errors import EngineError, InvalidCID, RequestError
 from agoranet.core.records import encode_canonical
 from agoranet.engine.base import Generation, GenerationRequest, TokenEvent
 from agoranet.wire.openai import (
-    ChatCompletionRequest, ChatMessage, CompletionRequest, ModelList, StreamChunk, StreamOptions, error_message,
+    ChatCompletionRequest, CompletionRequest, ModelList, StreamChunk, error_message,
 )
 from agoranet.wire.sse import StreamTruncated, sse_payloads
 
@@ -65,20 +66,23 @@ class UpstreamEngine:
             raise RequestError("continuing from token ids is not possible through an upstream engine",
                                param="agora.prefix_tokens", code="unsupported")
         s = request.sampling
-        # Only the fields set here are sent (exclude_unset): an upstream gets no defaults it may not know.
-        common = dict(model=self.model_name, stream=True, stream_options=StreamOptions(include_usage=True),
-                      temperature=s.temperature, top_p=s.top_p, seed=s.seed, max_tokens=s.max_tokens)
+        fields: dict[str, Any] = {
+            "model": self.model_name, "stream": True, "stream_options": {"include_usage": True},
+            "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed, "max_tokens": s.max_tokens,
+        }
         if s.stop:
-            common["stop"] = list(s.stop)
+            fields["stop"] = list(s.stop)
         upstream_req: ChatCompletionRequest | CompletionRequest
         if request.kind == "chat":
             path = "/chat/completions"
-            upstream_req = ChatCompletionRequest(
-                messages=[ChatMessage(role=r, content=c) for r, c in request.messages], **common,
-                **({"logprobs": True, "top_logprobs": request.top_logprobs} if request.top_logprobs else {}))
+            fields["messages"] = [{"role": r, "content": c} for r, c in request.messages]
+            if request.top_logprobs:
+                fields |= {"logprobs": True, "top_logprobs": request.top_logprobs}
+            upstream_req = ChatCompletionRequest.model_validate(fields)
         else:
             path = "/completions"
-            upstream_req = CompletionRequest(prompt=request.prompt, **common)
+            upstream_req = CompletionRequest.model_validate(fields | {"prompt": request.prompt})
+        # Only the fields set above are sent (exclude_unset): an upstream gets no defaults it may not know.
         body = upstream_req.model_dump(mode="json", exclude_unset=True)
         gen = Generation(prompt_tokens=0)
         completion_tokens = 0

@@ -515,8 +515,8 @@ class Gateway:
             await self._settle(job)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             gen = Generation(prompt_tokens=prompt_tokens, finish_reason=finish, completion_tokens=completion_tokens)
-            for chunk in writer.last(gen, include_usage=include_usage, agora=self._agora(job)):
-                yield {"data": chunk}
+            for out in writer.last(gen, include_usage=include_usage, agora=self._agora(job)):
+                yield {"data": out}
             yield {"data": DONE}
             self._meter(job, prompt_tokens + completion_tokens)
         except asyncio.CancelledError:
