@@ -60,7 +60,7 @@ class NodeProcess:
             stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
         )
 
-    def wait_ready(self, timeout: float = 90) -> NodeProcess:
+    def wait_ready(self, timeout: float = 300) -> NodeProcess:  # a loaded 2-core CI box took over 90 s
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
