@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 
+from agoranet.wire.openai import error_message
+
 
 class NodeUnreachable(Exception):
     """The node could not be asked (network, HTTP error, not JSON): exit 2, not a verdict on what it serves."""
@@ -19,9 +21,10 @@ def get_json(client: httpx.Client, path: str, params: dict[str, Any] | None = No
         raise NodeUnreachable(f"cannot reach {client.base_url}: {exc}; check the URL and that the node runs") from exc
     if response.status_code != 200:
         try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200]
+            message = error_message(response.json())
+        except ValueError:
+            message = None
+        message = message or response.text[:200]
         raise NodeUnreachable(f"{client.base_url}{path} answered {response.status_code}: {message}")
     try:
         return response.json()

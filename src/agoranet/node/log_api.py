@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from agoranet.core.errors import InvalidCID
 from agoranet.log.errors import EntryNotFound, ProofRequestError
 from agoranet.log.transparency import MAX_PAGE, TransparencyLog
+from agoranet.wire.openai import error_body
 
 __all__ = ["log_router", "PREFIX"]
 
@@ -22,8 +23,7 @@ PREFIX = "/agora/v1/log"
 
 
 def _error(status: int, message: str, *, param: str | None, code: str) -> JSONResponse:
-    body = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
-    return JSONResponse({"error": body}, status_code=status)
+    return JSONResponse(error_body(message, param=param, code=code), status_code=status)
 
 
 class _BadParam(Exception):

@@ -16,6 +16,7 @@ from agoranet.wire.storage import (
 from agoranet.node.replication import StorageReplicator
 from agoranet.store import BlockMismatch, BlockNotFound, Blockstore, CorruptBlock, KuboError, PinError
 from agoranet.store.blockstore import as_cid
+from agoranet.wire.openai import error_body
 
 __all__ = ["storage_router", "storage_app"]
 
@@ -23,8 +24,8 @@ MAX_BLOCK = 4 << 20  # kubo refuses blocks over 4 MiB for the same reason: bound
 
 
 def _error(status: int, message: str, code: str) -> HTTPException:
-    return HTTPException(status, detail={"error": {"message": message, "type": "invalid_request_error"
-                                                   if status < 500 else "server_error", "code": code}})
+    return HTTPException(status, detail=error_body(message, code=code,
+                                                   type="invalid_request_error" if status < 500 else "server_error"))
 
 
 def _cid(text: str):

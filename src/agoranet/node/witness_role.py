@@ -27,6 +27,7 @@ from agoranet.log.records import SplitViewProof, SplitViewsBody, TreeHeadBody, v
 from agoranet.log.transparency import TransparencyLog
 from agoranet.log.witness import Witness
 from agoranet.net.gossip import GossipDiscovery, GossipKind
+from agoranet.wire.openai import read_error
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class WitnessRole:
             r = await self._http.get(f"{url.rstrip('/')}/agora/v1/log/proof/consistency",
                                      params={"first": first, "second": second})
             body = r.json()
-            if r.status_code == 400 and body["error"]["code"] == "beyond_log_size":
+            if r.status_code == 400 and (error := read_error(body)) is not None and error.code == "beyond_log_size":
                 return []  # it signed a head of `second` entries but no longer has them
             if r.status_code != 200:
                 return None

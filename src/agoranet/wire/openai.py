@@ -310,12 +310,18 @@ class ErrorBody(_Lenient):
     error: ErrorDetail
 
 
-def error_message(body: Any) -> str | None:
-    """The message of an OpenAI error body, or None when `body` is not one."""
+def read_error(body: Any) -> ErrorDetail | None:
+    """The error of an OpenAI error body, or None when `body` is not one."""
     try:
-        return ErrorBody.model_validate(body).error.message or None
+        return ErrorBody.model_validate(body).error
     except ValueError:
         return None
+
+
+def error_message(body: Any) -> str | None:
+    """The message of an OpenAI error body, or None when `body` is not one (or has none)."""
+    error = read_error(body)
+    return error.message or None if error is not None else None
 
 
 class ModelEntry(_Lenient):
