@@ -29,7 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ GLOBAL_TOPIC = "agora/1/records"
 RECORDS_PROTOCOL = "/agora/records/1"
 MAX_STREAM_RECORDS = 16  # records one peer may hand over on a records stream
 MAX_RECORD_BYTES = 256 << 10
+REJOIN_S = 10.0  # how often a node with no peer left dials its bootstrap peers again
 # Rejections that are the sender's fault (scored); "stale" and "full" can befall an honest sender.
 FAULTS = frozenset({"bad_signature", "malformed", "expired", "from_future", "bad_lifetime", "wrong_type",
                     "foreign", "rate_limited", "wrong_signer", "too_many_split_views", "bad_split_view",
@@ -68,6 +69,9 @@ def model_key(model: str) -> bytes:
 @dataclass(frozen=True)
 class P2PConfig:
     daemon: DaemonOptions = field(default_factory=DaemonOptions)
+    # Heartbeats cross a GossipSub mesh in milliseconds, not in push-pull rounds: three missed rounds
+    # are enough to call a peer dead (HTTP gossip waits six).
+    missed_heartbeats: int = 3
     global_topic: bool = True  # hear every node's records; False: only those of models asked for
     republish_rounds: int = 5  # offers and other records go out at least every this many rounds
     lookup_timeout_s: float = 10.0  # one DHT findProviders
@@ -84,11 +88,10 @@ class LibP2PDiscovery(GossipDiscovery):
 
     def __init__(self, identity: Identity, url: str, *, roles: list[str], config: GossipConfig | None = None,
                  p2p: P2PConfig | None = None, clock: Callable[[], int] = now_ms) -> None:
-        # Heartbeats cross a GossipSub mesh in milliseconds, not in push-pull rounds: three missed
-        # rounds are enough to call a peer dead (HTTP gossip waits six).
-        super().__init__(identity, url, [], roles=roles, config=config or GossipConfig(missed_heartbeats=3),
-                         clock=clock)
-        self.p2p = p2p or P2PConfig()
+        p2p = p2p or P2PConfig()
+        super().__init__(identity, url, [], roles=roles, clock=clock,
+                         config=replace(config or GossipConfig(), missed_heartbeats=p2p.missed_heartbeats))
+        self.p2p = p2p
         self.daemon = P2PDaemon(identity, self.p2p.daemon, log_dir=self.p2p.log_dir)
         self.received = 0
         self.lookups = 0
@@ -115,6 +118,9 @@ class LibP2PDiscovery(GossipDiscovery):
             await client.stream_handler(RECORDS_PROTOCOL, sock)
             if self.p2p.global_topic:
                 self._subscribe(GLOBAL_TOPIC)
+            if self.p2p.daemon.bootstrap and not await self.daemon.join():
+                log.warning("no bootstrap peer answered (%s); retrying every %.0f s",
+                            ", ".join(self.p2p.daemon.bootstrap), REJOIN_S)
             await super().start()  # the rounds: publish heartbeat (and offer) every interval
         except BaseException:
             await self.stop()
@@ -173,13 +179,21 @@ class LibP2PDiscovery(GossipDiscovery):
 
     async def _provide_loop(self) -> None:
         """Announce this node's models in the DHT soon after joining, again once the network has
-        grown around it, then every `reprovide_s` (provider records expire in the DHT)."""
+        grown around it, then every `reprovide_s` (provider records expire in the DHT); dial the
+        bootstrap peers again whenever this node finds itself with no peer at all."""
         for delay in (0.5, 10.0):
             await asyncio.sleep(delay)
             await self._provide(force=True)
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(self.p2p.reprovide_s)
-            await self._provide(force=True)
+            await asyncio.sleep(REJOIN_S)
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError, P2PError):
+                if self.daemon.client is not None and not await self.daemon.client.list_peers():
+                    if await self.daemon.join():
+                        await self._provide(force=True)
+            if time.monotonic() - last >= self.p2p.reprovide_s:
+                last = time.monotonic()
+                await self._provide(force=True)
 
     async def _provide(self, *, force: bool = False) -> None:
         if self._offer_source is None or (client := self.daemon.client) is None:
@@ -371,7 +385,8 @@ class LibP2PDiscovery(GossipDiscovery):
 
     def stats(self) -> dict[str, Any]:
         return super().stats() | {"discovery": "libp2p", "multiaddrs": self.multiaddrs(),
-                                  "topics": sorted(self._topics), "ignored": sorted(self._ignored)}
+                                  "topics": sorted(self._topics), "ignored": sorted(self._ignored),
+                                  "received": self.received, "dht_lookups": self.lookups, "fetches": self.fetches}
 
 
 def _type_of(data: bytes) -> str:

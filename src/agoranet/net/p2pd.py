@@ -331,7 +331,7 @@ class DaemonOptions:
     binary: Path | None = None  # default: find_p2pd()
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)  # libp2p host addresses (not the control socket)
     announce: tuple[str, ...] = ()  # addresses to announce instead of the listening ones
-    bootstrap: tuple[str, ...] = ()  # /ip4/…/tcp/…/p2p/12D3… peers to join the network through
+    bootstrap: tuple[str, ...] = ()  # /ip4/…/tcp/…/p2p/12D3… peers to join the network through (see join())
     autonat: bool = False  # AutoNAT service: tell peers whether they are reachable
     nat_port_map: bool = False  # UPnP / NAT-PMP port mapping on the router
     relay: bool = False  # circuit relay v2 (client), so peers behind NAT can be reached through relays
@@ -347,8 +347,8 @@ class DaemonOptions:
                 f"-relayService={str(self.relay_service).lower()}", "-q"]
         if self.announce:
             args += ["-announceAddrs", ",".join(self.announce)]
-        if self.bootstrap:  # without them no -b: it would dial the public IPFS bootstrap peers
-            args += ["-b", "-bootstrapPeers", ",".join(self.bootstrap)]
+        # No -b: the daemon would exit when a bootstrap peer is down (and without -bootstrapPeers dial the
+        # public IPFS ones); the node dials its bootstrap peers itself, and again whenever it has none.
         if self.autonat:
             args.append("-autonat")
         if self.nat_port_map:
@@ -421,8 +421,25 @@ class P2PDaemon:
             await self.stop()
             raise P2PError(f"the libp2p daemon runs as {peer}, not as this node ({self.identity.peer_id})")
         self.client = client
-        log.info("libp2p daemon %s listening on %s", peer, ", ".join(self.addrs))
+        log.info("libp2p daemon %s up; others join with --bootstrap %s", peer, " --bootstrap ".join(self.multiaddrs()))
         return client
+
+    async def join(self) -> int:
+        """Dial the bootstrap peers (those that answer; a down one is no error): how many were reached."""
+        client = self.client
+        if client is None or not self.options.bootstrap:
+            return 0
+
+        async def dial(addr: str) -> bool:
+            where, _, peer = addr.rpartition("/p2p/")
+            try:
+                await client.connect(PeerId.parse(peer), [where], timeout_s=5.0)
+                return True
+            except (OSError, asyncio.IncompleteReadError, AgoraError) as exc:
+                log.info("bootstrap peer %s not reached: %s", addr, exc)
+                return False
+
+        return sum(await asyncio.gather(*(dial(a) for a in self.options.bootstrap)))
 
     def multiaddrs(self) -> list[str]:
         """Where other nodes can bootstrap from this one: /ip4/…/tcp/…/p2p/12D3…."""
