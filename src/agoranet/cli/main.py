@@ -105,13 +105,18 @@ def demo(
     max_tokens: int = 96,
     seed: int = 7,
     cheater: Annotated[bool, typer.Option("--cheater", help="add a cheating provider and watch it get caught")] = False,
+    discovery: DiscoveryOpt = "http",
 ) -> None:
     """Start a small Agora network on 127.0.0.1, ask it through the official openai SDK, shut it down."""
     from agoranet.cli.demo import run_demo
 
+    from agoranet.cli.node_cmd import p2p_config
+
+    p2p_config(discovery=discovery, host="127.0.0.1", peer=None, bootstrap=None, listen=None, announce=None,
+               nat=None)  # a clear error now if the daemon is missing or the name is wrong
     configure_logging(level="ERROR")  # the demo narrates; the nodes' own warnings would only interleave
     try:
-        run_demo(console, prompt=prompt, max_tokens=max_tokens, seed=seed, cheater=cheater)
+        run_demo(console, prompt=prompt, max_tokens=max_tokens, seed=seed, cheater=cheater, discovery=discovery)
     except AgoraError as exc:
         raise fail(exc) from None
 
