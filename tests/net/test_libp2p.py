@@ -94,7 +94,9 @@ async def test_a_signed_offer_published_by_one_node_reaches_the_others(net):
     b = await net.add()
     p = await net.add(identity=provider, offer=offer)
     for d in (a, b):
+        # heartbeat first; the offer it names comes on the topic or, if missed, straight from the provider
         await wait_for(lambda d=d: d.members().get(str(provider.peer_id)), what="provider's heartbeat")
+        await wait_for(lambda d=d: (str(provider.peer_id), OfferBody.record_type) in d._records, what="the offer")
         [held] = await d.find_offers("m")
         assert held.cid == offer.cid
     await wait_for(lambda: set(p.members()) >= {str(a.identity.peer_id), str(b.identity.peer_id)},
@@ -105,6 +107,15 @@ async def attacker(net: Network, identity: Identity | None = None) -> tuple[P2PD
     """A bare daemon on the network that publishes whatever bytes it likes (no Agora checks)."""
     daemon = P2PDaemon(identity or Identity.generate(), DaemonOptions(bootstrap=tuple(net.nodes[0].multiaddrs())))
     client = await daemon.start()
+    await daemon.join()
+    # It publishes without subscribing (GossipSub's fanout): first it must learn who follows the topic.
+    listeners = {d.identity.peer_id for d in net.nodes}
+    deadline = time.monotonic() + 20
+    while not listeners <= set(await client.topic_peers(GLOBAL_TOPIC)):
+        assert time.monotonic() < deadline, "the attacker never saw the topic's subscribers"
+        for d in net.nodes:
+            await client.connect(d.identity.peer_id, [a.rpartition("/p2p/")[0] for a in d.multiaddrs()])
+        await asyncio.sleep(0.2)
     return daemon, client
 
 
@@ -119,7 +130,6 @@ async def test_invalid_records_on_the_topic_are_never_accepted_and_their_author_
         tampered = Record(good.type, good.signer, good.body.model_copy(update={"url": "http://evil:1"}), good.sig)
         expired = make_offer(bad, issued=int(time.time() * 1000) - 700_000)
         foreign = make_offer(Identity.generate())  # valid, but signed by someone else than the author
-        await asyncio.sleep(1.5)  # the attacker's subscription-less publish goes out by fanout once meshes form
         for data in (tampered.encode(), expired.encode(), foreign.encode(), b"\xa1junk", bytes(wire["sig"])):
             await client.publish(GLOBAL_TOPIC, data)
         for d in (a, b):
@@ -141,10 +151,9 @@ async def test_a_sybil_flood_of_valid_offers_leaves_the_honest_provider_found(ne
     honest = Identity.generate()
     g = await net.add(roles=["gateway"])
     await net.add(identity=honest, offer=make_offer(honest, name="m"))
-    await wait_for(lambda: str(honest.peer_id) in g.members(), what="the honest provider")
+    await wait_for(lambda: (str(honest.peer_id), OfferBody.record_type) in g._records, what="the honest offer")
     sybils = [await attacker(net) for _ in range(4)]
     try:
-        await asyncio.sleep(1.0)
         for daemon, client in sybils:  # each floods 150 fresh, validly signed offers for the same model
             now = int(time.time() * 1000)
             flood = [make_offer(daemon.identity, issued=now - 150 + i).encode() for i in range(150)]
@@ -153,7 +162,7 @@ async def test_a_sybil_flood_of_valid_offers_leaves_the_honest_provider_found(ne
         # the older ones that arrive late are skipped, and none of them makes a sybil a member.
         await wait_for(lambda: g.received >= 4 * 100, what="the flood arriving")
         held = [signer for signer, kind in g._records if kind == OfferBody.record_type]
-        assert len(held) == 5
+        assert len(held) <= 5 and str(honest.peer_id) in held  # at most one offer per signer, whatever it sends
         assert [o.signer for o in await g.find_offers("m")] == [str(honest.peer_id)]  # no heartbeat, no member
         await asyncio.sleep(3 * INTERVAL * 2)
         assert str(honest.peer_id) in g.members()  # the honest heartbeats still get through
@@ -170,7 +179,7 @@ async def test_a_node_that_follows_no_topic_finds_a_provider_through_the_dht_alo
     await net.add(identity=provider, offer=make_offer(provider, name="m"))
     g = await net.add(roles=["gateway"], global_topic=False)
     await asyncio.sleep(2 * INTERVAL)
-    assert g.members() == {} and g.received == 0  # it hears nothing until it asks
+    assert set(g.members()) == {str(g.identity.peer_id)} and g.received == 0  # it hears nothing until it asks
     t0 = time.monotonic()
     offers = []
     while not offers and time.monotonic() - t0 < 20:  # the provider's DHT announcement may still be on its way
@@ -180,3 +189,23 @@ async def test_a_node_that_follows_no_topic_finds_a_provider_through_the_dht_alo
     await asyncio.sleep(6 * INTERVAL)  # now it follows the model's topic: the heartbeats keep it live
     assert [o.signer for o in await g.find_offers("m")] == [str(provider.peer_id)]
     assert str(provider.peer_id) in g.members()
+
+
+async def test_churn_killed_nodes_are_evicted_and_restarted_ones_rejoin(net):
+    for i in range(7):
+        await net.add(roles=["provider"])
+    everyone = {str(d.identity.peer_id) for d in net.nodes}
+    await wait_for(lambda: all(set(d.members()) >= everyone - {str(d.identity.peer_id)} for d in net.nodes),
+                   timeout=30, what="full membership")
+    killed = net.nodes[-2:]  # ~30%, crashed: the daemon dies at once, nothing is said to anyone
+    for d in killed:
+        d.daemon.kill()
+        await d.stop()
+    net.nodes = net.nodes[:-2]
+    gone = {str(d.identity.peer_id) for d in killed}
+    # (how soon: benchmarks/discovery.py; a heartbeat lives max(3 intervals, 3 s))
+    await wait_for(lambda: all(not set(d.members()) & gone for d in net.nodes), timeout=30, what="eviction")
+    for d in killed:  # the same identities come back, joining through a node that stayed
+        await net.add(identity=d.identity, roles=["provider"])
+    await wait_for(lambda: all(set(d.members()) >= everyone - {str(d.identity.peer_id)} for d in net.nodes),
+                   timeout=30, what="rejoin")

@@ -27,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -38,6 +39,7 @@ from agoranet.core.errors import AgoraError, RecordError
 from agoranet.core.identity import Identity, PeerId
 from agoranet.core.records import OfferBody, Record, decode_record
 from agoranet.core.tasks import cancel_and_wait
+from agoranet.net.discovery import OfferSource
 from agoranet.net.gossip import GossipConfig, GossipDiscovery, HeartbeatBody, now_ms
 from agoranet.net.p2pd import DaemonOptions, P2PDaemon, P2PError, read_delimited, write_delimited
 
@@ -107,6 +109,7 @@ class LibP2PDiscovery(GossipDiscovery):
         self._server: asyncio.base_events.Server | None = None
         self._provider_task: asyncio.Task[None] | None = None
         self._started = False
+        self._wake = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -147,6 +150,21 @@ class LibP2PDiscovery(GossipDiscovery):
         return self.daemon.multiaddrs()
 
     # -- publishing -----------------------------------------------------------------------------------
+
+    def announce(self, offer: OfferSource) -> None:
+        super().announce(offer)
+        self._wake.set()  # a new offer goes out now, not at the next round
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.gossip_round()
+            except Exception:  # one bad round must not end discovery
+                log.exception("libp2p round failed")
+            self._wake.clear()
+            # jitter keeps nodes started together from publishing in lockstep
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.interval_s * (0.75 + 0.5 * random.random()))
 
     async def gossip_round(self) -> None:
         """Sign a fresh heartbeat and publish it, with whatever else is due, on this node's topics."""
