@@ -108,6 +108,7 @@ class LibP2PDiscovery(GossipDiscovery):
         self._pulls: dict[str, asyncio.Task[None]] = {}  # peer -> records fetch in flight
         self._server: asyncio.base_events.Server | None = None
         self._provider_task: asyncio.Task[None] | None = None
+        self._providing: asyncio.Task[None] | None = None
         self._started = False
         self._wake = asyncio.Event()
 
@@ -134,6 +135,7 @@ class LibP2PDiscovery(GossipDiscovery):
     async def stop(self) -> None:
         self._started = False
         await cancel_and_wait(self._provider_task)
+        await cancel_and_wait(self._providing)
         for task in [*self._topics.values(), *self._lookups.values(), *self._pulls.values()]:
             await cancel_and_wait(task)
         self._topics.clear()
@@ -183,6 +185,9 @@ class LibP2PDiscovery(GossipDiscovery):
                     self._published[(topic, record.type)] = (str(record.cid), self.rounds)
                     sends.append(self._publish(topic, record))
         await asyncio.gather(*sends)
+        if offer is not None and self._started and (self._providing is None or self._providing.done()) \
+                and self._model_keys() - self._provided:  # a model this node now sells: announce it in the DHT
+            self._providing = asyncio.create_task(self._provide(), name="agora-p2p-provide-new")  # owned: stop()
         self._sweep()
         self.rounds += 1
 
@@ -213,10 +218,15 @@ class LibP2PDiscovery(GossipDiscovery):
                 last = time.monotonic()
                 await self._provide(force=True)
 
+    def _model_keys(self) -> set[bytes]:
+        if self._offer_source is None:
+            return set()
+        return {k for m in self._offer_source().body.models for k in (model_key(m.cid), model_key(m.name))}
+
     async def _provide(self, *, force: bool = False) -> None:
-        if self._offer_source is None or (client := self.daemon.client) is None:
+        if (client := self.daemon.client) is None:
             return
-        keys = {k for m in self._offer_source().body.models for k in (model_key(m.cid), model_key(m.name))}
+        keys = self._model_keys()
         for key in keys if force else keys - self._provided:
             try:
                 await client.provide(key, timeout_s=self.p2p.lookup_timeout_s)
