@@ -231,10 +231,13 @@ async def measure(impl: str, n: int, interval: float, idle_s: float, root: Path)
             await asyncio.sleep(3)  # idle: nothing but heartbeats
             pids = [n_.pids() for n_ in nodes]
             before = [sum(cpu_seconds(p) for p in ps) for ps in pids]
+            python_before = [cpu_seconds(ps[0]) for ps in pids]
             t = time.monotonic()
             await asyncio.sleep(idle_s)
             spent = [sum(cpu_seconds(p) for p in ps) - b for ps, b in zip(pids, before)]
+            python = [cpu_seconds(ps[0]) - b for ps, b in zip(pids, python_before)]
             result["cpu_pct"] = 100 * statistics.mean(spent) / (time.monotonic() - t)
+            result["cpu_python_pct"] = 100 * statistics.mean(python) / (time.monotonic() - t)
             result["rss_mib"] = statistics.mean(sum(rss_mib(p) for p in ps) for ps in pids)
 
             publishers = nodes[1:1 + PUBLISHERS]
@@ -323,7 +326,7 @@ def main() -> None:
                    f"{r['dht_miss']}/{r['dht_n']} missed") if "dht_p50" in r else ""
             print(f"{impl:7} N={n:3}: propagation p50 {r['prop_p50'] * 1000:.0f} ms / p95 {r['prop_p95'] * 1000:.0f} ms "
                   f"(all nodes within {r['prop_all_max'] * 1000:.0f} ms, {r['prop_missing']} missing){dht}; "
-                  f"idle CPU {r['cpu_pct']:.2f} %/node, RSS {r['rss_mib']:.0f} MiB/node; killed provider unrouted "
+                  f"idle CPU {r['cpu_pct']:.2f} %/node ({r['cpu_python_pct']:.2f} the Python process), RSS {r['rss_mib']:.0f} MiB/node; killed provider unrouted "
                   f"after {r['unrouted_s']:.1f} s ({r['unrouted_s'] / args.interval:.1f} intervals), listed again by all "
                   f"{r['rejoin_s']:.1f} s after its restarted process was up ({r['restart_s']:.1f} s); converged {r['converged_s']:.1f} s; load {r['load'][0]:.1f}→"
                   f"{r['load'][1]:.1f}", flush=True)
