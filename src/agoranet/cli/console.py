@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from agoranet.core.errors import AgoraError
 
@@ -13,5 +14,6 @@ err = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
 
 def fail(problem: AgoraError | str, code: int = 1) -> typer.Exit:
     """Print one line naming the problem on stderr; `raise` what it returns to exit with `code`."""
-    err.print(f"[bold red]error:[/] {problem}", highlight=False)
+    text = escape(str(problem)) if isinstance(problem, AgoraError) else problem  # an error's text is not markup
+    err.print(f"[bold red]error:[/] {text}", highlight=False)
     return typer.Exit(code)

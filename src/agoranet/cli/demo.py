@@ -7,6 +7,7 @@ import asyncio
 import tempfile
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -27,7 +28,8 @@ PROVIDERS = (("provider-a", 200_000, None), ("provider-b", 300_000, None))
 CHEATER = ("cheater", 50_000, "token")  # cheapest, so the price-sorted request goes to it first
 
 
-def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int, cheater: bool = False) -> None:
+def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int, cheater: bool = False,
+             discovery: str = "http") -> None:
     import openai
 
     from agoranet.net.gossip import GossipConfig
@@ -48,16 +50,24 @@ def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int, cheat
         sock = bind()
         app, verifier = build_verifier_node(home("verifier"), VerifierConfig(audit_fraction=1.0))
         verifier_url = start(app, sock)
+        p2p = None
+        if discovery == "libp2p":  # GossipSub and the Kademlia DHT, each node with its own go-libp2p daemon
+            from agoranet.net.libp2p import P2PConfig
+
+            p2p = P2PConfig()
         sock = bind()
         app, gateway = build_gateway_node(home("gateway"), url_of(sock), [], gossip=GossipConfig(interval_s=GOSSIP_S),
-                                          config=GatewayConfig(verifiers=(verifier_url,), reputation_interval_s=GOSSIP_S))
+                                          config=GatewayConfig(verifiers=(verifier_url,), reputation_interval_s=GOSSIP_S),
+                                          p2p=p2p)
         gateway_url = start(app, sock)
+        if p2p is not None:  # the providers join through the gateway's libp2p address
+            p2p = replace(p2p, daemon=replace(p2p.daemon, bootstrap=tuple(gateway.discovery.multiaddrs())))
         urls, names = {}, {}
         for name, price, cheat in PROVIDERS + ((CHEATER,) if cheater else ()):
             sock = bind()
             app, provider = build_provider_node(
                 home(name), url_of(sock), ProviderOptions(threads=1, cheat=cheat, pricing={"output_per_mtok": price}),
-                peers=[gateway_url], gossip=GossipConfig(interval_s=GOSSIP_S))
+                peers=[] if p2p else [gateway_url], gossip=GossipConfig(interval_s=GOSSIP_S), p2p=p2p)
             peer = str(provider.identity.peer_id)
             urls[peer], names[peer] = start(app, sock), name
         deadline = time.monotonic() + 30
@@ -65,9 +75,10 @@ def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int, cheat
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the gateway discovered {len(offers)} of {len(urls)} providers in 30 s")
             time.sleep(0.1)
+        found_by = "libp2p (GossipSub, Kademlia DHT)" if p2p else "gossip"
         console.print(f"[dim]network up in {time.perf_counter() - t0:.1f}s: verifier {verifier_url}, "
-                      f"gateway {gateway_url}/v1 (dashboard {gateway_url}/)[/]")
-        table = Table(title="providers the gateway found by gossip (signed offers)", title_justify="left")
+                      f"gateway {gateway_url}/v1 (dashboard {gateway_url}/), discovery by {found_by}[/]")
+        table = Table(title=f"providers the gateway found by {found_by} (signed offers)", title_justify="left")
         for col in ("name", "peer id", "model CID", "precision", "price out / 1M tok"):
             table.add_column(col)
         for o in sorted(offers, key=lambda o: o.body.models[0].output_per_mtok):

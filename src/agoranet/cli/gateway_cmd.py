@@ -13,7 +13,7 @@ import typer
 
 from agoranet.cli.console import console, fail
 from agoranet.cli.options import (
-    ChargeCreditsOpt, ConnectTimeoutOpt, GossipIntervalOpt, HomeOpt, LogJsonOpt, PeerOpt, PublicUrlOpt, RequireKeysOpt,
+    BootstrapOpt, DiscoveryOpt, P2PAnnounceOpt, P2PListenOpt, P2PNatOpt, ChargeCreditsOpt, ConnectTimeoutOpt, GossipIntervalOpt, HomeOpt, LogJsonOpt, PeerOpt, PublicUrlOpt, RequireKeysOpt,
     StallTimeoutOpt, VerifierFeeOpt, VerifierOpt, home_dir,
 )
 
@@ -26,6 +26,11 @@ def gateway(
     public_url: PublicUrlOpt = None,
     require_keys: RequireKeysOpt = False,
     gossip_interval: GossipIntervalOpt = 2.0,
+    discovery: DiscoveryOpt = "http",
+    bootstrap: BootstrapOpt = None,
+    p2p_listen: P2PListenOpt = None,
+    p2p_announce: P2PAnnounceOpt = None,
+    p2p_nat: P2PNatOpt = None,
     stall_timeout: StallTimeoutOpt = 10.0,
     connect_timeout: ConnectTimeoutOpt = 2.0,
     verifier: VerifierOpt = None,
@@ -34,13 +39,15 @@ def gateway(
     log_json: LogJsonOpt = None,
 ) -> None:
     """Buy inference for your users: one OpenAI API in front of every provider the network offers."""
-    from agoranet.cli.node_cmd import gateway_config, serve_node
+    from agoranet.cli.node_cmd import gateway_config, p2p_config, serve_node
     from agoranet.net.gossip import GossipConfig
 
+    p2p = p2p_config(discovery=discovery, host=host, peer=peer, bootstrap=bootstrap, listen=p2p_listen,
+                     announce=p2p_announce, nat=p2p_nat)
     config = gateway_config(require_keys=require_keys, stall_timeout=stall_timeout, connect_timeout=connect_timeout,
                             verifier=verifier, charge_credits=charge_credits, verifier_fee_ppm=verifier_fee_ppm)
     serve_node(["gateway"], home=home, host=host, port=port, public_url=public_url, log_json=log_json,
-               gateway=config, peers=list(peer or []), gossip=GossipConfig(interval_s=gossip_interval))
+               gateway=config, peers=list(peer or []), gossip=GossipConfig(interval_s=gossip_interval), p2p=p2p)
 
 
 keys_app = typer.Typer(help="API keys for this gateway's users (only their hashes are stored).", no_args_is_help=True)

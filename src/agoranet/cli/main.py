@@ -11,7 +11,7 @@ from agoranet.cli.credits_cmd import credits_app
 from agoranet.cli.gateway_cmd import gateway, keys_app
 from agoranet.cli.node_cmd import node, provider_options, serve_node
 from agoranet.cli.options import (
-    CheatOpt, GossipIntervalOpt, HomeOpt, KuboRpcOpt, LogJsonOpt, MaxBatchOpt, MaxConcurrencyOpt, MaxTokensOpt,
+    BootstrapOpt, CheatOpt, DiscoveryOpt, GossipIntervalOpt, P2PAnnounceOpt, P2PListenOpt, P2PNatOpt, HomeOpt, KuboRpcOpt, LogJsonOpt, MaxBatchOpt, MaxConcurrencyOpt, MaxTokensOpt,
     ModelOpt, PeerOpt, PrecisionOpt, PriceInOpt, PriceOutOpt, PublicUrlOpt, StoragePeerOpt, ThreadsOpt,
     TokenDelayOpt, UpstreamModelOpt, UpstreamOpt, WatchOpt, home_dir,
 )
@@ -73,6 +73,11 @@ def provide(
     threads: ThreadsOpt = None,
     peer: PeerOpt = None,
     gossip_interval: GossipIntervalOpt = 2.0,
+    discovery: DiscoveryOpt = "http",
+    bootstrap: BootstrapOpt = None,
+    p2p_listen: P2PListenOpt = None,
+    p2p_announce: P2PAnnounceOpt = None,
+    p2p_nat: P2PNatOpt = None,
     max_batch: MaxBatchOpt = 16,
     token_delay_ms: TokenDelayOpt = 0,
     watch: WatchOpt = None,
@@ -80,15 +85,18 @@ def provide(
     cheat: CheatOpt = None,
 ) -> None:
     """Sell inference: serve a model over the OpenAI API with signed receipts."""
+    from agoranet.cli.node_cmd import p2p_config
     from agoranet.net.gossip import GossipConfig
 
+    p2p = p2p_config(discovery=discovery, host=host, peer=peer, bootstrap=bootstrap, listen=p2p_listen,
+                     announce=p2p_announce, nat=p2p_nat)
     opts = provider_options(model=model, precision=precision, upstream=upstream, upstream_model=upstream_model,
                             storage_peer=storage_peer, kubo_rpc=kubo_rpc, threads=threads, max_batch=max_batch,
                             token_delay_ms=token_delay_ms, cheat=cheat, price_in=price_in, price_out=price_out,
                             max_concurrency=max_concurrency, max_tokens=max_tokens)
     serve_node(["provider"], home=home, host=host, port=port, public_url=public_url, log_json=log_json,
                watch=watch or [], provider=opts, peers=list(peer or []),
-               gossip=GossipConfig(interval_s=gossip_interval))
+               gossip=GossipConfig(interval_s=gossip_interval), p2p=p2p)
 
 
 @app.command()
@@ -97,13 +105,18 @@ def demo(
     max_tokens: int = 96,
     seed: int = 7,
     cheater: Annotated[bool, typer.Option("--cheater", help="add a cheating provider and watch it get caught")] = False,
+    discovery: DiscoveryOpt = "http",
 ) -> None:
     """Start a small Agora network on 127.0.0.1, ask it through the official openai SDK, shut it down."""
     from agoranet.cli.demo import run_demo
 
+    from agoranet.cli.node_cmd import p2p_config
+
+    p2p_config(discovery=discovery, host="127.0.0.1", peer=None, bootstrap=None, listen=None, announce=None,
+               nat=None)  # a clear error now if the daemon is missing or the name is wrong
     configure_logging(level="ERROR")  # the demo narrates; the nodes' own warnings would only interleave
     try:
-        run_demo(console, prompt=prompt, max_tokens=max_tokens, seed=seed, cheater=cheater)
+        run_demo(console, prompt=prompt, max_tokens=max_tokens, seed=seed, cheater=cheater, discovery=discovery)
     except AgoraError as exc:
         raise fail(exc) from None
 

@@ -17,7 +17,8 @@ import typer
 
 from agoranet.cli.console import console, fail
 from agoranet.cli.options import (
-    AuditFractionOpt, ChargeCreditsOpt, CheatOpt, ConnectTimeoutOpt, GossipIntervalOpt, HomeOpt, KuboRpcOpt, LogJsonOpt,
+    AuditFractionOpt, BootstrapOpt, ChargeCreditsOpt, CheatOpt, ConnectTimeoutOpt, DiscoveryOpt, GossipIntervalOpt,
+    P2PAnnounceOpt, P2PListenOpt, P2PNatOpt, HomeOpt, KuboRpcOpt, LogJsonOpt,
     MaxBatchOpt, MaxConcurrencyOpt, MaxTokensOpt, ModelOpt, PeerOpt, PollIntervalOpt, PrecisionOpt, PriceInOpt,
     PriceOutOpt, PublicUrlOpt, RecheckOpt, RequireKeysOpt, SourceOpt, StallTimeoutOpt, ThreadsOpt, TokenDelayOpt,
     TolerancesOpt, UpstreamModelOpt, UpstreamOpt, VerifierFeeOpt, VerifierOpt, WatchOpt, home_dir, resolve_kubo_rpc,
@@ -26,6 +27,7 @@ from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
 
 if TYPE_CHECKING:
+    from agoranet.net.libp2p import P2PConfig
     from agoranet.node.gateway import GatewayConfig
     from agoranet.node.node import Node, ProviderOptions, VerifierOptions
 
@@ -57,6 +59,52 @@ def provider_options(*, model: str, precision: str, upstream: str | None, upstre
                            kubo_rpc=resolve_kubo_rpc(kubo_rpc), token_delay_ms=token_delay_ms, cheat=cheat,
                            pricing={"input_per_mtok": price_in, "output_per_mtok": price_out,
                                     "max_concurrency": max_concurrency, "max_tokens": max_tokens})
+
+
+NAT_OPTIONS = {"autonat": "autonat", "port-map": "nat_port_map", "relay": "relay", "auto-relay": "auto_relay",
+               "relay-service": "relay_service"}
+
+
+def p2p_config(*, discovery: str, host: str, peer: list[str] | None, bootstrap: list[str] | None,
+               listen: list[str] | None, announce: list[str] | None, nat: str | None) -> P2PConfig | None:
+    """libp2p discovery's settings from the command line (None for HTTP gossip); checks the daemon is there."""
+    from agoranet.core.errors import AgoraError
+
+    given = {"--bootstrap": bootstrap, "--p2p-listen": listen, "--p2p-announce": announce, "--p2p-nat": nat}
+    if discovery == "http":
+        if used := [flag for flag, value in given.items() if value]:
+            raise fail(f"{', '.join(used)} {'is' if len(used) == 1 else 'are'} for --discovery libp2p; this node "
+                       "gossips over HTTP (add --discovery libp2p, or drop the option)")
+        return None
+    if discovery != "libp2p":
+        raise fail(f"--discovery is {discovery!r}; give http or libp2p")
+    if peer:
+        raise fail("--peer seeds HTTP gossip; with --discovery libp2p join through --bootstrap "
+                   "/ip4/HOST/tcp/PORT/p2p/12D3KooW… (a libp2p node lists its multiaddrs at /agora/v1/peers)")
+    from agoranet.core.settings import Settings
+    from agoranet.net.libp2p import P2PConfig
+    from agoranet.net.p2pd import DaemonOptions, find_p2pd, multiaddr_bytes
+
+    flags = [n.strip() for n in (nat or "").split(",") if n.strip()]
+    if unknown := [n for n in flags if n not in NAT_OPTIONS]:
+        raise fail(f"--p2p-nat: unknown option {', '.join(map(repr, unknown))}; give some of {', '.join(NAT_OPTIONS)}")
+    for flag, addrs in (("--bootstrap", bootstrap), ("--p2p-listen", listen), ("--p2p-announce", announce)):
+        for addr in addrs or []:
+            try:
+                multiaddr_bytes(addr)
+            except (ValueError, AgoraError) as exc:
+                raise fail(f"{flag} {addr!r} is not a multiaddr like /ip4/10.0.0.2/tcp/4001/p2p/12D3KooW…: "
+                           f"{exc}") from None
+    if any("/p2p/" not in a for a in bootstrap or []):
+        raise fail("--bootstrap needs the peer's id at the end: /ip4/HOST/tcp/PORT/p2p/12D3KooW…")
+    try:
+        binary = find_p2pd(Settings().p2pd)
+    except AgoraError as exc:
+        raise fail(exc) from None
+    proto = "ip6" if ":" in host else "ip4"
+    return P2PConfig(daemon=DaemonOptions(
+        binary=binary, listen=tuple(listen or [f"/{proto}/{host}/tcp/0"]), announce=tuple(announce or ()),
+        bootstrap=tuple(bootstrap or ()), **{NAT_OPTIONS[n]: True for n in flags}))
 
 
 def gateway_config(*, require_keys: bool, stall_timeout: float, connect_timeout: float, verifier: list[str] | None,
@@ -116,9 +164,8 @@ def describe(node: Node, url: str) -> list[str]:
     """What the node serves where, one line per role, for the operator."""
     lines = []
     if (g := node.gateway) is not None:
-        seeds = ", ".join(node.discovery.seeds) if node.discovery else ""
         c = g.config
-        lines.append(f"gateway at [bold]{url}/v1[/]: routes to every provider gossip finds (seeds: {seeds or 'none'})"
+        lines.append(f"gateway at [bold]{url}/v1[/]: routes to every provider {_found_by(node)}"
                      f"{'; API keys required' if c.require_keys or c.charge_credits else ''}"
                      f"{'; requests are charged in credits' if c.charge_credits else ''}"
                      f"{'; verifiers: ' + ', '.join(c.verifiers) if c.verifiers else ''}")
@@ -136,7 +183,18 @@ def describe(node: Node, url: str) -> list[str]:
         lines.append(f"storage peer at {url} with {len(s.store.pins())} pins; peers: {', '.join(peers) or 'none'}"
                      + mirror)
     lines.append(f"node [bold]{node.identity.peer_id}[/]; dashboard at {url}/, metrics at {url}/metrics")
+    if (p2p := getattr(node.discovery, "p2p", None)) is not None:
+        joined = ", ".join(p2p.daemon.bootstrap) or "none: others join through this node"
+        lines.append(f"libp2p discovery on {', '.join(p2p.daemon.listen)} (bootstrap: {joined}); this node's "
+                     f"multiaddrs, to --bootstrap others from, are at {url}/agora/v1/peers")
     return lines
+
+
+def _found_by(node: Node) -> str:
+    if getattr(node.discovery, "p2p", None) is not None:
+        return "libp2p discovery finds (GossipSub, Kademlia DHT)"
+    seeds = ", ".join(node.discovery.seeds) if node.discovery else ""
+    return f"gossip finds (seeds: {seeds or 'none'})"
 
 
 # Which roles use each option that not every node takes: giving one for a role not run is a mistake.
@@ -163,6 +221,11 @@ def node(
     public_url: PublicUrlOpt = None,
     peer: PeerOpt = None,
     gossip_interval: GossipIntervalOpt = 2.0,
+    discovery: DiscoveryOpt = "http",
+    bootstrap: BootstrapOpt = None,
+    p2p_listen: P2PListenOpt = None,
+    p2p_announce: P2PAnnounceOpt = None,
+    p2p_nat: P2PNatOpt = None,
     watch: WatchOpt = None,
     log_json: LogJsonOpt = None,
     # provider
@@ -216,7 +279,9 @@ def node(
         if given and not set(used_by) & set(names):
             raise fail(f"{param.opts[0]} is for a node running {' or '.join(used_by)}; this one runs "
                        f"{', '.join(names)} (add to --roles, or drop the option)")
-    build: dict[str, Any] = {"peers": list(peer or []), "gossip": GossipConfig(interval_s=gossip_interval)}
+    build: dict[str, Any] = {"peers": list(peer or []), "gossip": GossipConfig(interval_s=gossip_interval),
+                             "p2p": p2p_config(discovery=discovery, host=host, peer=peer, bootstrap=bootstrap,
+                                               listen=p2p_listen, announce=p2p_announce, nat=p2p_nat)}
     if "provider" in names:
         build["provider"] = provider_options(
             model=model, precision=precision, upstream=upstream, upstream_model=upstream_model,

@@ -19,6 +19,22 @@ HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="node directory 
 PublicUrlOpt = Annotated[Optional[str], typer.Option("--public-url", help="URL others reach this node at")]
 PeerOpt = Annotated[Optional[list[str]], typer.Option("--peer", help="seed peer URL to gossip with (repeatable)")]
 GossipIntervalOpt = Annotated[float, typer.Option("--gossip-interval", help="seconds between gossip rounds")]
+
+# Discovery: HTTP gossip (default) or libp2p (GossipSub + Kademlia DHT through a go-libp2p daemon)
+_discovery = partial(typer.Option, rich_help_panel="Discovery")
+DiscoveryOpt = Annotated[str, _discovery(
+    "--discovery", help="how nodes find each other: http (signed gossip over HTTP, seeded by --peer) or libp2p "
+                        "(GossipSub and the Kademlia DHT on a go-libp2p daemon, joined by --bootstrap; "
+                        "pip install 'agoranet[p2p]')")]
+BootstrapOpt = Annotated[Optional[list[str]], _discovery(
+    "--bootstrap", help="libp2p peer to join through, /ip4/HOST/tcp/PORT/p2p/12D3KooW… (repeatable)")]
+P2PListenOpt = Annotated[Optional[list[str]], _discovery(
+    "--p2p-listen", help="libp2p listen multiaddr (repeatable; default /ip4/HOST/tcp/0 on --host)")]
+P2PAnnounceOpt = Annotated[Optional[list[str]], _discovery(
+    "--p2p-announce", help="libp2p multiaddr to announce instead of the listening ones, e.g. a public address")]
+P2PNatOpt = Annotated[Optional[str], _discovery(
+    "--p2p-nat", help="NAT traversal the daemon offers, comma-separated: autonat, port-map (UPnP/NAT-PMP), relay, "
+                      "auto-relay, relay-service (default: none)")]
 WatchOpt = Annotated[Optional[list[str]], typer.Option("--watch", help="peer URL to show on the dashboard; repeat")]
 LogJsonOpt = Annotated[Optional[bool], typer.Option("--log-json/--no-log-json",
                                                     help="log one JSON object per line (default $AGORA_LOG_JSON)")]

@@ -47,8 +47,18 @@ class PeerId:
             raise InvalidPeerId(f"peer id {text[:60]!r} is not an Ed25519 libp2p peer id")
         return cls(raw[6:])
 
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> PeerId:
+        """The binary multihash form libp2p puts on the wire (what the go-libp2p daemon sends)."""
+        if raw[:2] != _IDENTITY_MULTIHASH or raw[2:6] != _LIBP2P_ED25519_PREFIX or len(raw) != 38:
+            raise InvalidPeerId(f"{raw[:8].hex()}… is not an Ed25519 libp2p peer id")
+        return cls(raw[6:])
+
+    def to_bytes(self) -> bytes:
+        return _IDENTITY_MULTIHASH + _LIBP2P_ED25519_PREFIX + self.public_key
+
     def __str__(self) -> str:
-        return encode_multibase("z", _IDENTITY_MULTIHASH + _LIBP2P_ED25519_PREFIX + self.public_key)[1:]
+        return encode_multibase("z", self.to_bytes())[1:]
 
     @property
     def did(self) -> str:
@@ -60,6 +70,19 @@ class PeerId:
         except (InvalidSignature, ValueError):
             return False
         return True
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write key material atomically, created with mode 0600 so no other user can read it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
 
 
 def _base58btc(text: str) -> bytes:
@@ -93,18 +116,16 @@ class Identity:
         """Write the private key as PKCS#8 PEM, created with mode 0600 so no other user can read it."""
         if path.exists() and not force:
             raise IdentityExists(f"an identity already exists at {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pem = self._key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        _write_private(path, self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+    def save_libp2p_key(self, path: Path) -> None:
+        """Write the key in libp2p's protobuf private-key form (mode 0600), for a go-libp2p daemon's `-id`,
+        so the daemon's peer id is this node's."""
+        raw = self._key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                      serialization.NoEncryption())
+        # crypto.proto PrivateKey { Type = Ed25519 (1); Data = 64 bytes: seed, then public key }
+        _write_private(path, bytes([0x08, 0x01, 0x12, 0x40]) + raw + self.peer_id.public_key)
 
     @classmethod
     def load(cls, path: Path) -> Identity:

@@ -17,6 +17,8 @@ class Settings(BaseSettings):
     log_json: bool = False
     # A kubo (IPFS) daemon's RPC address, e.g. http://127.0.0.1:5001: blocks are also put to and read from it.
     kubo_rpc: str | None = None
+    # The go-libp2p daemon for --discovery libp2p; default: the one in an installed hivemind wheel, or on PATH.
+    p2pd: Path | None = None
 
     @property
     def key_path(self) -> Path:

@@ -31,6 +31,7 @@ from agoranet.node.storage_role import StorageRole
 from agoranet.node.witness_role import WitnessRole
 
 if TYPE_CHECKING:  # the verifier imports torch, which a gateway must not load
+    from agoranet.net.libp2p import P2PConfig
     from agoranet.node.verifier import VerifierConfig, VerifierRole
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def _make_engine(opts: ProviderOptions, home: Path) -> Engine:
 
 
 def build_node(home: Path, public_url: str, roles: Iterable[str], *, peers: Sequence[str] = (),
-               gossip: GossipConfig | None = None, provider: ProviderOptions | None = None,
+               gossip: GossipConfig | None = None, p2p: P2PConfig | None = None, provider: ProviderOptions | None = None,
                engine: Engine | None = None, gateway: GatewayConfig | None = None,
                verifier: VerifierOptions | None = None, storage: StorageOptions | None = None,
                max_request_bytes: int | None = None) -> Node:
@@ -138,8 +139,9 @@ def build_node(home: Path, public_url: str, roles: Iterable[str], *, peers: Sequ
 
     What a node has once, its roles share: the identity, the transparency log (a provider's receipts
     and offers, a gateway's credit moves), the records (`node.db`: what a provider signs, what a
-    verifier audits), and gossip discovery with the witness of other logs, which a gateway always
-    runs and any other node when given `peers`.
+    verifier audits), and discovery with the witness of other logs: HTTP gossip, which a gateway
+    always runs and any other node when given `peers`, or with `p2p` libp2p (GossipSub and the
+    Kademlia DHT through a go-libp2p daemon), which every node given it runs.
     """
     names = parse_roles(",".join(roles))
     identity = Identity.load_or_create(home / "identity.key")
@@ -148,8 +150,15 @@ def build_node(home: Path, public_url: str, roles: Iterable[str], *, peers: Sequ
     log_role = LogRole(TransparencyLog(home / "log.db", identity)) if {"provider", "gateway"} & set(names) else None
     state = NodeState(home / "node.db") if {"provider", "verifier"} & set(names) else None
     discovery = witness = None
-    if "gateway" in names or peers:
+    if p2p is not None:
+        from agoranet.net.libp2p import LibP2PDiscovery  # needs protobuf, which only the p2p extra brings
+
+        if p2p.log_dir is None:
+            p2p = replace(p2p, log_dir=home / "p2p")
+        discovery = LibP2PDiscovery(identity, public_url, roles=list(names), config=gossip, p2p=p2p)
+    elif "gateway" in names or peers:
         discovery = GossipDiscovery(identity, public_url, list(peers), roles=list(names), config=gossip)
+    if discovery is not None:
         # Gossips this node's signed tree head (if it keeps a log) and witnesses every other log's.
         witness = WitnessRole(Witness(home / WITNESS_FILE), discovery, own_log=log_role.log if log_role else None)
 
@@ -207,18 +216,19 @@ def build_node(home: Path, public_url: str, roles: Iterable[str], *, peers: Sequ
 
 def build_provider_node(home: Path, public_url: str, opts: ProviderOptions, *,
                         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, peers: list[str] | None = None,
-                        gossip: GossipConfig | None = None, engine: Engine | None = None) -> tuple[FastAPI, Provider]:
-    """A provider node; with `peers` it also joins the network by gossip and announces its offer."""
+                        gossip: GossipConfig | None = None, p2p: P2PConfig | None = None,
+                        engine: Engine | None = None) -> tuple[FastAPI, Provider]:
+    """A provider node; with `peers` (or `p2p`) it also joins the network and announces its offer."""
     node = build_node(home, public_url, ["provider"], provider=opts, engine=engine, peers=peers or [], gossip=gossip,
-                      max_request_bytes=max_request_bytes)
+                      p2p=p2p, max_request_bytes=max_request_bytes)
     return node.app, node.provider
 
 
 def build_gateway_node(home: Path, public_url: str, peers: list[str], *, config: GatewayConfig | None = None,
-                       gossip: GossipConfig | None = None,
+                       gossip: GossipConfig | None = None, p2p: P2PConfig | None = None,
                        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> tuple[FastAPI, Gateway]:
-    """A gateway node: discovers providers by gossip (seeded with `peers`) and routes users to them."""
-    node = build_node(home, public_url, ["gateway"], gateway=config, peers=peers, gossip=gossip,
+    """A gateway node: discovers providers (by gossip seeded with `peers`, or by libp2p) and routes users to them."""
+    node = build_node(home, public_url, ["gateway"], gateway=config, peers=peers, gossip=gossip, p2p=p2p,
                       max_request_bytes=max_request_bytes)
     return node.app, node.gateway
 

@@ -1,0 +1,346 @@
+"""Discovery at N nodes: HTTP gossip (the anchor) against libp2p (GossipSub + Kademlia DHT), same run.
+
+Each node is its own process on 127.0.0.1 running discovery only (no engine): the node's HTTP app
+with its gossip route, plus a few /bench routes to publish an offer and read what it has seen. A
+libp2p node also runs its own go-libp2p daemon. Node 0 is everyone's seed (HTTP) or bootstrap peer
+(libp2p); heartbeats every --interval seconds for both. Measured per implementation and N:
+- offer propagation: 6 publishers each sign a fresh offer for a new model; the delay until each
+  other node holds it (p50/p95 over offers × nodes, and the worst time-to-all);
+- DHT lookup (libp2p): findProviders for those models from 10 nodes (p50/p95, misses);
+- idle CPU and RSS per node (the node's process plus its daemon) over --idle seconds;
+- a killed provider (SIGKILL): time until no node lists it (it is routed to no more), in heartbeat
+  intervals; then restarted with the same identity: time until every node lists it again, counted
+  from when its new process answers (its start-up, imports and daemon, is printed apart).
+Goals (libp2p, N = 30): p95 propagation ≤ 100 ms, idle CPU ≤ 0.5 % per node, a killed provider
+unrouted within 3 heartbeat intervals.
+
+    python benchmarks/discovery.py [--nodes 10 30] [--impl http libp2p] [--interval 2.0] [--idle 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+PUBLISHERS = 6
+
+
+# -- one node (a child process) ---------------------------------------------------------------------
+
+def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) -> None:
+    import secrets
+    from contextlib import asynccontextmanager
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from agoranet.core.cid import RAW, cid_of
+    from agoranet.core.identity import Identity
+    from agoranet.core.records import OfferBody, OfferedModel, sign_record
+    from agoranet.net.gossip import GossipConfig, GossipDiscovery
+    from agoranet.node.network import NetworkRole
+
+    identity = Identity.load_or_create(home / "identity.key")
+    url = f"http://127.0.0.1:{port}"
+    config = GossipConfig(interval_s=interval)
+    if impl == "libp2p":
+        from agoranet.net.libp2p import LibP2PDiscovery, P2PConfig, model_key
+        from agoranet.net.p2pd import DaemonOptions
+
+        d: GossipDiscovery = LibP2PDiscovery(identity, url, roles=["provider"], config=config,
+                                             p2p=P2PConfig(daemon=DaemonOptions(bootstrap=tuple(join))))
+    else:
+        d = GossipDiscovery(identity, url, join, roles=["provider"], config=config)
+    seen: dict[str, float] = {}  # offer CID -> wall time this node first held it
+    ingest = d.ingest
+
+    def noting(wire: list) -> int:  # instrumentation: when each offer arrives
+        kept = ingest(wire)
+        if kept:
+            now = time.time()
+            for (_, kind), record in list(d._records.items()):
+                if kind == OfferBody.record_type:
+                    seen.setdefault(str(record.cid), now)
+        return kept
+
+    d.ingest = noting  # type: ignore[method-assign]
+    network = NetworkRole(d)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await network.start()
+        yield
+        await network.stop()
+
+    app = FastAPI(lifespan=lifespan)
+    app.include_router(network.router)
+
+    @app.post("/bench/offer")
+    def offer() -> dict:
+        now = int(time.time() * 1000)
+        model = str(cid_of(secrets.token_bytes(16), RAW))
+        record = sign_record(identity, OfferBody(
+            url=url, models=[OfferedModel(cid=model, name=model[-8:], input_per_mtok=1, output_per_mtok=1,
+                                          context_length=64)],
+            precision="fp32", max_concurrency=1, hardware="bench", engine="none", issued_ms=now,
+            expires_ms=now + 3_600_000, nonce=secrets.token_hex(4)))
+        t = time.time()
+        d.announce(lambda: record)
+        return {"cid": str(record.cid), "model": model, "t": t}
+
+    @app.get("/bench/seen")
+    def seen_offers() -> dict:
+        return seen
+
+    @app.get("/bench/members")
+    def members() -> list[str]:
+        return sorted(d.members())
+
+    @app.get("/bench/lookup")
+    async def lookup(model: str) -> dict:
+        t = time.perf_counter()
+        found = await d.daemon.client.find_providers(model_key(model), timeout_s=10)  # type: ignore[attr-defined]
+        return {"s": time.perf_counter() - t, "found": len(found)}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Node:
+    def __init__(self, impl: str, home: Path, interval: float, join: list[str]) -> None:
+        self.impl, self.home, self.interval, self.join = impl, home, interval, join
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        args = [sys.executable, __file__, "--serve", self.impl, str(self.home), str(self.port), str(self.interval),
+                *self.join]
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONPATH=str(SRC))
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=(self.home / "node.log").open("ab"))
+
+    def wait_ready(self, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited: {(self.home / 'node.log').read_text()[-2000:]}")
+            try:
+                return httpx.get(f"{self.url}/agora/v1/peers", timeout=2).json()
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise TimeoutError(f"node {self.url} not up")
+
+    def pids(self) -> list[int]:
+        """The node's process and its children (its p2pd)."""
+        pids = [self.proc.pid]
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
+            try:
+                pids += [int(p) for p in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return pids
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+async def all_members(client: httpx.AsyncClient, nodes: list[Node]) -> list[set[str]]:
+    answers = await asyncio.gather(*(client.get(f"{n.url}/bench/members") for n in nodes), return_exceptions=True)
+    return [set(a.json()) if isinstance(a, httpx.Response) else set() for a in answers]
+
+
+async def measure(impl: str, n: int, interval: float, idle_s: float, root: Path) -> dict:
+    load0 = os.getloadavg()[0]
+    result: dict = {"impl": impl, "n": n}
+    first = Node(impl, root / "n0", interval, [])
+    info = first.wait_ready()
+    join = info.get("multiaddrs", []) if impl == "libp2p" else [first.url]
+    nodes = [first] + [Node(impl, root / f"n{i}", interval, join) for i in range(1, n)]
+    try:
+        ids = [n_.wait_ready()["peer"] for n_ in nodes]
+        everyone = set(ids)
+        t0 = time.monotonic()
+        async with httpx.AsyncClient(timeout=15) as client:
+            while True:
+                views = await all_members(client, nodes)
+                if all(v >= everyone for v in views):
+                    break
+                if time.monotonic() - t0 > 180:
+                    raise TimeoutError(f"{impl} N={n}: membership did not converge in 180 s")
+                await asyncio.sleep(0.5)
+            result["converged_s"] = time.monotonic() - t0
+
+            await asyncio.sleep(3)  # idle: nothing but heartbeats
+            pids = [n_.pids() for n_ in nodes]
+            before = [sum(cpu_seconds(p) for p in ps) for ps in pids]
+            python_before = [cpu_seconds(ps[0]) for ps in pids]
+            t = time.monotonic()
+            await asyncio.sleep(idle_s)
+            spent = [sum(cpu_seconds(p) for p in ps) - b for ps, b in zip(pids, before)]
+            python = [cpu_seconds(ps[0]) - b for ps, b in zip(pids, python_before)]
+            result["cpu_pct"] = 100 * statistics.mean(spent) / (time.monotonic() - t)
+            result["cpu_python_pct"] = 100 * statistics.mean(python) / (time.monotonic() - t)
+            result["rss_mib"] = statistics.mean(sum(rss_mib(p) for p in ps) for ps in pids)
+
+            publishers = nodes[1:1 + PUBLISHERS]
+            published = []
+            for p in publishers:
+                published.append((p, (await client.post(f"{p.url}/bench/offer")).json()))
+                await asyncio.sleep(1.0)
+            deadline = time.monotonic() + 60
+            while True:
+                seen = [(await client.get(f"{n_.url}/bench/seen")).json() for n_ in nodes]
+                if all(o["cid"] in s for s in seen for _, o in published) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+            delays, to_all, missing = [], [], 0
+            for p, o in published:
+                mine = []
+                for n_, s in zip(nodes, seen):
+                    if n_ is p:
+                        continue
+                    if o["cid"] in s:
+                        mine.append(max(0.0, s[o["cid"]] - o["t"]))
+                    else:
+                        missing += 1
+                delays += mine
+                to_all.append(max(mine) if mine else float("nan"))
+            result.update(prop_p50=pct(delays, 0.5), prop_p95=pct(delays, 0.95), prop_all_max=max(to_all),
+                          prop_missing=missing)
+
+            if impl == "libp2p":
+                askers = random.sample([n_ for n_ in nodes if n_ not in publishers], min(10, n - PUBLISHERS))
+                lookups = await asyncio.gather(*(client.get(f"{a.url}/bench/lookup", params={"model": o["model"]})
+                                                 for a in askers for _, o in published))
+                times = [r.json()["s"] for r in lookups]
+                result.update(dht_p50=pct(times, 0.5), dht_p95=pct(times, 0.95),
+                              dht_miss=sum(r.json()["found"] == 0 for r in lookups), dht_n=len(times))
+
+            victim = publishers[0]
+            victim_id = ids[nodes.index(victim)]
+            others = [n_ for n_ in nodes if n_ is not victim]
+            victim.kill()
+            t = time.monotonic()
+            while any(victim_id in v for v in await all_members(client, others)):
+                if time.monotonic() - t > 120:
+                    break
+                await asyncio.sleep(0.1)
+            result["unrouted_s"] = time.monotonic() - t
+            victim.start()
+            t = time.monotonic()
+            await asyncio.to_thread(victim.wait_ready)
+            result["restart_s"] = time.monotonic() - t  # the process starting (imports, daemon), not discovery
+            t = time.monotonic()
+            while not all(victim_id in v for v in await all_members(client, others)):
+                if time.monotonic() - t > 120:
+                    break
+                await asyncio.sleep(0.1)
+            result["rejoin_s"] = time.monotonic() - t
+    finally:
+        for n_ in nodes:
+            n_.stop()
+    result["load"] = (load0, os.getloadavg()[0])
+    return result
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        impl, home, port, interval, *join = sys.argv[2:]
+        serve(impl, Path(home), int(port), float(interval), join)
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nodes", type=int, nargs="+", default=[10, 30])
+    ap.add_argument("--impl", nargs="+", default=["http", "libp2p"], choices=["http", "libp2p"])
+    ap.add_argument("--interval", type=float, default=2.0, help="heartbeat / gossip interval, seconds (CLI default)")
+    ap.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU measurement")
+    args = ap.parse_args()
+    print(f"discovery benchmark: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, "
+          f"interval {args.interval} s, {PUBLISHERS} publishers")
+    rows = []
+    for n in args.nodes:
+        by_impl = {}
+        for impl in args.impl:
+            with tempfile.TemporaryDirectory(prefix=f"agora-bench-{impl}-") as tmp:
+                r = asyncio.run(measure(impl, n, args.interval, args.idle, Path(tmp)))
+            by_impl[impl] = r
+            rows.append(r)
+            dht = (f"; DHT lookup p50 {r['dht_p50'] * 1000:.0f} ms / p95 {r['dht_p95'] * 1000:.0f} ms, "
+                   f"{r['dht_miss']}/{r['dht_n']} missed") if "dht_p50" in r else ""
+            print(f"{impl:7} N={n:3}: propagation p50 {r['prop_p50'] * 1000:.0f} ms / p95 {r['prop_p95'] * 1000:.0f} ms "
+                  f"(all nodes within {r['prop_all_max'] * 1000:.0f} ms, {r['prop_missing']} missing){dht}; "
+                  f"idle CPU {r['cpu_pct']:.2f} %/node ({r['cpu_python_pct']:.2f} the Python process), RSS {r['rss_mib']:.0f} MiB/node; killed provider unrouted "
+                  f"after {r['unrouted_s']:.1f} s ({r['unrouted_s'] / args.interval:.1f} intervals), listed again by all "
+                  f"{r['rejoin_s']:.1f} s after its restarted process was up ({r['restart_s']:.1f} s); converged {r['converged_s']:.1f} s; load {r['load'][0]:.1f}→"
+                  f"{r['load'][1]:.1f}", flush=True)
+        if {"http", "libp2p"} <= set(by_impl):
+            h, p = by_impl["http"], by_impl["libp2p"]
+            print(f"  N={n} libp2p / http: propagation p95 {p['prop_p95'] / h['prop_p95']:.3f}×, idle CPU "
+                  f"{p['cpu_pct'] / h['cpu_pct']:.2f}×, RSS {p['rss_mib'] / h['rss_mib']:.2f}×, unrouted "
+                  f"{p['unrouted_s'] / h['unrouted_s']:.2f}×", flush=True)
+    goal = [r for r in rows if r["impl"] == "libp2p" and r["n"] == 30]
+    for r in goal:
+        print(f"goals (libp2p, N=30): p95 ≤ 100 ms: {'met' if r['prop_p95'] <= 0.1 else 'NOT met'}; idle CPU ≤ 0.5 %: "
+              f"{'met' if r['cpu_pct'] <= 0.5 else 'NOT met'}; unrouted ≤ 3 intervals: "
+              f"{'met' if r['unrouted_s'] <= 3 * args.interval else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
