@@ -102,9 +102,11 @@ def p2p_config(*, discovery: str, host: str, peer: list[str] | None, bootstrap: 
     except AgoraError as exc:
         raise fail(exc) from None
     proto = "ip6" if ":" in host else "ip4"
+    on = {NAT_OPTIONS[n] for n in flags}
     return P2PConfig(daemon=DaemonOptions(
         binary=binary, listen=tuple(listen or [f"/{proto}/{host}/tcp/0"]), announce=tuple(announce or ()),
-        bootstrap=tuple(bootstrap or ()), **{NAT_OPTIONS[n]: True for n in flags}))
+        bootstrap=tuple(bootstrap or ()), autonat="autonat" in on, nat_port_map="nat_port_map" in on,
+        relay="relay" in on, auto_relay="auto_relay" in on, relay_service="relay_service" in on))
 
 
 def gateway_config(*, require_keys: bool, stall_timeout: float, connect_timeout: float, verifier: list[str] | None,

@@ -135,7 +135,8 @@ def multiaddr_bytes(text: str) -> bytes:
 
 def multiaddr_text(data: bytes) -> str:
     """Text form of a binary multiaddr (protocols this module does not know end it with `/…`)."""
-    out, i = [], 0
+    out: list[str] = []
+    i = 0
     while i < len(data):
         code, i = _read_varint(data, i)
         if code not in _BY_CODE:
