@@ -70,7 +70,7 @@ class GatewayConfig:
     # one provider on probation is tried per request (see Router.plan).
     probation_serves: int = 3
     probation_share: float = 0.1
-    cut_timeout_s: float = 2.0  # how long a provider gets to sign the partial receipt of a stream cut by its client
+    cut_timeout_s: float = 10.0  # how long a provider gets to sign the partial receipt of a stream cut by its client
 
 
 @dataclass
@@ -679,13 +679,22 @@ class Gateway:
             self._finish(job)  # failed or cancelled: pay what receipts came, refund the rest
 
     async def _cut(self, job: _Job, part: _Part) -> None:
-        """Ask the provider of a stream whose client left for the partial receipt of the tokens relayed."""
+        """Ask the provider of a stream whose client left for the partial receipt of the tokens relayed;
+        when it has finished and signed its full receipt already, read that from the stream instead
+        (the provider did the work and cannot know the client left)."""
         assert self.client is not None
         if job.finished or job.parts or not part.tokens or part.response_id is None:
             return  # settled already, or nothing was delivered, or a text-only engine (it cannot sign a part)
         try:
             answer = await self.client.post_json(part.cand.url, f"/agora/v1/streams/{part.response_id}/cut",
                                                  {"delivered": len(part.tokens)})
+        except PeerRefused as exc:
+            if exc.status == 404:  # finished already: its receipt is on its way
+                return await self._drain(job, part)
+            log.warning("%s signed no partial receipt for a cut stream of request %s: %s", part.cand.url,
+                        job.request_id, exc)
+            self.router_state.failed(part.cand.peer)
+            return
         except PeerError as exc:
             log.warning("%s signed no partial receipt for a cut stream of request %s: %s", part.cand.url,
                         job.request_id, exc)
@@ -697,6 +706,25 @@ class Gateway:
             job.parts.append(got)
             body = got.receipt.body
             job.used_tokens = body.prompt_tokens + len(body.output_tokens)
+
+    async def _drain(self, job: _Job, part: _Part) -> None:
+        """Read the rest of a finished stream whose client left, to pay the full receipt at its end."""
+        try:
+            async for chunk in part.stream.chunks():
+                if (token := chunk.token) is not None:
+                    part.tokens.append(token)
+                for text, _, _ in chunk.deltas(job.kind):
+                    part.text += text
+                if chunk.has_receipt:
+                    got = await self._receipt_part(job, part.cand, chunk.receipt, text=part.text, tokens=part.tokens)
+                    if got is not None:
+                        job.parts.append(got)
+                        body = got.receipt.body
+                        job.used_tokens = body.prompt_tokens + len(body.output_tokens)
+                    return
+        except (PeerUnreachable, ValueError) as exc:
+            log.warning("the finished stream of request %s from %s broke before its receipt: %s", job.request_id,
+                        part.cand.url, exc)
 
     # -- routes ---------------------------------------------------------------------------------------
 
