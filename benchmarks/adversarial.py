@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -106,18 +107,18 @@ async def honest_request(client: httpx.AsyncClient, url: str, secret: str, hones
         if not stream:
             r = await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)
             if r.status_code != 200:
-                return tally.fail(f"http {r.status_code}")
+                return tally.fail(f"http {r.status_code} {_code(r.content)}")
             agora = r.json().get("agora") or {}
         else:
             agora, done = {}, False
             async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
                 if r.status_code != 200:
-                    return tally.fail(f"http {r.status_code}")
+                    return tally.fail(f"http {r.status_code} {_code(await r.aread())}")
                 async for line in r.aiter_lines():
                     if line.startswith("data: [DONE]"):
                         done = True
                     elif line.startswith("data:") and '"error"' in line[:20]:
-                        return tally.fail("error chunk")
+                        return tally.fail(f"error chunk {_code(line[5:].encode())}")
                     elif '"agora"' in line and '"receipts"' in line:
                         agora = json.loads(line[5:]).get("agora") or {}
             if not done:
@@ -128,6 +129,23 @@ async def honest_request(client: httpx.AsyncClient, url: str, secret: str, hones
         return tally.fail(type(exc).__name__)
     tally.ok += 1
     tally.latency_ms.append((time.monotonic() - started) * 1000)
+
+
+def _code(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def warnings_of(log: Path, top: int = 6) -> list[tuple[int, str]]:
+    """The gateway's most frequent warnings, ids and numbers masked: what went wrong, at a glance."""
+    counts: dict[str, int] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if "WARNING" in line:
+            key = re.sub(r"12D3Koo\w+|http://[\w.:]+|gw-\w+|\d+", "#", line.split("WARNING", 1)[1])[:110]
+            counts[key] = counts.get(key, 0) + 1
+    return sorted(((n, k) for k, n in counts.items()), reverse=True)[:top]
 
 
 async def honest_clients(url: str, secret: str, honest: set[str], clients: int, seconds: float) -> Tally:
@@ -298,6 +316,7 @@ def main() -> None:
             replayer.stop()
             matches = {n: earnings_match(url["gw"], url[n]) for n in ("a", "b")}
             providers = httpx.get(f"{url['gw']}/agora/v1/providers").json()["providers"]
+            warnings = warnings_of(root / "gw" / "node.log")
         finally:
             for proc in reversed(procs):
                 proc.terminate()
@@ -316,6 +335,8 @@ def main() -> None:
               f"{'equal' if paid == charged else 'DIFFERENT'}")
     print(f"gateway RSS start {rss_start:.1f} MiB, end {rss_end:.1f} MiB ({rss_end - rss_start:+.1f} MiB)")
     print(f"attacks: {counts}; providers known to the gateway at the end: {len(providers)}")
+    for n, what in warnings:
+        print(f"  gateway warning x{n}: {what}")
 
 
 if __name__ == "__main__":
