@@ -14,7 +14,7 @@ from agoranet.net.gossip import GossipConfig
 from agoranet.node.cheat import MADE_UP, hostile_provider_app, sybil_records
 from agoranet.node.node import ProviderOptions
 from agoranet.node.server import BackgroundServer
-from agoranet.node.verifier import Reputation
+from agoranet.node.reputation import Reputation
 from agoranet.verify.records import VerdictBody
 
 from ..conftest import FAST_GOSSIP, start_gateway, start_provider, wait_for
@@ -95,7 +95,7 @@ def test_an_old_receipt_is_never_relayed_or_paid_as_the_answer(tmp_path):
                 # Failed over to the honest provider: its own receipt, and never the made-up text.
                 assert got["provider"] == str(honest_role.identity.peer_id), name
                 assert MADE_UP not in text and got["receipt_cid"] != agora["receipt_cid"]
-            assert gateway.router_state.of(peer).failures >= 1, name
+            assert gateway.routing.of(peer).failures >= 1, name
             assert gateway.credits.ledger.balance(provider(peer)) == earned[name], f"{name} was paid again"
     finally:
         for server in reversed(servers):

@@ -91,11 +91,11 @@ def test_a_sybil_streaming_an_invalid_token_is_blamed_not_the_honest_provider(ne
         sybil = gossip_sybil(url, liar.url, model, ttl_s=10)  # gone before the next test
         wait_for(lambda: known(gateway, [sybil]), what="the lying sybil")
         expected, _ = chat(url, secret, provider={"order": [honest[0]]})
-        before = gateway.router_state.of(honest[0]).failures
+        before = gateway.routing.of(honest[0]).failures
         text, agora = chat(url, secret, stream=True, provider={"order": [sybil, honest[0]]})
         assert text == expected and agora["provider"] == honest[0]  # the bad token never reached the client
-        assert gateway.router_state.of(sybil).failures == 1
-        assert gateway.router_state.of(honest[0]).failures == before == 0
+        assert gateway.routing.of(sybil).failures == 1
+        assert gateway.routing.of(honest[0]).failures == before == 0
     finally:
         liar.stop()
     wait_for(lambda: not known(gateway, [sybil]), timeout=30, what="the lying sybil to lapse")
@@ -124,5 +124,5 @@ def test_free_sybils_at_dead_urls_do_not_fail_honest_requests(net):
     wait_for(lambda: known(gateway, sybils), what="the sybils")
     served = [chat(url, secret)[1]["provider"] for _ in range(30)]
     assert set(served) <= set(honest) and len(served) == 30
-    tried = sum(gateway.router_state.of(s).failures for s in sybils)
+    tried = sum(gateway.routing.of(s).failures for s in sybils)
     assert tried <= 10, f"sybils on probation led {tried} of 30 requests"
