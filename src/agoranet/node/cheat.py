@@ -127,7 +127,7 @@ def hostile_provider_app(kind: str, *, receipt: dict[str, Any] | None = None) ->
         req = await request.json()
         chat = "messages" in req
         if not req.get("stream"):
-            text = receipt["receipt"]["body"]["output_text"] if kind == "cache" else MADE_UP
+            text = receipt["receipt"]["body"]["output_text"] if kind == "cache" and receipt else MADE_UP
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
                       if chat else {"index": 0, "text": text, "finish_reason": "length"})
             return JSONResponse({"id": "cmpl-x", "object": "chat.completion" if chat else "text_completion",

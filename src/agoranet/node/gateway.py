@@ -693,7 +693,7 @@ class Gateway:
                 return await self._drain(job, part)
             log.warning("%s signed no partial receipt for a cut stream of request %s: %s", part.cand.url,
                         job.request_id, exc)
-            self.router_state.failed(part.cand.peer)
+            self.routing.failed(part.cand.peer)
             return
         except PeerError as exc:
             log.warning("%s signed no partial receipt for a cut stream of request %s: %s", part.cand.url,
