@@ -233,6 +233,7 @@ class OfferedModel(RecordBody):
     input_per_mtok: int = NonNegInt
     output_per_mtok: int = NonNegInt
     context_length: int = NonNegInt
+    vocab_size: int = Field(default=0, ge=0)  # token ids are below it (0: the engine reports none); gateways check prefixes
 
 
 @register("agora/offer/1")

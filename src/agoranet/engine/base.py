@@ -84,6 +84,7 @@ class Engine(Protocol):
     model_cid: str
     precision: str
     context_length: int
+    vocab_size: int  # every token id is below it; 0 when the engine reports no token ids
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...

@@ -28,6 +28,7 @@ class StubEngine:
         self.model_name = model_name
         self.model_cid = str(cid_of(encode_canonical({"stub_model": model_name, "text": text}), DAG_CBOR))
         self.context_length = context_length
+        self.vocab_size = 256  # its tokens are bytes
         self._bytes = text.encode("utf-8")
         self._delay = token_delay_s
 
@@ -40,9 +41,13 @@ class StubEngine:
     def token_text(self, token: int) -> str:
         return bytes([token]).decode("utf-8", errors="backslashreplace")
 
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        """One start token, then the prompt's bytes (message roles are not counted)."""
+        text = request.prompt if request.kind == "completion" else "".join(c for _, c in request.messages)
+        return [0, *text.encode()]
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Generation]:
-        prompt_tokens = 1 + (len(request.prompt.encode()) if request.kind == "completion"
-                             else sum(len(c.encode()) for _, c in request.messages))
+        prompt_tokens = len(self.prompt_tokens(request))
         start = len(request.prefix_tokens)
         gen = Generation(prompt_tokens=prompt_tokens, finish_reason="length")
         for i in range(request.sampling.max_tokens):

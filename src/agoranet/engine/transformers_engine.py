@@ -87,6 +87,7 @@ class TransformersEngine:
             torch.set_num_threads(threads)
         self.model = load_causal_lm(model_dir, precision)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.vocab_size = int(self.model.config.vocab_size)
         # transformers renamed past_key_values to cache (5.x); speak whichever this version knows.
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._waiting: collections.deque[_Sequence] = collections.deque()

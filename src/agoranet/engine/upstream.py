@@ -35,6 +35,7 @@ class UpstreamEngine:
         self.model_name = model
         self.model_cid = model_cid or _name_cid(model)
         self.context_length = context_length
+        self.vocab_size = 0  # the upstream reports text, not token ids
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
                                          timeout=httpx.Timeout(timeout, connect=10.0))

@@ -52,6 +52,10 @@ CREATE TABLE IF NOT EXISTS credit_escrows (
     held INTEGER NOT NULL,
     settled INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS credit_paid_receipts (
+    cid TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -111,6 +115,13 @@ class CreditLedger:
             ).fetchone()
         return None if row is None else (row[0], row[1], bool(row[2]))
 
+    def paid_receipts(self, cids: Iterable[str]) -> set[str]:
+        """Which of these receipt CIDs a settlement has paid already (each is paid once, ever)."""
+        cids = list(cids)
+        with self.log.transaction() as tx:
+            return {cid for cid in cids
+                    if tx.conn.execute("SELECT 1 FROM credit_paid_receipts WHERE cid = ?", (cid,)).fetchone()}
+
     # -- moves ------------------------------------------------------------------------------------
 
     def mint(self, amount: int) -> Record[CreditMoveBody]:
@@ -154,11 +165,14 @@ class CreditLedger:
             payments.append((verifier_account, verifier_fee))
         return self.settle_many(request_id, payments)
 
-    def settle_many(self, request_id: str, payments: Iterable[tuple[str, int]]) -> list[Record[CreditMoveBody]]:
+    def settle_many(self, request_id: str, payments: Iterable[tuple[str, int]],
+                    receipts: Iterable[str] = ()) -> list[Record[CreditMoveBody]]:
         """Escrow → each (account, amount) in order, the rest back to the user; no payments refunds it all.
 
-        A request served by several providers (failover) pays each of them from one escrow. Once per request.
+        A request served by several providers (failover) pays each of them from one escrow. Once per request;
+        `receipts` (the CIDs paid for) are recorded in the same transaction, and one already paid is refused.
         """
+        receipts = list(receipts)
         payments = list(payments)
         for account, amount in payments:
             _check_account(account)
@@ -179,6 +193,10 @@ class CreditLedger:
             if total > held:
                 shown = " + ".join(str(amount) for _, amount in payments)
                 raise EscrowError(f"request {request_id!r} costs {shown}, more than the {held} held")
+            for cid in receipts:
+                if tx.conn.execute("SELECT 1 FROM credit_paid_receipts WHERE cid = ?", (cid,)).fetchone():
+                    raise EscrowError(f"receipt {cid} was paid already; a receipt is paid once")
+                tx.conn.execute("INSERT INTO credit_paid_receipts (cid, request_id) VALUES (?, ?)", (cid, request_id))
             moves = [self._move(tx, "settle", escrow, payee, amount, request_id) for payee, amount in payments if amount]
             if refund := held - total:
                 moves.append(self._move(tx, "refund", escrow, account, refund, request_id))

@@ -1,17 +1,29 @@
-"""TEST AND DEMO FACILITY ONLY: a provider engine that cheats while claiming the honest model.
+"""TEST AND DEMO FACILITY ONLY: providers that cheat — an engine claiming the honest model, and hostile peers.
 
 `agora provide --cheat KIND` wraps the built-in engine so its receipts still name the honest model
 CID, precision and sampling parameters, but the work behind them is not what they claim. Verifiers
-must catch every kind; the tests and `agora demo --cheater` use it to show that they do.
+must catch every kind; the tests and `agora demo --cheater` use it to show that they do. The hostile
+peers (sybil offers, a receipt replayer, a provider streaming an invalid token) attack the gateway's
+routing and payments; tests/adversarial and benchmarks/adversarial.py use them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import torch
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from agoranet.core.identity import Identity
+from agoranet.core.records import OfferBody, OfferedModel, sign_record
 
 from agoranet.engine.base import Generation, GenerationRequest, TokenEvent
 from agoranet.engine.transformers_engine import TransformersEngine
@@ -77,3 +89,72 @@ class CheatingEngine:
                 elif self.kind == "logprobs":
                     item.logprobs = [min(0.0, lp + 1.0) for lp in item.logprobs]
             yield item
+
+
+# -- hostile peers at the HTTP level: sybils and receipt replayers --------------------------------
+
+HOSTILE = {
+    "replay": "answer every request with made-up text and an old honest receipt of its own",
+    "cache": "answer with an old honest answer verbatim (text, tokens, receipt): paid again for no work",
+    "bad_token": "stream one token outside the model's vocabulary, then drop the connection",
+}
+MADE_UP = "trust me, this is the answer"
+
+
+def sybil_records(identity: Identity, url: str, model: OfferedModel, *, ttl_s: float = 60.0,
+                  seq: int = 0) -> list[dict[str, Any]]:
+    """A validly signed offer of `model` at `url` and a heartbeat keeping it live: what one sybil gossips."""
+    from agoranet.net.gossip import HeartbeatBody, now_ms
+
+    now = now_ms()
+    offer = sign_record(identity, OfferBody(
+        url=url, models=[model], precision="fp32", max_concurrency=16, hardware="cpu:sybil", engine="sybil",
+        issued_ms=now, expires_ms=now + 3_600_000, nonce=secrets.token_hex(8)))
+    beat = sign_record(identity, HeartbeatBody(url=url, roles=["provider"], offer=str(offer.cid), seq=seq,
+                                               issued_ms=now, expires_ms=now + int(ttl_s * 1000)))
+    return [offer.to_json(), beat.to_json()]
+
+
+def hostile_provider_app(kind: str, *, receipt: dict[str, Any] | None = None) -> FastAPI:
+    """A provider that cheats as `kind` says (see HOSTILE); `replay` needs an old `agora` answer field."""
+    if kind not in HOSTILE:
+        raise ValueError(f"unknown hostile provider {kind!r}; choose one of {', '.join(HOSTILE)}")
+    if kind in ("replay", "cache") and receipt is None:
+        raise ValueError("a replaying provider needs the `agora` field of an old honest answer")
+    app = FastAPI()
+
+    async def answer(request: Request) -> Response:
+        req = await request.json()
+        chat = "messages" in req
+        if not req.get("stream"):
+            text = receipt["receipt"]["body"]["output_text"] if kind == "cache" and receipt else MADE_UP
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                      if chat else {"index": 0, "text": text, "finish_reason": "length"})
+            return JSONResponse({"id": "cmpl-x", "object": "chat.completion" if chat else "text_completion",
+                                 "created": 0, "model": req["model"], "choices": [choice], "agora": receipt,
+                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+        def chunk(text: str, extra: dict[str, Any] | None = None, finish: str | None = None) -> dict[str, str]:
+            choice = ({"index": 0, "delta": {"content": text}, "finish_reason": finish} if chat
+                      else {"index": 0, "text": text, "finish_reason": finish})
+            return {"data": json.dumps({"id": "cmpl-x", "object": "chunk", "created": 0, "model": req["model"],
+                                        "choices": [choice], **(extra or {})})}
+
+        async def events():
+            if kind == "bad_token":
+                yield chunk("x", {"agora": {"token": 1 << 30}})
+                await asyncio.sleep(0.05)
+                raise ConnectionAbortedError("a sybil dies mid-stream")
+            assert receipt is not None
+            body = receipt["receipt"]["body"]
+            for i, token in enumerate(body["output_tokens"]):
+                text = (body["output_text"] if i == 0 else "") if kind == "cache" else MADE_UP[token % len(MADE_UP)]
+                yield chunk(text, {"agora": {"token": token}})
+            yield chunk("", {"agora": receipt}, finish="length")
+            yield {"data": "[DONE]"}
+
+        return EventSourceResponse(events(), sep="\n")
+
+    app.add_api_route("/v1/chat/completions", answer, methods=["POST"])
+    app.add_api_route("/v1/completions", answer, methods=["POST"])
+    return app

@@ -142,6 +142,13 @@ class CreditsRole:
 
     # -- charging ---------------------------------------------------------------------------------
 
+    async def balance(self, key_id: str) -> int:
+        return await asyncio.to_thread(self.ledger.balance, user(key_id))
+
+    async def paid(self, receipt_cid: str) -> bool:
+        """Whether a receipt was paid already: a receipt is paid once, whichever request it comes back with."""
+        return bool(await asyncio.to_thread(self.ledger.paid_receipts, [receipt_cid]))
+
     async def hold(self, key_id: str, request_id: str, amount: int) -> Escrow:
         """Reserve `amount` from the key's account, or refuse with 402 and change nothing."""
         escrow = Escrow(_escrow_id(request_id), user(key_id), amount)
@@ -186,9 +193,10 @@ class CreditsRole:
             if escrow.settled:
                 return escrow
             escrow.settled = True
+        receipts = list(receipts)
         payments, fee = self.payments(escrow, receipts, verifier_peer)
         try:
-            self.ledger.settle_many(escrow.id, payments)
+            self.ledger.settle_many(escrow.id, payments, [str(r.cid) for r in receipts])
         except CreditError:
             log.exception("settling failed; refunding the whole hold", extra={"escrow": escrow.id})
             payments, fee = [], 0

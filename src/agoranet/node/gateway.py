@@ -22,21 +22,24 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
+import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
+from agoranet.core.cid import DAG_CBOR, cid_of
 from agoranet.core.errors import RecordError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, OfferedModel, ReceiptBody, Record, token_charge
-from agoranet.engine.base import Generation
+from agoranet.engine.base import Generation, GenerationRequest
 from agoranet.net.discovery import Discovery
-from agoranet.net.peer import PeerClient, PeerRefused, PeerStream, PeerUnreachable
+from agoranet.net.peer import PeerClient, PeerError, PeerRefused, PeerStream, PeerUnreachable
 from agoranet.node.app import FastJSONResponse
 from agoranet.node.audit import VerifierLink
 from agoranet.node.credits_role import CreditsRole, Escrow, PriceBound, max_price, prompt_token_bound
 from agoranet.node.keys import ApiKey, KeyStore
+from agoranet.node.provider import CUT, generation_request, request_mismatch
 from agoranet.wire.openai import (
     Answer, ChatCompletionRequest, ChunkWriter, CompletionRequest, ProviderPreferences, ReceiptPart, error_chunk,
     gateway_summary,
@@ -62,6 +65,12 @@ class GatewayConfig:
     reputation_interval_s: float = 2.0
     charge_credits: bool = False  # bill each request to its API key's credits (implies keys are required)
     verifier_fee_ppm: int = 0  # verifiers' fee, in millionths of the providers' charge, paid by the user
+    # A provider is on probation until a verifier has passed one of its receipts or it has served this many
+    # requests here: until then it is tried first for at most probation_share of requests, and at most
+    # one provider on probation is tried per request (see Router.plan).
+    probation_serves: int = 3
+    probation_share: float = 0.1
+    cut_timeout_s: float = 10.0  # how long a provider gets to sign the partial receipt of a stream cut by its client
 
 
 @dataclass
@@ -77,6 +86,10 @@ class ProviderHealth:
 
     def healthy(self, now: float) -> bool:
         return now >= self.cooldown_until
+
+
+_NEVER_TRIED = ProviderHealth()  # read-only: what `Router.seen` answers for a provider never tried
+MAX_HEALTH_RECORDS = 10_000
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,7 +128,31 @@ class Router:
         self.exclusions: list[Callable[[str], bool]] = []
 
     def of(self, peer: str) -> ProviderHealth:
+        """The record of a provider this gateway tries (created on first use)."""
         return self.health.setdefault(peer, ProviderHealth())
+
+    def seen(self, peer: str) -> ProviderHealth:
+        """What this gateway has seen of a provider, without remembering one never tried: a flood of offers
+        from fresh keys must not grow the health table."""
+        return self.health.get(peer) or _NEVER_TRIED
+
+    def proven(self, peer: str) -> bool:
+        """Off probation: a verifier passed one of its receipts, or it served `probation_serves` requests here."""
+        return (self.verifiers is not None and self.verifiers.verified(peer)) or \
+            self.seen(peer).served >= self.config.probation_serves
+
+    def _probation(self, ordered: list[Candidate], now: float) -> list[Candidate]:
+        """Proven providers first, but one healthy provider on probation, drawn at random, leads
+        `probation_share` of requests; the rest on probation get none. With no proven provider yet, all
+        are tried as ordered (a network has to start somewhere)."""
+        proven = [c for c in ordered if self.proven(c.peer)]
+        if not proven or len(proven) == len(ordered):
+            return ordered
+        unproven = [c for c in ordered if not self.proven(c.peer) and self.seen(c.peer).healthy(now)]
+        trial = [self.rng.choice(unproven)] if unproven else []
+        if trial and self.rng.random() < self.config.probation_share:
+            return trial + proven
+        return proven + trial
 
     def plan(self, candidates: list[Candidate], prefs: ProviderPreferences) -> list[Candidate]:
         if self.exclusions:
@@ -136,10 +173,12 @@ class Router:
                           if (mp.prompt is None or c.model.input_per_mtok <= mp.prompt)
                           and (mp.completion is None or c.model.output_per_mtok <= mp.completion)]
         now = time.monotonic()
-        healthy = [c for c in candidates if self.of(c.peer).healthy(now)]
-        cooling = sorted((c for c in candidates if not self.of(c.peer).healthy(now)),
-                         key=lambda c: self.of(c.peer).cooldown_until)
+        healthy = [c for c in candidates if self.seen(c.peer).healthy(now)]
+        cooling = sorted((c for c in candidates if not self.seen(c.peer).healthy(now)),
+                         key=lambda c: self.seen(c.peer).cooldown_until)
         ordered = self._sort(healthy, prefs.sort) + cooling  # cooling providers only as a last resort
+        if not prefs.order and not prefs.only:  # a user who names providers gets exactly those
+            ordered = self._probation(ordered, now)
         if prefs.order:
             named: list[Candidate] = []
             for name in prefs.order:
@@ -151,21 +190,25 @@ class Router:
 
     def _sort(self, cs: list[Candidate], sort: str | None) -> list[Candidate]:
         if sort == "price":
-            return sorted(cs, key=lambda c: (c.price, self.of(c.peer).in_flight))
+            return sorted(cs, key=lambda c: (c.price, self.seen(c.peer).in_flight))
         if sort == "latency":  # unknown latency sorts first, so new providers get measured
-            return sorted(cs, key=lambda c: (self.of(c.peer).ttft_ms or 0.0, c.price))
+            return sorted(cs, key=lambda c: (self.seen(c.peer).ttft_ms or 0.0, c.price))
         if sort == "throughput":
-            return sorted(cs, key=lambda c: (-(self.of(c.peer).tokens_per_s or float("inf")), c.price))
+            return sorted(cs, key=lambda c: (-(self.seen(c.peer).tokens_per_s or float("inf")), c.price))
         # Default: cheapest first, but drawn at random weighted by (cheapest/price)^2 / (1 + in flight),
         # so load spreads and a provider twice the price still gets about a fifth of the traffic.
         if len(cs) <= 1:
             return cs
         cheapest = min(c.price for c in cs) + 1
-        weights = [((cheapest / (c.price + 1)) ** 2) / (1 + self.of(c.peer).in_flight) for c in cs]
+        weights = [((cheapest / (c.price + 1)) ** 2) / (1 + self.seen(c.peer).in_flight) for c in cs]
         first = self.rng.choices(cs, weights=weights)[0]
         return [first] + sorted((c for c in cs if c is not first), key=lambda c: c.price)
 
     def failed(self, peer: str) -> None:
+        if len(self.health) > MAX_HEALTH_RECORDS:  # forget providers that never served and are not cooling
+            now = time.monotonic()
+            for stale in [p for p, h in self.health.items() if not h.served and not h.in_flight and h.healthy(now)]:
+                del self.health[stale]
         h = self.of(peer)
         h.failures += 1
         cooldown = min(self.config.cooldown_s * 2 ** (h.failures - 1), self.config.max_cooldown_s)
@@ -194,8 +237,27 @@ def overcharged(receipt: ReceiptBody, offered: OfferedModel) -> int | None:
     return None
 
 
+def _generated_text(job: _Job, answer: Answer) -> str:
+    """The generated text of a provider's plain answer (without an echoed prompt): what its receipt signs."""
+    req = job.req
+    if isinstance(req, CompletionRequest) and req.echo:
+        return answer.text.removeprefix(req.prompt_text())
+    return answer.text
+
+
 def _ewma(old: float | None, new: float, alpha: float) -> float:
     return new if old is None else (1 - alpha) * old + alpha * new
+
+
+@dataclass
+class _Part:
+    """One provider's part of a streamed answer: what it relayed, for its receipt to be checked against."""
+
+    cand: Candidate
+    stream: PeerStream
+    response_id: str | None = None  # the provider's id of its stream (to cut it)
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
 
 
 @dataclass
@@ -212,6 +274,10 @@ class _Job:
     tried: list[str] = field(default_factory=list)
     parts: list[ReceiptPart] = field(default_factory=list)  # one per provider that finished its part
     escrow: Escrow | None = None  # the credits held for this request, when the gateway charges
+    reserved: int = 0  # tokens of the key's quota held at admission, released when the request ends
+    used_tokens: int = 0  # prompt + completion tokens served, once known
+    finished: bool = False
+    refused: str = ""  # why the last receipt refused was refused
 
 
 class Gateway:
@@ -276,18 +342,39 @@ class Gateway:
         body |= {"stream": req.stream, "agora": {"request_id": request_id, "prefix_tokens": [], "stream_tokens": True}}
         if req.stream:
             body["stream_options"] = {"include_usage": True}
-        return _Job(kind, req, body, plan, key, request_id, max_tokens)
+        job = _Job(kind, req, body, plan, key, request_id, max_tokens)
+        if key is not None and self.keys is not None:
+            job.reserved = self.keys.reserve(key, self._prompt_bound(job) + max_tokens)
+        return job
+
+    @staticmethod
+    def _prompt_bound(job: _Job, plan: list[Candidate] | None = None) -> int:
+        """At least the prompt tokens any of the planned providers can count (see credits_role)."""
+        contexts = [c.model.context_length for c in (plan or job.plan)]
+        bound = prompt_token_bound(job.req)
+        return min(bound, max(contexts)) if contexts and all(contexts) else bound
 
     # -- credits --------------------------------------------------------------------------------------
 
     async def _hold(self, job: _Job) -> None:
-        """Hold the request's maximum price (see credits_role) from its key's account, or refuse with 402."""
+        """Hold the request's maximum price (see credits_role) from its key's account, or refuse with 402.
+
+        Only providers the key can afford stay in the plan, and the hold is the dearest of those: a provider
+        asking an absurd price is never tried, rather than making every request unaffordable."""
         if not self.config.charge_credits or job.key is None or self.credits is None:
             return
-        amount = max_price(prompt_token_bound(job.req), job.max_tokens,
-                           [PriceBound(c.model.input_per_mtok, c.model.output_per_mtok, c.model.context_length)
-                            for c in job.plan],
-                           fee_ppm=self.config.verifier_fee_ppm)
+
+        def cost(c: Candidate) -> int:
+            return max_price(prompt_token_bound(job.req), job.max_tokens,
+                             [PriceBound(c.model.input_per_mtok, c.model.output_per_mtok, c.model.context_length)],
+                             fee_ppm=self.config.verifier_fee_ppm)
+
+        costs = {c.peer: cost(c) for c in job.plan}
+        balance = await self.credits.balance(job.key.id)
+        affordable = [c for c in job.plan if costs[c.peer] <= balance]
+        if affordable:
+            job.plan = affordable
+        amount = max(costs[c.peer] for c in affordable) if affordable else min(costs.values())
         job.escrow = await self.credits.hold(job.key.id, job.request_id, amount)
 
     def _settle_args(self, job: _Job) -> tuple[list[Record[ReceiptBody]], str | None]:
@@ -305,6 +392,22 @@ class Gateway:
             receipts, payee = self._settle_args(job)
             self.credits.settle_now(job.escrow, receipts, verifier_peer=payee)
 
+    def _finish(self, job: _Job) -> None:
+        """Once per request, however it ended: settle, count its tokens and charge against its key, and
+        release the quota its admission reserved."""
+        self._settle_now(job)
+        if job.finished:
+            return
+        job.finished = True
+        if job.key is not None and self.keys is not None:
+            charged = sum(p.receipt.body.price.charged for p in job.parts)
+            self.keys.record_usage(job.key.id, tokens=job.used_tokens, charged=charged, release=job.reserved)
+
+    async def _close(self, job: _Job) -> None:
+        """A stream response's background task: covers a stream whose generator never started."""
+        await self._settle(job)
+        self._finish(job)
+
     def _next(self, job: _Job) -> Candidate | None:
         for c in job.plan:
             if c.peer not in job.tried:
@@ -312,26 +415,52 @@ class Gateway:
                 return c
         return None
 
-    def _receipt_part(self, cand: Candidate, read: Callable[[], ReceiptPart]) -> ReceiptPart | None:
-        """Check a provider's receipt is signed by the key that made the offer we routed by."""
+    async def _receipt_part(self, job: _Job, cand: Candidate, read: Callable[[], ReceiptPart], *,
+                            tokens: list[int] | None, text: str, cut: bool = False) -> ReceiptPart | None:
+        """The part to pay for when a provider's receipt is bound to this exchange, else None (and the
+        provider is blamed): signed by the offer's key, within the offer's prices, for the request this
+        gateway sent (same canonical request, hence request id, prefix and sampling), for exactly the
+        tokens (`tokens`, when the provider streamed ids) and text relayed, and never paid before."""
+        why = None
         try:
-            part = read()
+            part: ReceiptPart | None = read()
         except RecordError:
-            log.warning("provider %s sent no valid receipt", cand.peer)
+            part, why = None, "no valid receipt"
+        if part is None:
+            pass
+        elif not (request_bytes := part.request):
+            why = "a receipt without the canonical request it binds"
+        elif (receipt := part.receipt).signer != cand.peer:
+            why = f"a receipt signed by {receipt.signer}, not the offer's key"
+        elif (allowed := overcharged(receipt.body, cand.model)) is not None:
+            why = f"a receipt charging {receipt.body.price.charged}, more than its offer allows ({allowed})"
+        elif str(cid_of(request_bytes, DAG_CBOR)) != receipt.body.request:
+            why = "a canonical request that is not the one its receipt binds"
+        elif (mismatch := request_mismatch(request_bytes, self._sent(job, cand), cand.model.cid)) is not None:
+            why = f"a receipt for another request: {mismatch}"
+        elif receipt.body.request_id != job.request_id:
+            why = f"a receipt for request id {receipt.body.request_id!r}, not {job.request_id!r}"
+        elif tokens is not None and receipt.body.output_tokens != tokens:
+            why = f"a receipt for {len(receipt.body.output_tokens)} tokens other than the {len(tokens)} it streamed"
+        elif not (text.startswith(receipt.body.output_text) if cut else receipt.body.output_text == text):
+            why = "a receipt whose text is not the text it answered"
+        elif cut and receipt.body.finish_reason != CUT:
+            why = f"a partial receipt finishing {receipt.body.finish_reason!r}"
+        elif self.credits is not None and await self.credits.paid(str(receipt.cid)):
+            why = f"receipt {receipt.cid}, which was paid already"
+        if why is not None:
+            job.refused = f"provider {cand.peer} sent {why}"
+            log.warning("provider %s sent %s; its answer is not paid", cand.url, why)
             self.routing.failed(cand.peer)
             return None
-        receipt = part.receipt
-        if receipt.signer != cand.peer:
-            log.warning("receipt from %s is signed by %s, not the offer's key", cand.url, receipt.signer)
-            self.routing.failed(cand.peer)
-            return None
-        if (allowed := overcharged(receipt.body, cand.model)) is not None:
-            log.warning("receipt from %s charges %d, more than its offer allows (%d); it is not paid",
-                        cand.url, receipt.body.price.charged, allowed)
-            self.routing.failed(cand.peer)
-            return None
-        self.verifiers.submit(receipt, cand.url)
+        assert part is not None
+        self.verifiers.submit(part.receipt, cand.url)
         return part
+
+    def _sent(self, job: _Job, cand: Candidate) -> GenerationRequest:
+        """The generation the provider was asked for, as it reads it from the body this gateway sent."""
+        schema = ChatCompletionRequest if job.kind == "chat" else CompletionRequest
+        return generation_request(job.kind, schema.model_validate(job.body), job.max_tokens, cand.model.cid)
 
     def _agora(self, job: _Job) -> dict[str, Any]:
         e = job.escrow
@@ -339,11 +468,6 @@ class Gateway:
                    if e is not None and e.settled else None)
         return gateway_summary(job.parts, request_id=job.request_id, gateway=str(self.identity.peer_id),
                                credits=credits)
-
-    def _meter(self, job: _Job, tokens: int) -> None:
-        if job.key is not None and self.keys is not None:
-            charged = sum(p.receipt.body.price.charged for p in job.parts)
-            self.keys.record_usage(job.key.id, tokens=tokens, charged=charged)
 
     async def _hot(self, kind: Kind, schema: type[ChatCompletionRequest] | type[CompletionRequest],
                    request: Request) -> Response:
@@ -355,9 +479,9 @@ class Gateway:
     async def serve(self, kind: Kind, req: ChatCompletionRequest | CompletionRequest,
                     authorization: str | None) -> Response:
         job = await self._job(kind, req, authorization)
-        await self._hold(job)
         streaming = False
         try:
+            await self._hold(job)
             if req.stream:
                 response = await self._serve_stream(job)
                 streaming = True  # the stream settles its hold when it ends
@@ -366,6 +490,7 @@ class Gateway:
         finally:
             if not streaming:
                 await self._settle(job)
+                self._finish(job)
 
     async def _serve_plain(self, job: _Job) -> Response:
         kind, req = job.kind, job.req
@@ -397,14 +522,15 @@ class Gateway:
                 self.routing.failed(cand.peer)
                 last_error = RequestError(f"provider {cand.peer} answered something that is not an answer: {exc}")
                 continue
-            part = self._receipt_part(cand, partial(ReceiptPart.read, answer.agora))
+            part = await self._receipt_part(job, cand, partial(ReceiptPart.read, answer.agora), tokens=None,
+                                            text=_generated_text(job, answer))
             if part is None:
-                last_error = RequestError(f"provider {cand.peer} answered without a valid receipt")
+                last_error = RequestError(f"provider {cand.peer} answered without a receipt bound to this request")
                 continue
             job.parts.append(part)
             self.routing.succeeded(cand.peer, ttft_s=elapsed, tokens=answer.usage.completion_tokens,
                                         duration_s=elapsed)
-            self._meter(job, answer.usage.total_tokens)
+            job.used_tokens = answer.usage.total_tokens
             await self._settle(job)
             body["agora"] = self._agora(job)  # the rest of the answer goes to the client as the provider wrote it
             return FastJSONResponse(body, headers={"x-agora-receipt": str(part.receipt.cid)})
@@ -422,9 +548,13 @@ class Gateway:
             except PeerUnreachable:
                 self.routing.failed(cand.peer)
             except PeerRefused as exc:
-                if exc.status in (400, 401, 403, 413, 422) and not job.body["agora"]["prefix_tokens"]:
-                    raise RequestError(str(exc), status=exc.status, code="provider_refused") from exc
-                if exc.status != 429:
+                if exc.status in (400, 401, 403, 413, 422):
+                    if not job.body["agora"]["prefix_tokens"]:
+                        raise RequestError(str(exc), status=exc.status, code="provider_refused") from exc
+                    # A continuation refused: the prefix was checked against the offer before it was sent,
+                    # so this is no sign of a broken provider; whoever produced a bad token was blamed then.
+                    log.warning("%s refused to continue request %s: %s", cand.url, job.request_id, exc)
+                elif exc.status != 429:
                     self.routing.failed(cand.peer)
         return None
 
@@ -438,7 +568,7 @@ class Gateway:
         # takes a worker thread per response, and under 500 concurrent streams those queued up
         # without bound (the load benchmark's gateway memory grew ~2.7 MiB/s).
         return EventSourceResponse(self._relay(job, *opened), sep="\n", ping=15,
-                                   background=BackgroundTask(self._settle, job))
+                                   background=BackgroundTask(self._close, job))
 
     async def _relay(self, job: _Job, cand: Candidate, stream: PeerStream):
         req = job.req
@@ -447,49 +577,69 @@ class Gateway:
                              model=req.model, token_text=None, top_k=req.wanted_top, want_logprobs=want_lp)
         tokens: list[int] = []  # ids of every token whose text the client has been sent
         prompt_tokens, completion_tokens, finish = 0, 0, "length"
+        part = _Part(cand, stream)
         try:
             if (opening := writer.first()) is not None:
                 yield {"data": opening}
             while True:
+                cand, stream = part.cand, part.stream
                 health = self.routing.of(cand.peer)
                 health.in_flight += 1
-                started, first_at, part_tokens, part_done = time.monotonic(), None, 0, False
-                part_text = False  # whether this part relayed text (an upstream engine's has no token ids)
+                started, first_at, part_done, bound = time.monotonic(), None, False, True
+                vocab = cand.model.vocab_size
                 try:
                     async for chunk in stream.chunks():
                         if (error := chunk.error) is not None:
                             raise PeerUnreachable(f"provider failed mid-stream: {error}")
+                        part.response_id = part.response_id or chunk.id
+                        # Checked before its text is relayed: a bad token is its producer's fault, and must
+                        # never become the prefix another provider is asked to continue.
+                        if (token := chunk.token) is not None and (
+                                token < 0 or (vocab and token >= vocab) or len(tokens) >= job.max_tokens):
+                            raise PeerUnreachable(f"sent token {token}, which its offer's vocabulary "
+                                                  f"({vocab or 'unknown'}) or max_tokens ({job.max_tokens}) rule out")
                         for text, logprobs, finish_reason in chunk.deltas(job.kind):
                             if finish_reason:
                                 finish = finish_reason
-                            part_text = part_text or bool(text)
+                            part.text += text
                             if (out := writer.relay(text, logprobs if want_lp else None)) is not None:
                                 yield {"data": out}
-                        if (token := chunk.token) is not None:
+                        if token is not None:
                             tokens.append(token)
-                            part_tokens += 1
+                            part.tokens.append(token)
                             first_at = first_at or time.monotonic()
                         if (usage := chunk.usage) is not None:
                             prompt_tokens = prompt_tokens or usage.prompt_tokens
                             completion_tokens += usage.completion_tokens
                         if chunk.has_receipt:
-                            if (part := self._receipt_part(cand, chunk.receipt)) is not None:
-                                job.parts.append(part)
-                            part_done = True
+                            got = await self._receipt_part(job, cand, chunk.receipt, text=part.text,
+                                                           tokens=part.tokens if part.tokens else None)
+                            if got is not None:
+                                job.parts.append(got)
+                            part_done, bound = True, got is not None
                 except (PeerUnreachable, ValueError) as exc:  # ValueError: a chunk field of the wrong type
                     log.warning("stream from %s broke after %d tokens: %s", cand.url, len(tokens), exc)
                     self.routing.failed(cand.peer)
                 else:
-                    if part_done:
+                    if part_done and bound:
                         now = time.monotonic()
                         self.routing.succeeded(cand.peer, ttft_s=(first_at or now) - started,
-                                                    tokens=part_tokens, duration_s=now - (first_at or now))
-                        break
-                    self.routing.failed(cand.peer)
+                                                    tokens=len(part.tokens), duration_s=now - (first_at or now))
+                    elif not part_done:
+                        self.routing.failed(cand.peer)
                 finally:
                     health.in_flight -= 1
-                    await stream.aclose()
-                if part_text and not part_tokens:
+                # Not in `finally`: a stream its client cut stays open until its provider signs for it (below).
+                await stream.aclose()
+                if part_done and bound:
+                    break
+                if not bound:
+                    # What the client was sent is not what the receipt signs: it must not pass for a paid,
+                    # verifiable answer, and it cannot be continued (its text is already out).
+                    yield {"data": error_chunk(f"{job.refused}; the answer streamed is not paid and should not "
+                                               "be trusted; retry the request", code="receipt_refused")}
+                    return
+                if part.text and not part.tokens:
                     # Text with no token ids (a provider in front of vLLM, Ollama…): where it stopped is
                     # unknown in tokens, so another provider could only start over and repeat it.
                     yield {"data": error_chunk("the provider failed mid-stream and its engine does not report "
@@ -510,20 +660,71 @@ class Gateway:
                                                f"provider could continue ({len(job.tried)} tried)",
                                                code="providers_failed")}
                     return
-                cand, stream = opened
-                log.info("continuing request %s on %s after %d tokens", job.request_id, cand.url, len(tokens))
+                part = _Part(*opened)
+                log.info("continuing request %s on %s after %d tokens", job.request_id, part.cand.url, len(tokens))
             await self._settle(job)
+            job.used_tokens = prompt_tokens + completion_tokens
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             gen = Generation(prompt_tokens=prompt_tokens, finish_reason=finish, completion_tokens=completion_tokens)
             for out in writer.last(gen, include_usage=include_usage, agora=self._agora(job)):
                 yield {"data": out}
             yield {"data": DONE}
-            self._meter(job, prompt_tokens + completion_tokens)
-        except asyncio.CancelledError:
-            await stream.aclose()  # the client went away: stop the provider's generation too
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: have the provider sign for what was delivered, then stop it.
+            with anyio.move_on_after(self.config.cut_timeout_s, shield=True):
+                await self._cut(job, part)
+            await part.stream.aclose()
             raise
         finally:
-            self._settle_now(job)  # failed or cancelled: pay what receipts came, refund the rest
+            self._finish(job)  # failed or cancelled: pay what receipts came, refund the rest
+
+    async def _cut(self, job: _Job, part: _Part) -> None:
+        """Ask the provider of a stream whose client left for the partial receipt of the tokens relayed;
+        when it has finished and signed its full receipt already, read that from the stream instead
+        (the provider did the work and cannot know the client left)."""
+        assert self.client is not None
+        if job.finished or job.parts or not part.tokens or part.response_id is None:
+            return  # settled already, or nothing was delivered, or a text-only engine (it cannot sign a part)
+        try:
+            answer = await self.client.post_json(part.cand.url, f"/agora/v1/streams/{part.response_id}/cut",
+                                                 {"delivered": len(part.tokens)})
+        except PeerRefused as exc:
+            if exc.status == 404:  # finished already: its receipt is on its way
+                return await self._drain(job, part)
+            log.warning("%s signed no partial receipt for a cut stream of request %s: %s", part.cand.url,
+                        job.request_id, exc)
+            self.routing.failed(part.cand.peer)
+            return
+        except PeerError as exc:
+            log.warning("%s signed no partial receipt for a cut stream of request %s: %s", part.cand.url,
+                        job.request_id, exc)
+            self.routing.failed(part.cand.peer)
+            return
+        got = await self._receipt_part(job, part.cand, partial(ReceiptPart.read, answer), tokens=part.tokens,
+                                       text=part.text, cut=True)
+        if got is not None:
+            job.parts.append(got)
+            body = got.receipt.body
+            job.used_tokens = body.prompt_tokens + len(body.output_tokens)
+
+    async def _drain(self, job: _Job, part: _Part) -> None:
+        """Read the rest of a finished stream whose client left, to pay the full receipt at its end."""
+        try:
+            async for chunk in part.stream.chunks():
+                if (token := chunk.token) is not None:
+                    part.tokens.append(token)
+                for text, _, _ in chunk.deltas(job.kind):
+                    part.text += text
+                if chunk.has_receipt:
+                    got = await self._receipt_part(job, part.cand, chunk.receipt, text=part.text, tokens=part.tokens)
+                    if got is not None:
+                        job.parts.append(got)
+                        body = got.receipt.body
+                        job.used_tokens = body.prompt_tokens + len(body.output_tokens)
+                    return
+        except (PeerUnreachable, ValueError) as exc:
+            log.warning("the finished stream of request %s from %s broke before its receipt: %s", job.request_id,
+                        part.cand.url, exc)
 
     # -- routes ---------------------------------------------------------------------------------------
 
@@ -533,7 +734,7 @@ class Gateway:
         now = time.monotonic()
         for rec in await self.discovery.find_offers(None):
             signer = rec.signer
-            h = self.routing.of(signer)
+            h = self.routing.seen(signer)
             out.append({"peer": signer, "url": rec.body.url, "models": [m.model_dump() for m in rec.body.models],
                         "healthy": h.healthy(now), "failures": h.failures, "served": h.served,
                         "in_flight": h.in_flight, "ttft_ms": h.ttft_ms, "tokens_per_s": h.tokens_per_s})

@@ -49,6 +49,7 @@ class KeyStore:
         )
         self._lock = threading.Lock()
         self._windows: dict[str, tuple[float, int]] = {}  # key id -> (window start, requests in it)
+        self._reserved: dict[str, int] = {}  # key id -> tokens held by requests under way (see `reserve`)
 
     def create(self, name: str, *, rate_per_min: int = 0, quota_tokens: int = 0) -> tuple[ApiKey, str]:
         """A new key; the secret is returned once and never stored."""
@@ -121,8 +122,36 @@ class KeyStore:
                                    status=429, code="rate_limited", type="rate_limit_error")
             self._windows[key.id] = (start, n + 1)
 
-    def record_usage(self, key_id: str, *, tokens: int, charged: int) -> None:
+    def reserve(self, key: ApiKey, tokens: int) -> int:
+        """Hold the most tokens a request can use against its key's quota, or refuse it with 429.
+
+        Admission reserves and `record_usage` releases, so requests under way at once cannot together
+        use more than the quota. Returns what was reserved (0 for a key without a quota)."""
+        if not key.quota_tokens:
+            return 0
         with self._lock:
+            (used,) = self._db.execute("SELECT used_tokens FROM keys WHERE id = ?", (key.id,)).fetchone()
+            held = self._reserved.get(key.id, 0)
+            if used + held + tokens > key.quota_tokens:
+                raise RequestError(
+                    f"this API key has {max(0, key.quota_tokens - used - held)} tokens of its quota of "
+                    f"{key.quota_tokens} left (requests under way hold {held}); this request may use up to {tokens} "
+                    "(its prompt and max_tokens): lower max_tokens, or wait for requests under way to finish",
+                    status=429, code="quota_exceeded", type="insufficient_quota")
+            self._reserved[key.id] = held + tokens
+        return tokens
+
+    def record_usage(self, key_id: str, *, tokens: int, charged: int, release: int = 0) -> None:
+        """Count a finished request's tokens and charge, and release what its admission reserved."""
+        with self._lock:
+            if release:
+                left = self._reserved.get(key_id, 0) - release
+                if left > 0:
+                    self._reserved[key_id] = left
+                else:
+                    self._reserved.pop(key_id, None)
+            if not tokens and not charged:
+                return  # nothing was served: not a request to count
             self._db.execute(
                 "UPDATE keys SET used_tokens = used_tokens + ?, requests = requests + 1, charged = charged + ?"
                 " WHERE id = ?", (tokens, charged, key_id))

@@ -8,18 +8,19 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Response
+from pydantic import BaseModel, Field
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from agoranet.core.errors import AgoraError, RequestError
+from agoranet.core.errors import AgoraError, RecordError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.records import (
     OfferBody, OfferedModel, PriceCharged, ReceiptBody, Record, SamplingParams, TopLogprob,
-    sign_record, token_charge,
+    decode_canonical, sign_record, token_charge,
 )
 from agoranet.engine.base import Engine, Generation, GenerationRequest, Sampling, TokenEvent
 from agoranet.node.log_role import LogRole
@@ -52,6 +53,25 @@ class ProviderConfig:
         return self.public_url.rstrip("/") + self.path
 
 
+CUT = "cancelled"  # the finish_reason of a partial receipt: the client left, the stream was cut
+
+
+@dataclass
+class _LiveStream:
+    """A stream under way: what its receipt binds, and the token events sent so far."""
+
+    request: GenerationRequest
+    request_cid: str
+    request_bytes: bytes
+    started: int
+    events: list[TokenEvent] = field(default_factory=list)
+    cut: bool = False  # signed already (partial or full): nothing more is owed
+
+
+class CutRequest(BaseModel):
+    delivered: int = Field(ge=0, description="tokens of the stream the gateway relayed to its client")
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -65,6 +85,7 @@ class Provider:
         self.prompt_tokens = 0  # over every receipt signed, for metrics
         self.completion_tokens = 0
         self._offer: Record[OfferBody] | None = None
+        self._live: dict[str, _LiveStream] = {}  # streams under way, by response id
         self.router = self._routes()
 
     async def start(self) -> None:
@@ -84,7 +105,8 @@ class Provider:
             body = OfferBody(
                 url=self.config.url,
                 models=[OfferedModel(cid=e.model_cid, name=e.model_name, input_per_mtok=self.config.input_per_mtok,
-                                     output_per_mtok=self.config.output_per_mtok, context_length=e.context_length)],
+                                     output_per_mtok=self.config.output_per_mtok, context_length=e.context_length,
+                                     vocab_size=e.vocab_size)],
                 precision=e.precision, max_concurrency=self.config.max_concurrency, hardware=hardware_summary(),
                 engine=e.name, issued_ms=now, expires_ms=now + ttl, nonce=secrets.token_hex(8),
             )
@@ -110,30 +132,10 @@ class Provider:
         if self.active >= self.config.max_concurrency:
             raise RequestError(f"this provider is busy ({self.active} requests in flight); retry shortly",
                                status=429, code="rate_limited", type="rate_limit_error")
-        ext = req.agora
-        prefix = tuple(ext.prefix_tokens) if ext else ()
-        sampling = Sampling(
-            temperature=req.temperature, top_p=req.top_p,
-            seed=req.seed if req.seed is not None else secrets.randbits(63),
-            max_tokens=req.max_tokens or self.config.default_max_tokens, stop=tuple(s for s in (req.stop or []) if s),
-        )
-        if kind == "chat":
-            gen_req = GenerationRequest(
-                request_id="", kind="chat", sampling=sampling, top_logprobs=req.wanted_top,
-                messages=tuple((m.role, m.text()) for m in req.messages), prefix_tokens=prefix,
-            )
-        else:
-            gen_req = GenerationRequest(
-                request_id="", kind="completion", sampling=sampling, top_logprobs=req.wanted_top,
-                prompt=req.prompt_text(), prefix_tokens=prefix,
-            )
-        # The sampling noise is keyed by the request id: a gateway continuing a generation passes the
-        # original one; otherwise it is derived from the request itself, so the same request with the
-        # same seed gives the same answer whichever way it is asked (stream or not, any provider).
-        gen_req = replace(gen_req, request_id=(ext.request_id if ext and ext.request_id else derived_request_id(
-            gen_req, self.engine.model_cid)))
+        gen_req = generation_request(kind, req, self.config.default_max_tokens, self.engine.model_cid)
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        request_cid = str(self.state.put(gen_req.canonical(self.engine.model_cid).encode(), "request"))
+        request_bytes = gen_req.canonical(self.engine.model_cid).encode()
+        request_cid = str(self.state.put(request_bytes, "request"))
         self.active += 1
         started = now_ms()
         events = self.engine.generate(gen_req)
@@ -144,9 +146,8 @@ class Provider:
             await events.aclose()
             raise
         if req.stream:
-            return EventSourceResponse(
-                self._stream(kind, req, gen_req, response_id, request_cid, started, first, events), sep="\n", ping=15,
-            )
+            live = _LiveStream(gen_req, request_cid, request_bytes, started)
+            return EventSourceResponse(self._stream(kind, req, response_id, live, first, events), sep="\n", ping=15)
         try:
             gen = first if isinstance(first, Generation) else None
             async for item in events:
@@ -155,7 +156,7 @@ class Provider:
         finally:
             self.active -= 1
         assert gen is not None
-        agora = await self._receipt(gen_req, request_cid, gen, started)
+        agora = await self._receipt(gen_req, request_cid, request_bytes, gen, started)
         model = self.engine.model_name
         created = started // 1000
         if kind == "chat":
@@ -170,19 +171,23 @@ class Provider:
                                        logprobs=lp, agora=agora)
         return JSONResponse(body, headers={"x-agora-receipt": agora["receipt_cid"]})
 
-    async def _stream(self, kind, req, gen_req: GenerationRequest, response_id: str, request_cid: str, started: int,
-                      first: TokenEvent | Generation, events: AsyncIterator[TokenEvent | Generation]):
+    async def _stream(self, kind, req, response_id: str, live: _LiveStream, first: TokenEvent | Generation,
+                      events: AsyncIterator[TokenEvent | Generation]):
         writer = ChunkWriter(kind=kind, id=response_id, model=self.engine.model_name,
                              token_text=self.engine.token_text, top_k=req.wanted_top,
                              want_logprobs=bool(req.logprobs) if kind == "chat" else req.logprobs is not None,
                              token_ids=bool(req.agora and req.agora.stream_tokens))
+        self._live[response_id] = live  # until it ends: a gateway whose client left cuts it (`cut`)
         try:
             if (opening := writer.first()) is not None:
                 yield {"data": opening}
             item = first
             while True:
                 if isinstance(item, Generation):
-                    agora = await self._receipt(gen_req, request_cid, item, started)
+                    if live.cut:
+                        return
+                    live.cut = True  # from here on the full receipt is owed, not a partial one
+                    agora = await self._receipt(live.request, live.request_cid, live.request_bytes, item, live.started)
                     include_usage = bool(req.stream_options and req.stream_options.include_usage)
                     for chunk in writer.last(item, include_usage=include_usage, agora=agora):
                         yield {"data": chunk}
@@ -190,14 +195,38 @@ class Provider:
                     return
                 if (chunk := writer.token(item)) is not None:
                     yield {"data": chunk}
+                if item.token is not None:
+                    live.events.append(item)  # after its chunk went out: a cut bills only what was sent
                 item = await anext(events)
         except AgoraError as exc:
             yield {"data": error_chunk(str(exc), code=type(exc).__name__)}
         finally:
+            self._live.pop(response_id, None)
             self.active -= 1
             await events.aclose()
 
-    async def _receipt(self, gen_req: GenerationRequest, request_cid: str, gen: Generation,
+    async def cut(self, response_id: str, delivered: int) -> dict[str, Any]:
+        """Stop a stream a gateway's client left, and sign a partial receipt for the `delivered` tokens it
+        relayed (never more than this provider sent): a cut stream is paid for what was delivered."""
+        live = self._live.get(response_id)
+        if live is None or live.cut:
+            raise RequestError(f"no stream {response_id!r} is running here (it ended, or was cut already)",
+                               status=404, code="stream_not_found", param="response_id")
+        if not 0 <= delivered <= len(live.events):
+            raise RequestError(f"this stream sent {len(live.events)} tokens, so {delivered} cannot have been "
+                               "delivered", param="delivered", code="delivered_out_of_range")
+        counter = getattr(self.engine, "prompt_tokens", None)  # engines with token ids render the prompt
+        if counter is None:
+            raise RequestError("this provider's engine reports no token ids, so it cannot sign a partial receipt",
+                               status=409, code="partial_receipt_unsupported")
+        live.cut = True
+        sent = live.events[:delivered]
+        gen = Generation(prompt_tokens=len(counter(live.request)), tokens=[e.token for e in sent],
+                         logprobs=[e.logprob for e in sent], top=[list(e.top) for e in sent],
+                         text="".join(e.text for e in sent), finish_reason=CUT, completion_tokens=delivered)
+        return await self._receipt(live.request, live.request_cid, live.request_bytes, gen, live.started)
+
+    async def _receipt(self, gen_req: GenerationRequest, request_cid: str, request_bytes: bytes, gen: Generation,
                        started: int) -> dict[str, Any]:
         """Sign, store and log the receipt; return the response's `agora` field once it is durable."""
         c = self.config
@@ -214,7 +243,8 @@ class Provider:
         self.served += 1
         self.prompt_tokens += gen.prompt_tokens
         self.completion_tokens += completion
-        return ReceiptPart(record).json
+        # The canonical request travels with the receipt, so a gateway checks it is the request it sent.
+        return ReceiptPart(record, request_bytes).json
 
     # -- observability ------------------------------------------------------------------------------
 
@@ -262,6 +292,10 @@ class Provider:
         async def completions(req: CompletionRequest) -> Response:
             return await self.serve("completion", req)
 
+        @r.post("/agora/v1/streams/{response_id}/cut")
+        async def cut(response_id: str, body: CutRequest) -> dict[str, Any]:
+            return await self.cut(response_id, body.delivered)
+
         @r.get("/agora/v1/offer")
         async def offer() -> dict[str, Any]:
             rec = self.offer()
@@ -289,6 +323,50 @@ def receipt_body(engine: Engine, req: GenerationRequest, request_cid: str, gen: 
                                 stop=list(s.stop)),
         finish_reason=gen.finish_reason, price=price, started_ms=started_ms, finished_ms=finished_ms,
     )
+
+
+def generation_request(kind: Literal["chat", "completion"], req: ChatCompletionRequest | CompletionRequest,
+                       default_max_tokens: int, model_cid: str) -> GenerationRequest:
+    """What an OpenAI request asks the engine for: the provider serves it, a gateway checks receipts by it."""
+    ext = req.agora
+    prefix = tuple(ext.prefix_tokens) if ext else ()
+    sampling = Sampling(
+        temperature=req.temperature, top_p=req.top_p, seed=req.seed if req.seed is not None else secrets.randbits(63),
+        max_tokens=req.max_tokens or default_max_tokens, stop=tuple(s for s in (req.stop or []) if s),
+    )
+    if kind == "chat":
+        assert isinstance(req, ChatCompletionRequest)
+        gen_req = GenerationRequest(
+            request_id="", kind="chat", sampling=sampling, top_logprobs=req.wanted_top,
+            messages=tuple((m.role, m.text()) for m in req.messages), prefix_tokens=prefix,
+        )
+    else:
+        assert isinstance(req, CompletionRequest)
+        gen_req = GenerationRequest(
+            request_id="", kind="completion", sampling=sampling, top_logprobs=req.wanted_top,
+            prompt=req.prompt_text(), prefix_tokens=prefix,
+        )
+    # The sampling noise is keyed by the request id: a gateway continuing a generation passes the
+    # original one; otherwise it is derived from the request itself, so the same request with the
+    # same seed gives the same answer whichever way it is asked (stream or not, any provider).
+    return replace(gen_req, request_id=(ext.request_id if ext and ext.request_id else derived_request_id(
+        gen_req, model_cid)))
+
+
+def request_mismatch(request_bytes: bytes, expected: GenerationRequest, model_cid: str) -> str | None:
+    """Why a receipt's canonical request is not the one `expected` describes, or None when it is.
+
+    Every field the expected request renders must be equal; the provider may add fields (what its
+    engine rendered), which the verifier checks by replay."""
+    try:
+        got = decode_canonical(request_bytes)
+    except RecordError as exc:
+        return f"the canonical request does not decode: {exc}"
+    if not isinstance(got, dict):
+        return "the canonical request is not a map"
+    want = decode_canonical(expected.canonical(model_cid).encode())
+    wrong = [name for name, value in want.items() if got.get(name) != value]
+    return f"the canonical request differs in {', '.join(wrong)}" if wrong else None
 
 
 def derived_request_id(req: GenerationRequest, model_cid: str) -> str:

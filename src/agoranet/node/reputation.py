@@ -40,8 +40,13 @@ class Reputation:
     def __init__(self) -> None:
         self.providers: dict[str, ProviderScore] = {}
         self.verifiers: dict[str, VerifierScore] = {}
+        self.judged: set[str] = set()  # receipt CIDs counted
 
     def add_verdict(self, verdict: VerdictBody) -> None:
+        """Count a verdict once per receipt CID: a receipt replayed or re-submitted earns no more standing."""
+        if verdict.receipt in self.judged:
+            return
+        self.judged.add(verdict.receipt)
         s = self.providers.setdefault(verdict.provider, ProviderScore())
         s.verified += 1
         if verdict.ok:

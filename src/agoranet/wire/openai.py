@@ -334,11 +334,29 @@ class ModelList(_Lenient):
     data: list[ModelEntry] = Field(default_factory=list)
 
 
+class AnswerMessage(_Lenient):
+    content: str | None = None
+
+
+class AnswerChoice(_Lenient):
+    message: AnswerMessage | None = None  # chat
+    text: str | None = None  # completion
+
+
 class Answer(_Lenient):
     """What a gateway reads of a provider's non-streamed answer; the rest is passed on untouched."""
 
     usage: Usage = Field(default_factory=Usage)
     agora: dict[str, Any] | None = None
+    choices: list[AnswerChoice] = Field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The first choice's text (chat content, or completion text): what the client reads."""
+        if not self.choices:
+            return ""
+        choice = self.choices[0]
+        return (choice.message.content if choice.message is not None else choice.text) or ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -346,6 +364,7 @@ class ReceiptPart:
     """The `agora` part a provider answers with: its signed receipt, checked whenever it is read."""
 
     receipt: Record[ReceiptBody]
+    request: bytes = b""  # the canonical request the receipt binds, as the provider sent it (hex on the wire)
 
     @classmethod
     def read(cls, agora: Any) -> ReceiptPart:
@@ -353,9 +372,9 @@ class ReceiptPart:
         if not isinstance(agora, dict) or "receipt" not in agora:
             raise RecordError("the answer carries no agora.receipt")
         try:
-            return cls(verify_record(agora["receipt"], ReceiptBody))
-        except TypeError as exc:
-            raise RecordError(f"agora.receipt is not a record: {exc}") from exc
+            return cls(verify_record(agora["receipt"], ReceiptBody), bytes.fromhex(agora.get("request", "")))
+        except (TypeError, ValueError) as exc:
+            raise RecordError(f"agora.receipt is not a record, or agora.request not hex: {exc}") from exc
 
     @property
     def provider(self) -> str:
@@ -363,7 +382,8 @@ class ReceiptPart:
 
     @cached_property
     def json(self) -> dict[str, Any]:
-        return {"receipt_cid": str(self.receipt.cid), "receipt": self.receipt.to_json(), "provider": self.provider}
+        out = {"receipt_cid": str(self.receipt.cid), "receipt": self.receipt.to_json(), "provider": self.provider}
+        return out | {"request": self.request.hex()} if self.request else out
 
 
 def gateway_summary(parts: list[ReceiptPart], *, request_id: str, gateway: str,
@@ -396,6 +416,12 @@ class StreamChunk:
         if not isinstance(raw, dict):
             raise ValueError(f"a stream chunk is a JSON object, not {type(raw).__name__}")
         return cls(raw)
+
+    @property
+    def id(self) -> str | None:
+        """The sender's id of its stream (a gateway names it to cut the stream)."""
+        value = self._raw.get("id")
+        return value if isinstance(value, str) else None
 
     @property
     def error(self) -> Any:
