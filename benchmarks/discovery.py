@@ -142,7 +142,7 @@ class Node:
         self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
                                      stderr=(self.home / "node.log").open("ab"))
 
-    def wait_ready(self, timeout: float = 120) -> dict:
+    def wait_ready(self, timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -319,7 +319,11 @@ def main() -> None:
         by_impl = {}
         for impl in args.impl:
             with tempfile.TemporaryDirectory(prefix=f"agora-bench-{impl}-") as tmp:
-                r = asyncio.run(measure(impl, n, args.interval, args.idle, Path(tmp)))
+                try:
+                    r = asyncio.run(measure(impl, n, args.interval, args.idle, Path(tmp)))
+                except TimeoutError as exc:  # a figure in itself: say so and go on with the other implementation
+                    print(f"{impl:7} N={n:3}: {exc} (load {os.getloadavg()[0]:.1f})", flush=True)
+                    continue
             by_impl[impl] = r
             rows.append(r)
             dht = (f"; DHT lookup p50 {r['dht_p50'] * 1000:.0f} ms / p95 {r['dht_p95'] * 1000:.0f} ms, "

@@ -12,10 +12,13 @@ from pathlib import Path
 import pytest
 
 
-def agora(*args: str, home: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def agora(*args: str, home: Path | None = None, timeout: float = 120,
+          p2pd: str | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     if home is not None:
         env["AGORA_HOME"] = str(home)
+    if p2pd is not None:
+        env["AGORA_P2PD"] = p2pd
     return subprocess.run([sys.executable, "-m", "agoranet.cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -67,6 +70,19 @@ def test_provide_explains_bad_options(tmp_path):
         port = taken.getsockname()[1]
         r = agora("provide", "--port", str(port), home=tmp_path)
     assert r.returncode == 1 and "cannot listen" in r.stderr and "--port" in r.stderr
+
+
+def test_discovery_options_that_do_not_fit_and_a_missing_daemon_are_one_clear_line(tmp_path):
+    r = agora("gateway", "--bootstrap", "/ip4/127.0.0.1/tcp/1", "--port", "0", home=tmp_path)
+    assert r.returncode == 1 and "--bootstrap is for --discovery libp2p" in r.stderr and "Traceback" not in r.stderr
+    r = agora("provide", "--discovery", "libp2p", "--peer", "http://127.0.0.1:1", "--port", "0", home=tmp_path)
+    assert r.returncode == 1 and "--peer seeds HTTP gossip" in r.stderr
+    r = agora("node", "--roles", "gateway", "--discovery", "carrier-pigeon", "--port", "0", home=tmp_path)
+    assert r.returncode == 1 and "give http or libp2p" in r.stderr
+    r = agora("gateway", "--discovery", "libp2p", "--p2p-nat", "teleport", "--port", "0", home=tmp_path)
+    assert r.returncode == 1 and "autonat, port-map" in r.stderr
+    r = agora("gateway", "--discovery", "libp2p", "--port", "0", home=tmp_path, p2pd=str(tmp_path / "no-p2pd"))
+    assert r.returncode == 1 and "pip install 'agoranet[p2p]'" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

@@ -329,7 +329,7 @@ class LibP2PDiscovery(GossipDiscovery):
             await asyncio.wait_for(client.read_stream_info(reader), self.p2p.fetch_timeout_s)
             self._publish_own()
             me = str(self.identity.peer_id)
-            for (signer, _), record in list(self._records.items())[:]:
+            for (signer, _), record in list(self._records.items()):
                 if signer == me:
                     await write_delimited(writer, record.encode())
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, P2PError) as exc:
