@@ -1,4 +1,12 @@
-"""Running a node's app with uvicorn: in the foreground (CLI) or in a background thread (demo, tests)."""
+"""Running a node's app with uvicorn: in the foreground (CLI) or in a background thread (demo, tests).
+
+uvicorn's httptools protocol bounds neither how long nor how much a client may send before its
+request's headers end (llhttp has no header size limit by default), so a peer trickling headers forever
+holds a socket and grows the node without bound. `GuardedHttp` adds both limits: a request whose
+headers are not complete within `header_timeout_s` is closed (408), and one whose request line and
+headers pass `max_header_bytes` gets 431 and is closed. Idle keep-alive connections close after
+`keep_alive_s`, and beyond `max_concurrency` connections and requests in flight new requests get 503.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +14,78 @@ import asyncio
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    header_timeout_s: float = 10.0  # from connection (or the previous response) to the end of the headers
+    max_header_bytes: int = 64 << 10  # request line and headers together
+    keep_alive_s: float = 5.0  # an idle connection between requests is closed after this
+    max_concurrency: int = 4096  # connections plus requests in flight; beyond it new requests get 503
+
+
+class GuardedHttp(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline and a size cap on each request's headers."""
+
+    limits = HttpLimits()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_bytes = 0
+        self._in_headers = True
+        self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            self.limits.header_timeout_s, self._headers_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_headers and not self.transport.is_closing():  # counted after parsing: a body is not headers
+            self._header_bytes += len(data)
+            if self._header_bytes > self.limits.max_header_bytes:
+                self._refuse(431, "request headers too large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._in_headers:  # the next request on a kept-alive connection: a new deadline
+            self._in_headers, self._header_bytes = True, 0
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if getattr(self, "_header_timer", None) is not None:
+            self._header_timer.cancel()  # type: ignore[union-attr]
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self._in_headers and not self.transport.is_closing():
+            self._refuse(408, "request headers not received in time")
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._disarm()
+        self._in_headers = False
+        if not self.transport.is_closing():
+            reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+            body = message.encode()
+            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
+                                 b"connection: close\r\n\r\n%s" % (status, reason, len(body), body))
+            self.transport.close()
 
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -28,10 +105,13 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{host}:{port}"
 
 
-def _config(app: FastAPI, log_level: str) -> uvicorn.Config:
+def _config(app: FastAPI, log_level: str, limits: HttpLimits | None = None) -> uvicorn.Config:
+    limits = limits or HttpLimits()
+    protocol = type("GuardedHttp", (GuardedHttp,), {"limits": limits})  # the limits of this server only
     # log_config=None: uvicorn's loggers propagate to the root logger that core/logs.py configured (JSON or not).
     return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=3,
-                          log_config=None)
+                          log_config=None, http=protocol, timeout_keep_alive=int(limits.keep_alive_s) or 1,
+                          limit_concurrency=limits.max_concurrency)
 
 
 def serve_forever(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
@@ -42,10 +122,11 @@ def serve_forever(app: FastAPI, sock: socket.socket, log_level: str = "info") ->
 class BackgroundServer:
     """A node served from a thread of this process; `with` starts it and stops it, leaving no port open."""
 
-    def __init__(self, app: FastAPI, sock: socket.socket | None = None, log_level: str = "warning") -> None:
+    def __init__(self, app: FastAPI, sock: socket.socket | None = None, log_level: str = "warning",
+                 limits: HttpLimits | None = None) -> None:
         self.sock = sock or bind()
         self.url = url_of(self.sock)
-        self.server = uvicorn.Server(_config(app, log_level))
+        self.server = uvicorn.Server(_config(app, log_level, limits))
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # main thread owns them
         self._thread = threading.Thread(target=self._run, name=f"agora-node {self.url}", daemon=True)
         self._error: BaseException | None = None
