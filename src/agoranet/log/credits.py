@@ -5,6 +5,8 @@ Accounts are named `operator`, `user:NAME`, `provider:PEER`, `verifier:PEER` and
 Each move debits one account and credits another by the same whole number of micro-credits, so the
 sum over all accounts is always zero, and no other balance may drop below zero. Balances and the log
 entry of each move are written in one SQLite transaction: the ledger never disagrees with its log.
+Every amount and every balance stays within ±MAX_CREDITS, far inside SQLite's 64-bit integers, so no
+column ever silently turns into floats.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from agoranet.log.records import CreditMoveBody, EarningsStatementBody, MoveKind
 from agoranet.log.transparency import LogTransaction, TransparencyLog, cid_key, key_cid
 
 __all__ = [
-    "CreditLedger", "EarningsProof", "ISSUANCE", "OPERATOR", "replay_balances", "verify_earnings",
+    "CreditLedger", "EarningsProof", "ISSUANCE", "MAX_CREDITS", "OPERATOR", "replay_balances", "verify_earnings",
     "user", "provider", "verifier",
 ]
 
 OPERATOR = "operator"
 ISSUANCE = "issuance"
+# The most one move may carry and any balance may reach (10^12 credits); SQLite stores integers up to
+# 2^63 - 1 and turns a sum past that into a float, which no audit would notice.
+MAX_CREDITS = 10**18
 _ACCOUNT = re.compile(r"^(operator|issuance|(user|provider|verifier|escrow):[^\s:][^\s]{0,199})$")
 
 _SCHEMA = f"""
@@ -82,8 +87,8 @@ def _check_account(name: str) -> str:
 
 
 def _check_amount(amount: int, what: str = "amount") -> int:
-    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
-        raise InvalidAmount(f"{what} must be a whole number of micro-credits above zero, got {amount!r}")
+    if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= MAX_CREDITS:
+        raise InvalidAmount(f"{what} must be a whole number of micro-credits from 1 to {MAX_CREDITS}, got {amount!r}")
     return amount
 
 
@@ -121,6 +126,11 @@ class CreditLedger:
         with self.log.transaction() as tx:
             return {cid for cid in cids
                     if tx.conn.execute("SELECT 1 FROM credit_paid_receipts WHERE cid = ?", (cid,)).fetchone()}
+
+    def open_escrows(self) -> list[str]:
+        """Request ids whose hold is neither settled nor refunded (after a crash: holds nobody will settle)."""
+        with self.log.transaction() as tx:
+            return [r for (r,) in tx.conn.execute("SELECT request_id FROM credit_escrows WHERE settled = 0")]
 
     # -- moves ------------------------------------------------------------------------------------
 
@@ -176,9 +186,9 @@ class CreditLedger:
         payments = list(payments)
         for account, amount in payments:
             _check_account(account)
-            if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
-                raise InvalidAmount(f"payment to {account} must be a whole number of micro-credits, at least "
-                                    f"zero, got {amount!r}")
+            if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= MAX_CREDITS:
+                raise InvalidAmount(f"payment to {account} must be a whole number of micro-credits from 0 to "
+                                    f"{MAX_CREDITS}, got {amount!r}")
         escrow = _escrow(request_id)
         total = sum(amount for _, amount in payments)
         with self.log.transaction() as tx:
@@ -213,6 +223,10 @@ class CreditLedger:
             have = _balance(tx, debit)
             if have < amount:
                 raise InsufficientCredits(f"{debit} has {have} micro-credits, {amount} needed")
+        elif _balance(tx, debit) - amount < -MAX_CREDITS:
+            raise InvalidAmount(f"minting {amount} would put more than {MAX_CREDITS} micro-credits in circulation")
+        if _balance(tx, credit) + amount > MAX_CREDITS:
+            raise InvalidAmount(f"{credit} would hold more than {MAX_CREDITS} micro-credits")
         (seq,) = tx.conn.execute("SELECT COALESCE(MAX(seq) + 1, 0) FROM credit_moves").fetchone()
         record = sign_record(self.log.identity, CreditMoveBody(
             seq=seq, kind=kind, debit=debit, credit=credit, amount=amount, request_id=request_id,
@@ -285,6 +299,8 @@ def replay_balances(records: Iterable[bytes], *, ledger_id: str | None = None) -
         if record.type != CreditMoveBody.record_type or (ledger_id and record.signer != ledger_id):
             continue
         move: CreditMoveBody = verify_record(data, CreditMoveBody).body
+        if not 0 < move.amount <= MAX_CREDITS:
+            raise InvalidStatement(f"credit move {move.seq} moves {move.amount}, outside 1..{MAX_CREDITS}")
         if move.seq != expected_seq:
             raise InvalidStatement(f"credit move {move.seq} found where {expected_seq} was expected")
         expected_seq += 1
@@ -292,6 +308,8 @@ def replay_balances(records: Iterable[bytes], *, ledger_id: str | None = None) -
         balances[move.credit] = balances.get(move.credit, 0) + move.amount
         if move.debit != ISSUANCE and balances[move.debit] < 0:
             raise InvalidStatement(f"credit move {move.seq} overdraws {move.debit}")
+        if balances[move.credit] > MAX_CREDITS or balances[move.debit] < -MAX_CREDITS:
+            raise InvalidStatement(f"credit move {move.seq} takes a balance past {MAX_CREDITS}")
     return {name: value for name, value in sorted(balances.items()) if value or not name.startswith("escrow:")}
 
 

@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse
 from agoranet.core.errors import RequestError
 from agoranet.core.records import ReceiptBody, Record, token_charge
 from agoranet.log.credits import OPERATOR, CreditLedger, provider, user, verifier
-from agoranet.log.errors import CreditError, InsufficientCredits, UnknownAccount
+from agoranet.log.errors import CreditError, InsufficientCredits, InvalidAmount, UnknownAccount
 from agoranet.log.records import CreditMoveBody
 from agoranet.node.keys import KeyStore
 from agoranet.wire.openai import ChatCompletionRequest, CompletionRequest, error_body
@@ -121,7 +121,11 @@ class CreditsRole:
         self.router = self._routes()
 
     async def start(self) -> None:
-        pass
+        """Refund the holds a crashed run left open: their streams died with it, and no receipt of theirs
+        was relayed as paid, so nobody is owed anything and the user gets the credits back."""
+        for request_id in await asyncio.to_thread(self.ledger.open_escrows):
+            await asyncio.to_thread(self.ledger.settle_many, request_id, [])
+            log.warning("refunded a hold left open by an earlier run", extra={"escrow": request_id})
 
     async def stop(self) -> None:
         """Refund every hold still open (streams cut off by shutdown): no credits stay locked up."""
@@ -154,6 +158,8 @@ class CreditsRole:
         escrow = Escrow(_escrow_id(request_id), user(key_id), amount)
         try:
             await asyncio.to_thread(self.ledger.hold, escrow.id, escrow.account, amount)
+        except InvalidAmount as exc:  # e.g. a price so high the hold is past what any ledger holds
+            raise RequestError(f"this request cannot be held: {exc}", code="invalid_price", param="max_tokens") from None
         except InsufficientCredits:
             have = await asyncio.to_thread(self.ledger.balance, escrow.account)
             raise RequestError(
