@@ -122,6 +122,10 @@ class TransformersEngine:
         return render_prompt(self.tokenizer, request)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Generation]:
+        vocab = int(self.model.config.vocab_size)
+        if (bad := next((t for t in request.prefix_tokens if not 0 <= t < vocab), None)) is not None:
+            raise RequestError(f"agora.prefix_tokens holds {bad}, not a token id of this model (0 to {vocab - 1})",
+                               param="agora.prefix_tokens", code="invalid_token")
         prompt = self.prompt_tokens(request)
         total = len(prompt) + len(request.prefix_tokens) + request.sampling.max_tokens
         if total > self.context_length:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import from_json
@@ -56,7 +56,8 @@ class AgoraExtension(_Lenient):
     """Agora's own request fields: a gateway continuing a generation another provider began."""
 
     request_id: str | None = Field(default=None, max_length=128)
-    prefix_tokens: list[int] = Field(default_factory=list, max_length=1_000_000)
+    # Token ids are never negative; the engine also checks them against its vocabulary and context.
+    prefix_tokens: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=1_000_000)
     stream_tokens: bool = False  # put each token's id on its stream chunk, so a gateway can fail over
 
 
