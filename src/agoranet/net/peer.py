@@ -16,9 +16,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import yarl
 from pydantic_core import from_json, to_json
 
 from agoranet.core.errors import AgoraError
+from agoranet.core.identity import Identity
+from agoranet.net.signed_request import HEADER as SIGNED, sign_request
 from agoranet.wire.openai import StreamChunk, error_body, error_message
 from agoranet.wire.sse import StreamTruncated, sse_payloads
 
@@ -73,12 +76,17 @@ class PeerStream:
 class PeerClient:
     """One pooled HTTP client for all peers; `read_timeout_s` is also the stall timeout of streams.
 
+    With `signer`, every POST carries that identity's `x-agora-signed` header, so a provider that
+    serves only its own node's gateway (`--require-keys`) knows the request came from it.
+
     Create it inside the event loop that will use it (a role's `start()`), and `aclose()` it there.
     """
 
     def __init__(self, *, connect_timeout_s: float = 2.0, read_timeout_s: float = 30.0,
-                 max_connections: int = 512, max_response_bytes: int = 16 << 20) -> None:
+                 max_connections: int = 512, max_response_bytes: int = 16 << 20,
+                 signer: Identity | None = None) -> None:
         self.max_response_bytes = max_response_bytes
+        self.signer = signer
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s),
             connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=KEEPALIVE_S,
@@ -89,6 +97,13 @@ class PeerClient:
 
     async def aclose(self) -> None:
         await self._http.close()
+
+    def _headers(self, url: str, data: bytes, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = JSON | extra if extra else JSON
+        if self.signer is not None:
+            path = yarl.URL(url).path
+            headers = headers | {SIGNED: sign_request(self.signer, "POST", path, data)}
+        return headers
 
     async def _read(self, response: aiohttp.ClientResponse, max_bytes: int, what: str) -> bytes:
         if response.content_length is not None and response.content_length > max_bytes:
@@ -104,8 +119,8 @@ class PeerClient:
                     max_bytes: int, what: str) -> tuple[int, Any]:
         data = to_json(body)
         try:
-            async with self._http.post(url.rstrip("/") + path, data=data,
-                                       headers=JSON | headers if headers else JSON) as r:
+            target = url.rstrip("/") + path
+            async with self._http.post(target, data=data, headers=self._headers(target, data, headers)) as r:
                 raw = await self._read(r, max_bytes, what)
         except _NET_ERRORS as exc:
             raise PeerUnreachable(f"cannot reach {url}: {type(exc).__name__} {exc}") from exc
@@ -138,7 +153,8 @@ class PeerClient:
         """POST a streaming request; returns once the peer has answered 200 (the caller closes it)."""
         data = to_json(body)
         try:
-            response = await self._http.post(url.rstrip("/") + path, data=data, headers=JSON)
+            target = url.rstrip("/") + path
+            response = await self._http.post(target, data=data, headers=self._headers(target, data))
         except _NET_ERRORS as exc:
             raise PeerUnreachable(f"cannot reach {url}: {type(exc).__name__} {exc}") from exc
         if response.status < 400:

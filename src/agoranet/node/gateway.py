@@ -300,7 +300,7 @@ class Gateway:
 
     async def start(self) -> None:
         self.client = PeerClient(connect_timeout_s=self.config.connect_timeout_s,
-                                 read_timeout_s=self.config.stall_timeout_s)
+                                 read_timeout_s=self.config.stall_timeout_s, signer=self.identity)
         await self.verifiers.start()
 
     async def stop(self) -> None:

@@ -175,7 +175,7 @@ def build_node(home: Path, public_url: str, roles: Iterable[str], *, peers: Sequ
     if "storage" in names:
         storage = storage or StorageOptions()
         storage_role = StorageRole(home, public_url, storage.peers, recheck_interval=storage.recheck_interval_s,
-                                   kubo_rpc=storage.kubo_rpc)
+                                   kubo_rpc=storage.kubo_rpc, identity=identity)
         started.append(storage_role)
     if "verifier" in names:
         from agoranet.node.judge import ReplayVerifier  # torch: verifiers only
@@ -190,7 +190,11 @@ def build_node(home: Path, public_url: str, roles: Iterable[str], *, peers: Sequ
         # Beside a gateway, which owns /v1 (users talk to it, and it routes over the whole network,
         # this provider included, over HTTP), the provider's API moves to PROVIDER_PATH: its offer's URL.
         path = PROVIDER_PATH if "gateway" in names else ""
-        config = ProviderConfig(public_url=public_url, path=path, **(provider or ProviderOptions()).pricing)
+        # A gateway that requires keys would be pointless if its provider served anyone under /provider:
+        # that provider then serves only requests its own gateway signed with the node's identity.
+        keyed = "gateway" in names and (gateway.require_keys or gateway.charge_credits)
+        config = ProviderConfig(public_url=public_url, path=path, **(provider or ProviderOptions()).pricing,
+                                callers=frozenset({str(identity.peer_id)}) if keyed else None)
         provider_role = Provider(identity, engine, state, config, log_role)
         started.append(provider_role)
     if discovery is not None:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
@@ -23,6 +23,7 @@ from agoranet.core.records import (
     decode_canonical, sign_record, token_charge,
 )
 from agoranet.engine.base import Engine, Generation, GenerationRequest, Sampling, TokenEvent
+from agoranet.net.signed_request import HEADER as SIGNED, request_signer
 from agoranet.node.log_role import LogRole
 from agoranet.node.app import Cursor, PageSize
 from agoranet.node.records_api import records_router
@@ -46,6 +47,9 @@ class ProviderConfig:
     # Where under the node's URL the provider's whole API is served: the root when it runs alone,
     # "/provider" beside a gateway (which owns /v1 there). Its offers name public_url + path.
     path: str = ""
+    # Peer ids whose signed requests (`x-agora-signed`) alone get inference; None serves anyone. Beside a
+    # gateway that requires keys it is the node's own id, so no one reaches the engine around the gateway.
+    callers: frozenset[str] | None = None
 
     @property
     def url(self) -> str:
@@ -271,6 +275,19 @@ class Provider:
                          "engine_batch_size": e.batch_size}
         return readings
 
+    async def _admit(self, request: Request) -> None:
+        """Refuse inference to anyone but `callers` (when set): their signature on this very request."""
+        if self.config.callers is None:
+            return
+        signer = request_signer(request.headers.get(SIGNED), request.method, request.url.path, await request.body())
+        if signer is None:
+            raise RequestError("this provider serves only its node's gateway, which requires an API key: send "
+                               "your request to the gateway's /v1 with Authorization: Bearer agk_…",
+                               status=401, code="invalid_api_key", type="authentication_error")
+        if signer not in self.config.callers:
+            raise RequestError(f"{signer} may not use this provider directly", status=403, code="forbidden",
+                               type="authentication_error")
+
     # -- routes -------------------------------------------------------------------------------------
 
     def _routes(self) -> APIRouter:
@@ -285,11 +302,13 @@ class Provider:
             }]}
 
         @r.post("/v1/chat/completions")
-        async def chat(req: ChatCompletionRequest) -> Response:
+        async def chat(req: ChatCompletionRequest, request: Request) -> Response:
+            await self._admit(request)
             return await self.serve("chat", req)
 
         @r.post("/v1/completions")
-        async def completions(req: CompletionRequest) -> Response:
+        async def completions(req: CompletionRequest, request: Request) -> Response:
+            await self._admit(request)
             return await self.serve("completion", req)
 
         @r.post("/agora/v1/streams/{response_id}/cut")
