@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass, field
 import httpx
 
-from agoranet.core.records import ReceiptBody, Record
+from agoranet.core.records import OfferBody, ReceiptBody, Record
 from agoranet.core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,8 @@ class VerifierLink:
         self.peer_ids: dict[str, str] = {}  # verifier URL -> the peer id it names in its reputation table
         self.submitted = 0
         self._http = httpx.AsyncClient(timeout=timeout_s)
-        self._outbox: asyncio.Queue[tuple[Record[ReceiptBody], str]] = asyncio.Queue(maxsize=10_000)
+        self._outbox: asyncio.Queue[tuple[Record[ReceiptBody], str, Record[OfferBody] | None]] = \
+            asyncio.Queue(maxsize=10_000)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -56,11 +57,12 @@ class VerifierLink:
         """The verifier that verification fees go to: the first configured one whose peer id is known."""
         return next((self.peer_ids[url] for url in self.verifiers if url in self.peer_ids), None)
 
-    def submit(self, receipt: Record[ReceiptBody], node_url: str) -> None:
-        """Queue a relayed receipt for the verifiers (they audit a share of what they are sent)."""
+    def submit(self, receipt: Record[ReceiptBody], node_url: str, offer: Record[OfferBody] | None = None) -> None:
+        """Queue a relayed receipt for the verifiers (they audit a share of what they are sent); the
+        provider's signed offer vouches for `node_url`, the only place a verifier fetches its records."""
         if self.verifiers:
             with contextlib.suppress(asyncio.QueueFull):  # auditing is sampled anyway; never block a user
-                self._outbox.put_nowait((receipt, node_url))
+                self._outbox.put_nowait((receipt, node_url, offer))
 
     async def refresh(self) -> None:
         """Merge every verifier's table: a fraud proof from any of them excludes the provider."""
@@ -92,8 +94,8 @@ class VerifierLink:
 
     async def _send(self) -> None:
         while True:
-            receipt, node_url = await self._outbox.get()
-            item = {"receipt": receipt.to_json(), "node": node_url}
+            receipt, node_url, offer = await self._outbox.get()
+            item = {"receipt": receipt.to_json(), "node": node_url, "offer": offer.to_json() if offer else None}
             for url in self.verifiers:
                 try:
                     await self._http.post(f"{url}/agora/v1/receipts", json=item)

@@ -454,7 +454,7 @@ class Gateway:
             self.routing.failed(cand.peer)
             return None
         assert part is not None
-        self.verifiers.submit(part.receipt, cand.url)
+        self.verifiers.submit(part.receipt, cand.url, cand.offer)
         return part
 
     def _sent(self, job: _Job, cand: Candidate) -> GenerationRequest:

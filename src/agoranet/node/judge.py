@@ -6,6 +6,7 @@ receipt inside another verifier's fraud proof. The verifier role and `agora veri
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ from agoranet.wire.canonical import CanonicalRequest
 
 class UnverifiableReceipt(AgoraError):
     hint = "the verifier needs the receipt's canonical request and the model it names (pass --model DIR)"
+
+
+class ReceiptTooLong(UnverifiableReceipt):
+    hint = "no honest receipt is longer than its model's context; this one is not replayed"
 
 
 def now_ms() -> int:
@@ -74,6 +79,26 @@ class ReplayVerifier:
         if threads:
             torch.set_num_threads(threads)
 
+    def context_length(self, cid: str) -> int:
+        """The model's context in tokens, from its config (no load): no honest receipt is longer."""
+        if cid not in self._dirs:
+            raise UnverifiableReceipt(f"this verifier does not hold model {cid}")
+        try:
+            config = json.loads((self._dirs[cid] / "config.json").read_text())
+            return int(config.get("max_position_embeddings", 2048))
+        except (OSError, ValueError, TypeError) as exc:
+            raise UnverifiableReceipt(f"cannot read the context length of model {cid}: {exc}") from exc
+
+    def admissible(self, receipt: Record[ReceiptBody]) -> None:
+        """Refuse, before anything is queued, a receipt whose replay could not be bounded: a model this
+        verifier lacks, or more tokens than the model's context (no honest receipt has that many)."""
+        body = receipt.body
+        context = self.context_length(body.model)
+        length = body.prompt_tokens + len(body.prefix_tokens) + len(body.output_tokens)
+        if length > context:
+            raise ReceiptTooLong(f"receipt {receipt.cid} covers {length} tokens; model {body.model} has a context "
+                                 f"of {context}")
+
     def _model(self, cid: str) -> tuple[torch.nn.Module, ByteTokenizer]:
         if cid not in self._loaded:
             if cid not in self._dirs:
@@ -99,11 +124,15 @@ class ReplayVerifier:
             raise UnverifiableReceipt(f"the request given for receipt {receipt.cid} is not the one it binds: {why}")
         request = CanonicalRequest.decode(request_bytes)
         tol = self.tolerances(body.model, body.precision)
+        self.admissible(receipt)
         with self._lock:
             model, tok = self._model(body.model)
             if why:  # signed for other sampling than was asked: fraud, whatever the tokens
                 return request_mismatch(why), tol
             prompt = prompt_ids(tok, request)
+            if len(prompt) + len(body.prefix_tokens) + len(body.output_tokens) > self.context_length(body.model):
+                # the receipt understated its prompt: the replay is bounded by the context all the same
+                raise ReceiptTooLong(f"receipt {receipt.cid}'s request and output exceed model {body.model}'s context")
             # Signature and binding are checked above, so the bare body is replayed.
             return check_receipt(model, prompt, body, tol, model_cid=body.model, decode=tok.decode,
                                  eos_token=tok.eos), tol

@@ -10,6 +10,7 @@ issuer. `GET /agora/v1/reputation` gives gateways the scores to route by.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -22,16 +23,18 @@ from pydantic import BaseModel
 
 from agoranet.core.errors import AgoraError, RecordError, RequestError
 from agoranet.core.identity import Identity
-from agoranet.core.records import ReceiptBody, Record, decode_record, verify_record
+from agoranet.core.records import OfferBody, ReceiptBody, Record, decode_record, verify_record
 from agoranet.core.tasks import cancel_and_wait
 from agoranet.node.app import Cursor, PageSize
-from agoranet.node.judge import Judgement, Recheck, ReplayVerifier, UnverifiableReceipt
+from agoranet.node.judge import Judgement, Recheck, ReplayVerifier, UnverifiableReceipt, now_ms
 from agoranet.node.records_api import CBOR, records_router
 from agoranet.node.reputation import Reputation
 from agoranet.node.state import NodeState
 from agoranet.verify.records import FraudProofBody
 
 log = logging.getLogger(__name__)
+
+MAX_RECORD_BYTES = 8 << 20  # a fetched receipt or request larger than this is refused unread
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class VerifyRequest(BaseModel):
     receipt_cid: str | None = None  # … or its CID, fetched from `node`
     node: str | None = None  # where the receipt and its canonical request are stored
     request: str | None = None  # hex of the canonical request bytes, if not fetched from `node`
+    offer: dict[str, Any] | None = None  # the provider's signed offer, whose URL `node` must be
 
 
 class ProofSubmission(BaseModel):
@@ -61,6 +65,9 @@ class VerifierRole:
         self.reputation = Reputation()
         self.audited = 0
         self.skipped = 0
+        self.audit_errors = 0  # audits that failed for any reason (the loop logs them and goes on)
+        self.refused = 0  # receipts refused at submission (too long, unknown model, unvouched node)
+        self._offers: dict[str, str] = {}  # provider peer id -> the URL its latest signed offer names
         self._rng = random.Random(config.seed)
         self._queue: asyncio.Queue[tuple[Record[ReceiptBody], str | None, bytes | None]] | None = None
         self._seen: set[str] = set()
@@ -88,7 +95,11 @@ class VerifierRole:
         while True:
             if self.config.sources and time.monotonic() >= next_poll:
                 for source in self.config.sources:
-                    await self._pull(source)
+                    try:
+                        await self._pull(source)
+                    except Exception:
+                        self.audit_errors += 1
+                        log.exception("pulling receipts from %s failed", source)
                 next_poll = time.monotonic() + self.config.poll_interval_s
             try:
                 receipt, node, request = await asyncio.wait_for(self._queue.get(), timeout=0.2)
@@ -97,7 +108,11 @@ class VerifierRole:
             try:
                 await self.audit(receipt, node=node, request_bytes=request)
             except AgoraError as exc:
+                self.audit_errors += 1
                 log.warning("could not audit receipt %s: %s", receipt.cid, exc)
+            except Exception:  # one bad receipt or node must never stop auditing
+                self.audit_errors += 1
+                log.exception("auditing receipt %s failed", receipt.cid)
 
     async def _pull(self, source: str) -> None:
         assert self._http is not None
@@ -111,8 +126,10 @@ class VerifierRole:
             return
         for item in feed.get("receipts", []):
             try:
-                self.offer(verify_record(item["record"], ReceiptBody), node=source)
-            except (AgoraError, KeyError) as exc:
+                receipt = verify_record(item["record"], ReceiptBody)
+                self.verifier.admissible(receipt)
+                self.offer(receipt, node=source)
+            except (AgoraError, KeyError, TypeError) as exc:
                 log.warning("skipping a bad receipt from %s: %s", source, exc)
         self._cursors[source] = int(feed.get("next", self._cursors.get(source, 0)))
 
@@ -135,12 +152,7 @@ class VerifierRole:
         if request_bytes is None:
             if node is None:
                 raise UnverifiableReceipt(f"no canonical request for receipt {receipt.cid}: give `request` or `node`")
-            assert self._http is not None
-            r = await self._http.get(f"{node.rstrip('/')}/agora/v1/records/{receipt.body.request}",
-                                     headers={"accept": CBOR})
-            if r.status_code != 200:
-                raise UnverifiableReceipt(f"{node} does not have request {receipt.body.request} (HTTP {r.status_code})")
-            request_bytes = r.content
+            request_bytes = await self._get_record(node, receipt.body.request)
         judgement = await asyncio.to_thread(self.verifier.judge, receipt, request_bytes)
         # Not "receipt": that kind is the receipts this node signed, which a provider beside it feeds.
         self.state.put(receipt.encode(), "audited-receipt")
@@ -160,6 +172,63 @@ class VerifierRole:
         self.reputation.add_recheck(str(proof.cid), recheck)
         return recheck
 
+    def metrics(self) -> dict[str, float]:
+        return {"verifier_audits_total": self.audited, "verifier_audit_errors_total": self.audit_errors,
+                "verifier_receipts_refused_total": self.refused, "verifier_skipped_total": self.skipped,
+                "verifier_queue": self._queue.qsize() if self._queue is not None else 0}
+
+    # -- where records may be fetched -----------------------------------------------------------------
+
+    async def _vouched(self, node: str, signer: str | None, offer: dict[str, Any] | None) -> tuple[str, str | None]:
+        """`node` if records may be fetched from it for `signer`'s receipts, with the signer it vouches for.
+
+        Only an operator's `--source` or the URL of a signed, unexpired offer of the receipt's own signer
+        is ever fetched from: the offer given, one seen before, or the one `node` serves at its offer path
+        (the only request that goes to a URL no signature names, at that one fixed path).
+        """
+        node = node.rstrip("/")
+        if node in {s.rstrip("/") for s in self.config.sources}:
+            return node, signer
+        if signer is not None and self._offers.get(signer) == node and offer is None:
+            return node, signer
+        if offer is None:
+            answer = await self._get(f"{node}/agora/v1/offer", node, "its offer", accept="application/json")
+            try:
+                offer = json.loads(answer)["record"]
+            except (ValueError, KeyError, TypeError):
+                raise UnverifiableReceipt(f"{node} serves no provider offer at /agora/v1/offer") from None
+        try:
+            record = verify_record(offer, OfferBody)
+        except RecordError:
+            raise UnverifiableReceipt(f"the offer for {node} is not a validly signed provider offer") from None
+        if record.body.expires_ms <= now_ms():
+            raise UnverifiableReceipt(f"the offer for {node} has expired")
+        if record.body.url.rstrip("/") != node or (signer is not None and record.signer != signer):
+            self.refused += 1
+            raise RequestError(f"{node} is not the URL of a signed offer of this receipt's provider; records are "
+                               "fetched only from there", param="node", code="node_not_vouched")
+        self._offers[record.signer] = node
+        return node, record.signer
+
+    async def _get(self, url: str, node: str, what: str, *, accept: str = CBOR) -> bytes:
+        """GET at most MAX_RECORD_BYTES; errors name the node and the status, never its answer."""
+        assert self._http is not None
+        try:
+            async with self._http.stream("GET", url, headers={"accept": accept}, timeout=10) as r:
+                if r.status_code != 200:
+                    raise UnverifiableReceipt(f"{node} did not serve {what} (HTTP {r.status_code})")
+                data = bytearray()
+                async for piece in r.aiter_bytes():
+                    data += piece
+                    if len(data) > MAX_RECORD_BYTES:
+                        raise UnverifiableReceipt(f"{node} answered with more than {MAX_RECORD_BYTES} bytes for {what}")
+                return bytes(data)
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a user's `node` may be anything
+            raise UnverifiableReceipt(f"cannot fetch {what} from {node!r}: {type(exc).__name__}") from None
+
+    async def _get_record(self, node: str, cid: str) -> bytes:
+        return await self._get(f"{node.rstrip('/')}/agora/v1/records/{cid}", node, f"record {cid}")
+
     # -- routes -------------------------------------------------------------------------------------
 
     def _routes(self) -> APIRouter:
@@ -168,14 +237,22 @@ class VerifierRole:
         @r.post("/agora/v1/verify")
         async def verify(req: VerifyRequest) -> dict[str, Any]:
             """Replay one receipt now (a user asking), whatever the audit fraction."""
+            node = None
             if req.receipt is not None:
                 receipt = verify_record(req.receipt, ReceiptBody)
+                if req.node and not req.request:
+                    node, _ = await self._vouched(req.node, receipt.signer, req.offer)
             elif req.receipt_cid and req.node:
-                receipt = await self._fetch_receipt(req.node, req.receipt_cid)
+                node, signer = await self._vouched(req.node, None, req.offer)
+                receipt = await self._fetch_receipt(node, req.receipt_cid)
+                if signer is not None and receipt.signer != signer:
+                    raise RequestError(f"receipt {req.receipt_cid} is not signed by the provider whose offer names "
+                                       f"{node}", param="receipt_cid", code="node_not_vouched")
             else:
                 raise RequestError("give `receipt`, or `receipt_cid` with `node`", param="receipt")
+            self._admit(receipt)
             request = _hex(req.request) if req.request else None
-            j = await self.audit(receipt, node=req.node, request_bytes=request)
+            j = await self.audit(receipt, node=node, request_bytes=request)
             return _judgement_json(j)
 
         @r.post("/agora/v1/receipts", status_code=202)
@@ -184,7 +261,10 @@ class VerifierRole:
             if req.receipt is None:
                 raise RequestError("give the `receipt` record", param="receipt")
             receipt = verify_record(req.receipt, ReceiptBody)
-            queued = self.offer(receipt, node=req.node, request_bytes=_hex(req.request) if req.request else None)
+            self._admit(receipt)
+            request = _hex(req.request) if req.request else None
+            node = (await self._vouched(req.node, receipt.signer, req.offer))[0] if req.node and not request else None
+            queued = self.offer(receipt, node=node, request_bytes=request)
             return {"receipt_cid": str(receipt.cid), "queued": queued}
 
         @r.post("/agora/v1/fraud-proofs")
@@ -210,15 +290,19 @@ class VerifierRole:
         r.include_router(records_router(self.state))  # the receipts audited, verdicts and fraud proofs
         return r
 
-    async def _fetch_receipt(self, node: str, cid: str) -> Record[ReceiptBody]:
-        assert self._http is not None
+    def _admit(self, receipt: Record[ReceiptBody]) -> None:
         try:
-            r = await self._http.get(f"{node.rstrip('/')}/agora/v1/records/{cid}", headers={"accept": CBOR})
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # a user's `node` may be anything
-            raise UnverifiableReceipt(f"cannot fetch receipt {cid} from {node!r}: {exc}") from exc
-        if r.status_code != 200:
-            raise UnverifiableReceipt(f"{node} has no receipt {cid} (HTTP {r.status_code})")
-        receipt = verify_record(r.content, ReceiptBody)
+            self.verifier.admissible(receipt)
+        except UnverifiableReceipt as exc:
+            self.refused += 1
+            raise RequestError(str(exc), param="receipt", code="receipt_not_replayable") from None
+
+    async def _fetch_receipt(self, node: str, cid: str) -> Record[ReceiptBody]:
+        data = await self._get_record(node, cid)
+        try:
+            receipt = verify_record(data, ReceiptBody)
+        except RecordError:
+            raise UnverifiableReceipt(f"{node} answered {cid} with something that is not a signed receipt") from None
         if str(receipt.cid) != cid:
             raise RecordError(f"{node} returned a receipt whose CID is {receipt.cid}, not {cid}")
         return receipt
