@@ -15,6 +15,7 @@ import pytest
 
 from agoranet.core.identity import Identity
 from agoranet.node.node import ProviderOptions, build_provider_node
+from agoranet.node.operator import operator_token
 from agoranet.node.server import BackgroundServer, bind, url_of
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -37,6 +38,11 @@ def provider(tmp_path_factory) -> Iterator[tuple[str, object]]:
         yield server.url, prov
     finally:
         server.stop()
+
+
+def operator(home: Path) -> dict[str, str]:
+    """The Authorization header of a node's operator: the token in its home (writes to its storage need it)."""
+    return {"authorization": f"Bearer {operator_token(home)}"}
 
 
 def free_port() -> int:

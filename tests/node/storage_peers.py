@@ -10,10 +10,13 @@ import httpx
 import pytest
 import uvicorn
 
+from agoranet.core.identity import Identity
 from agoranet.node.replication import StorageReplicator
 from ..conftest import free_port
-from agoranet.node.storage_api import storage_app
+from agoranet.node.storage_api import StorageAccess, storage_app
 from agoranet.store import Blockstore
+
+OPERATOR = {"authorization": "Bearer test-operator-token"}  # what writes to these peers send
 
 
 class StoragePeerServer:
@@ -21,8 +24,10 @@ class StoragePeerServer:
         self.url = f"http://127.0.0.1:{port}"
         self.store = Blockstore(root)
         self.replicator = StorageReplicator(self.store, self.url, peers, recheck_interval=recheck_interval,
-                                            state_path=root / "replicas.json", probe_timeout=1.0)
-        config = uvicorn.Config(storage_app(self.store, self.replicator), host="127.0.0.1", port=port,
+                                            state_path=root / "replicas.json", probe_timeout=1.0,
+                                            identity=Identity.generate())
+        app = storage_app(self.store, self.replicator, StorageAccess(operator_token=OPERATOR["authorization"][7:]))
+        config = uvicorn.Config(app, host="127.0.0.1", port=port,
                                 log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -12,7 +12,7 @@ from agoranet.net.gossip import GossipConfig
 from agoranet.node.node import PROVIDER_PATH, StorageOptions, UnknownRole, build_node, parse_roles
 from agoranet.node.server import BackgroundServer, bind, url_of
 
-from ..conftest import FAST_GOSSIP
+from ..conftest import FAST_GOSSIP, operator
 
 
 def test_roles_are_validated_deduplicated_and_ordered():
@@ -30,11 +30,11 @@ def node(tmp_path):
     built = build_node(tmp_path, url, ["storage", "provider", "gateway"], engine=StubEngine(),
                        gossip=GossipConfig(interval_s=FAST_GOSSIP), storage=StorageOptions(recheck_interval_s=3600))
     with BackgroundServer(built.app, sock):
-        yield url, built
+        yield url, built, tmp_path
 
 
 def test_gateway_provider_and_storage_share_one_identity_log_and_port(node):
-    url, built = node
+    url, built, home = node
     assert [type(r).__name__ for r in built.app.state.roles] == [
         "LogRole", "CreditsRole", "StorageRole", "Provider", "WitnessRole", "NetworkRole", "Gateway"]
     assert built.provider.identity is built.gateway.identity is built.identity
@@ -54,7 +54,7 @@ def test_gateway_provider_and_storage_share_one_identity_log_and_port(node):
     # The storage peer takes blocks far over the provider's and gateway's 1 MiB request limit.
     block = b"x" * (3 << 20)
     cid = cid_of(block, RAW)
-    assert httpx.put(f"{url}/agora/v1/blocks/{cid}", content=block).status_code == 201
+    assert httpx.put(f"{url}/agora/v1/blocks/{cid}", content=block, headers=operator(home)).status_code == 201
     assert httpx.get(f"{url}/agora/v1/blocks/{cid}").content == block
 
 
@@ -72,7 +72,7 @@ def test_a_node_without_a_gateway_serves_its_provider_at_the_root(tmp_path):
 
 def test_body_limits_follow_the_route_not_the_largest_role(node):
     # The storage role takes blocks of up to 4 MiB; the gateway's and provider's routes keep 1 MiB.
-    url, _ = node
+    url, _, _ = node
     for path in ("/v1/chat/completions", f"{PROVIDER_PATH}/v1/chat/completions", "/agora/v1/gossip"):
         r = httpx.post(url + path, content=b"x" * (2 << 20))
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", path

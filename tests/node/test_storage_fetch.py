@@ -19,6 +19,7 @@ from agoranet.store import Blockstore, KuboClient, add_path
 from agoranet.store.errors import CorruptBlock
 
 from .. import kubo_daemon
+from ..conftest import operator
 
 kubo = kubo_daemon.kubo  # the fixture: a real kubo daemon, or the test is skipped with the reason
 KiB = 1 << 10
@@ -107,7 +108,7 @@ def test_storage_peer_whose_kubo_dies_refuses_puts_and_keeps_nothing(tmp_path):
         role.store.kubo = KuboClient(f"http://127.0.0.1:{closed.getsockname()[1]}")  # as if kubo died after start
         data = b"a block for kubo"
         with BackgroundServer(create_app([role], max_request_bytes=1 << 20)) as peer:
-            r = httpx.put(f"{peer.url}{BLOCKS}/{cid_of(data)}", content=data)
+            r = httpx.put(f"{peer.url}{BLOCKS}/{cid_of(data)}", content=data, headers=operator(tmp_path / "peer"))
             assert r.status_code == 502 and r.json()["error"]["code"] == "kubo_failed"
             assert "ipfs daemon" in r.json()["error"]["message"]
             assert not role.store.has(cid_of(data))
@@ -121,7 +122,8 @@ def test_storage_peer_mirrors_to_kubo_and_serves_what_kubo_holds(kubo, tmp_path)
     pushed, pinned_in_kubo = os.urandom(1000), os.urandom(1000)
     kubo_cid = kubo.ipfs("block", "put", "--cid-codec=raw", input=pinned_in_kubo).decode().strip()
     with BackgroundServer(create_app([role], max_request_bytes=1 << 20)) as peer:
-        assert httpx.put(f"{peer.url}{BLOCKS}/{cid_of(pushed)}", content=pushed).status_code == 201
+        assert httpx.put(f"{peer.url}{BLOCKS}/{cid_of(pushed)}", content=pushed,
+                         headers=operator(tmp_path / "peer")).status_code == 201
         assert kubo.ipfs("block", "get", str(cid_of(pushed))) == pushed
         r = httpx.get(f"{peer.url}{BLOCKS}/{kubo_cid}")
         assert r.status_code == 200 and r.content == pinned_in_kubo

@@ -11,7 +11,7 @@ from agoranet.node.replication import rendezvous_rank
 from agoranet.store import Blockstore, add_path, export
 
 from ..conftest import wait_for
-from .storage_peers import pinned_at
+from .storage_peers import OPERATOR, pinned_at
 
 KiB = 1 << 10
 
@@ -47,7 +47,7 @@ def test_k3_of_5_survives_any_two_losses_and_repairs_to_k_copies(storage_peers, 
     blocks = dag_cids(entry.store, root)
     assert len(blocks) == 14
 
-    r = httpx.post(f"{entry.url}/agora/v1/blocks/{root}/pin", json={"replicas": 3}, timeout=60)
+    r = httpx.post(f"{entry.url}/agora/v1/blocks/{root}/pin", json={"replicas": 3}, headers=OPERATOR, timeout=60)
     assert r.status_code == 200, r.text
     ranked = rendezvous_rank(root, [p.url for p in peers])
     assert sorted(r.json()["holders"]) == sorted(ranked[:3])
@@ -85,7 +85,8 @@ def test_k3_of_5_survives_any_two_losses_and_repairs_to_k_copies(storage_peers, 
 def test_one_loss_moves_the_copy_to_the_next_ranked_peer(storage_peers, model_dir):
     peers = storage_peers(5, recheck_interval=0.3)
     root = add_path(peers[0].store, model_dir, chunk_size=64 * KiB)
-    httpx.post(f"{peers[0].url}/agora/v1/blocks/{root}/pin", json={"replicas": 3}, timeout=60).raise_for_status()
+    httpx.post(f"{peers[0].url}/agora/v1/blocks/{root}/pin", json={"replicas": 3}, headers=OPERATOR,
+               timeout=60).raise_for_status()
     ranked = rendezvous_rank(root, [p.url for p in peers])
     by_url = {p.url: p for p in peers}
     wait_for(lambda: {p.url for p in peers if pinned_at(p, root)} == set(ranked[:3]),
@@ -102,7 +103,8 @@ def test_flipped_byte_on_disk_is_detected_on_read_and_healed_from_a_peer(storage
     src = tmp_path / "f.bin"
     src.write_bytes(data)
     root = add_path(peers[0].store, src)
-    httpx.post(f"{peers[0].url}/agora/v1/blocks/{root}/pin", json={"replicas": 3}, timeout=60).raise_for_status()
+    httpx.post(f"{peers[0].url}/agora/v1/blocks/{root}/pin", json={"replicas": 3}, headers=OPERATOR,
+               timeout=60).raise_for_status()
     victim = peers[1]
     block_file = victim.store.path_of(root)
     raw = bytearray(block_file.read_bytes())
@@ -121,7 +123,8 @@ def test_periodic_recheck_heals_corruption_nobody_read(storage_peers, tmp_path):
     src = tmp_path / "f.bin"
     src.write_bytes(b"keep me safe" * 1000)
     root = add_path(peers[0].store, src)
-    httpx.post(f"{peers[0].url}/agora/v1/blocks/{root}/pin", json={"replicas": 2}, timeout=60).raise_for_status()
+    httpx.post(f"{peers[0].url}/agora/v1/blocks/{root}/pin", json={"replicas": 2}, headers=OPERATOR,
+               timeout=60).raise_for_status()
     block_file = peers[1].store.path_of(root)
     block_file.write_bytes(b"X" + block_file.read_bytes()[1:])
     wait_for(lambda: block_file.exists() and block_file.read_bytes() == src.read_bytes(),
@@ -132,9 +135,9 @@ def test_periodic_recheck_heals_corruption_nobody_read(storage_peers, tmp_path):
 def test_block_api_rejects_forgeries_and_bad_cids(storage_peers):
     (peer,) = storage_peers(1, recheck_interval=3600)
     cid = cid_of(b"real")
-    assert httpx.put(f"{peer.url}/agora/v1/blocks/{cid}", content=b"fake").status_code == 400
+    assert httpx.put(f"{peer.url}/agora/v1/blocks/{cid}", content=b"fake", headers=OPERATOR).status_code == 400
     assert httpx.head(f"{peer.url}/agora/v1/blocks/{cid}").status_code == 404
-    assert httpx.put(f"{peer.url}/agora/v1/blocks/{cid}", content=b"real").status_code == 201
+    assert httpx.put(f"{peer.url}/agora/v1/blocks/{cid}", content=b"real", headers=OPERATOR).status_code == 201
     assert httpx.head(f"{peer.url}/agora/v1/blocks/{cid}").status_code == 200
     assert httpx.get(f"{peer.url}/agora/v1/blocks/{cid}").content == b"real"
     assert httpx.post(f"{peer.url}/agora/v1/blocks/has", json={"cids": [str(cid), str(cid_of(b"x"))]}).json() == \

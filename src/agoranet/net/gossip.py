@@ -89,12 +89,13 @@ class RateLimiter:
         self.rate, self.burst, self.max_keys, self.clock = rate, burst, max_keys, clock
         self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
 
-    def allow(self, key: str) -> bool:
+    def allow(self, key: str, cost: float = 1.0) -> bool:
+        """Take `cost` tokens from `key`'s bucket if it holds that many (a byte count, say)."""
         now = self.clock()
         tokens, last = self._buckets.pop(key, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        allowed = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        allowed = tokens >= cost
+        self._buckets[key] = (tokens - cost if allowed else tokens, now)
         if len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
         return allowed

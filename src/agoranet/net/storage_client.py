@@ -7,11 +7,15 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
+from pydantic_core import to_json
 
 from agoranet.core.cid import CID, DAG_PB
 from agoranet.core.errors import AgoraError
+from agoranet.core.identity import Identity
+from agoranet.net.signed_request import HEADER as SIGNED, sign_request
 from agoranet.wire.storage import (
     BLOCK_MEDIA_TYPE, BLOCKS, HasRequest, HasResponse, PinRequest, PinResponse, PinStatus, ReplicaIntent, StoreStatus,
 )
@@ -41,13 +45,22 @@ def _base(url: str) -> str:
 class StoragePeerClient:
     """One storage peer's `/agora/v1/blocks` API, over a shared httpx.AsyncClient."""
 
-    def __init__(self, url: str, client: httpx.AsyncClient) -> None:
+    def __init__(self, url: str, client: httpx.AsyncClient, *, signer: Identity | None = None) -> None:
         self.url = _base(url)
         self._client = client
+        self.signer = signer  # signs every request: a peer accepts writes only from its replication peers
 
-    async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    async def _request(self, method: str, path: str, *, json: Any = None, **kwargs) -> httpx.Response:
+        url = f"{self.url}{BLOCKS}{path}"
+        if json is not None:
+            kwargs["content"] = to_json(json)
+            kwargs["headers"] = {"content-type": "application/json"}
+        if self.signer is not None:
+            body = kwargs.get("content", b"")
+            kwargs["headers"] = kwargs.get("headers", {}) | {
+                SIGNED: sign_request(self.signer, method, httpx.URL(url).path, body if isinstance(body, bytes) else b"")}
         try:
-            return await self._client.request(method, f"{self.url}{BLOCKS}{path}", **kwargs)
+            return await self._client.request(method, url, **kwargs)
         except httpx.TransportError as exc:
             raise PeerUnavailable(f"storage peer {self.url} did not answer: {exc!r}") from exc
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from agoranet.core.cid import CID
+from agoranet.core.identity import Identity
 from agoranet.net.storage_client import FetchStats, PeerBlockFetcher, PeerUnavailable, StoragePeerClient, fetch_dag
 from agoranet.wire.storage import ReplicaIntent
 from agoranet.store import Blockstore
@@ -52,8 +54,11 @@ class StorageReplicator:
     """This peer's part in keeping replicated pins at k copies; `run()` re-checks periodically."""
 
     def __init__(self, store: Blockstore, url: str, peers: Iterable[str], *, recheck_interval: float = 60.0,
-                 state_path: Path | None = None, probe_timeout: float = 2.0) -> None:
+                 state_path: Path | None = None, probe_timeout: float = 2.0, identity: Identity | None = None) -> None:
         self.store = store
+        self.identity = identity  # signs this peer's announcements; the others accept writes only so signed
+        self.peer_ids: dict[str, str] = {}  # peer URL -> the peer id its status reported (learned by probing)
+        self._ids_refreshed = 0.0
         self.url = url.rstrip("/")
         self.peers = sorted({p.rstrip("/") for p in peers} | {self.url})
         self.recheck_interval = recheck_interval
@@ -93,11 +98,24 @@ class StorageReplicator:
             if url == self.url:
                 return url
             try:
-                await StoragePeerClient(url, self._http()).status(timeout=self.probe_timeout)
+                status = await StoragePeerClient(url, self._http()).status(timeout=self.probe_timeout)
+                if status.peer:
+                    self.peer_ids[url] = status.peer
                 return url
             except (PeerUnavailable, httpx.HTTPError):
                 return None
         return [u for u in await asyncio.gather(*(probe(p) for p in self.peers)) if u is not None]
+
+    async def is_peer(self, peer_id: str) -> bool:
+        """Whether `peer_id` is one of this peer's replication peers (by the ids their URLs report);
+        an unknown id re-probes them, at most every few seconds, so a stranger cannot make us probe often."""
+        if peer_id in self.peer_ids.values():
+            return True
+        if time.monotonic() - self._ids_refreshed < 5.0:
+            return False
+        self._ids_refreshed = time.monotonic()
+        await self.alive_peers()
+        return peer_id in self.peer_ids.values()
 
     async def pin(self, cid: CID | str, replicas: int, sources: Iterable[str] = ()) -> list[str]:
         """Place `replicas` copies of the DAG: announce to every peer, wait for them, return the holders."""
@@ -109,7 +127,8 @@ class StorageReplicator:
         intent = ReplicaIntent(replicas=replicas, sources=sources)
         alive = await self.alive_peers()
         results = await asyncio.gather(
-            *(StoragePeerClient(p, self._http()).announce(cid, intent) for p in alive if p != self.url),
+            *(StoragePeerClient(p, self._http(), signer=self.identity).announce(cid, intent)
+              for p in alive if p != self.url),
             return_exceptions=True)
         for result in results:
             if isinstance(result, Exception):

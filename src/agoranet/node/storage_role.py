@@ -6,21 +6,24 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from agoranet.core.identity import Identity
 from agoranet.core.tasks import cancel_and_wait
 from agoranet.wire.storage import BLOCKS
 from agoranet.node.replication import StorageReplicator
-from agoranet.node.storage_api import storage_router
+from agoranet.node.operator import operator_token
+from agoranet.node.storage_api import StorageAccess, storage_router
 from agoranet.store import Blockstore, connect_kubo
 
 
 class StorageRole:
     def __init__(self, home: Path, public_url: str, peers: list[str], *, recheck_interval: float = 60.0,
-                 kubo_rpc: str | None = None) -> None:
+                 kubo_rpc: str | None = None, identity: Identity | None = None) -> None:
         # With a kubo RPC address, every block this peer stores is put to that kubo as well.
         self.store = Blockstore(home / "blocks", kubo=connect_kubo(kubo_rpc) if kubo_rpc else None)
         self.replicator = StorageReplicator(self.store, public_url, peers, recheck_interval=recheck_interval,
-                                            state_path=home / "replicas.json")
-        self.router = storage_router(self.store, self.replicator)
+                                            state_path=home / "replicas.json", identity=identity)
+        # Writes need the operator's token (the file in home) or a replication peer's signature.
+        self.router = storage_router(self.store, self.replicator, StorageAccess(operator_token=operator_token(home)))
         self.body_limits = {BLOCKS: 64 << 20}  # blocks of up to 4 MiB, and lists of many CIDs
         self._task: asyncio.Task[None] | None = None
 

@@ -1,7 +1,9 @@
 """The storage peers' HTTP wire format: paths and JSON bodies of `/agora/v1/blocks/...`.
 
 Block bytes travel as `application/vnd.ipld.raw` bodies and are verified against their CID by
-whoever receives them; everything else is one of the JSON models below.
+whoever receives them; everything else is one of the JSON models below. Writes (block upload, pin,
+unpin, replica announcements) carry the operator token (`Authorization: Bearer …`) or a replication
+peer's `x-agora-signed` signature (`agoranet.net.signed_request`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class ReplicaIntent(BaseModel):
 
 class StoreStatus(BaseModel):
     url: str | None
+    peer: str | None = None  # the peer id that signs this peer's replication requests
     blocks: int
     pins: list[str]
     replicated: dict[str, int]
