@@ -10,9 +10,12 @@ and its URL are evicted. Records carry their own proof, so they can be relayed b
 Roles may add record kinds of their own (`GossipKind`, e.g. signed tree heads): they travel the
 same way, are kept per signer by the same rules, and the role hears of every one that checks out.
 
-Against hostile peers: each signer gets a token bucket of new records (a flood is rejected as
-`rate_limited`), and the newest issue time seen per signer and type outlives eviction, so a replayed
-older record never rolls state back (`stale`).
+Against hostile peers: admission and the table's bounds live in `gossip_table` (per-signer rates,
+replays, a bounded share per source, liveness-ranked eviction, orphan offers dropped quickly). A
+round contacts the seeds, `fanout` proven peers and `probes` unproven ones: a node that answers at
+the URL its heartbeat names, as the peer id that signed it, is proven; one that does not is evicted.
+Pushes are split into parts under `max_push_bytes` (halved for a peer that answers 413), and
+signatures of a push are checked in a worker thread within a per-source budget (`over_budget`).
 """
 
 from __future__ import annotations
@@ -28,44 +31,25 @@ from typing import Any
 
 from agoranet.core.errors import BadSignature, RecordError
 from agoranet.core.identity import Identity
-from agoranet.core.records import OfferBody, Record, RecordBody, register, sign_record, verify_record
+from agoranet.core.records import OfferBody, Record, sign_record, verify_record
 from agoranet.core.tasks import cancel_and_wait
 from agoranet.net.discovery import MembershipEvent, OfferSource, offers_model
-from agoranet.net.peer import PeerClient, PeerError
+from agoranet.net.gossip_table import (
+    GOSSIPED, GossipKind, GossipTable, HeartbeatBody, RateLimiter, TableLimits,
+)
+from agoranet.net.peer import PeerClient, PeerError, PeerRefused
+from pydantic_core import to_json
+
+__all__ = ["GOSSIPED", "GossipConfig", "GossipDiscovery", "GossipKind", "HeartbeatBody", "RateLimiter", "now_ms"]
 
 log = logging.getLogger(__name__)
-
-@register("agora/heartbeat/1")
-class HeartbeatBody(RecordBody):
-    """A node saying it is alive, where it listens and which offer (by CID) it currently stands by."""
-
-    url: str
-    roles: list[str]
-    offer: str  # CID of the node's current offer record, "" when it sells nothing
-    seq: int
-    issued_ms: int
-    expires_ms: int
-
-
-GOSSIPED = (OfferBody, HeartbeatBody)
-
-
-@dataclass(frozen=True)
-class GossipKind:
-    """A record type a role adds to gossip: how long one lives, this node's own, and who hears of them."""
-
-    body: type[RecordBody]
-    issued_ms: Callable[[Any], int]  # when a body was signed; it is relayed until ttl_s after that
-    ttl_s: float
-    own: Callable[[], Record[Any] | None] | None = None  # this node's current one, re-read every round
-    problem: Callable[[Record[Any]], str | None] | None = None  # a kind-specific reason to reject, or None
-    observe: Callable[[Record[Any]], None] | None = None  # every new record that passes, even an older one
 
 
 @dataclass(frozen=True)
 class GossipConfig:
     interval_s: float = 2.0  # one push-pull round per interval
-    fanout: int = 3  # peers contacted per round
+    fanout: int = 3  # proven peers contacted per round
+    probes: int = 2  # unproven peers contacted per round besides: each answer proves or evicts one
     # A peer is dead once this many intervals pass without a heartbeat. 6, not 3: under a 500-client load
     # a saturated node's gossip rounds run late, and 3 evicted live providers (3% of requests got 404).
     missed_heartbeats: int = 6
@@ -73,36 +57,53 @@ class GossipConfig:
     max_heartbeat_ttl_s: float = 60.0  # a heartbeat never keeps a peer alive longer than this
     max_offer_ttl_s: float = 24 * 3600.0
     max_records: int = 4096
+    max_unproven_per_source: int = 256  # records of unproven signers one source may have held here
+    orphan_ttl_s: float = 12.0  # an offer whose signer sent no heartbeat is dropped this long after arrival
     request_timeout_s: float = 2.0
     signer_records_per_s: float = 10.0  # new records accepted per signer (a node issues ~2 per round)
     signer_burst: int = 40
     pushes_per_s: float = 20.0  # gossip pushes answered per client address (NetworkRole)
     push_burst: int = 60
+    verify_per_s: float = 2000.0  # signatures checked per source and second (a CPU budget, ~10% of a core)
+    verify_burst: int = 8000
+    max_push_bytes: int = 512 << 10  # a push is split into parts no larger (half the 1 MiB default body limit)
     max_response_bytes: int = 4 << 20  # a peer's gossip answer larger than this is dropped
 
-
-class RateLimiter:
-    """Token buckets keyed by sender (signer or client address); the least recently seen key goes first."""
-
-    def __init__(self, rate: float, burst: int, *, max_keys: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self.max_keys, self.clock = rate, burst, max_keys, clock
-        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
-
-    def allow(self, key: str, cost: float = 1.0) -> bool:
-        """Take `cost` tokens from `key`'s bucket if it holds that many (a byte count, say)."""
-        now = self.clock()
-        tokens, last = self._buckets.pop(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        allowed = tokens >= cost
-        self._buckets[key] = (tokens - cost if allowed else tokens, now)
-        if len(self._buckets) > self.max_keys:
-            self._buckets.popitem(last=False)
-        return allowed
+    @property
+    def table(self) -> TableLimits:
+        return TableLimits(max_clock_skew_s=self.max_clock_skew_s, max_heartbeat_ttl_s=self.max_heartbeat_ttl_s,
+                           max_offer_ttl_s=self.max_offer_ttl_s, max_records=self.max_records,
+                           max_unproven_per_source=self.max_unproven_per_source, orphan_ttl_s=self.orphan_ttl_s,
+                           signer_records_per_s=self.signer_records_per_s, signer_burst=self.signer_burst)
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def verify_all(wire: list[Any]) -> list[Record[Any] | str]:
+    """Each wire record verified, or the reason it is not (a thread may run this: it touches no state)."""
+    out: list[Record[Any] | str] = []
+    for item in wire:
+        try:
+            out.append(verify_record(item))
+        except RecordError as exc:
+            out.append("bad_signature" if isinstance(exc, BadSignature) else "malformed")
+    return out
+
+
+def split(records: list[dict[str, Any]], max_bytes: int) -> list[list[dict[str, Any]]]:
+    """Records in consecutive parts whose JSON stays under `max_bytes` each (a record alone may not)."""
+    parts: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for record in records:
+        n = len(to_json(record)) + 1
+        if parts[-1] and size + n > max_bytes - 64:
+            parts.append([])
+            size = 0
+        parts[-1].append(record)
+        size += n
+    return [p for p in parts if p] or [[]]
 
 
 class GossipDiscovery:
@@ -117,22 +118,20 @@ class GossipDiscovery:
         self.rejected: collections.Counter[str] = collections.Counter()
         self.accepted = 0
         self.rounds = 0
-        self._records: dict[tuple[str, str], Record[Any]] = {}  # (signer, type) -> latest record
-        # (signer, type) -> newest issued_ms ever accepted; kept after eviction so replays cannot roll back
-        self._newest: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
-        self._signer_limit = RateLimiter(self.config.signer_records_per_s, self.config.signer_burst,
-                                         clock=lambda: self.clock() / 1000)
+        self.table = GossipTable(self.config.table, clock=clock)
+        self._verify_budget = RateLimiter(self.config.verify_per_s, self.config.verify_burst)
+        self._push_bytes: dict[str, int] = {}  # peer URL -> the part size it last accepted (halved on 413)
+        self._probed: dict[str, int] = {}  # unproven peer id -> when it was last contacted
         self._live: dict[str, str] = {}  # peer id -> url, as of the last sweep
         self._offer_source: OfferSource | None = None
         self._seq = 0
         self._watchers: list[asyncio.Queue[MembershipEvent | None]] = []
         self._client: PeerClient | None = None
         self._task: asyncio.Task[None] | None = None
-        self._kinds: dict[str, GossipKind] = {}  # record type -> kind, for kinds roles added
 
     def add_kind(self, kind: GossipKind) -> None:
         """Gossip one more record type besides offers and heartbeats (call before `start`)."""
-        self._kinds[kind.body.record_type] = kind
+        self.table.kinds[kind.body.record_type] = kind
 
     # -- Discovery ------------------------------------------------------------------------------------
 
@@ -142,8 +141,8 @@ class GossipDiscovery:
 
     async def find_offers(self, model: str | None) -> list[Record[OfferBody]]:
         self._sweep()
-        return [r for (signer, t), r in self._records.items()
-                if t == OfferBody.record_type and signer in self._live and (model is None or offers_model(r, model))]
+        return [h.record for (signer, t), h in self.table.held.items()
+                if t == OfferBody.record_type and signer in self._live and (model is None or offers_model(h.record, model))]
 
     def members(self) -> dict[str, str]:
         self._sweep()
@@ -163,7 +162,7 @@ class GossipDiscovery:
 
     async def start(self) -> None:
         self._client = PeerClient(connect_timeout_s=self.config.request_timeout_s,
-                                  read_timeout_s=self.config.request_timeout_s)
+                                  read_timeout_s=self.config.request_timeout_s, signer=self.identity)
         self._publish_own()
         self._task = asyncio.create_task(self._run(), name="agora-gossip")  # owned: cancelled in stop()
 
@@ -176,98 +175,82 @@ class GossipDiscovery:
 
     # -- records --------------------------------------------------------------------------------------
 
-    def ingest(self, wire: list[Any]) -> int:
+    def ingest(self, wire: list[Any], source: str = "local") -> int:
         """Keep every record in `wire` that verifies and is current; count the rest by reason."""
+        return self._admit_all(verify_all(self._unseen(wire[: self.config.max_records], source)), source)
+
+    async def ingest_off_loop(self, wire: list[Any], source: str) -> int:
+        """`ingest`, with the signatures checked in a worker thread so a large push never stalls the loop."""
+        fresh = self._unseen(wire[: self.config.max_records], source)
+        checked = await asyncio.to_thread(verify_all, fresh) if len(fresh) > 8 else verify_all(fresh)
+        return self._admit_all(checked, source)
+
+    def _unseen(self, wire: list[Any], source: str) -> list[Any]:
+        """The records not held already (those need no signature check), within `source`'s CPU budget."""
+        fresh = [item for item in wire if not self.table.holds_exactly(item)]
+        if fresh and not self._verify_budget.allow(source, len(fresh)):
+            for _ in fresh:
+                self._reject("over_budget")
+            return []
+        return fresh
+
+    def _admit_all(self, checked: list[Record[Any] | str], source: str) -> int:
         kept = 0
-        for item in wire[: self.config.max_records]:
-            try:
-                record = verify_record(item)
-            except RecordError as exc:
-                self._reject("bad_signature" if isinstance(exc, BadSignature) else "malformed")
+        for record in checked:
+            if isinstance(record, str):
+                self._reject(record)
                 continue
-            if (reason := self._problem(record)) is not None:
+            held = self.table.get((record.signer, record.type))
+            reason = self.table.admit(record, source)
+            if reason is None or (reason == "held" and held is not None and held.cid != record.cid):
+                if (kind := self.table.kinds.get(record.type)) is not None and kind.observe is not None:
+                    try:  # told even of records older than the one held: a role may compare them
+                        kind.observe(record)
+                    except Exception:
+                        log.exception("observing a gossiped %s failed", record.type)
+            if reason is None:
+                self.accepted += 1
+                kept += 1
+            elif reason != "held":
                 self._reject(reason)
-                continue
-            key = (record.signer, record.type)
-            held = self._records.get(key)
-            if held is not None and held.cid == record.cid:
-                continue
-            if (kind := self._kinds.get(record.type)) is not None and kind.observe is not None:
-                try:  # told even of records older than the one held: a role may compare them
-                    kind.observe(record)
-                except Exception:
-                    log.exception("observing a gossiped %s failed", record.type)
-            if held is not None and (self._issued(held), str(held.cid)) >= (self._issued(record), str(record.cid)):
-                continue  # we already hold this one or a newer one
-            if held is None and self._issued(record) < self._newest.get(key, -1):
-                # Older than one we held and evicted: a replay. The same record again is no rollback
-                # (a returning provider's unchanged offer is relayed back after its eviction).
-                self._reject("stale")
-                continue
-            if held is None and len(self._records) >= self.config.max_records:
-                self._reject("full")
-                continue
-            if not self._signer_limit.allow(record.signer):
-                self._reject("rate_limited")
-                continue
-            self._records[key] = record
-            self._remember(key, self._issued(record))
-            self.accepted += 1
-            kept += 1
         if kept:
             self._sweep()
         return kept
 
-    def _issued(self, record: Record[Any]) -> int:
-        kind = self._kinds.get(record.type)
-        return kind.issued_ms(record.body) if kind is not None else record.body.issued_ms
-
-    def _expires(self, record: Record[Any]) -> int:
-        kind = self._kinds.get(record.type)
-        return kind.issued_ms(record.body) + int(kind.ttl_s * 1000) if kind is not None else record.body.expires_ms
-
-    def _remember(self, key: tuple[str, str], issued_ms: int) -> None:
-        self._newest.pop(key, None)
-        self._newest[key] = issued_ms
-        while len(self._newest) > 4 * self.config.max_records:
-            self._newest.popitem(last=False)  # a record this old has expired by now in all likelihood
-
-    def _problem(self, record: Record[Any]) -> str | None:
-        body = record.body
-        now = self.clock()
-        if (kind := self._kinds.get(record.type)) is not None and isinstance(body, kind.body):
-            if self._issued(record) > now + self.config.max_clock_skew_s * 1000:
-                return "from_future"
-            if self._expires(record) <= now:
-                return "expired"
-            return kind.problem(record) if kind.problem is not None else None
-        if not isinstance(body, GOSSIPED):
-            return "wrong_type"
-        ttl_cap = self.config.max_offer_ttl_s if isinstance(body, OfferBody) else self.config.max_heartbeat_ttl_s
-        if body.issued_ms > now + self.config.max_clock_skew_s * 1000:
-            return "from_future"
-        if body.expires_ms <= now:
-            return "expired"
-        if body.expires_ms - body.issued_ms > ttl_cap * 1000 or body.expires_ms < body.issued_ms:
-            return "bad_lifetime"
-        return None
-
     def _reject(self, reason: str) -> None:
         self.rejected[reason] += 1
-        log.info("gossip record rejected: %s", reason)
+        log.debug("gossip record rejected: %s", reason)
 
     def live_records(self) -> list[dict[str, Any]]:
+        """What this node relays: its own and proven peers' records, a few unproven ones, no orphans."""
         self._sweep()
-        return [r.to_json() for r in self._records.values()]
+        return [h.wire() for h in self.table.relayable(self.config.max_unproven_per_source // 4)]
 
-    def exchange(self, pushed: list[Any]) -> list[dict[str, Any]]:
+    def exchange(self, pushed: list[Any], source: str = "local") -> list[dict[str, Any]]:
         """Answer a peer's push: take what verifies, return the live records it did not send."""
-        self.ingest(pushed)
-        sent = set()
-        for item in pushed:
-            if isinstance(item, dict) and isinstance(item.get("sig"), str):
-                sent.add(item["sig"])
-        return [w for w in self.live_records() if w["sig"] not in sent]
+        self.ingest(pushed, source)
+        return self._answer(pushed)
+
+    async def exchange_off_loop(self, pushed: list[Any], source: str) -> list[dict[str, Any]]:
+        """`exchange` for the gossip route: signatures checked off the event loop, within `source`'s budget."""
+        await self.ingest_off_loop(pushed, source)
+        return self._answer(pushed)
+
+    def _answer(self, pushed: list[Any]) -> list[dict[str, Any]]:
+        sent = {item["sig"] for item in pushed if isinstance(item, dict) and isinstance(item.get("sig"), str)}
+        answer, size = [], 0
+        for record in self.live_records():
+            if record["sig"] in sent:
+                continue
+            size += len(to_json(record)) + 1
+            if size > self.config.max_response_bytes // 2:  # the rest comes next round
+                break
+            answer.append(record)
+        return answer
+
+    def source_of(self, signer: str | None, address: str) -> str:
+        """Who a push is charged to: a proven peer that signed it, else the client address it came from."""
+        return signer if signer is not None and signer in self.table.proven else f"ip:{address}"
 
     def _publish_own(self) -> None:
         now = self.clock()
@@ -275,8 +258,7 @@ class GossipDiscovery:
         if self._offer_source is not None:
             offer = self._offer_source()
             offer_cid = str(offer.cid)
-            self._records[(offer.signer, offer.type)] = offer
-            self._remember((offer.signer, offer.type), offer.body.issued_ms)
+            self.table.put_own(offer)
         self._seq += 1
         # Never under 3 s: a busy node's rounds run late, and that alone must not get it evicted.
         ttl = min(max(self.config.interval_s * self.config.missed_heartbeats, 3.0), self.config.max_heartbeat_ttl_s)
@@ -284,26 +266,23 @@ class GossipDiscovery:
             url=self.url, roles=self.roles, offer=offer_cid, seq=self._seq, issued_ms=now,
             expires_ms=now + int(ttl * 1000),
         ))
-        self._records[(hb.signer, hb.type)] = hb
-        self._remember((hb.signer, hb.type), hb.body.issued_ms)
-        for kind in self._kinds.values():
+        self.table.put_own(hb)
+        for kind in self.table.kinds.values():
             if kind.own is not None and (own := kind.own()) is not None:
-                self._records[(own.signer, own.type)] = own
+                self.table.put_own(own)
 
     def _sweep(self) -> None:
         """Drop expired records and peers whose heartbeat lapsed; tell watchers who came and went."""
-        now = self.clock()
-        for key, record in list(self._records.items()):
-            if self._expires(record) <= now:
-                del self._records[key]
-        live = {signer: r.body.url for (signer, t), r in self._records.items() if t == HeartbeatBody.record_type}
+        self.table.expire()
+        live = {signer: h.record.body.url for (signer, t), h in self.table.held.items() if t == HeartbeatBody.record_type}
         for peer, url in live.items():
             if peer not in self._live:
                 self._emit(MembershipEvent("joined", peer, url))
         for peer, url in self._live.items():
             if peer not in live:
                 log.info("peer %s at %s left (missed heartbeats)", peer, url)
-                self._records.pop((peer, OfferBody.record_type), None)
+                self.table.drop_signer(peer, "left")
+                self._probed.pop(peer, None)
                 self._emit(MembershipEvent("left", peer, url))
         self._live = live
 
@@ -319,24 +298,61 @@ class GossipDiscovery:
         urls.discard(self.url)
         return sorted(urls)
 
+    def _targets(self) -> dict[str, str | None]:
+        """This round's peers (URL -> the peer id expected there): seeds and `fanout` proven peers, and
+        `probes` unproven ones, the longest unprobed first, whose answer proves them or evicts them."""
+        me = str(self.identity.peer_id)
+        members = {peer: url for peer, url in self.members().items() if peer != me and url != self.url}
+        proven = [(url, peer) for peer, url in members.items() if peer in self.table.proven]
+        unproven = sorted(((url, peer) for peer, url in members.items() if peer not in self.table.proven),
+                          key=lambda item: self._probed.get(item[1], 0))
+        targets: dict[str, str | None] = {url: None for url in self.seeds}
+        for url, peer in random.sample(proven, min(self.config.fanout, len(proven))):
+            targets[url] = peer
+        for url, peer in unproven[: self.config.probes]:
+            targets.setdefault(url, peer)
+            self._probed[peer] = self.clock()
+        return targets
+
     async def gossip_round(self) -> None:
-        """Publish a fresh heartbeat and push-pull with up to `fanout` random peers at once."""
+        """Publish a fresh heartbeat and push-pull with seeds, some proven peers and some unproven ones."""
         self._publish_own()
-        targets = self.contacts()
-        targets = random.sample(targets, min(self.config.fanout, len(targets)))
+        targets = self._targets()
         if targets:
-            await asyncio.gather(*(self._exchange_with(url) for url in targets))
+            await asyncio.gather(*(self._exchange_with(url, peer) for url, peer in targets.items()))
         self._sweep()
         self.rounds += 1
 
-    async def _exchange_with(self, url: str) -> None:
+    async def _exchange_with(self, url: str, expected: str | None) -> None:
+        """Push our records in parts that fit the peer's body limit; take its answers; judge its liveness."""
         assert self._client is not None
+        records = self.live_records()
+        limit = self._push_bytes.get(url, self.config.max_push_bytes)
+        answered: str | None = None
         try:
-            answer = await self._client.gossip(url, self.live_records(), max_bytes=self.config.max_response_bytes)
+            for part in split(records, limit):
+                try:
+                    answer, answered = await self._client.gossip(url, part, max_bytes=self.config.max_response_bytes)
+                except PeerRefused as exc:
+                    if exc.status != 413 or limit < 8 << 10:
+                        raise
+                    limit = self._push_bytes[url] = limit // 2  # its limit is lower than ours: smaller parts
+                    for smaller in split(part, limit):
+                        answer, answered = await self._client.gossip(url, smaller, max_bytes=self.config.max_response_bytes)
+                        await self.ingest_off_loop(answer, self.source_of(answered, url))
+                    continue
+                await self.ingest_off_loop(answer, self.source_of(answered, url))
         except PeerError as exc:
             log.debug("gossip with %s failed: %s", url, exc)
+            if expected is not None and expected not in self.table.proven:
+                self.table.drop_signer(expected, "unreachable")  # its heartbeat names a URL that does not answer
             return
-        self.ingest(answer)
+        if answered is not None:
+            hb = self.table.get((answered, HeartbeatBody.record_type))
+            if hb is not None and hb.body.url.rstrip("/") == url:
+                self.table.prove(answered)
+        if expected is not None and answered != expected and expected not in self.table.proven:
+            self.table.drop_signer(expected, "unreachable")  # another node (or none) answers at its URL
 
     async def _run(self) -> None:
         while True:
@@ -353,9 +369,13 @@ class GossipDiscovery:
                 "gossip_records_rejected_total": sum(self.rejected.values()),
                 "gossip_records_rate_limited_total": self.rejected["rate_limited"],
                 "gossip_records_stale_total": self.rejected["stale"],
-                "gossip_members": len(self.members()), "gossip_records": len(self._records)}
+                "gossip_records_over_budget_total": self.rejected["over_budget"],
+                "gossip_records_evicted_total": sum(self.table.evicted.values()),
+                "gossip_members": len(self.members()), "gossip_proven_members": len(self.table.proven & set(self._live)),
+                "gossip_records": len(self.table)}
 
     def stats(self) -> dict[str, Any]:
         return {"peer": str(self.identity.peer_id), "url": self.url, "members": self.members(),
-                "records": len(self._records), "accepted": self.accepted, "rejected": dict(self.rejected),
+                "records": len(self.table), "accepted": self.accepted, "rejected": dict(self.rejected),
+                "evicted": dict(self.table.evicted), "proven": sorted(self.table.proven & set(self._live)),
                 "rounds": self.rounds, "contacts": self.contacts()}

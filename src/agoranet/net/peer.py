@@ -129,15 +129,18 @@ class PeerClient:
         except ValueError:
             return r.status, None if r.status < 400 else error_body(raw[:300].decode(errors="replace"))
 
-    async def gossip(self, url: str, records: list[dict[str, Any]], *, max_bytes: int = 4 << 20) -> list[Any]:
-        """Push our live records to a peer; get back the ones we lack (an answer over `max_bytes` is refused)."""
+    async def gossip(self, url: str, records: list[dict[str, Any]], *,
+                     max_bytes: int = 4 << 20) -> tuple[list[Any], str | None]:
+        """Push our live records to a peer; get back the ones we lack (an answer over `max_bytes` is refused)
+        and the peer id the node there says it is (None if it names none)."""
         status, body = await self._post(url, "/agora/v1/gossip", {"records": records}, None, max_bytes, "gossip")
         if status >= 400:
             raise PeerRefused(status, body)
         got = body.get("records") if isinstance(body, dict) else None
         if not isinstance(got, list):
             raise PeerUnreachable(f"{url} answered gossip with something that is not a record list")
-        return got
+        peer = body.get("peer")
+        return got, peer if isinstance(peer, str) else None
 
     async def post_json(self, url: str, path: str, body: dict[str, Any],
                         headers: dict[str, str] | None = None) -> Any:

@@ -2,6 +2,9 @@
 
 Pushes are rate-limited per client address (429 with Retry-After, counted); the body size limit is
 the node's (413), and a body that is not `{"records": [...]}` gets 400 before discovery sees it.
+A push signed by a proven peer (`x-agora-signed`) is charged to that peer, any other to its client
+address: each source has its own CPU budget of signature checks and its own share of the table.
+The answer names this node's peer id, which is how a pusher proves the URL it reached is this node.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from agoranet.core.errors import RequestError
 from agoranet.net.gossip import GossipDiscovery, RateLimiter
+from agoranet.net.signed_request import HEADER as SIGNED, request_signer
 
 
 class GossipPush(BaseModel):
@@ -48,7 +52,13 @@ class NetworkRole:
                 self.pushes_rate_limited += 1
                 raise RequestError(f"too many gossip pushes from {sender}; slow down", status=429,
                                    code="rate_limited")
-            return {"records": self.discovery.exchange(push.records)}
+            try:
+                signer = request_signer(request.headers.get(SIGNED), "POST", request.url.path, await request.body())
+            except RequestError:
+                signer = None  # a bad or stale signature only loses the pusher its own budget
+            source = self.discovery.source_of(signer, sender)
+            return {"records": await self.discovery.exchange_off_loop(push.records, source),
+                    "peer": str(self.discovery.identity.peer_id)}
 
         @r.get("/agora/v1/peers")
         async def peers() -> dict[str, Any]:
