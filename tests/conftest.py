@@ -15,7 +15,6 @@ import pytest
 
 from agoranet.core.identity import Identity
 from agoranet.node.node import ProviderOptions, build_provider_node
-from agoranet.node.operator import operator_token
 from agoranet.node.server import BackgroundServer, bind, url_of
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -42,6 +41,8 @@ def provider(tmp_path_factory) -> Iterator[tuple[str, object]]:
 
 def operator(home: Path) -> dict[str, str]:
     """The Authorization header of a node's operator: the token in its home (writes to its storage need it)."""
+    from agoranet.node.operator import operator_token
+
     return {"authorization": f"Bearer {operator_token(home)}"}
 
 
