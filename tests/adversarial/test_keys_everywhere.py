@@ -9,7 +9,6 @@ import httpx
 from agoranet.core.identity import Identity
 from agoranet.engine.stub import StubEngine
 from agoranet.net.gossip import GossipConfig
-from agoranet.net.signed_request import HEADER, sign_request
 from agoranet.node.gateway import GatewayConfig
 from agoranet.node.node import PROVIDER_PATH, build_node
 from agoranet.node.server import BackgroundServer, bind, url_of
@@ -35,6 +34,8 @@ def test_the_provider_beside_a_keyed_gateway_serves_only_that_gateway(tmp_path):
             r = httpx.post(f"{url}{PROVIDER_PATH}{path}", json=body, headers={"authorization": f"Bearer {secret}"})
             assert r.status_code == 401, r.text  # a user's key is for the gateway, which meters it
         # A stranger's signature is not the node's.
+        from agoranet.net.signed_request import HEADER, sign_request
+
         raw = json.dumps(CHAT).encode()
         target = f"{url}{PROVIDER_PATH}/v1/chat/completions"
         stranger = {HEADER: sign_request(Identity.generate(), "POST", httpx.URL(target).path, raw),

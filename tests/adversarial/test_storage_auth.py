@@ -6,11 +6,10 @@ import httpx
 
 from agoranet.core.cid import RAW, cid_of
 from agoranet.core.identity import Identity
-from agoranet.net.signed_request import HEADER, sign_request
 from agoranet.node.node import build_node
 from agoranet.node.replication import StorageReplicator
 from agoranet.node.server import BackgroundServer, bind, url_of
-from agoranet.node.storage_api import StorageAccess, storage_app
+from agoranet.node.storage_api import storage_app
 from agoranet.store import Blockstore
 
 from ..conftest import operator
@@ -19,6 +18,8 @@ BLOCKS = "/agora/v1/blocks"
 
 
 def signed(key: Identity, method: str, url: str, body: bytes = b"") -> dict[str, str]:
+    from agoranet.net.signed_request import HEADER, sign_request
+
     return {HEADER: sign_request(key, method, httpx.URL(url).path, body)}
 
 
@@ -30,8 +31,8 @@ def test_strangers_cannot_upload_unpin_or_announce_and_peers_stay_within_their_q
         url = server.url
         block = b"the operator's data"
         cid = cid_of(block, RAW)
-        assert httpx.put(f"{url}{BLOCKS}/{cid}", content=block, headers=operator(home)).status_code == 201
-        assert httpx.post(f"{url}{BLOCKS}/{cid}/pin", json={}, headers=operator(home)).status_code == 200
+        node.storage.store.put_block(cid, block)
+        node.storage.store.pin(cid)
 
         stranger = Identity.generate()
         junk = b"x" * 1000
@@ -49,12 +50,18 @@ def test_strangers_cannot_upload_unpin_or_announce_and_peers_stay_within_their_q
             assert forged.status_code == 403 and forged.json()["error"]["code"] == "not_a_peer", forged.text
         assert httpx.get(f"{url}{BLOCKS}/{cid}/pin").json()["pinned"]  # nothing a stranger did changed the pin
         assert not httpx.head(f"{url}{BLOCKS}/{cid_of(junk, RAW)}").status_code == 200
+        # The operator's token (a file only the operator can read) does what strangers cannot.
+        assert httpx.put(f"{url}{BLOCKS}/{cid_of(junk, RAW)}", content=junk, headers=operator(home)).status_code == 201
+        assert httpx.delete(f"{url}{BLOCKS}/{cid}/pin", headers=operator(home)).status_code == 200
+        assert not httpx.get(f"{url}{BLOCKS}/{cid}/pin").json()["pinned"]
         token = (home / "operator.token")
         assert token.stat().st_mode & 0o777 == 0o600
 
 
 def test_a_replication_peer_writes_by_signature_until_its_quota_is_spent(tmp_path):
     """Two storage peers that replicate with each other: B's signed uploads to A count against B's quota."""
+    from agoranet.node.storage_api import StorageAccess
+
     socks = [bind(), bind()]
     urls = [url_of(s) for s in socks]
     keys = [Identity.generate(), Identity.generate()]

@@ -80,11 +80,10 @@ def test_poisoned_receipts_neither_stop_nor_stall_the_verifier(verifier, provide
     r = httpx.post(f"{url}/agora/v1/receipts", json={"receipt": poisoned, "node": unreachable,
                                                      "offer": dead_offer(stranger, unreachable)}, timeout=30)
     assert r.status_code == 202, r.text
-    wait_for(lambda: role.audit_errors >= 1, timeout=30, what="the poisoned audit to fail")
     r = httpx.post(f"{url}/agora/v1/receipts", json={"receipt": receipt, "node": provider_url}, timeout=30)
     assert r.status_code == 202 and r.json()["queued"], r.text
     wait_for(lambda: role.audited >= 1, timeout=60, what="the honest receipt to be audited after the poisoned one")
-    assert role.reputation.providers[receipt["signer"]].passed == 1
+    assert role.reputation.providers[receipt["signer"]].passed == 1 and role.audit_errors == 1
     metrics = httpx.get(f"{url}/metrics").text
     assert re.search(r'agora_verifier_audit_errors_total\{[^}]*\} 1\.0', metrics), metrics
 
