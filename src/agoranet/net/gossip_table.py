@@ -63,6 +63,17 @@ class RateLimiter:
         self.rate, self.burst, self.max_keys, self.clock = rate, burst, max_keys, clock
         self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
 
+    def take(self, key: str, want: int) -> int:
+        """Take up to `want` whole tokens from `key`'s bucket; returns how many it held."""
+        now = self.clock()
+        tokens, last = self._buckets.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        granted = min(want, int(tokens))
+        self._buckets[key] = (tokens - granted, now)
+        if len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return granted
+
     def allow(self, key: str, cost: float = 1.0) -> bool:
         """Take `cost` tokens from `key`'s bucket if it holds that many (a byte count, say)."""
         now = self.clock()
