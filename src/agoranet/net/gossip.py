@@ -29,6 +29,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import yarl
+from pydantic_core import to_json
+
 from agoranet.core.errors import BadSignature, RecordError
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, Record, sign_record, verify_record
@@ -37,8 +40,7 @@ from agoranet.net.discovery import MembershipEvent, OfferSource, offers_model
 from agoranet.net.gossip_table import (
     GOSSIPED, GossipKind, GossipTable, HeartbeatBody, RateLimiter, TableLimits,
 )
-from agoranet.net.peer import PeerClient, PeerError, PeerRefused
-from pydantic_core import to_json
+from agoranet.net.peer import PeerClient, PeerError, PeerRefused, PeerUnreachable
 
 __all__ = ["GOSSIPED", "GossipConfig", "GossipDiscovery", "GossipKind", "HeartbeatBody", "RateLimiter", "now_ms"]
 
@@ -249,8 +251,11 @@ class GossipDiscovery:
         return answer
 
     def source_of(self, signer: str | None, address: str) -> str:
-        """Who a push is charged to: a proven peer that signed it, else the client address it came from."""
-        return signer if signer is not None and signer in self.table.proven else f"ip:{address}"
+        """Who records are charged to: a proven peer that signed the push (or answered our pull), else the
+        address they came from (a client address, or the host of the URL we pulled from)."""
+        if signer is not None and signer in self.table.proven:
+            return signer
+        return f"ip:{yarl.URL(address).host or address}"
 
     def _publish_own(self) -> None:
         now = self.clock()
@@ -344,7 +349,7 @@ class GossipDiscovery:
                 await self.ingest_off_loop(answer, self.source_of(answered, url))
         except PeerError as exc:
             log.debug("gossip with %s failed: %s", url, exc)
-            if expected is not None and expected not in self.table.proven:
+            if isinstance(exc, PeerUnreachable) and expected is not None and expected not in self.table.proven:
                 self.table.drop_signer(expected, "unreachable")  # its heartbeat names a URL that does not answer
             return
         if answered is not None:
