@@ -1,8 +1,8 @@
 """Discovery by signed gossip over HTTP: push-pull anti-entropy of offer and heartbeat records.
 
-Every round a node signs a fresh heartbeat, picks up to `fanout` peers at random (seeds from the
-command line plus every live peer's heartbeat URL) and sends them all live records it holds; each
-answers with the live records the sender lacks. Only records that verify, have not expired and were
+Every round a node signs a fresh heartbeat, contacts its seeds, up to `fanout` proven peers at random
+and `probes` unproven ones, and sends them the live records it relays; each answers with the live
+records the sender lacks and the peer id it is. Only records that verify, have not expired and were
 not issued in the future are kept (the latest per signer and type); the rest are counted by reason.
 A peer is live while its latest heartbeat is; when it lapses (missed heartbeats) the peer, its offer
 and its URL are evicted. Records carry their own proof, so they can be relayed by anyone.
