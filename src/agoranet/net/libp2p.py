@@ -172,7 +172,7 @@ class LibP2PDiscovery(GossipDiscovery):
         """Sign a fresh heartbeat and publish it, with whatever else is due, on this node's topics."""
         self._publish_own()
         me = str(self.identity.peer_id)
-        own = [r for (signer, _), r in self._records.items() if signer == me]
+        own = [r for r in self.table.records() if r.signer == me]
         offer = next((r for r in own if r.type == OfferBody.record_type), None)
         model_topics = [model_topic(m.cid) for m in offer.body.models] if offer is not None else []
         sends = []
@@ -283,10 +283,11 @@ class LibP2PDiscovery(GossipDiscovery):
         if signer != sender:  # each node publishes its own records; a relay is GossipSub's job
             self._reject("foreign")
             return False
-        if not self.ingest([data]):
+        if not self.ingest([data], sender):  # the same admission rule as HTTP gossip, charged to the sender
             return False
         record = decode_record(data)
         if record.type == HeartbeatBody.record_type:
+            self.table.prove(signer)  # it reached us over an authenticated connection as itself: it is live
             self._check_offer(record)
         return True
 
@@ -294,7 +295,7 @@ class LibP2PDiscovery(GossipDiscovery):
         """A heartbeat names an offer this node does not hold: fetch it from its signer (a node that
         joined after the offer was last published would otherwise wait for its republication)."""
         wanted = heartbeat.body.offer
-        held = self._records.get((heartbeat.signer, OfferBody.record_type))
+        held = self.table.get((heartbeat.signer, OfferBody.record_type))
         if wanted and (held is None or str(held.cid) != wanted) and heartbeat.signer not in self._pulls:
             self._pulls[heartbeat.signer] = asyncio.create_task(self._pull(heartbeat.signer))  # owned: stop()
 
@@ -329,8 +330,8 @@ class LibP2PDiscovery(GossipDiscovery):
             await asyncio.wait_for(client.read_stream_info(reader), self.p2p.fetch_timeout_s)
             self._publish_own()
             me = str(self.identity.peer_id)
-            for (signer, _), record in list(self._records.items()):
-                if signer == me:
+            for record in list(self.table.records()):
+                if record.signer == me:
                     await write_delimited(writer, record.encode())
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, P2PError) as exc:
             log.debug("serving a records stream failed: %s", exc)
