@@ -74,7 +74,7 @@ def gossip_sybil(gw_url: str, url: str, model, *, ttl_s: float = 60.0, **price) 
 
 
 def honest_model(gateway, honest: list[str]):
-    return next(o for o in gateway.discovery._records.values() if o.signer == honest[0] and o.type == "agora/offer/1"
+    return next(o for o in gateway.discovery.table.records() if o.signer == honest[0] and o.type == "agora/offer/1"
                 ).body.models[0]
 
 
