@@ -1,6 +1,6 @@
 import torch
 
-from agoranet.verify.rule import choose_token, gumbel_noise, nucleus_mask, token_scores
+from agoranet.verify.rule import choose_token, choose_tokens, gumbel_noise, nucleus_mask, token_scores
 
 
 def test_noise_is_a_pure_function_of_seed_request_and_position():
@@ -29,3 +29,17 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     assert nucleus_mask(scaled, 1.0).all()
     scores = token_scores(scaled, temperature=1.0, top_p=0.7, seed=3, request_id="r", position=0)
     assert torch.isinf(scores[2:]).all() and torch.isfinite(scores[:2]).all()
+
+
+def test_batched_rule_chooses_what_each_row_gets_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(48, 260) * 3
+    temps = [(0.0, 0.7, 1.0, 1.3)[i % 4] for i in range(48)]
+    top_ps = [(1.0, 0.9, 0.5)[i % 3] for i in range(48)]
+    seeds, ids, positions = list(range(48)), [f"r{i % 5}" for i in range(48)], [i * 7 for i in range(48)]
+    batched = choose_tokens(logits, temperatures=temps, top_ps=top_ps, seeds=seeds, request_ids=ids,
+                            positions=positions)
+    alone = [choose_token(logits[i], temperature=temps[i], top_p=top_ps[i], seed=seeds[i], request_id=ids[i],
+                          position=positions[i]) for i in range(48)]
+    assert batched == alone
+    assert len(set(batched)) > 10  # the rows really differ, so the comparison means something

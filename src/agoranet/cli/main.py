@@ -78,7 +78,7 @@ def provide(
     p2p_listen: P2PListenOpt = None,
     p2p_announce: P2PAnnounceOpt = None,
     p2p_nat: P2PNatOpt = None,
-    max_batch: MaxBatchOpt = 16,
+    max_batch: MaxBatchOpt = 32,
     token_delay_ms: TokenDelayOpt = 0,
     watch: WatchOpt = None,
     log_json: LogJsonOpt = None,

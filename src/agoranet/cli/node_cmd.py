@@ -239,7 +239,7 @@ def node(
     price_out: PriceOutOpt = 200_000,
     max_concurrency: MaxConcurrencyOpt = 16,
     max_tokens: MaxTokensOpt = 512,
-    max_batch: MaxBatchOpt = 16,
+    max_batch: MaxBatchOpt = 32,
     threads: ThreadsOpt = None,
     token_delay_ms: TokenDelayOpt = 0,
     cheat: CheatOpt = None,

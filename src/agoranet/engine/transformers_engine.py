@@ -1,9 +1,10 @@
 """Built-in engine: a transformers causal LM with KV-cache decoding and step-level batching.
 
-One worker thread owns the model. Each step it admits waiting requests (one prefill each) and
-then decodes one token for every active sequence in a single batched forward pass, so a request
-never waits for another to finish. Sequences of different lengths share the batch through left
-padding; the padded cache is rebuilt only when the batch's membership changes.
+One worker thread owns the model. Each step it prefills the newly admitted requests together (one
+left-padded forward pass, chunked when long) and then decodes one token for every active sequence
+in a single batched forward pass, so a request never waits for another to finish. The KV cache is
+preallocated per sequence row and updated in place: joining or leaving the batch moves one row,
+never rebuilds the cache. Tokens reach the event loop once per step, not once per token.
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 from agoranet.core.errors import EngineError, ModelError, RequestError
 from agoranet.engine.base import Generation, GenerationRequest, TokenEvent
 from agoranet.engine.tokenizer import ByteTokenizer, StreamDecoder
-from agoranet.verify.rule import choose_token
+from agoranet.verify.rule import choose_tokens
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RECEIPT_TOP_K = 5  # receipts always carry at least this many alternatives for verifiers
+PREFILL_CHUNK = 2048  # prompt tokens (summed over the admitted rows) per prefill forward pass
 
 
 def load_causal_lm(model_dir: Path, precision: str) -> torch.nn.Module:
@@ -58,7 +60,8 @@ def render_prompt(tokenizer: ByteTokenizer, request: GenerationRequest) -> list[
 class _Sequence:
     request: GenerationRequest
     prompt: list[int]
-    emit: object  # callable(event | None) run on the event loop thread
+    loop: asyncio.AbstractEventLoop  # the requester's event loop, where `queue` is read
+    queue: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -94,9 +97,12 @@ class TransformersEngine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._active: list[_Sequence] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None
+        self.prefill_chunk = PREFILL_CHUNK
+        self._active: list[_Sequence] = []  # row i of the cache belongs to _active[i]
+        self._starts: list[int] = []  # first cache column of each row's tokens
+        self._end = 0  # the column the next decode step writes, shared by all rows
+        self._cache = _SlotCache()
+        self._outbox: list[tuple[_Sequence, object]] = []  # events of this step, handed over in _flush
         self.steps = 0  # batched decode steps run, for metrics and tests
         self.max_batch_seen = 0
 
@@ -134,13 +140,9 @@ class TransformersEngine:
                 f"max_tokens asks for {request.sampling.max_tokens} more",
                 param="max_tokens", code="context_length_exceeded",
             )
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | Generation | BaseException] = asyncio.Queue()
-
-        def emit(item: TokenEvent | Generation | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        seq = _Sequence(request=request, prompt=prompt, emit=emit, decoder=StreamDecoder(self.tokenizer))
+        seq = _Sequence(request=request, prompt=prompt, loop=asyncio.get_running_loop(), queue=queue,
+                        decoder=StreamDecoder(self.tokenizer))
         self._replay_prefix(seq)
         with self._wake:
             if self._stopping:
@@ -183,12 +185,13 @@ class TransformersEngine:
                     break
                 admitted = []
                 while self._waiting and len(self._active) + len(admitted) < self.max_batch:
-                    admitted.append(self._waiting.popleft())
-            try:
-                for seq in admitted:
+                    seq = self._waiting.popleft()
                     if not seq.cancelled.is_set():
-                        self._prefill(seq)
-                self._drop_finished()
+                        admitted.append(seq)
+            try:
+                if admitted:
+                    self._prefill(admitted)
+                    self._drop_finished()
                 if self._active:
                     self._decode_step()
                     self._drop_finished()
@@ -197,64 +200,119 @@ class TransformersEngine:
                 for seq in self._active + admitted:
                     if seq.finished is None:
                         seq.finished = "error"
-                        seq.emit(EngineError(f"generation failed: {exc}"))
-                self._active, self._cache, self._mask = [], None, None
+                        self._outbox.append((seq, EngineError(f"generation failed: {exc}")))
+                self._active, self._starts, self._end = [], [], 0
+            self._flush()
         for seq in self._active + list(self._waiting):
-            seq.emit(EngineError("the engine stopped", hint="retry on another provider"))
+            self._outbox.append((seq, EngineError("the engine stopped", hint="retry on another provider")))
+        self._flush()
 
-    def _prefill(self, seq: _Sequence) -> None:
-        ids = seq.prompt + list(seq.request.prefix_tokens)
-        seq.length = len(ids)
-        out = self.model(input_ids=torch.tensor([ids]), use_cache=True)
-        self._accept(seq, out.logits[0, -1])
-        if seq.finished is None:
-            self._join(seq, out[self._cache_kw])
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops: one wake-up per loop per step, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for seq, item in self._outbox:
+            by_loop.setdefault(seq.loop, []).append((seq.queue, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
+
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        """Prefill newly admitted sequences together: one left-padded forward pass per chunk, written
+        straight into their rows of the cache, right-aligned with the running batch's last column."""
+        ids = [s.prompt + list(s.request.prefix_tokens) for s in seqs]
+        width = max(len(x) for x in ids)
+        n, m = len(self._active), len(seqs)
+        self._make_room(rows=n + m, width=width)
+        base = self._end - width
+        starts = [self._end - len(x) for x in ids]
+        tokens = torch.tensor([[0] * (width - len(x)) + x for x in ids])
+        positions = torch.tensor([[0] * (width - len(x)) + list(range(len(x))) for x in ids])
+        chunk = max(1, self.prefill_chunk // m)
+        start_col = torch.tensor(starts)[:, None, None]
+        logits = None
+        for c0 in range(0, width, chunk):
+            c1 = min(width, c0 + chunk)
+            keys = torch.arange(base, base + c1)[None, None, :]
+            queries = torch.arange(base + c0, base + c1)[None, :, None]
+            # each key must be the row's own and not in the future; a padding query sees itself (never NaN)
+            allowed = ((keys >= start_col) & (keys <= queries)) | (keys == queries)
+            self._cache.window(rows=(n, n + m), read_from=base, write_at=base + c0)
+            out = self.model(
+                input_ids=tokens[:, c0:c1], position_ids=positions[:, c0:c1], attention_mask=self._additive(allowed),
+                use_cache=True, logits_to_keep=1, **{self._cache_kw: self._cache},
+            )
+            logits = out.logits[:, -1]
+        for seq, x in zip(seqs, ids):
+            seq.length = len(x)
+        self._active.extend(seqs)
+        self._starts.extend(starts)
+        self._accept(seqs, logits)
 
     def _decode_step(self) -> None:
-        assert self._cache is not None and self._mask is not None
+        self._make_room(rows=len(self._active), width=0)
+        n, end = len(self._active), self._end
+        lo = min(self._starts)
         input_ids = torch.tensor([[s.tokens[-1]] for s in self._active])
         positions = torch.tensor([[s.length - 1] for s in self._active])
-        self._mask = torch.cat([self._mask, torch.ones(len(self._active), 1, dtype=self._mask.dtype)], dim=1)
+        allowed = torch.arange(lo, end + 1)[None, None, None, :] >= torch.tensor(self._starts)[:, None, None, None]
+        self._cache.window(rows=(0, n), read_from=lo, write_at=end)
         out = self.model(
-            input_ids=input_ids, attention_mask=self._mask, position_ids=positions, use_cache=True,
-            **{self._cache_kw: self._cache},
+            input_ids=input_ids, attention_mask=self._additive(allowed[:, 0]), position_ids=positions,
+            use_cache=True, **{self._cache_kw: self._cache},
         )
-        self._cache = out[self._cache_kw]
+        self._end = end + 1
         self.steps += 1
-        self.max_batch_seen = max(self.max_batch_seen, len(self._active))
-        for i, seq in enumerate(self._active):
-            if not seq.cancelled.is_set():
-                self._accept(seq, out.logits[i, -1])
+        self.max_batch_seen = max(self.max_batch_seen, n)
+        live = [i for i, s in enumerate(self._active) if not s.cancelled.is_set()]
+        self._accept([self._active[i] for i in live], out.logits[live, -1])
 
-    def _accept(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Choose the next token by the replay rule, record it, stream its text, maybe finish."""
-        req, params = seq.request, seq.request.sampling
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A [batch, 1, q, k] additive mask in the model's dtype (what both sdpa and eager attention take)."""
+        zero = torch.zeros((), dtype=self.model.dtype)
+        return torch.where(allowed, zero, torch.finfo(self.model.dtype).min)[:, None]
+
+    def _accept(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """Choose each row's next token by the replay rule, record it, stream its text, maybe finish."""
+        if not seqs:
+            return
         logits = logits.float()
-        position = len(req.prefix_tokens) + len(seq.tokens)
-        token = choose_token(
-            logits, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-            request_id=req.request_id, position=position,
+        chosen = choose_tokens(
+            logits, temperatures=[s.request.sampling.temperature for s in seqs],
+            top_ps=[s.request.sampling.top_p for s in seqs], seeds=[s.request.sampling.seed for s in seqs],
+            request_ids=[s.request.request_id for s in seqs],
+            positions=[len(s.request.prefix_tokens) + len(s.tokens) for s in seqs],
         )
         logprobs = torch.log_softmax(logits, dim=-1)
-        k = min(max(req.top_logprobs, RECEIPT_TOP_K), logprobs.shape[-1])
+        k = min(max(max(s.request.top_logprobs for s in seqs), RECEIPT_TOP_K), logprobs.shape[-1])
         top_v, top_i = torch.topk(logprobs, k)
-        top = [(int(i), float(v)) for i, v in zip(top_i.tolist(), top_v.tolist())]
-        seq.tokens.append(token)
-        seq.logprobs.append(float(logprobs[token]))
-        seq.top.append(top)
-        seq.length += 1
-        delta = "" if token == self.tokenizer.eos else seq.decoder.feed(token)
-        if token == self.tokenizer.eos:
-            seq.finished = "stop"
-        elif len(seq.tokens) >= params.max_tokens:
-            seq.finished = "length"
-        visible = self._release_text(seq, delta)
-        seq.emit(TokenEvent(text=visible, token=token, logprob=seq.logprobs[-1], top=tuple(top[: req.top_logprobs])))
-        if seq.finished is not None:
-            seq.emit(Generation(
-                prompt_tokens=len(seq.prompt), tokens=seq.tokens, logprobs=seq.logprobs, top=seq.top,
-                text=seq.text, finish_reason=seq.finished, completion_tokens=len(seq.tokens),
-            ))
+        chosen_lp = logprobs.gather(1, torch.tensor(chosen)[:, None])[:, 0].tolist()
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        for row, seq in enumerate(seqs):
+            req = seq.request
+            width = max(req.top_logprobs, RECEIPT_TOP_K)
+            token = chosen[row]
+            top = list(zip(top_i[row][:width], top_v[row][:width]))
+            seq.tokens.append(token)
+            seq.logprobs.append(chosen_lp[row])
+            seq.top.append(top)
+            seq.length += 1
+            delta = "" if token == self.tokenizer.eos else seq.decoder.feed(token)
+            if token == self.tokenizer.eos:
+                seq.finished = "stop"
+            elif len(seq.tokens) >= req.sampling.max_tokens:
+                seq.finished = "length"
+            visible = self._release_text(seq, delta)
+            self._outbox.append(
+                (seq, TokenEvent(text=visible, token=token, logprob=chosen_lp[row], top=tuple(top[: req.top_logprobs])))
+            )
+            if seq.finished is not None:
+                self._outbox.append((seq, Generation(
+                    prompt_tokens=len(seq.prompt), tokens=seq.tokens, logprobs=seq.logprobs, top=seq.top,
+                    text=seq.text, finish_reason=seq.finished, completion_tokens=len(seq.tokens),
+                )))
 
     def _release_text(self, seq: _Sequence, delta: str) -> str:
         """Stream text, holding back any tail that might begin a stop string; cut at a stop string."""
@@ -279,60 +337,105 @@ class TransformersEngine:
         seq.text += out
         return out
 
-    # -- batch bookkeeping ----------------------------------------------------------------------------
+    # -- cache layout ---------------------------------------------------------------------------------
 
-    def _join(self, seq: _Sequence, cache: DynamicCache) -> None:
-        new_kv = _cache_tensors(cache)
-        new_mask = torch.ones(1, new_kv[0][0].shape[2], dtype=torch.long)
+    def _make_room(self, *, rows: int, width: int) -> None:
+        """Make the cache hold `rows` rows and the shared end column ≥ width with one free column after it.
+
+        Live rows only move when they must: right when a longer prompt joins than there are columns
+        before the end, left (to column 0) when the buffer's last column is reached; the buffer grows
+        (doubling, up to the context length) only when even that leaves no room."""
         if not self._active:
-            self._active, self._mask = [seq], new_mask
-            self._cache = _make_cache(new_kv, self.model.config)
-            return
-        old_kv = _cache_tensors(self._cache)
-        width = max(old_kv[0][0].shape[2], new_kv[0][0].shape[2])
-        merged = [
-            tuple(torch.cat([_left_pad(a, width), _left_pad(b, width)], dim=0) for a, b in zip(old, new))
-            for old, new in zip(old_kv, new_kv)
-        ]
-        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(new_mask, width)], dim=0)
-        self._cache = _make_cache(merged, self.model.config)
-        self._active.append(seq)
+            self._end = 0
+        new_end = max(self._end, width)
+        if new_end + 1 > self._cache.cols and self._active:
+            new_end = max(self._end - min(self._starts), width)  # compact: the oldest live column goes to 0
+        if new_end != self._end and self._active:
+            shift = new_end - self._end
+            self._cache.reserve(rows, new_end + 1, limit=self.context_length + 1)
+            self._cache.shift(len(self._active), min(self._starts), self._end, shift)
+            self._starts = [s + shift for s in self._starts]
+        self._end = new_end
+        self._cache.reserve(rows, new_end + 1, limit=self.context_length + 1)
 
     def _drop_finished(self) -> None:
-        keep = [i for i, s in enumerate(self._active) if s.finished is None and not s.cancelled.is_set()]
-        if len(keep) == len(self._active):
+        """Free the rows of finished or cancelled sequences by moving the last rows into them."""
+        i = 0
+        while i < len(self._active):
+            seq = self._active[i]
+            if seq.finished is None and not seq.cancelled.is_set():
+                i += 1
+                continue
+            last = len(self._active) - 1
+            if i != last:
+                self._cache.copy_row(last, i, self._starts[last], self._end)
+                self._active[i], self._starts[i] = self._active[last], self._starts[last]
+            self._active.pop()
+            self._starts.pop()
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+class _SlotCache:
+    """A KV cache preallocated per layer as [rows, kv heads, columns, head dim], updated in place.
+
+    Each live sequence owns a row; its tokens sit in columns [start, end) — all rows end at the same
+    column, so one decode step writes one column for everyone. `window` says which rows and columns
+    the next forward pass writes and reads; attention masks hide other rows' padding. Joining or
+    leaving the batch copies one row, never the whole cache."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor | None] = []
+        self.values: list[torch.Tensor | None] = []
+        self.rows = self.cols = 0
+        self._rows = (0, 0)
+        self._read_from = self._write_at = 0
+
+    def window(self, *, rows: tuple[int, int], read_from: int, write_at: int) -> None:
+        self._rows, self._read_from, self._write_at = rows, read_from, write_at
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """What attention layers call: store this pass's keys/values, return everything the window reads."""
+        while len(self.keys) <= layer_idx:
+            self.keys.append(None)
+            self.values.append(None)
+        if self.keys[layer_idx] is None:
+            shape = (self.rows, key.shape[1], self.cols, key.shape[3])
+            self.keys[layer_idx] = key.new_zeros(shape)
+            self.values[layer_idx] = value.new_zeros(shape)
+        (r0, r1), w = self._rows, self._write_at
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k[r0:r1, :, w : w + key.shape[2]] = key
+        v[r0:r1, :, w : w + key.shape[2]] = value
+        end = w + key.shape[2]
+        return k[r0:r1, :, self._read_from : end], v[r0:r1, :, self._read_from : end]
+
+    def reserve(self, rows: int, cols: int, *, limit: int) -> None:
+        """Grow the buffers (doubling, columns capped at `limit`) so they hold rows × cols."""
+        if rows <= self.rows and cols <= self.cols:
             return
-        if not keep:
-            self._active, self._cache, self._mask = [], None, None
-            return
-        index = torch.tensor(keep)
-        mask = self._mask.index_select(0, index)
-        first = int((mask.sum(dim=0) > 0).nonzero()[0])  # drop columns that are padding for everyone left
-        kv = [tuple(t.index_select(0, index)[:, :, first:] for t in layer) for layer in _cache_tensors(self._cache)]
-        self._active = [self._active[i] for i in keep]
-        self._mask = mask[:, first:]
-        self._cache = _make_cache(kv, self.model.config)
+        new_rows = max(rows, min(2 * self.rows, 1 << 16)) if rows > self.rows else self.rows
+        new_cols = max(cols, min(2 * self.cols, limit)) if cols > self.cols else self.cols
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                if t is not None:
+                    grown = t.new_zeros(new_rows, t.shape[1], new_cols, t.shape[3])
+                    grown[: self.rows, :, : self.cols] = t
+                    store[i] = grown
+        self.rows, self.cols = new_rows, new_cols
 
+    def shift(self, rows: int, lo: int, hi: int, by: int) -> None:
+        """Move columns [lo, hi) of the first `rows` rows by `by` columns."""
+        for store in (self.keys, self.values):
+            for t in store:
+                if t is not None:
+                    t[:rows, :, lo + by : hi + by] = t[:rows, :, lo:hi].clone()
 
-def _cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))  # transformers < 4.56
-
-
-def _make_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
-    return DynamicCache(ddp_cache_data=kv, config=config)
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    pad = width - t.shape[2]
-    if pad == 0:
-        return t
-    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], pad, t.shape[3]), t], dim=2)
-
-
-def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    pad = width - mask.shape[1]
-    return mask if pad == 0 else torch.cat([mask.new_zeros(mask.shape[0], pad), mask], dim=1)
-
-
+    def copy_row(self, src: int, dst: int, lo: int, hi: int) -> None:
+        for store in (self.keys, self.values):
+            for t in store:
+                if t is not None:
+                    t[dst, :, lo:hi] = t[src, :, lo:hi]

@@ -64,7 +64,7 @@ class ProviderOptions:
     upstream_model: str | None = None
     upstream_api_key: str | None = None
     threads: int | None = None
-    max_batch: int = 16
+    max_batch: int = 32
     storage_peers: list[str] = field(default_factory=list)  # where to fetch a model given by CID
     kubo_rpc: str | None = None  # a kubo daemon whose repo a model CID is read from first
     token_delay_ms: int = 0  # space tokens out (tests and demos that cut a stream mid-way)

@@ -61,3 +61,29 @@ def choose_token(
         logits, temperature=temperature, top_p=top_p, seed=seed, request_id=request_id, position=position
     )
     return int(torch.argmax(scores).item())
+
+
+def choose_tokens(
+    logits: torch.Tensor, *, temperatures: list[float], top_ps: list[float], seeds: list[int],
+    request_ids: list[str], positions: list[int],
+) -> list[int]:
+    """The rule for a batch of rows at once: row i gets exactly the token `choose_token` gives it.
+
+    Rows are grouped by (temperature, top_p) so each group runs the same scalar arithmetic as one row
+    alone; the row-wise kernels (softmax, sort, cumsum, argmax) do not mix rows."""
+    logits = logits.float()
+    chosen = [0] * logits.shape[0]
+    groups: dict[tuple[float, float], list[int]] = {}
+    for i, key in enumerate(zip(temperatures, top_ps)):
+        groups.setdefault(key, []).append(i)
+    for (temperature, top_p), rows in groups.items():
+        sub = logits[rows]
+        if temperature <= 0.0:
+            scores = sub
+        else:
+            scaled = sub / temperature
+            noise = torch.stack([gumbel_noise(seeds[i], request_ids[i], positions[i], sub.shape[-1]) for i in rows])
+            scores = (scaled + noise).masked_fill(~nucleus_mask(scaled, top_p), float("-inf"))
+        for i, token in zip(rows, torch.argmax(scores, dim=-1).tolist()):
+            chosen[i] = int(token)
+    return chosen
