@@ -13,7 +13,7 @@ from agoranet.engine.models import model_cid, resolve_model
 from agoranet.engine.tokenizer import ByteTokenizer
 from agoranet.engine.transformers_engine import TransformersEngine, load_causal_lm
 from agoranet.node.calibration import HonestRun, honest_requests, honest_runs
-from agoranet.verify.replay import MEASURE, STRICT, Tolerances, check_receipt
+from agoranet.verify.replay import MEASURE, STRICT, ReplayJob, Tolerances, check_receipt, check_receipts
 from agoranet.verify.rule import token_scores
 from agoranet.verify.tolerances import default_tolerances, tolerance_for
 
@@ -207,3 +207,31 @@ def test_honest_reduced_precision_receipts_pass_their_class_tolerances_at_the_fp
     tokens = list(b.output_tokens)
     tokens[4] = (tokens[4] + 7) % 256
     assert not check(reference, runs[0], b.model_copy(update={"output_tokens": tokens}), tol=tol).ok
+
+
+@pytest.mark.parametrize("budget", [8192, 48])
+def test_batched_replay_judges_each_receipt_as_it_is_judged_alone(reference, honest, budget):
+    """One padded pass (or several, under a small token budget), a prompt shared by three receipts computed
+    once: the same verdicts, failure positions and (to fp32 noise) deviations as one replay per receipt."""
+    first = honest[0]
+    tokens = list(first.body.output_tokens)
+    tokens[5] = (tokens[5] + 7) % 256
+    tampered = edited(first.body, output_tokens=tokens, output_text=TOK.decode(tokens))
+    logprobs = list(honest[1].body.logprobs)
+    logprobs[2] += 0.01
+    jobs = [ReplayJob(r.prompt, r.body, FP32, r.request_bytes) for r in honest]
+    jobs += [ReplayJob(first.prompt, tampered, FP32, first.request_bytes),  # shares first's prompt and 5 tokens
+             ReplayJob(first.prompt, first.body, FP32, first.request_bytes),
+             ReplayJob(honest[1].prompt, edited(honest[1].body, logprobs=logprobs), FP32, honest[1].request_bytes)]
+    kw = {"model_cid": MODEL_CID, "decode": TOK.decode, "eos_token": TOK.eos}
+    together = check_receipts(reference, jobs, token_budget=budget, **kw)
+    alone = [check_receipt(reference, j.prompt_ids, j.receipt, j.tolerances, request_bytes=j.request_bytes, **kw)
+             for j in jobs]
+    assert [r.ok for r in together] == [True] * len(honest) + [False, True, False]
+    for a, b in zip(alone, together):
+        assert a.ok == b.ok and a.checked_positions == b.checked_positions
+        assert (a.failure.kind, a.failure.position) == (b.failure.kind, b.failure.position) if a.failure else True
+        assert abs(a.max_lp - b.max_lp) < 1e-4 and abs(a.max_top - b.max_top) < 1e-4
+        assert not b.ok or b.max_lp < 1e-3
+    assert (together[-3].failure.kind, together[-3].failure.position) in {("token", 5), ("nucleus", 5)}
+    assert (together[-1].failure.kind, together[-1].failure.position) == ("logprob", 2)

@@ -1,5 +1,8 @@
 """Teacher-forced replay: check a receipt with ONE forward pass over prompt + prefix + claimed tokens.
 
+Several receipts of one model are replayed together (`check_receipts`): right-padded rows in one pass,
+and a prompt they share computed once; each is judged exactly as if alone, on its own logits.
+
 At every output position the replay recomputes the rule's scores (`agoranet.verify.rule`) and
 accepts the claimed token when its score is within τ_tok of the best score — never an exact
 argmax, because honest hardware and precision differences move logits a little. Margins are in
@@ -11,6 +14,8 @@ The first failing position and what the replay saw there are returned as evidenc
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,10 +30,11 @@ from agoranet.verify.records import FailureEvidence
 from agoranet.wire.canonical import CanonicalRequest
 from agoranet.verify.rule import gumbel_noise, nucleus_mask
 
-__all__ = ["Tolerances", "ReplayResult", "check_receipt", "check_request_binding", "request_mismatch",
-           "MIN_TOP_LOGPROBS", "STRICT", "MEASURE"]
+__all__ = ["Tolerances", "ReplayResult", "ReplayJob", "check_receipt", "check_receipts", "check_request_binding",
+           "request_mismatch", "MIN_TOP_LOGPROBS", "STRICT", "MEASURE"]
 
 MIN_TOP_LOGPROBS = 5  # receipts carry at least this many alternatives per position
+REPLAY_TOKEN_BUDGET = 8192  # rows × padded width of one batched replay pass (bounds its activations)
 
 
 class ToleranceLike(Protocol):
@@ -94,6 +100,16 @@ def request_mismatch(why: str) -> ReplayResult:
     return _fail("request", why)
 
 
+@dataclass
+class ReplayJob:
+    """One receipt to replay and what it is checked against (the canonical request bytes when known)."""
+
+    prompt_ids: Sequence[int]
+    receipt: ReceiptBody | Record
+    tolerances: ToleranceLike
+    request_bytes: bytes | None = None
+
+
 def check_receipt(
     model: torch.nn.Module, prompt_ids: Sequence[int], receipt: ReceiptBody | Record, tolerances: ToleranceLike, *,
     model_cid: str | None = None, request_bytes: bytes | None = None,
@@ -104,24 +120,126 @@ def check_receipt(
     `receipt` may be a signed Record (its signature is then checked) or a bare body. The model
     CID, canonical request bytes, `decode` (token ids -> text) and `eos_token` are checked when given.
     """
-    if isinstance(receipt, Record):
+    job = ReplayJob(prompt_ids, receipt, tolerances, request_bytes)
+    return check_receipts(model, [job], model_cid=model_cid, decode=decode, eos_token=eos_token)[0]
+
+
+def check_receipts(
+    model: torch.nn.Module, jobs: Sequence[ReplayJob], *, model_cid: str | None = None,
+    decode: Callable[[list[int]], str] | None = None, eos_token: int | None = None,
+    token_budget: int = REPLAY_TOKEN_BUDGET,
+) -> list[ReplayResult]:
+    """Judge several receipts of one model as `check_receipt` judges each, replaying them together:
+    right-padded rows in as few forward passes as `token_budget` allows, and a prompt shared by several
+    receipts (with whatever their outputs share after it) computed once and reused through its KV cache."""
+    results: list[ReplayResult | None] = [None] * len(jobs)
+    todo: list[tuple[int, ReceiptBody, list[int]]] = []
+    for i, job in enumerate(jobs):
+        admitted = _admit(model, job, model_cid, eos_token)
+        if isinstance(admitted, ReplayResult):
+            results[i] = admitted
+        elif not admitted.output_tokens:
+            results[i] = ReplayResult(ok=True, checked_positions=0)
+        else:
+            todo.append((i, admitted, list(job.prompt_ids) + list(admitted.prefix_tokens)))
+    sequences = [(context, list(body.output_tokens)) for _, body, context in todo]
+    for (i, body, _), logits in zip(todo, _replay_logits(model, sequences, token_budget)):
+        results[i] = _judge(logits, body, jobs[i].tolerances)
+    for i, result in enumerate(results):
+        body = _body(jobs[i].receipt)
+        if result.ok and decode is not None and (why := _text(body, decode, eos_token)) is not None:
+            result.ok, result.failure = False, FailureEvidence(kind="text", position=-1, detail=why)
+    return results  # type: ignore[return-value]
+
+
+def _body(receipt: ReceiptBody | Record) -> ReceiptBody:
+    return receipt.body if isinstance(receipt, Record) else receipt
+
+
+def _admit(model: torch.nn.Module, job: ReplayJob, model_cid: str | None, eos: int | None) -> ReceiptBody | ReplayResult:
+    """The receipt's body when it may be replayed, else the failure that stops it before any forward pass."""
+    if isinstance(job.receipt, Record):
         try:
-            verify_record(receipt.encode(), ReceiptBody)
+            verify_record(job.receipt.encode(), ReceiptBody)
         except RecordError as exc:
             return _fail("signature", str(exc))
-        body: ReceiptBody = receipt.body
-    else:
-        body = receipt
+    body = _body(job.receipt)
     if model_cid is not None and body.model != model_cid:
         return _fail("model", f"receipt names model {body.model}, the replayed model is {model_cid}")
-    if request_bytes is not None and (why := check_request_binding(body, request_bytes)):
+    if job.request_bytes is not None and (why := check_request_binding(body, job.request_bytes)):
         return _fail("request", why)
-    if (why := _structure(body, prompt_ids, eos_token, _vocab_size(model))) is not None:
+    if (why := _structure(body, job.prompt_ids, eos, _vocab_size(model))) is not None:
         return _fail("structure", why[1], why[0])
-    result = _replay(model, list(prompt_ids), body, tolerances)
-    if result.ok and decode is not None and (why := _text(body, decode, eos_token)) is not None:
-        result.ok, result.failure = False, FailureEvidence(kind="text", position=-1, detail=why)
-    return result
+    return body
+
+
+@torch.inference_mode()
+def _replay_logits(
+    model: torch.nn.Module, sequences: list[tuple[list[int], list[int]]], budget: int
+) -> list[torch.Tensor]:
+    """For each (context, output): fp32 logits of the rows that predict output[0..n-1], teacher-forced."""
+    rows = [context + output[:-1] for context, output in sequences]
+    full: list[torch.Tensor | None] = [None] * len(rows)  # logits for every position of each row
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, (context, _) in enumerate(sequences):
+        by_context.setdefault(tuple(context), []).append(i)
+    singles = []
+    for members in by_context.values():
+        if len(members) < 2:
+            singles += members
+            continue
+        # shared prompt: compute it (and any common start of the outputs) once, then the rest per receipt
+        shared = min(_common_prefix([rows[i] for i in members]), min(len(rows[i]) for i in members) - 1)
+        if shared < 1:
+            singles += members
+            continue
+        out = model(input_ids=torch.tensor([rows[members[0]][:shared]]), use_cache=True)
+        head, cache = out.logits[0].float(), out[_cache_key(model)]
+        parts = _packs(members, lambda i: len(rows[i]) - shared, budget)
+        for part in parts:
+            part_cache = copy.deepcopy(cache) if len(parts) > 1 else cache
+            part_cache.batch_repeat_interleave(len(part))
+            tails = _padded_logits(model, [rows[i][shared:] for i in part], part_cache)
+            for j, i in enumerate(part):
+                full[i] = torch.cat([head, tails[j, : len(rows[i]) - shared]])
+    for part in _packs(sorted(singles, key=lambda i: len(rows[i])), lambda i: len(rows[i]), budget):
+        logits = _padded_logits(model, [rows[i] for i in part], None)
+        for j, i in enumerate(part):
+            full[i] = logits[j, : len(rows[i])]
+    return [f[len(context) - 1:] for f, (context, _) in zip(full, sequences)]
+
+
+def _padded_logits(model: torch.nn.Module, rows: list[list[int]], cache: Any) -> torch.Tensor:
+    """One forward pass over right-padded rows: causal attention keeps the padding out of every real position."""
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    extra = {_cache_key(model): cache, "use_cache": True} if cache is not None else {}
+    return model(input_ids=ids, **extra).logits.float()
+
+
+def _packs(items: list[int], cost: Callable[[int], int], budget: int) -> list[list[int]]:
+    """Split `items` (in order) into runs whose rows × longest row stays within `budget` tokens."""
+    packs: list[list[int]] = []
+    for i in items:
+        if packs and (len(packs[-1]) + 1) * max(cost(j) for j in [*packs[-1], i]) <= budget:
+            packs[-1].append(i)
+        else:
+            packs.append([i])
+    return packs
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    n = min(map(len, rows))
+    first = rows[0]
+    for k in range(n):
+        if any(row[k] != first[k] for row in rows[1:]):
+            return k
+    return n
+
+
+def _cache_key(model: torch.nn.Module) -> str:
+    """transformers renamed past_key_values to cache (5.x); speak whichever this version knows."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _vocab_size(model: torch.nn.Module) -> int:
@@ -175,15 +293,10 @@ def _text(body: ReceiptBody, decode: Callable[[list[int]], str], eos: int | None
     return None
 
 
-@torch.inference_mode()
-def _replay(model: torch.nn.Module, prompt: list[int], body: ReceiptBody, tol: ToleranceLike) -> ReplayResult:
+def _judge(logits: torch.Tensor, body: ReceiptBody, tol: ToleranceLike) -> ReplayResult:
+    """Judge every output position from the replayed logits (row i predicts output token i)."""
     out = body.output_tokens
     n = len(out)
-    if n == 0:
-        return ReplayResult(ok=True, checked_positions=0)
-    context = prompt + list(body.prefix_tokens)
-    ids = torch.tensor([context + list(out[:-1])])
-    logits = model(input_ids=ids).logits[0, len(context) - 1:].float()  # row i predicts out[i]
     vocab = logits.shape[-1]
     claimed = torch.tensor(out)
     rows = torch.arange(n)
