@@ -15,7 +15,9 @@ shipped tolerances of its claimed class. Attacks claim the honest model CID, pre
   dropped prompt       the first half of the prompt text never computed
 
 Targets: 0 false rejections in ≥ 400 honest sequences per class; model swap and output edits ≥ 98%;
-wrong temperature / ignored seed ≥ 90%; verification ≤ 1/8 of generation for 64 new tokens.
+wrong temperature / ignored seed ≥ 90%; verification ≤ 1/8 of generation for 64 new tokens, both for one
+request and for the receipts of a batch of 8 generated together (replayed together, batched replay).
+Every verdict here comes from batched replay (`check_receipts`, 8 receipts per call).
 
     python benchmarks/verification.py            # full: 400 honest + 100 per attack, per class
     python benchmarks/verification.py --quick    # 48 honest + 16 per attack, fp32 and bf16
@@ -42,7 +44,7 @@ from agoranet.engine.tokenizer import ByteTokenizer
 from agoranet.engine.transformers_engine import TransformersEngine, load_causal_lm
 from agoranet.node.calibration import HonestRun, honest_requests, honest_runs
 from agoranet.node.cheat import CheatingEngine
-from agoranet.verify.replay import check_receipt
+from agoranet.verify.replay import ReplayJob, check_receipts
 from agoranet.verify.tolerances import default_tolerances, load_tolerances, tolerance_for
 
 MODEL_DIR = resolve_model("agora-tiny")[0]
@@ -133,9 +135,13 @@ def tamper_logprob(runs: list[HonestRun], rng: random.Random) -> list[tuple[Hone
 
 # -- judging --------------------------------------------------------------------------------------
 
-def judge(reference, runs: list[HonestRun], tol) -> list:
-    return [check_receipt(reference, r.prompt, r.body, tol, model_cid=MODEL_CID, request_bytes=r.request_bytes,
-                          decode=TOK.decode, eos_token=TOK.eos) for r in runs]
+def judge(reference, runs: list[HonestRun], tol, batch: int = 8) -> list:
+    """Replay receipts as a verifier does: `batch` of them at a time in padded passes (batched replay)."""
+    results = []
+    for i in range(0, len(runs), batch):
+        jobs = [ReplayJob(r.prompt, r.body, tol, r.request_bytes) for r in runs[i:i + batch]]
+        results += check_receipts(reference, jobs, model_cid=MODEL_CID, decode=TOK.decode, eos_token=TOK.eos)
+    return results
 
 
 def cost_ratio(reference, tol, n: int) -> dict[str, float]:
@@ -162,7 +168,39 @@ def cost_ratio(reference, tol, n: int) -> dict[str, float]:
         ver_times.append(time.perf_counter() - t)
     tokens = statistics.median(len(r.body.output_tokens) for r in runs)
     g, v = statistics.median(gen_times), statistics.median(ver_times)
-    return {"generation_s": g, "verification_s": v, "ratio": v / g, "tokens": tokens}
+    return {"generation_s": g, "verification_s": v, "ratio": v / g, "tokens": tokens} | batch_cost_ratio(reference, tol, n)
+
+
+def batch_cost_ratio(reference, tol, n: int, batch: int = 8) -> dict[str, float]:
+    """Generating `batch` requests concurrently (one engine batch) vs replaying their receipts together."""
+    requests = honest_requests(n, seed=4343, model_cid=MODEL_CID, max_tokens=64, temperatures=SAMPLED)
+    requests = [replace(r, sampling=replace(r.sampling, max_tokens=64)) for r in requests]
+    groups = [requests[i:i + batch] for i in range(0, len(requests) - batch + 1, batch)]
+    engine = engine_for("fp32")
+    ratios, gen_times, ver_times = [], [], []
+
+    async def generate(group):
+        t = time.perf_counter()
+        runs = await honest_runs(engine, group, batch)
+        return runs, time.perf_counter() - t
+
+    async def go():
+        await engine.start()
+        try:
+            for group in groups:  # interleaved: generate a batch, verify it, next batch
+                runs, g = await generate(group)
+                t = time.perf_counter()
+                verdicts = judge(reference, runs, tol, batch)
+                v = time.perf_counter() - t
+                assert all(x.ok for x in verdicts), "an honest receipt was rejected in the cost run"
+                gen_times.append(g)
+                ver_times.append(v)
+                ratios.append(v / g)
+        finally:
+            await engine.stop()
+    asyncio.run(go())
+    return {"batch": batch, "batch_generation_s": statistics.median(gen_times),
+            "batch_verification_s": statistics.median(ver_times), "batch_ratio": statistics.median(ratios)}
 
 
 def main() -> int:
@@ -256,6 +294,9 @@ def main() -> int:
     report["cost"] = cost
     print(f"\ncost: generating {cost['tokens']:.0f} new tokens (batch 1, fp32) takes {cost['generation_s'] * 1000:.0f} ms, "
           f"verifying them {cost['verification_s'] * 1000:.1f} ms: ratio {cost['ratio']:.3f} (goal ≤ 0.125)")
+    print(f"cost, batch of {cost['batch']}: generating them concurrently takes {cost['batch_generation_s'] * 1000:.0f} ms, "
+          f"replaying their receipts together {cost['batch_verification_s'] * 1000:.1f} ms: median ratio "
+          f"{cost['batch_ratio']:.3f} (goal ≤ {1 / cost['batch']:.3f})")
 
     print("\nwhat this shows:")
     for precision, cls in report["classes"].items():

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from agoranet.cli.verify_cmd import verify_app
-from agoranet.core.errors import RecordError
+from agoranet.core.errors import AgoraError, RecordError
 from agoranet.core.identity import Identity
 from agoranet.core.records import ReceiptBody, sign_record, verify_record
 from agoranet.engine.models import model_cid, resolve_model
@@ -205,3 +205,22 @@ def test_audit_sampling_follows_the_configured_fraction(tmp_path, honest):
     assert asyncio.run(go(0.0)) == 0
     assert 30 <= asyncio.run(go(0.25)) <= 70
     assert asyncio.run(go(1.0)) == 200
+
+
+def test_receipts_judged_together_get_the_verdicts_they_get_one_by_one(verifier, honest):
+    """The audit loop replays queued receipts in one batch: same verdicts, and a receipt that cannot be judged
+    (its request is not the one it binds) is reported alone without sinking the others."""
+    tokens = list(honest[0].body.output_tokens)
+    tokens[3] = (tokens[3] + 11) % 256
+    tampered = sign_record(PROVIDER, honest[0].body.model_copy(update={"output_tokens": tokens}))
+    items = [(signed(r), r.request_bytes) for r in honest]
+    items += [(tampered, honest[0].request_bytes), (signed(honest[1]), honest[2].request_bytes)]
+    together = verifier.judge_many(items)
+    assert [j.verdict.body.ok for j in together[: len(honest)]] == [True] * len(honest)
+    assert not together[len(honest)].verdict.body.ok and together[len(honest)].verdict.body.failure.position == 3
+    assert isinstance(together[-1], AgoraError) and "not the one it binds" in str(together[-1])
+    for (receipt, request), j in zip(items[:-1], together[:-1]):
+        alone = verifier.judge(receipt, request)
+        a, b = alone.verdict.body, j.verdict.body
+        assert a.ok == b.ok and (a.failure is None) == (b.failure is None)
+        assert a.failure is None or (a.failure.kind, a.failure.position) == (b.failure.kind, b.failure.position)

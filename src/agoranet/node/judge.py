@@ -22,7 +22,7 @@ from agoranet.engine.models import model_cid, resolve_model
 from agoranet.engine.tokenizer import ByteTokenizer
 from agoranet.engine.transformers_engine import load_causal_lm, render_prompt
 from agoranet.verify.records import ClassTolerance, FraudProofBody, TolerancesBody, VerdictBody
-from agoranet.verify.replay import ReplayResult, check_receipt, check_request_binding, request_mismatch
+from agoranet.verify.replay import ReplayJob, ReplayResult, check_receipts, check_request_binding, request_mismatch
 from agoranet.verify.tolerances import (
     REFERENCE_PRECISION, NoTolerances, default_tolerances, load_tolerances, tolerance_for,
 )
@@ -117,28 +117,65 @@ class ReplayVerifier:
         """Check signature and request binding (once each), then replay; raises when the receipt cannot be judged.
 
         Returns the judgement and the tolerances it was judged by."""
-        receipt = verify_record(receipt.encode(), ReceiptBody)  # a forged signature is nobody's fraud
-        body = receipt.body
-        why = check_request_binding(body, request_bytes)
-        if why and "CID" in why:
-            raise UnverifiableReceipt(f"the request given for receipt {receipt.cid} is not the one it binds: {why}")
-        request = CanonicalRequest.decode(request_bytes)
-        tol = self.tolerances(body.model, body.precision)
-        self.admissible(receipt)
-        with self._lock:
-            model, tok = self._model(body.model)
-            if why:  # signed for other sampling than was asked: fraud, whatever the tokens
-                return request_mismatch(why), tol
-            prompt = prompt_ids(tok, request)
-            if len(prompt) + len(body.prefix_tokens) + len(body.output_tokens) > self.context_length(body.model):
-                # the receipt understated its prompt: the replay is bounded by the context all the same
-                raise ReceiptTooLong(f"receipt {receipt.cid}'s request and output exceed model {body.model}'s context")
-            # Signature and binding are checked above, so the bare body is replayed.
-            return check_receipt(model, prompt, body, tol, model_cid=body.model, decode=tok.decode,
-                                 eos_token=tok.eos), tol
+        result = self.replay_many([(receipt, request_bytes)])[0]
+        if isinstance(result, AgoraError):
+            raise result
+        return result
+
+    def replay_many(
+        self, items: list[tuple[Record[ReceiptBody], bytes]]
+    ) -> list[tuple[ReplayResult, ClassTolerance] | AgoraError]:
+        """`replay` for several receipts, those of one model replayed together (batched replay); for each,
+        its judgement and tolerances or why it cannot be judged."""
+        out: list[tuple[ReplayResult, ClassTolerance] | AgoraError | None] = [None] * len(items)
+        by_model: dict[str, list[tuple[int, ReplayJob]]] = {}
+        for i, (receipt, request_bytes) in enumerate(items):
+            try:
+                receipt = verify_record(receipt.encode(), ReceiptBody)  # a forged signature is nobody's fraud
+                body = receipt.body
+                why = check_request_binding(body, request_bytes)
+                if why and "CID" in why:
+                    raise UnverifiableReceipt(
+                        f"the request given for receipt {receipt.cid} is not the one it binds: {why}")
+                request = CanonicalRequest.decode(request_bytes)
+                tol = self.tolerances(body.model, body.precision)
+                self.admissible(receipt)
+                with self._lock:
+                    _, tok = self._model(body.model)
+                if why:  # signed for other sampling than was asked: fraud, whatever the tokens
+                    out[i] = (request_mismatch(why), tol)
+                    continue
+                prompt = prompt_ids(tok, request)
+                if len(prompt) + len(body.prefix_tokens) + len(body.output_tokens) > self.context_length(body.model):
+                    # the receipt understated its prompt: the replay is bounded by the context all the same
+                    raise ReceiptTooLong(
+                        f"receipt {receipt.cid}'s request and output exceed model {body.model}'s context")
+                # Signature and binding are checked above, so the bare body is replayed.
+                by_model.setdefault(body.model, []).append((i, ReplayJob(prompt, body, tol)))
+            except AgoraError as exc:
+                out[i] = exc
+        for cid, jobs in by_model.items():
+            with self._lock:
+                model, tok = self._model(cid)
+                results = check_receipts(model, [job for _, job in jobs], model_cid=cid, decode=tok.decode,
+                                         eos_token=tok.eos)
+            for (i, job), result in zip(jobs, results):
+                out[i] = (result, job.tolerances)  # type: ignore[assignment]
+        return out  # type: ignore[return-value]
 
     def judge(self, receipt: Record[ReceiptBody], request_bytes: bytes) -> Judgement:
-        result, tol = self.replay(receipt, request_bytes)
+        judgement = self.judge_many([(receipt, request_bytes)])[0]
+        if isinstance(judgement, AgoraError):
+            raise judgement
+        return judgement
+
+    def judge_many(self, items: list[tuple[Record[ReceiptBody], bytes]]) -> list[Judgement | AgoraError]:
+        """Replay receipts together and sign a verdict (and a fraud proof when broken) for each."""
+        return [r if isinstance(r, AgoraError) else self._judgement(receipt, request_bytes, *r)
+                for (receipt, request_bytes), r in zip(items, self.replay_many(items))]
+
+    def _judgement(self, receipt: Record[ReceiptBody], request_bytes: bytes, result: ReplayResult,
+                   tol: ClassTolerance) -> Judgement:
         body = receipt.body
         proof = None
         if not result.ok:
