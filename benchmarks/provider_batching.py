@@ -120,7 +120,8 @@ async def main(args: argparse.Namespace) -> None:
         Identity.generate().save(home / "identity.key")
         sock = bind()
         app, provider = build_provider_node(
-            home, url_of(sock), ProviderOptions(threads=args.threads, max_batch=max(args.concurrency)))
+            home, url_of(sock), ProviderOptions(threads=args.threads, max_batch=max(args.concurrency),
+                                           pricing={"max_concurrency": max(args.concurrency)}))
         engine = provider.engine
         model = load_causal_lm(engine.model_dir, engine.precision)
         tok = engine.tokenizer
