@@ -1,6 +1,6 @@
 import torch
 
-from agoranet.verify.rule import choose_token, choose_tokens, gumbel_noise, nucleus_mask, token_scores
+from agoranet.verify.rule import choose_token, choose_tokens, gumbel_noise, gumbel_noise_rows, nucleus_mask, token_scores
 
 
 def test_noise_is_a_pure_function_of_seed_request_and_position():
@@ -43,3 +43,24 @@ def test_batched_rule_chooses_what_each_row_gets_alone():
                           position=positions[i]) for i in range(48)]
     assert batched == alone
     assert len(set(batched)) > 10  # the rows really differ, so the comparison means something
+
+
+def test_noise_for_many_positions_is_the_noise_of_each_position_bit_for_bit():
+    """The batched noise is the published formula, position by position (written out here independently)."""
+    import hashlib
+    import struct
+
+    import numpy as np
+
+    def one(seed: int, request_id: str, position: int, vocab: int) -> torch.Tensor:
+        key = hashlib.sha256(b"agora-gumbel-v1" + struct.pack(">q", seed) + struct.pack(">I", len(request_id.encode()))
+                             + request_id.encode() + struct.pack(">Q", position)).digest()
+        words = np.frombuffer(hashlib.shake_256(key).digest(8 * vocab), dtype=">u8")
+        uniform = ((words >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+        return torch.from_numpy(-np.log(-np.log(uniform))).to(torch.float32)
+
+    rows = gumbel_noise_rows(11, "req-é", [0, 3, 64, 2**40], 260)
+    assert rows.shape == (4, 260)
+    for row, position in zip(rows, [0, 3, 64, 2**40]):
+        assert torch.equal(row, one(11, "req-é", position, 260))
+        assert torch.equal(row, gumbel_noise(11, "req-é", position, 260))

@@ -28,7 +28,7 @@ from agoranet.core.errors import RecordError
 from agoranet.core.records import ReceiptBody, Record, verify_record
 from agoranet.verify.records import FailureEvidence
 from agoranet.wire.canonical import CanonicalRequest
-from agoranet.verify.rule import gumbel_noise, nucleus_mask
+from agoranet.verify.rule import gumbel_noise_rows, nucleus_mask
 
 __all__ = ["Tolerances", "ReplayResult", "ReplayJob", "check_receipt", "check_receipts", "check_request_binding",
            "request_mismatch", "MIN_TOP_LOGPROBS", "STRICT", "MEASURE"]
@@ -195,7 +195,7 @@ def _replay_logits(
             continue
         out = model(input_ids=torch.tensor([rows[members[0]][:shared]]), use_cache=True)
         head, cache = out.logits[0].float(), out[_cache_key(model)]
-        parts = _packs(members, lambda i: len(rows[i]) - shared, budget)
+        parts = _packs(sorted(members, key=lambda i: len(rows[i])), lambda i: len(rows[i]) - shared, budget)
         for part in parts:
             part_cache = copy.deepcopy(cache) if len(parts) > 1 else cache
             part_cache.batch_repeat_interleave(len(part))
@@ -218,13 +218,17 @@ def _padded_logits(model: torch.nn.Module, rows: list[list[int]], cache: Any) ->
 
 
 def _packs(items: list[int], cost: Callable[[int], int], budget: int) -> list[list[int]]:
-    """Split `items` (in order) into runs whose rows × longest row stays within `budget` tokens."""
+    """Split `items` (in order) into runs whose rows × longest row stays within `budget` tokens; rows sorted
+    by length start a new run when padding to the longest would waste more than a fifth of the pass."""
     packs: list[list[int]] = []
     for i in items:
-        if packs and (len(packs[-1]) + 1) * max(cost(j) for j in [*packs[-1], i]) <= budget:
-            packs[-1].append(i)
-        else:
-            packs.append([i])
+        if packs:
+            longest = max(cost(j) for j in [*packs[-1], i])
+            shortest = min(cost(j) for j in [*packs[-1], i])
+            if (len(packs[-1]) + 1) * longest <= budget and shortest * 5 >= longest * 4:
+                packs[-1].append(i)
+                continue
+        packs.append([i])
     return packs
 
 
@@ -309,7 +313,7 @@ def _judge(logits: torch.Tensor, body: ReceiptBody, tol: ToleranceLike) -> Repla
     else:
         scaled = logits / temperature
         offset = len(body.prefix_tokens)
-        noise = torch.stack([gumbel_noise(s.seed, body.request_id, offset + i, vocab) for i in range(n)])
+        noise = gumbel_noise_rows(s.seed, body.request_id, [offset + i for i in range(n)], vocab)
         scores = scaled + noise
         strict = torch.ones_like(logits, dtype=torch.bool)
         if s.top_p < 1.0:

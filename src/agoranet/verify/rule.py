@@ -20,11 +20,17 @@ _DOMAIN = b"agora-gumbel-v1"
 
 def gumbel_noise(seed: int, request_id: str, position: int, vocab_size: int) -> torch.Tensor:
     """Standard Gumbel noise for one position, from SHAKE-256 keyed by sha256(seed, request id, position)."""
-    key = hashlib.sha256(
-        _DOMAIN + struct.pack(">q", seed) + struct.pack(">I", len(request_id.encode())) + request_id.encode()
-        + struct.pack(">Q", position)
-    ).digest()
-    words = np.frombuffer(hashlib.shake_256(key).digest(8 * vocab_size), dtype=">u8")
+    return gumbel_noise_rows(seed, request_id, [position], vocab_size)[0]
+
+
+def gumbel_noise_rows(seed: int, request_id: str, positions: list[int], vocab_size: int) -> torch.Tensor:
+    """`gumbel_noise` for several positions of one request, as one [positions, vocab] tensor (one numpy pass)."""
+    head = _DOMAIN + struct.pack(">q", seed) + struct.pack(">I", len(request_id.encode())) + request_id.encode()
+    stream = b"".join(
+        hashlib.shake_256(hashlib.sha256(head + struct.pack(">Q", p)).digest()).digest(8 * vocab_size)
+        for p in positions
+    )
+    words = np.frombuffer(stream, dtype=">u8").reshape(len(positions), vocab_size)
     uniform = ((words >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))  # in (0, 1)
     return torch.from_numpy(-np.log(-np.log(uniform))).to(torch.float32)
 
