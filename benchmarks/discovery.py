@@ -213,7 +213,10 @@ async def measure(impl: str, n: int, interval: float, idle_s: float, root: Path)
     first = Node(impl, root / "n0", interval, [])
     info = first.wait_ready()
     join = info.get("multiaddrs", []) if impl == "libp2p" else [first.url]
-    nodes = [first] + [Node(impl, root / f"n{i}", interval, join) for i in range(1, n)]
+    nodes = [first]
+    for i in range(1, n):  # staggered: thirty interpreters importing at once starve a small machine
+        nodes.append(Node(impl, root / f"n{i}", interval, join))
+        time.sleep(0.5)
     try:
         ids = [n_.wait_ready()["peer"] for n_ in nodes]
         everyone = set(ids)

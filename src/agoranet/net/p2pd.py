@@ -385,7 +385,7 @@ class P2PDaemon:
         assert self._dir is not None, "the daemon is not started"
         return self._dir
 
-    async def start(self, timeout_s: float = 20.0) -> ControlClient:
+    async def start(self, timeout_s: float = 60.0) -> ControlClient:
         binary = find_p2pd(self.options.binary)
         _pb()
         # unix socket paths are limited to 107 bytes: a short private dir, not the node's home
