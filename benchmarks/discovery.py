@@ -70,8 +70,8 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
         kept = ingest(wire)
         if kept:
             now = time.time()
-            for (_, kind), record in list(d._records.items()):
-                if kind == OfferBody.record_type:
+            for record in list(d.table.records()):
+                if record.type == OfferBody.record_type:
                     seen.setdefault(str(record.cid), now)
         return kept
 
