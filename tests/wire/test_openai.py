@@ -16,20 +16,18 @@ from ..core.test_records import receipt_body
 def test_chat_and_completion_chunks_read_alike():
     chat = StreamChunk.decode(b'{"choices":[{"index":0,"delta":{"content":"hi"},"logprobs":null,'
                               b'"finish_reason":null}],"agora":{"token":7}}')
-    assert list(chat.deltas("chat")) == [("hi", None, None)] and chat.token == 7 and chat.usage is None
+    assert chat.deltas == [("hi", None, None)] and chat.token == 7 and chat.usage is None
     plain = StreamChunk.decode(b'{"choices":[{"index":0,"text":"yo","finish_reason":"stop"}]}')
-    assert list(plain.deltas("completion")) == [("yo", None, "stop")] and plain.token is None
+    assert plain.deltas == [("yo", None, "stop")] and plain.token is None
     usage = StreamChunk.decode(b'{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}')
-    assert list(usage.deltas("chat")) == [] and usage.usage.total_tokens == 5 and not usage.has_receipt
+    assert usage.deltas == [] and usage.usage.total_tokens == 5 and not usage.has_receipt
 
 
 @pytest.mark.parametrize("data", [b'[1]', b'{"choices":{"a":1}}', b'{"choices":[{"text":5}]}',
                                   b'{"agora":{"token":"7"}}', b'not json'])
 def test_a_chunk_of_the_wrong_shape_is_a_value_error(data):
     with pytest.raises(ValueError):
-        chunk = StreamChunk.decode(data)
-        list(chunk.deltas("completion"))
-        chunk.token
+        StreamChunk.decode(data)
 
 
 def test_a_receipt_is_read_typed_and_checked():

@@ -99,7 +99,7 @@ class UpstreamEngine:
                     if (usage := chunk.usage) is not None:
                         gen.prompt_tokens = usage.prompt_tokens
                         completion_tokens = usage.completion_tokens
-                    for text, _, finish_reason in chunk.deltas(request.kind):
+                    for text, _, finish_reason in chunk.deltas:
                         if text:
                             gen.text += text
                             yield TokenEvent(text=text)

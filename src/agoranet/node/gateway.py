@@ -598,7 +598,7 @@ class Gateway:
                                 token < 0 or (vocab and token >= vocab) or len(tokens) >= job.max_tokens):
                             raise PeerUnreachable(f"sent token {token}, which its offer's vocabulary "
                                                   f"({vocab or 'unknown'}) or max_tokens ({job.max_tokens}) rule out")
-                        for text, logprobs, finish_reason in chunk.deltas(job.kind):
+                        for text, logprobs, finish_reason in chunk.deltas:
                             if finish_reason:
                                 finish = finish_reason
                             part.text += text
@@ -713,7 +713,7 @@ class Gateway:
             async for chunk in part.stream.chunks():
                 if (token := chunk.token) is not None:
                     part.tokens.append(token)
-                for text, _, _ in chunk.deltas(job.kind):
+                for text, _, _ in chunk.deltas:
                     part.text += text
                 if chunk.has_receipt:
                     got = await self._receipt_part(job, part.cand, chunk.receipt, text=part.text, tokens=part.tokens)

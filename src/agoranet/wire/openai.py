@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Any, Literal, Protocol
@@ -398,78 +398,61 @@ def gateway_summary(parts: list[ReceiptPart], *, request_id: str, gateway: str,
 
 
 class StreamChunk:
-    """One decoded stream chunk: a typed view over its JSON, each field checked as it is read.
+    """One decoded stream chunk, its fields checked and read in one pass.
 
-    A view, not a pydantic model: a gateway decodes every token's chunk, and validating a lean model
-    cost ~3.7 µs a chunk against ~1.9 µs for parsing alone (min of 15 runs, this repository's
-    machine), so only the fields read are checked, and only when read.
+    Not a pydantic model: a gateway decodes every token's chunk, and validating a lean model cost
+    ~3.7 µs a chunk against ~1.9 µs for the hand-written dict reads it replaces; this pass takes ~2.5 µs
+    (mins of 40 interleaved runs on a loaded 2-core machine).
     """
 
-    __slots__ = ("_raw",)
+    __slots__ = ("id", "error", "deltas", "token", "has_receipt", "_usage", "_agora")
 
-    def __init__(self, raw: dict[str, Any]) -> None:
-        self._raw = raw
+    def __init__(self, id: str | None, error: Any, deltas: list[tuple[str, Any, str | None]], token: int | None,
+                 usage: Any, agora: dict[str, Any] | None) -> None:
+        self.id = id  # the sender's id of its stream (a gateway names it to cut the stream)
+        self.error = error  # the error body a server sends to fail a stream mid-way, or None
+        self.deltas = deltas  # (text, logprobs in wire form, finish_reason) of each choice
+        self.token = token  # the token id a provider puts on each chunk when asked (`agora.stream_tokens`)
+        self.has_receipt = agora is not None and "receipt" in agora
+        self._usage, self._agora = usage, agora
 
     @classmethod
     def decode(cls, data: bytes) -> StreamChunk:
-        """Parse one SSE data payload; ValueError when it is not a JSON object."""
+        """Parse one SSE data payload (chat or completion); ValueError when it is not a chunk."""
         raw = from_json(data)
-        if not isinstance(raw, dict):
+        if type(raw) is not dict:
             raise ValueError(f"a stream chunk is a JSON object, not {type(raw).__name__}")
-        return cls(raw)
-
-    @property
-    def id(self) -> str | None:
-        """The sender's id of its stream (a gateway names it to cut the stream)."""
-        value = self._raw.get("id")
-        return value if isinstance(value, str) else None
-
-    @property
-    def error(self) -> Any:
-        """The error body a server sends to fail a stream mid-way, or None."""
-        return self._raw.get("error")
-
-    def deltas(self, kind: Kind) -> Iterator[tuple[str, Any, str | None]]:
-        """(text, logprobs in wire form, finish_reason) of each choice."""
-        choices = self._raw.get("choices")
-        if not choices:
-            return  # the usage chunk has none
-        if not isinstance(choices, list):
-            raise ValueError("stream chunk choices is not a list")
-        for choice in choices:
-            if not isinstance(choice, dict):
-                raise ValueError("a stream chunk choice is not an object")
-            if kind == "chat":
-                delta = choice.get("delta") or {}
-                text = delta.get("content") if isinstance(delta, dict) else None
-            else:
-                text = choice.get("text")
-            finish = choice.get("finish_reason")
-            if not isinstance(text, str | None) or not isinstance(finish, str | None):
-                raise ValueError("a stream chunk's text and finish_reason must be strings")
-            yield text or "", choice.get("logprobs"), finish
-
-    @property
-    def token(self) -> int | None:
-        """The token id a provider puts on each chunk when asked (`agora.stream_tokens`)."""
-        agora = self._raw.get("agora")
-        if not isinstance(agora, dict) or "token" not in agora:
-            return None
-        token = agora["token"]
-        if type(token) is not int:
-            raise ValueError(f"agora.token must be an integer, not {type(token).__name__}")
-        return token
+        deltas = []
+        if choices := raw.get("choices"):  # the usage chunk has none
+            if type(choices) is not list:
+                raise ValueError("stream chunk choices is not a list")
+            for choice in choices:
+                if type(choice) is not dict:
+                    raise ValueError("a stream chunk choice is not an object")
+                if "delta" in choice:  # chat chunks carry a delta, completion chunks a text
+                    delta = choice["delta"]
+                    text = delta.get("content") if type(delta) is dict else None
+                else:
+                    text = choice.get("text")
+                finish = choice.get("finish_reason")
+                if (text is not None and type(text) is not str) or (finish is not None and type(finish) is not str):
+                    raise ValueError("a stream chunk's text and finish_reason must be strings")
+                deltas.append((text or "", choice.get("logprobs"), finish))
+        agora = raw.get("agora")
+        token = None
+        if type(agora) is dict:
+            token = agora.get("token")
+            if token is not None and type(token) is not int:
+                raise ValueError(f"agora.token must be an integer, not {type(token).__name__}")
+        else:
+            agora = None
+        stream_id = raw.get("id")
+        return cls(stream_id if type(stream_id) is str else None, raw.get("error"), deltas, token, raw.get("usage"), agora)
 
     @property
     def usage(self) -> Usage | None:
-        raw = self._raw.get("usage")
-        return Usage.model_validate(raw) if raw else None
-
-    @property
-    def has_receipt(self) -> bool:
-        agora = self._raw.get("agora")
-        return isinstance(agora, dict) and "receipt" in agora
+        return Usage.model_validate(self._usage) if self._usage else None
 
     def receipt(self) -> ReceiptPart:
         """The provider's receipt on its last chunk; RecordError when it is missing, forged or malformed."""
-        return ReceiptPart.read(self._raw.get("agora"))
+        return ReceiptPart.read(self._agora)
