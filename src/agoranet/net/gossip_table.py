@@ -287,7 +287,8 @@ class GossipTable:
     def relayable(self, max_unproven: int) -> list[Held]:
         """What to send a peer, in this order: own and proven signers' records, then at most
         `max_unproven` of the newest unproven ones whose signer has a live heartbeat; orphans never."""
-        first, rest = [], []
+        first: list[Held] = []
+        rest: list[Held] = []
         for key, held in self.held.items():
             if self._orphan(key):
                 continue
