@@ -142,8 +142,8 @@ def warnings_of(log: Path, top: int = 6) -> list[tuple[int, str]]:
     """The gateway's most frequent warnings, ids and numbers masked: what went wrong, at a glance."""
     counts: dict[str, int] = {}
     for line in log.read_text(errors="replace").splitlines():
-        if "WARNING" in line:
-            key = re.sub(r"12D3Koo\w+|http://[\w.:]+|gw-\w+|\d+", "#", line.split("WARNING", 1)[1])[:110]
+        if line.strip():  # the node logs warnings and errors, one line each (no handler: Python's last resort)
+            key = re.sub(r"12D3Koo\w+|http://[\w.:]+|gw-\w+|req-\w+|\d+", "#", line)[:120]
             counts[key] = counts.get(key, 0) + 1
     return sorted(((n, k) for k, n in counts.items()), reverse=True)[:top]
 

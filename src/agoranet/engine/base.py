@@ -60,6 +60,8 @@ class TokenEvent:
     text: str
     token: int | None = None
     logprob: float | None = None
+    # Every alternative the receipt records for this token (a partial receipt is signed from these); the
+    # wire shows only the top_logprobs asked for.
     top: tuple[tuple[int, float], ...] = ()
 
 

@@ -59,7 +59,7 @@ class StubEngine:
             gen.text += text
             if self._delay:
                 await asyncio.sleep(self._delay)
-            yield TokenEvent(text=text, token=token, logprob=0.0, top=((token, 0.0),)[: request.top_logprobs])
+            yield TokenEvent(text=text, token=token, logprob=0.0, top=((token, 0.0),))
         gen.completion_tokens = len(gen.tokens)
         yield gen
 

@@ -306,7 +306,7 @@ class TransformersEngine:
                 seq.finished = "length"
             visible = self._release_text(seq, delta)
             self._outbox.append(
-                (seq, TokenEvent(text=visible, token=token, logprob=chosen_lp[row], top=tuple(top[: req.top_logprobs])))
+                (seq, TokenEvent(text=visible, token=token, logprob=chosen_lp[row], top=tuple(top)))
             )
             if seq.finished is not None:
                 self._outbox.append((seq, Generation(
