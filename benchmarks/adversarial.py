@@ -63,7 +63,8 @@ def serve(role: str, home: Path, port: int, seed: str | None, verifier: str | No
     else:
         # A loaded 2-core box can leave a stream silent for seconds; that is latency, not a dead provider.
         app, gateway = build_gateway_node(home, url_of(sock), [], gossip=gossip, config=GatewayConfig(
-            charge_credits=True, verifiers=(verifier,) if verifier else (), stall_timeout_s=30.0))
+            charge_credits=True, verifiers=(verifier,) if verifier else (), stall_timeout_s=60.0,
+            connect_timeout_s=30.0))
         for name in ("honest", "attacker"):  # the benchmark reads the keys' secrets from the gateway's home
             key, secret = gateway.keys.create(name)
             gateway.credits.ledger.mint(10**12)
