@@ -215,6 +215,8 @@ class ReceiptBody(RecordBody):
     request: str  # CID of the canonical request
     request_id: str
     prompt_tokens: int = NonNegInt
+    # Tokens generated: len(output_tokens), or an upstream engine's own count when it reports no ids.
+    completion_tokens: int = Field(default=0, ge=0)
     prefix_tokens: list[int] = []  # tokens already generated elsewhere (gateway failover)
     output_tokens: list[int]
     output_text: str  # exactly the text returned to the client

@@ -4,10 +4,15 @@
 Such servers return text, not the token ids and full logits replay needs, so receipts from this
 engine bind the exact text, sampling parameters and the model the operator names; they are
 signed and logged like any other, but only replay-verifiable when the model CID names real weights.
+
+They are billed by the upstream's own token counts (`usage`): streamed with
+`stream_options.include_usage`, or, for upstreams whose streams carry no usage (llama-cpp-python's
+server), asked unstreamed, which every OpenAI-compatible server answers with `usage`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,14 +23,19 @@ from agoranet.core.errors import EngineError, InvalidCID, RequestError
 from agoranet.core.records import encode_canonical
 from agoranet.engine.base import Generation, GenerationRequest, TokenEvent
 from agoranet.wire.openai import (
-    ChatCompletionRequest, CompletionRequest, ModelList, StreamChunk, error_message,
+    Answer, ChatCompletionRequest, CompletionRequest, ModelList, StreamChunk, StreamOptions, error_message,
 )
 from agoranet.wire.sse import StreamTruncated, sse_payloads
 
+log = logging.getLogger(__name__)
+
+UPSTREAM_ENGINE = "upstream"  # the engine its offers name
+UPSTREAM_PRECISION = "upstream"  # the precision class its offers and receipts name: no replayable numerics
+
 
 class UpstreamEngine:
-    name = "upstream"
-    precision = "upstream"
+    name = UPSTREAM_ENGINE
+    precision = UPSTREAM_PRECISION
 
     def __init__(self, base_url: str, *, model: str, api_key: str | None = None, model_cid: str | None = None,
                  context_length: int = 4096, timeout: float = 300.0) -> None:
@@ -36,6 +46,8 @@ class UpstreamEngine:
         self.model_cid = model_cid or _name_cid(model)
         self.context_length = context_length
         self.vocab_size = 0  # the upstream reports text, not token ids
+        # Whether the upstream's streams end with a usage chunk; found out by start()'s probe.
+        self.usage_in_stream = True
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
                                          timeout=httpx.Timeout(timeout, connect=10.0))
@@ -55,6 +67,23 @@ class UpstreamEngine:
         if served and self.model_name not in served:
             raise EngineError(f"the upstream at {self.base_url} serves {served}, not {self.model_name!r}",
                               hint="pass --upstream-model with one of those names")
+        self.usage_in_stream = await self._streams_usage()
+        if not self.usage_in_stream:
+            log.warning("the upstream at %s sends no usage in streams; asking it unstreamed, so every answer is "
+                        "billed by its token counts (clients still get a stream, in one piece)", self.base_url)
+
+    async def _streams_usage(self) -> bool:
+        """One 1-token streamed completion: does the upstream end its streams with `usage` when asked?"""
+        probe = CompletionRequest(model=self.model_name, prompt="hi", max_tokens=1, stream=True,
+                                  stream_options=StreamOptions(include_usage=True))
+        try:
+            async with self._client.stream("POST", "/completions", json=probe.model_dump(
+                    mode="json", exclude_unset=True)) as r:
+                if r.status_code >= 400:
+                    return True  # no plain completions here: nothing learnt, keep streaming
+                return any([StreamChunk.decode(data).usage is not None async for data in sse_payloads(r.aiter_lines())])
+        except (httpx.HTTPError, ValueError, StreamTruncated):
+            return True
 
     async def stop(self) -> None:
         await self._client.aclose()
@@ -87,6 +116,12 @@ class UpstreamEngine:
         body = upstream_req.model_dump(mode="json", exclude_unset=True)
         gen = Generation(prompt_tokens=0)
         completion_tokens = 0
+        if not self.usage_in_stream:
+            await self._unstreamed(path, body, request.kind, gen)
+            if gen.text:
+                yield TokenEvent(text=gen.text)
+            yield gen
+            return
         try:
             async with self._client.stream("POST", path, json=body) as r:
                 if r.status_code >= 400:
@@ -115,6 +150,25 @@ class UpstreamEngine:
                               hint="check that it is running") from exc
         gen.completion_tokens = completion_tokens  # upstreams report counts, not token ids
         yield gen
+
+    async def _unstreamed(self, path: str, body: dict, kind: str, gen: Generation) -> None:
+        """Ask for the whole answer at once: unstreamed answers always carry `usage`."""
+        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        try:
+            r = await self._client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"lost the upstream server at {self.base_url}: {exc}",
+                              hint="check that it is running") from exc
+        if r.status_code >= 400:
+            raise _upstream_error(r)
+        try:
+            answer = Answer.model_validate_json(r.content)
+        except ValueError as exc:
+            raise EngineError(f"the upstream server at {self.base_url} sent an answer that is not one: {exc}",
+                              hint="check that --upstream names an OpenAI-compatible server") from exc
+        gen.prompt_tokens, gen.completion_tokens = answer.usage.prompt_tokens, answer.usage.completion_tokens
+        gen.text, finish = answer.first(kind)  # type: ignore[arg-type]
+        gen.finish_reason = finish or gen.finish_reason
 
 
 def _upstream_error(r: httpx.Response) -> Exception:

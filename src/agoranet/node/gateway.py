@@ -227,9 +227,9 @@ def overcharged(receipt: ReceiptBody, offered: OfferedModel) -> int | None:
     """What the offer a receipt was routed by allows it to charge, when it charges more; else None.
 
     Its rates may not exceed the offer's, and its charge not the offer's price of its prompt tokens plus
-    its output tokens (at most max_tokens when an upstream engine reports a count, not token ids)."""
+    its output tokens (the count it states, at most max_tokens, when an upstream engine reports no token ids)."""
     price = receipt.price
-    completion = len(receipt.output_tokens) or receipt.sampling.max_tokens
+    completion = len(receipt.output_tokens) or min(receipt.completion_tokens, receipt.sampling.max_tokens)
     allowed = token_charge(receipt.prompt_tokens, completion, offered.input_per_mtok, offered.output_per_mtok)
     if (price.input_per_mtok > offered.input_per_mtok or price.output_per_mtok > offered.output_per_mtok
             or price.charged > allowed):

@@ -335,7 +335,8 @@ def receipt_body(engine: Engine, req: GenerationRequest, request_cid: str, gen: 
     s = req.sampling
     return ReceiptBody(
         model=engine.model_cid, precision=engine.precision, request=request_cid,
-        request_id=req.request_id, prompt_tokens=gen.prompt_tokens, prefix_tokens=list(req.prefix_tokens),
+        request_id=req.request_id, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+        prefix_tokens=list(req.prefix_tokens),
         output_tokens=gen.tokens, output_text=gen.text, logprobs=gen.logprobs,
         top_logprobs=[[TopLogprob(token=t, logprob=lp) for t, lp in top] for top in gen.top],
         sampling=SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed, max_tokens=s.max_tokens,

@@ -342,6 +342,7 @@ class AnswerMessage(_Lenient):
 class AnswerChoice(_Lenient):
     message: AnswerMessage | None = None  # chat
     text: str | None = None  # completion
+    finish_reason: str | None = None
 
 
 class Answer(_Lenient):
@@ -358,6 +359,14 @@ class Answer(_Lenient):
             return ""
         choice = self.choices[0]
         return (choice.message.content if choice.message is not None else choice.text) or ""
+
+    def first(self, kind: Kind) -> tuple[str, str | None]:
+        """The first choice's text and finish reason (an upstream engine asked unstreamed reads these)."""
+        if not self.choices:
+            return "", None
+        c = self.choices[0]
+        text = (c.message.content if c.message is not None else None) if kind == "chat" else c.text
+        return text or "", c.finish_reason
 
 
 @dataclass(frozen=True, eq=False)
