@@ -142,7 +142,23 @@ class CreditsRole:
             "operator": balances.get(OPERATOR, 0),
             "held": sum(v for k, v in balances.items() if k.startswith("escrow:")),
             "open_requests": len(self._open),
+            "by_account": self.accounts(balances),
         }}
+
+    def accounts(self, balances: dict[str, int], limit: int = 200) -> list[dict[str, Any]]:
+        """Each user's and provider's balance (users named by their key), largest first, at most `limit`."""
+        keys = {k.id: k for k in self.keys.list()} if self.keys is not None else {}
+        rows = []
+        for account, balance in balances.items():
+            kind, _, ident = account.partition(":")
+            if kind not in ("user", "provider", "verifier"):
+                continue
+            row: dict[str, Any] = {"kind": kind, "id": ident, "balance": balance}
+            if kind == "user" and (key := keys.get(ident)) is not None:
+                row |= {"name": key.name, "charged": key.charged, "used_tokens": key.used_tokens,
+                        "requests": key.requests, "revoked": key.revoked}
+            rows.append(row)
+        return sorted(rows, key=lambda r: (r["kind"], -r["balance"]))[:limit]
 
     # -- charging ---------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from agoranet.net.peer import PeerClient, PeerError, PeerRefused, PeerStream, Pe
 from agoranet.node.app import FastJSONResponse
 from agoranet.node.audit import VerifierLink
 from agoranet.node.credits_role import CreditsRole, Escrow, PriceBound, max_price, prompt_token_bound
+from agoranet.node.gateway_metrics import GatewayMetrics, PartOutcome
 from agoranet.node.keys import ApiKey, KeyStore
 from agoranet.node.provider import CUT, generation_request, request_mismatch
 from agoranet.wire.openai import (
@@ -278,6 +279,8 @@ class _Job:
     used_tokens: int = 0  # prompt + completion tokens served, once known
     finished: bool = False
     refused: str = ""  # why the last receipt refused was refused
+    started: float = field(default_factory=time.monotonic)
+    ttft_s: float | None = None  # to the first token the client was sent (streams)
 
 
 class Gateway:
@@ -293,6 +296,7 @@ class Gateway:
         self.routing = Router(self.config, verifiers=self.verifiers)  # which providers, in what order
         self.client: PeerClient | None = None
         self.failovers = 0
+        self.stats = GatewayMetrics()
         self.router = self._routes()  # the HTTP routes, as every role's `router`
         # Served by app.HotRoutes straight from ASGI (the routes in `_routes` document them).
         self.hot_routes = {PATHS["chat"]: partial(self._hot, "chat", ChatCompletionRequest),
@@ -384,13 +388,22 @@ class Gateway:
         """Pay the receipts' charges from the hold and refund the rest (all of it when nothing was served)."""
         if job.escrow is not None and self.credits is not None and not job.escrow.settled:
             receipts, payee = self._settle_args(job)
-            await self.credits.settle(job.escrow, receipts, verifier_peer=payee)
+            self._settled(await self.credits.settle(job.escrow, receipts, verifier_peer=payee))
 
     def _settle_now(self, job: _Job) -> None:
         """The same, blocking: for a stream that was cancelled and may await nothing more."""
         if job.escrow is not None and self.credits is not None and not job.escrow.settled:
             receipts, payee = self._settle_args(job)
-            self.credits.settle_now(job.escrow, receipts, verifier_peer=payee)
+            self._settled(self.credits.settle_now(job.escrow, receipts, verifier_peer=payee))
+
+    def _settled(self, escrow: Escrow) -> None:
+        self.stats.settled(escrow.payments, escrow.held - sum(amount for _, amount in escrow.payments))
+
+    def _part(self, cand: Candidate, outcome: PartOutcome) -> None:
+        """One attempt at `cand` ended; a failure (not a refusal of the request, nor busy) cools it down."""
+        self.stats.part(cand.peer, cand.model.name, outcome)
+        if outcome not in ("ok", "rejected", "busy"):
+            self.routing.failed(cand.peer)
 
     def _finish(self, job: _Job) -> None:
         """Once per request, however it ended: settle, count its tokens and charge against its key, and
@@ -451,10 +464,14 @@ class Gateway:
         if why is not None:
             job.refused = f"provider {cand.peer} sent {why}"
             log.warning("provider %s sent %s; its answer is not paid", cand.url, why)
-            self.routing.failed(cand.peer)
+            self._part(cand, "bad_receipt")
             return None
         assert part is not None
         self.verifiers.submit(part.receipt, cand.url, cand.offer)
+        b = part.receipt.body
+        self.stats.part(cand.peer, cand.model.name, "ok")
+        self.stats.receipt(cand.peer, cand.model.name, prompt_tokens=b.prompt_tokens,
+                           completion_tokens=len(b.output_tokens) or b.completion_tokens, charged=b.price.charged)
         return part
 
     def _sent(self, job: _Job, cand: Candidate) -> GenerationRequest:
@@ -478,15 +495,26 @@ class Gateway:
 
     async def serve(self, kind: Kind, req: ChatCompletionRequest | CompletionRequest,
                     authorization: str | None) -> Response:
-        job = await self._job(kind, req, authorization)
+        started = time.monotonic()
+        try:
+            job = await self._job(kind, req, authorization)
+        except RequestError as exc:
+            self.stats.finished(kind, exc.code or str(exc.status), time.monotonic() - started)
+            raise
         streaming = False
         try:
             await self._hold(job)
             if req.stream:
                 response = await self._serve_stream(job)
-                streaming = True  # the stream settles its hold when it ends
+                streaming = True  # the stream settles its hold, and counts itself, when it ends
                 return response
-            return await self._serve_plain(job)
+            response = await self._serve_plain(job)
+            self.stats.finished(kind, "ok" if response.status_code < 400 else "provider_refused",
+                                time.monotonic() - started)
+            return response
+        except RequestError as exc:
+            self.stats.finished(kind, exc.code or str(exc.status), time.monotonic() - started)
+            raise
         finally:
             if not streaming:
                 await self._settle(job)
@@ -503,14 +531,14 @@ class Gateway:
             try:
                 body = await self.client.post_json(cand.url, PATHS[kind], job.body)
             except PeerUnreachable as exc:
-                self.routing.failed(cand.peer)
+                self._part(cand, "unreachable")
                 last_error = exc
                 continue
             except PeerRefused as exc:
                 if exc.status in (400, 401, 403, 413, 422):  # the request's fault, not the provider's
+                    self._part(cand, "rejected")
                     return JSONResponse(exc.body, exc.status)
-                if exc.status != 429:  # busy is no failure; just try the next one
-                    self.routing.failed(cand.peer)
+                self._part(cand, "busy" if exc.status == 429 else "error")  # busy is no failure: try the next
                 last_error = exc
                 continue
             finally:
@@ -546,16 +574,17 @@ class Gateway:
             try:
                 return cand, await self.client.open_stream(cand.url, PATHS[job.kind], job.body)
             except PeerUnreachable:
-                self.routing.failed(cand.peer)
+                self._part(cand, "unreachable")
             except PeerRefused as exc:
                 if exc.status in (400, 401, 403, 413, 422):
+                    self._part(cand, "rejected")
                     if not job.body["agora"]["prefix_tokens"]:
                         raise RequestError(str(exc), status=exc.status, code="provider_refused") from exc
                     # A continuation refused: the prefix was checked against the offer before it was sent,
                     # so this is no sign of a broken provider; whoever produced a bad token was blamed then.
                     log.warning("%s refused to continue request %s: %s", cand.url, job.request_id, exc)
-                elif exc.status != 429:
-                    self.routing.failed(cand.peer)
+                else:
+                    self._part(cand, "busy" if exc.status == 429 else "error")  # busy is no failure
         return None
 
     async def _serve_stream(self, job: _Job) -> Response:
@@ -578,6 +607,7 @@ class Gateway:
         tokens: list[int] = []  # ids of every token whose text the client has been sent
         prompt_tokens, completion_tokens, finish = 0, 0, "length"
         part = _Part(cand, stream)
+        outcome = "providers_failed"  # unless the stream reaches its end (or names another error below)
         try:
             if (opening := writer.first()) is not None:
                 yield {"data": opening}
@@ -586,6 +616,8 @@ class Gateway:
                 health = self.routing.of(cand.peer)
                 health.in_flight += 1
                 started, first_at, part_done, bound = time.monotonic(), None, False, True
+                last_at = started
+                ttft, itl = self.stats.ttft.labels(cand.model.name), self.stats.itl.labels(cand.model.name)
                 vocab = cand.model.vocab_size
                 try:
                     async for chunk in stream.chunks():
@@ -607,7 +639,14 @@ class Gateway:
                         if token is not None:
                             tokens.append(token)
                             part.tokens.append(token)
-                            first_at = first_at or time.monotonic()
+                            now = time.monotonic()
+                            if first_at is None:
+                                first_at = now
+                                ttft.observe(now - started)
+                                job.ttft_s = job.ttft_s if job.ttft_s is not None else now - job.started
+                            else:
+                                itl.observe(now - last_at)
+                            last_at = now
                         if (usage := chunk.usage) is not None:
                             prompt_tokens = prompt_tokens or usage.prompt_tokens
                             completion_tokens += usage.completion_tokens
@@ -619,14 +658,14 @@ class Gateway:
                             part_done, bound = True, got is not None
                 except (PeerUnreachable, ValueError) as exc:  # ValueError: a chunk field of the wrong type
                     log.warning("stream from %s broke after %d tokens: %s", cand.url, len(tokens), exc)
-                    self.routing.failed(cand.peer)
+                    self._part(cand, "broken_stream")
                 else:
                     if part_done and bound:
                         now = time.monotonic()
                         self.routing.succeeded(cand.peer, ttft_s=(first_at or now) - started,
                                                     tokens=len(part.tokens), duration_s=now - (first_at or now))
                     elif not part_done:
-                        self.routing.failed(cand.peer)
+                        self._part(cand, "broken_stream")
                 finally:
                     health.in_flight -= 1
                 # Not in `finally`: a stream its client cut stays open until its provider signs for it (below).
@@ -634,12 +673,14 @@ class Gateway:
                 if part_done and bound:
                     break
                 if not bound:
+                    outcome = "receipt_refused"
                     # What the client was sent is not what the receipt signs: it must not pass for a paid,
                     # verifiable answer, and it cannot be continued (its text is already out).
                     yield {"data": error_chunk(f"{job.refused}; the answer streamed is not paid and should not "
                                                "be trusted; retry the request", code="receipt_refused")}
                     return
                 if part.text and not part.tokens:
+                    outcome = "provider_failed"
                     # Text with no token ids (a provider in front of vLLM, Ollama…): where it stopped is
                     # unknown in tokens, so another provider could only start over and repeat it.
                     yield {"data": error_chunk("the provider failed mid-stream and its engine does not report "
@@ -652,6 +693,7 @@ class Gateway:
                     finish = "length"
                     break
                 self.failovers += 1
+                self.stats.failovers.inc()
                 job.body = job.body | {"max_tokens": remaining,
                                        "agora": job.body["agora"] | {"prefix_tokens": list(tokens)}}
                 opened = await self._open(job)  # the plan already holds only what the preferences allow
@@ -669,7 +711,9 @@ class Gateway:
             for out in writer.last(gen, include_usage=include_usage, agora=self._agora(job)):
                 yield {"data": out}
             yield {"data": DONE}
+            outcome = "ok"
         except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
             # The client went away: have the provider sign for what was delivered, then stop it.
             with anyio.move_on_after(self.config.cut_timeout_s, shield=True):
                 await self._cut(job, part)
@@ -677,6 +721,7 @@ class Gateway:
             raise
         finally:
             self._finish(job)  # failed or cancelled: pay what receipts came, refund the rest
+            self.stats.finished(job.kind, outcome, time.monotonic() - job.started, job.ttft_s)
 
     async def _cut(self, job: _Job, part: _Part) -> None:
         """Ask the provider of a stream whose client left for the partial receipt of the tokens relayed;
@@ -739,6 +784,59 @@ class Gateway:
                         "healthy": h.healthy(now), "failures": h.failures, "served": h.served,
                         "in_flight": h.in_flight, "ttft_ms": h.ttft_ms, "tokens_per_s": h.tokens_per_s})
         return out
+
+    # -- observability ------------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        """Dashboard sections: the signed offers it routes over, and how each provider fares here."""
+        offers = await self.discovery.find_offers(None)
+        return {"offers": [{"cid": str(o.cid), "record": o.to_json()} for o in offers],
+                "routing": self.routing_table(offers),
+                "health": {"gateway": "ok" if offers else "no live provider offers anything yet"}}
+
+    def routing_table(self, offers: list[Record[OfferBody]], window_s: float = 60.0) -> dict[str, Any]:
+        """Every provider this gateway can route to: its offer, state, traffic share, speed and reputation."""
+        now = time.monotonic()
+        served = sum(t.served for t in self.stats.providers.values()) or 1
+        rows = []
+        for rec in offers:
+            peer, b = rec.signer, rec.body
+            h, t = self.routing.of(peer), self.stats.of(peer)
+            standing = self.verifiers.standing.get(peer)
+            if standing is not None and standing.excluded or self.verifiers.excluded(peer):
+                state = "excluded: a verifier holds a fraud proof"
+            elif any(excluded(peer) for excluded in self.routing.exclusions):
+                state = "excluded: its transparency log forked"
+            elif not h.healthy(now):
+                state = f"cooling down {h.cooldown_until - now:.0f} s after {h.failures} failures"
+            else:
+                state = "ok"
+            rows.append({
+                "peer": peer, "url": b.url, "precision": b.precision, "engine": b.engine, "hardware": b.hardware,
+                "models": [m.model_dump() for m in b.models], "state": state, "failures": h.failures,
+                "in_flight": h.in_flight, "requests": t.requests, "served": t.served, "errors": t.errors,
+                "share": round(t.served / served, 4), "prompt_tokens": t.prompt_tokens,
+                "completion_tokens": t.completion_tokens, "charged": t.charged, "ttft_ms": h.ttft_ms,
+                "tokens_per_s": h.tokens_per_s,
+                "reputation": None if standing is None else {
+                    "verified": standing.verified, "passed": standing.passed, "excluded": standing.excluded},
+            })
+        return {"providers": rows, "failovers": self.failovers, "verifiers": list(self.config.verifiers),
+                "charges_credits": self.config.charge_credits, "requires_keys": self._requires_keys,
+                "latency": self.stats.latency(window_s)}
+
+    @property
+    def _requires_keys(self) -> bool:
+        return self.config.require_keys or self.config.charge_credits
+
+    def metrics(self) -> dict[str, float]:
+        """Flat readings for /metrics and the dashboard's rates (`*_total` are counters)."""
+        return {"gateway_prompt_tokens_total": self.stats.prompt_tokens,
+                "gateway_completion_tokens_total": self.stats.completion_tokens,
+                "gateway_requests_in_flight": sum(h.in_flight for h in self.routing.health.values())}
+
+    def collect_metrics(self):
+        return self.stats.collect(self.verifiers.standing)
 
     def _routes(self) -> APIRouter:
         r = APIRouter()

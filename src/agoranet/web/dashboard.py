@@ -118,10 +118,13 @@ class Dashboard:
         traffic = self.metrics.traffic.snapshot(self.metrics.counters())
         doc: dict[str, Any] = {"node": node, "health": health, "traffic": traffic, "offers": offers}
         if with_peers:
+            peers = peers + _routed_peers(sections.get("routing", {}), peers, self.peer_id)
             me = peer_row(self.url or "", {"node": node, "health": health, "traffic": traffic, "offers": offers,
                                            **sections}, rtt_ms=0.0) | {"self": True}
             # Peers' offers join this node's in one table; each is re-checked here, whoever relayed it.
-            doc["offers"] = offers + [self.offer_view(o) for p in peers for o in p.get("offers", [])]
+            relayed = [self.offer_view(o) for p in peers for o in p.get("offers", [])]
+            seen: set[Any] = set()  # an offer gossip brought a gateway may also come with a watched peer
+            doc["offers"] = [o for o in offers + relayed if not (o.get("cid") in seen or seen.add(o.get("cid")))]
             doc["peers"] = [{k: v for k, v in p.items() if k != "offers"} for p in (me, *peers)]
         return doc | sections
 
@@ -188,6 +191,23 @@ class Dashboard:
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
         return r
+
+
+def _routed_peers(routing: dict[str, Any], known: list[dict[str, Any]], me: str | None) -> list[dict[str, Any]]:
+    """Peer rows for the providers a gateway routes over that no watched status already shows."""
+    seen = {p.get("peer_id") for p in known} | {me}
+    rows = []
+    for p in routing.get("providers", []):
+        if p["peer"] in seen:
+            continue
+        seen.add(p["peer"])
+        rows.append({"url": p["url"], "peer_id": p["peer"], "roles": ["provider"],
+                     "health": "ok" if p["state"] == "ok" else "degraded", "error": None if p["state"] == "ok"
+                     else p["state"], "rtt_ms": None, "last_seen_ms": None, "log_size": None, "via": "gossip",
+                     "models": [{"cid": m["cid"], "name": m["name"]} for m in p["models"]],
+                     "traffic": {"requests_per_s": None, "tokens_per_s": p["tokens_per_s"], "p50_ms": None,
+                                 "p99_ms": None, "in_flight": p["in_flight"]}})
+    return rows
 
 
 def _merge(into: dict[str, Any], part: dict[str, Any]) -> None:

@@ -65,17 +65,21 @@ class TrafficWindow:
             return round((current.get(key, 0) - base.get(key, 0)) / span, 3) if span > 0 else 0.0
 
         latencies = sorted(s for _, s in self._latencies)
+        # A gateway's tokens are what it relayed (its own provider's are among them); else the provider's.
+        tokens = "gateway_completion_tokens_total" if "gateway_completion_tokens_total" in current \
+            else "completion_tokens_total"
+        in_flight = "gateway_requests_in_flight" if "gateway_requests_in_flight" in current else "requests_in_flight"
         return {
             "window_s": self.window_s,
             "requests_per_s": rate("requests_total"),
-            "tokens_per_s": rate("completion_tokens_total"),
+            "tokens_per_s": rate(tokens),
             "p50_ms": _percentile_ms(latencies, 0.50),
             "p99_ms": _percentile_ms(latencies, 0.99),
             "requests_total": self.requests_total,
             "errors_total": self.errors_total,
-            "completion_tokens_total": current.get("completion_tokens_total", 0),
-            "prompt_tokens_total": current.get("prompt_tokens_total", 0),
-            "in_flight": current.get("requests_in_flight", 0),
+            "completion_tokens_total": current.get(tokens, 0),
+            "prompt_tokens_total": current.get(tokens.replace("completion", "prompt"), 0),
+            "in_flight": current.get(in_flight, 0),
         }
 
 

@@ -1,0 +1,160 @@
+"""A gateway's dashboard and /metrics as an operator reads them: the network it routes over, per-provider
+traffic, tokens, latency and credits, checked against what the clients were actually served."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from agoranet.core.identity import Identity
+from agoranet.engine.stub import StubEngine
+from agoranet.log.credits import user
+from agoranet.net.gossip import GossipConfig
+from agoranet.node.gateway import Gateway, GatewayConfig
+from agoranet.node.node import ProviderOptions, build_gateway_node
+from agoranet.node.server import BackgroundServer, bind, url_of
+from agoranet.web import mount_dashboard
+
+from ..conftest import FAST_GOSSIP, start_provider, wait_for
+from .test_status import sample
+
+GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "agora.json"
+MSG = [{"role": "user", "content": "add two numbers"}]
+PRICES = [{"input_per_mtok": 1_000_000, "output_per_mtok": 3_000_000},  # 1 µcr a prompt token, 3 an output one
+          {"input_per_mtok": 2_000_000, "output_per_mtok": 5_000_000}]
+
+
+@dataclass
+class Console:
+    url: str
+    gateway: Gateway
+    peers: list[str]  # the two providers' peer ids, cheaper first
+    key_id: str
+    secret: str
+    served: list[dict[str, Any]]  # every answer's receipt body, as the clients got them
+    streams: int
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory) -> Iterator[Console]:
+    """A charging gateway with its dashboard, two stub providers at different prices, a funded key, and
+    traffic: 6 plain and 4 streamed chats, each routed by price or pinned to one provider."""
+    root = tmp_path_factory.mktemp("console")
+    home = root / "gw"
+    home.mkdir()
+    Identity.generate().save(home / "identity.key")
+    sock = bind()
+    url = url_of(sock)
+    app, gateway = build_gateway_node(home, url, [], config=GatewayConfig(charge_credits=True),
+                                      gossip=GossipConfig(interval_s=FAST_GOSSIP))
+    mount_dashboard(app, url=url)
+    gw = BackgroundServer(app, sock).start()
+    providers = [start_provider(root / f"p{i}", ProviderOptions(pricing=PRICES[i]),
+                                engine=StubEngine(model_name="agora-tiny", token_delay_s=0.002), peers=[url],
+                                gossip=GossipConfig(interval_s=FAST_GOSSIP)) for i in range(2)]
+    peers = [str(p.identity.peer_id) for _, p in providers]
+    try:
+        wait_for(lambda: set(peers) <= set(gateway.discovery.members()), what="both providers")
+        key, secret = gateway.keys.create("ann")
+        gateway.credits.ledger.mint(1_000_000)
+        gateway.credits.ledger.fund(user(key.id), 1_000_000)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+        served = []
+        for i in range(10):
+            pin = {"order": [peers[i % 2]], "allow_fallbacks": False}
+            args = dict(model="agora-tiny", messages=MSG, max_tokens=4 + i, extra_body={"provider": pin})
+            if i < 6:
+                served.append(client.chat.completions.create(**args).model_extra["agora"]["receipt"]["body"])
+            else:
+                chunks = list(client.chat.completions.create(stream=True, **args))
+                served.append(chunks[-1].model_extra["agora"]["receipt"]["body"])
+        with pytest.raises(openai.NotFoundError):  # counted as an outcome too
+            client.chat.completions.create(model="no-such-model", messages=MSG)
+        yield Console(url, gateway, peers, key.id, secret, served, streams=4)
+    finally:
+        for server, _ in providers:
+            server.stop()
+        gw.stop()
+
+
+def scrape(url: str) -> dict[str, float]:
+    samples = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def test_metrics_label_every_served_route_and_count_each_providers_traffic(console) -> None:
+    httpx.get(f"{console.url}/v1/models")
+    s = scrape(console.url)
+    assert sample(s, "agora_http_requests_total", route="/v1/chat/completions", method="POST", status="200") == 10
+    assert sample(s, "agora_http_requests_total", route="/v1/chat/completions", status="404") == 1
+    assert sample(s, "agora_http_requests_total", route="unmatched", method="POST") == 0
+    assert sample(s, "agora_http_requests_total", route="/v1/models") >= 1
+    for i, peer in enumerate(console.peers):
+        mine = console.served[i::2]
+        assert sample(s, "agora_gateway_provider_requests_total", provider=peer, outcome="ok") == len(mine)
+        assert sample(s, "agora_gateway_provider_prompt_tokens_total", provider=peer) == sum(
+            r["prompt_tokens"] for r in mine)
+        assert sample(s, "agora_gateway_provider_completion_tokens_total", provider=peer, model="agora-tiny") == sum(
+            len(r["output_tokens"]) for r in mine)
+        assert sample(s, "agora_gateway_provider_charged_microcredits_total", provider=peer) == sum(
+            r["price"]["charged"] for r in mine)
+    assert sample(s, "agora_gateway_requests_total", kind="chat", outcome="ok") == 10
+    assert sample(s, "agora_gateway_requests_total", kind="chat", outcome="model_not_found") == 1
+    # TTFT once per stream; one inter-token gap per streamed token after the first.
+    assert sample(s, "agora_gateway_time_to_first_token_seconds_count", model="agora-tiny") == console.streams
+    gaps = sum(len(r["output_tokens"]) - 1 for r in console.served[6:])
+    assert sample(s, "agora_gateway_inter_token_latency_seconds_count", model="agora-tiny") == gaps
+    assert sample(s, "agora_gateway_request_duration_seconds_count", kind="chat") == 11
+    assert sample(s, "agora_gateway_failovers_total") == 0
+    charged = sum(r["price"]["charged"] for r in console.served)
+    assert sample(s, "agora_gateway_credits_moved_microcredits_total", to="provider") == charged
+    assert sample(s, "agora_gateway_credits_moved_microcredits_total", to="refund") > 0
+
+
+def test_a_gateways_status_shows_the_network_it_routes_over(console) -> None:
+    s = httpx.get(f"{console.url}/agora/v1/status").json()
+    assert {o["provider"] for o in s["offers"]} == set(console.peers) and all(o["verified"] for o in s["offers"])
+    assert {p["peer_id"] for p in s["peers"]} >= set(console.peers)  # the providers gossip found, as nodes
+    rows = {r["peer"]: r for r in s["routing"]["providers"]}
+    for i, peer in enumerate(console.peers):
+        mine = console.served[i::2]
+        row = rows[peer]
+        assert row["served"] == len(mine) and row["share"] == 0.5 and row["state"] == "ok"
+        assert row["models"][0]["output_per_mtok"] == PRICES[i]["output_per_mtok"]
+        assert row["completion_tokens"] == sum(len(r["output_tokens"]) for r in mine)
+        assert row["charged"] == sum(r["price"]["charged"] for r in mine)
+        assert row["precision"] == "stub" and row["engine"] == "stub"
+    assert s["traffic"]["requests_total"] == 11
+    assert s["traffic"]["completion_tokens_total"] == sum(len(r["output_tokens"]) for r in console.served)
+    latency = s["routing"]["latency"]
+    assert latency["requests"] == 10 and latency["p50_ms"] > 0 and latency["ttft_p50_ms"] > 0
+    accounts = {(a["kind"], a["id"]): a for a in s["credits"]["by_account"]}
+    charged = sum(r["price"]["charged"] for r in console.served)
+    ann = accounts[("user", console.key_id)]
+    assert ann["name"] == "ann" and ann["balance"] == 1_000_000 - charged and ann["charged"] == charged
+    for i, peer in enumerate(console.peers):
+        assert accounts[("provider", peer)]["balance"] == sum(r["price"]["charged"] for r in console.served[i::2])
+
+
+def test_the_grafana_dashboard_only_queries_metrics_a_node_exports(console) -> None:
+    board = json.loads(GRAFANA.read_text())
+    text = httpx.get(f"{console.url}/metrics").text  # declared families (some have no samples yet) and samples
+    exported = set(re.findall(r"^# TYPE (\S+)", text, re.M)) | {re.sub(r"\{.*", "", k) for k in scrape(console.url)}
+    exprs = [t["expr"] for panel in board["panels"] for t in panel.get("targets", [])]
+    assert len(exprs) >= 10
+    for expr in exprs:
+        names = set(re.findall(r"\b(agora_[a-z0-9_]+)", expr))
+        assert names, f"panel query names no agora metric: {expr}"
+        assert names <= exported, f"{expr} names metrics no node exports: {names - exported}"
