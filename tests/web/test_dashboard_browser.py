@@ -39,7 +39,7 @@ def test_dashboard_shows_both_providers_and_a_streamed_chat_with_its_verified_re
     offers.nth(1).wait_for()
     assert offers.count() == 2 and page.locator("#offers td.ok").count() == 2
     offer_text = page.locator("#offers").inner_text()
-    assert "agora-tiny" in offer_text and "fp32" in offer_text and "100000" in offer_text and "200000" in offer_text
+    assert "agora-tiny" in offer_text and "fp32" in offer_text and "100,000 µcr" in offer_text and "200,000 µcr" in offer_text
     assert "No verifier role" in page.locator("#verification").inner_text()  # absent sections degrade to a note
 
     page.fill("#chat-input", "write a function that adds two numbers")

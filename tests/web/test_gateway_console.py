@@ -19,11 +19,12 @@ from agoranet.engine.stub import StubEngine
 from agoranet.log.credits import user
 from agoranet.net.gossip import GossipConfig
 from agoranet.node.gateway import Gateway, GatewayConfig
-from agoranet.node.node import ProviderOptions, build_gateway_node
+from agoranet.node.node import ProviderOptions, build_gateway_node, build_provider_node
 from agoranet.node.server import BackgroundServer, bind, url_of
 from agoranet.web import mount_dashboard
 
-from ..conftest import FAST_GOSSIP, start_provider, wait_for
+from ..conftest import FAST_GOSSIP, wait_for
+from .conftest import ARTIFACTS
 from .test_status import sample
 
 GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "agora.json"
@@ -57,9 +58,7 @@ def console(tmp_path_factory) -> Iterator[Console]:
                                       gossip=GossipConfig(interval_s=FAST_GOSSIP))
     mount_dashboard(app, url=url)
     gw = BackgroundServer(app, sock).start()
-    providers = [start_provider(root / f"p{i}", ProviderOptions(pricing=PRICES[i]),
-                                engine=StubEngine(model_name="agora-tiny", token_delay_s=0.002), peers=[url],
-                                gossip=GossipConfig(interval_s=FAST_GOSSIP)) for i in range(2)]
+    providers = [_provider(root / f"p{i}", PRICES[i], url) for i in range(2)]
     peers = [str(p.identity.peer_id) for _, p in providers]
     try:
         wait_for(lambda: set(peers) <= set(gateway.discovery.members()), what="both providers")
@@ -83,6 +82,18 @@ def console(tmp_path_factory) -> Iterator[Console]:
         for server, _ in providers:
             server.stop()
         gw.stop()
+
+
+def _provider(home: Path, prices: dict[str, int], gateway: str) -> tuple[BackgroundServer, Any]:
+    """A stub provider gossiping to the gateway, with its dashboard (the page checks receipts in its log)."""
+    home.mkdir()
+    Identity.generate().save(home / "identity.key")
+    sock = bind()
+    app, provider = build_provider_node(home, url_of(sock), ProviderOptions(pricing=prices), peers=[gateway],
+                                        gossip=GossipConfig(interval_s=FAST_GOSSIP),
+                                        engine=StubEngine(model_name="agora-tiny", token_delay_s=0.002))
+    mount_dashboard(app, url=url_of(sock))
+    return BackgroundServer(app, sock).start(), provider
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -158,3 +169,66 @@ def test_the_grafana_dashboard_only_queries_metrics_a_node_exports(console) -> N
         names = set(re.findall(r"\b(agora_[a-z0-9_]+)", expr))
         assert names, f"panel query names no agora metric: {expr}"
         assert names <= exported, f"{expr} names metrics no node exports: {names - exported}"
+
+
+def micro(n: int) -> str:
+    """How the page writes an amount of micro-credits (see dashboard.js `credits`)."""
+    return f"{n / 1e6:,.2f} cr" if abs(n) >= 1_000_000 else f"{n:,} µcr"
+
+
+def test_the_console_page_shows_the_routed_network_with_the_numbers_served(console, page) -> None:
+    page.goto(console.url + "/")
+    page.wait_for_selector("body[data-ready]")
+    page.wait_for_selector("#routing tr.route >> nth=1")
+    for i, peer in enumerate(console.peers):
+        mine = console.served[i::2]
+        row = page.locator(f'#routing tr.route[data-peer="{peer}"]')
+        assert row.locator("td.served").inner_text() == str(len(mine))
+        assert row.locator("td.share").inner_text() == "50%"
+        assert row.locator("td.errors").inner_text() == "0"
+        assert row.locator("td.tokens").inner_text() == (
+            f"{sum(r['prompt_tokens'] for r in mine):,} / {sum(len(r['output_tokens']) for r in mine):,}")
+        assert row.locator("td.charged").inner_text() == micro(sum(r["price"]["charged"] for r in mine))
+        assert f"{micro(PRICES[i]['input_per_mtok'])} in · {micro(PRICES[i]['output_per_mtok'])} out" in row.inner_text()
+        assert "stub · stub" in row.inner_text() and "no verdicts" in row.inner_text()
+    assert page.locator("#r-providers").inner_text() == "2 of 2"
+    assert page.locator("#r-failovers").inner_text() == "0"
+    assert page.locator("#r-ttft50").inner_text().endswith("ms")
+    assert page.locator("#t-total").inner_text() == "11"
+    assert page.locator("#peers-count").inner_text() == "3 of 3 nodes"  # this gateway and the two providers
+    assert page.locator("#offers tr.offer").count() == 2 and page.locator("#offers td.ok").count() == 2
+    charged = sum(r["price"]["charged"] for r in console.served)
+    ann = page.locator(f'#credit-accounts tr.account.user[data-account="{console.key_id}"]')
+    assert "ann" in ann.inner_text() and ann.locator("td.balance").inner_text() == micro(1_000_000 - charged)
+    for i, peer in enumerate(console.peers):
+        earned = page.locator(f'#credit-accounts tr.account.provider[data-account="{peer}"] td.balance')
+        assert earned.inner_text() == micro(sum(r["price"]["charged"] for r in console.served[i::2]))
+    text = page.locator("body").inner_text()
+    assert not re.search(r"\b1[6-9]\d{11}\b", text), "a raw millisecond timestamp is shown"
+    assert "by_account" not in text and "open_requests" not in text  # no raw key/value dump of the credits
+    ARTIFACTS.mkdir(exist_ok=True)
+    for width in (1400, 1024, 390):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.wait_for_timeout(100)
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        wide = page.evaluate("""() => [...document.querySelectorAll('body *')].filter((e) =>
+          e.getBoundingClientRect().right > document.documentElement.clientWidth + 1 && !e.closest('.scroll'))
+          .slice(0, 8).map((e) => `${e.tagName}#${e.id}.${e.className} ${Math.round(e.getBoundingClientRect().right)}`)""")
+        assert overflow <= 0, f"the page scrolls sideways by {overflow} px at {width} px wide: {wide}"
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(ARTIFACTS / f"gateway-console-{width}.png"), full_page=True)
+
+
+def test_the_playground_sends_the_api_key_a_gateway_requires(console, page) -> None:
+    page.goto(console.url + "/")
+    page.wait_for_selector("body[data-ready]")
+    page.fill("#chat-max-tokens", "6")
+    page.click("#chat-send")  # no key: the gateway says so, and the page says where to put one
+    page.wait_for_function("document.querySelector('#chat-verdict').textContent.startsWith('✗')")
+    assert "API key" in page.locator("#chat-verdict").inner_text()
+    page.fill("#chat-key", console.secret)
+    page.click("#chat-send")
+    page.wait_for_function("document.querySelector('#chat-verdict').textContent.includes('verified in the log')",
+                           timeout=30_000)
+    receipt = page.locator("#chat-receipt").inner_text()
+    assert receipt.startswith("bafyrei") and page.locator("#chat-answer").inner_text()

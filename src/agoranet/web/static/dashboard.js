@@ -5,7 +5,7 @@ import { verifyReceipt } from "./merkle.js";
 
 const STATUS_EVERY_MS = 2000;
 const PAGE = { peers: 25, offers: 25, log: 50 };
-const KNOWN = new Set(["node", "health", "traffic", "offers", "peers", "log", "verification", "credits"]);
+const KNOWN = new Set(["node", "health", "traffic", "offers", "peers", "log", "verification", "credits", "routing"]);
 const $ = (selector) => document.querySelector(selector);
 const state = { status: null, peersPage: 0, offersPage: 0, logEnd: null, logSize: 0, history: [], polling: false };
 
@@ -26,6 +26,17 @@ function el(tag, attrs = {}, ...children) {
 
 const short = (text, n = 12) => (!text ? "" : text.length > 2 * n + 1 ? `${text.slice(0, n)}…${text.slice(-6)}` : text);
 const fmt = (x, digits = 1) => (x === null || x === undefined ? "–" : typeof x === "number" ? x.toFixed(digits) : String(x));
+const count = (x) => (x === null || x === undefined ? "–" : Math.round(x).toLocaleString("en-US"));
+// Credits are kept in micro-credits (µcr); a whole credit and up reads better in credits.
+const credits = (micro) => (micro === null || micro === undefined ? "–" : Math.abs(micro) >= 1e6
+  ? `${(micro / 1e6).toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 })} cr`
+  : `${count(micro)} µcr`);
+const millis = (ms) => (ms === null || ms === undefined ? "–" : ms < 1000 ? `${ms.toFixed(ms < 10 ? 1 : 0)} ms`
+  : `${(ms / 1000).toFixed(2)} s`);
+const seconds = (s) => (s === null || s === undefined ? "–" : s < 120 ? `${Math.round(s)} s`
+  : s < 7200 ? `${Math.round(s / 60)} min` : s < 172800 ? `${(s / 3600).toFixed(1)} h` : `${(s / 86400).toFixed(1)} d`);
+const when = (epochMs) => new Date(epochMs).toLocaleString();
+const percent = (x) => (x === null || x === undefined ? "–" : `${(x * 100).toFixed(x < 0.1 ? 1 : 0)}%`);
 const healthClass = (h) => (h === "ok" ? "ok" : h === "unreachable" ? "bad" : "warn");
 
 async function getJSON(url) {
@@ -49,7 +60,7 @@ function pager(container, page, pages, go) {
 
 function renderNode(s) {
   $("#node-id").textContent = s.node.peer_id || s.node.url || "(node without identity)";
-  $("#node-id").title = `${s.node.url || ""} · agoranet ${s.node.version} · up ${Math.round(s.node.uptime_s)} s`;
+  $("#node-id").title = `${s.node.url || ""} · agoranet ${s.node.version} · up ${seconds(s.node.uptime_s)}`;
   $("#node-roles").replaceChildren(...s.node.roles.map((r) => el("span", { class: "badge" }, r)));
   const health = $("#health");
   health.textContent = s.health.status;
@@ -80,9 +91,9 @@ function renderPeers() {
       el("td", {}, ...(p.models || []).map((m) => el("div", { title: m.cid }, m.name, " ",
         el("span", { class: "mono muted" }, short(m.cid, 8))))),
       el("td", { class: "num" }, fmt(t.requests_per_s, 2)), el("td", { class: "num" }, fmt(t.tokens_per_s, 1)),
-      el("td", { class: "num" }, fmt(t.p50_ms, 0)), el("td", { class: "num" }, fmt(t.p99_ms, 0)),
-      el("td", { class: "num" }, fmt(t.in_flight, 0)), el("td", { class: "num" }, fmt(p.log_size, 0)),
-      el("td", { class: "num" }, fmt(p.rtt_ms, 0)));
+      el("td", { class: "num" }, millis(t.p50_ms)), el("td", { class: "num" }, millis(t.p99_ms)),
+      el("td", { class: "num" }, fmt(t.in_flight, 0)), el("td", { class: "num" }, count(p.log_size)),
+      el("td", { class: "num" }, p.via ? "via gossip" : millis(p.rtt_ms)));
   });
   $("#peers tbody").replaceChildren(...rows);
   $("#peers-count").textContent = `${peers.length} of ${all.length} nodes`;
@@ -99,10 +110,12 @@ function renderOffers() {
       el("td", {}, el("span", { class: "mono", title: o.provider || "" }, short(o.provider)), " ",
         el("a", { href: o.url, class: "muted" }, o.url)),
       el("td", {}, m.name), el("td", { class: "mono", title: m.cid }, short(m.cid, 10)),
-      el("td", { class: "num" }, fmt(m.input_per_mtok, 0)), el("td", { class: "num" }, fmt(m.output_per_mtok, 0)),
+      el("td", { class: "num", title: `${count(m.input_per_mtok)} µcr` }, credits(m.input_per_mtok)),
+      el("td", { class: "num", title: `${count(m.output_per_mtok)} µcr` }, credits(m.output_per_mtok)),
       el("td", {}, o.precision), el("td", {}, o.engine), el("td", {}, o.hardware),
       el("td", { class: "num" }, fmt(o.max_concurrency, 0)),
-      el("td", {}, o.expires_ms ? (o.expires_ms < now ? "expired" : `in ${Math.round((o.expires_ms - now) / 1000)} s`) : "–"),
+      el("td", { title: o.expires_ms ? when(o.expires_ms) : "" },
+        o.expires_ms ? (o.expires_ms < now ? "expired" : `in ${seconds((o.expires_ms - now) / 1000)}`) : "–"),
       el("td", { class: o.verified ? "ok" : "bad", title: o.error || `offer ${o.cid}` }, o.verified ? "✓ valid" : "✗ invalid")));
   $("#offers tbody").replaceChildren(...rows);
   pager($("#offers-pager"), state.offersPage, pages, (n) => { state.offersPage = n; renderOffers(); });
@@ -113,10 +126,10 @@ function renderOffers() {
 function renderTraffic(t) {
   $("#t-rps").textContent = fmt(t.requests_per_s, 2);
   $("#t-tps").textContent = fmt(t.tokens_per_s, 1);
-  $("#t-p50").textContent = fmt(t.p50_ms, 0);
-  $("#t-p99").textContent = fmt(t.p99_ms, 0);
+  $("#t-p50").textContent = millis(t.p50_ms);
+  $("#t-p99").textContent = millis(t.p99_ms);
   $("#t-inflight").textContent = fmt(t.in_flight, 0);
-  $("#t-total").textContent = fmt(t.requests_total, 0);
+  $("#t-total").textContent = count(t.requests_total);
   $("#traffic-window").textContent = `(last ${t.window_s} s of OpenAI API calls; blue requests/s, purple tokens/s)`;
   state.history.push([t.requests_per_s || 0, t.tokens_per_s || 0]);
   if (state.history.length > 150) state.history.shift();
@@ -135,9 +148,77 @@ function renderTraffic(t) {
   });
 }
 
+// -- routing (gateways) ---------------------------------------------------------------------------
+
+function reputation(r) {
+  if (!r) return el("span", { class: "muted" }, "no verdicts");
+  if (r.excluded) return el("span", { class: "bad" }, "✗ fraud proven");
+  return el("span", { class: r.passed === r.verified ? "ok" : "warn" }, `${r.passed} of ${r.verified} passed`);
+}
+
+function renderRouting(r) {
+  const section = $("#routing");
+  section.hidden = !r;
+  if (!r) return;
+  const lat = r.latency || {};
+  $("#r-providers").textContent = `${r.providers.filter((p) => p.state === "ok").length} of ${r.providers.length}`;
+  $("#r-ttft50").textContent = millis(lat.ttft_p50_ms);
+  $("#r-ttft95").textContent = millis(lat.ttft_p95_ms);
+  $("#r-p50").textContent = millis(lat.p50_ms);
+  $("#r-p95").textContent = millis(lat.p95_ms);
+  $("#r-failovers").textContent = count(r.failovers);
+  $("#routing-note").textContent = `(what this gateway routes over; latency over the last ${seconds(lat.window_s)}` +
+    `${r.requires_keys ? "; API key required" : ""}${r.charges_credits ? "; charges credits" : ""})`;
+  const rows = r.providers.map((p) => el("tr", { class: "route", "data-peer": p.peer },
+    el("td", {}, el("span", { class: "mono", title: p.peer }, short(p.peer)), " ", el("a", { href: p.url, class: "muted" }, p.url)),
+    el("td", {}, ...p.models.map((m) => el("div", { title: m.cid }, `${m.name}: `,
+      el("span", { class: "price" }, `${credits(m.input_per_mtok)} in · ${credits(m.output_per_mtok)} out`)))),
+    el("td", {}, `${p.precision} · ${p.engine}`),
+    el("td", { class: p.state === "ok" ? "ok" : p.state.startsWith("excluded") ? "bad" : "warn" }, p.state),
+    el("td", {}, reputation(p.reputation)),
+    el("td", { class: "num share" }, percent(p.share)), el("td", { class: "num served" }, count(p.served)),
+    el("td", { class: "num errors" }, count(p.errors)),
+    el("td", { class: "num tokens" }, `${count(p.prompt_tokens)} / ${count(p.completion_tokens)}`),
+    el("td", { class: "num" }, millis(p.ttft_ms)), el("td", { class: "num" }, fmt(p.tokens_per_s, 1)),
+    el("td", { class: "num charged", title: `${count(p.charged)} µcr` }, credits(p.charged))));
+  $("#routing-providers tbody").replaceChildren(...rows);
+}
+
+// -- credits --------------------------------------------------------------------------------------
+
+function renderCredits(c) {
+  const body = $("#credits-body");
+  if (!c) { body.className = "muted"; body.replaceChildren("No credit ledger on this node yet."); return; }
+  body.className = "";
+  const tile = (value, label) => el("div", { class: "tile" }, el("b", {}, value), el("span", {}, label));
+  const accounts = c.by_account || [];
+  const row = (a) => el("tr", { class: `account ${a.kind}`, "data-account": a.id },
+    el("td", {}, a.kind), el("td", {}, a.name ? el("span", {}, a.name, " ", el("span", { class: "mono muted" }, a.id))
+      : el("span", { class: "mono", title: a.id }, short(a.id))),
+    el("td", { class: "num balance", title: `${count(a.balance)} µcr` }, credits(a.balance)),
+    el("td", { class: "num" }, a.charged === undefined ? "" : credits(a.charged)),
+    el("td", { class: "num" }, a.used_tokens === undefined ? "" : count(a.used_tokens)),
+    el("td", { class: "num" }, a.requests === undefined ? "" : count(a.requests)));
+  body.replaceChildren(
+    el("div", { class: "tiles" }, tile(credits(c.users), "users' balances"), tile(credits(c.providers), "earned by providers"),
+      tile(credits(c.verifiers), "verifiers' fees"), tile(credits(c.operator), "operator"),
+      tile(credits(c.held), `held for ${count(c.open_requests)} open requests`)),
+    accounts.length ? el("div", { class: "scroll" }, el("table", { id: "credit-accounts" },
+      el("thead", {}, el("tr", {}, el("th", {}, "account"), el("th", {}, "who"), el("th", { class: "num" }, "balance"),
+        el("th", { class: "num" }, "spent"), el("th", { class: "num" }, "tokens used"), el("th", { class: "num" }, "requests"))),
+      el("tbody", {}, ...accounts.map(row)))) : el("p", { class: "muted" }, "no accounts yet"));
+}
+
 // -- any section, as tables -----------------------------------------------------------------------
 
-function renderValue(value, depth = 0) {
+// Numbers read by their key: epoch milliseconds as dates, durations in ms or s in human units.
+function renderNumber(key, value) {
+  if (key && /_ms$/.test(key)) return value > 1e12 ? when(value) : millis(value);
+  if (key && /(^|_)s$/.test(key)) return seconds(value);
+  return String(Math.round(value * 1000) / 1000);
+}
+
+function renderValue(value, depth = 0, key = "") {
   if (value === null || value === undefined) return el("span", { class: "muted" }, "–");
   if (Array.isArray(value)) {
     if (!value.length) return el("span", { class: "muted" }, "none");
@@ -145,7 +226,7 @@ function renderValue(value, depth = 0) {
       const keys = [...new Set(value.flatMap((v) => Object.keys(v)))];
       const shown = value.slice(0, 100);
       return el("table", {}, el("thead", {}, el("tr", {}, ...keys.map((k) => el("th", {}, k)))),
-        el("tbody", {}, ...shown.map((v) => el("tr", {}, ...keys.map((k) => el("td", {}, renderValue(v[k], depth + 1)))))),
+        el("tbody", {}, ...shown.map((v) => el("tr", {}, ...keys.map((k) => el("td", {}, renderValue(v[k], depth + 1, k)))))),
         value.length > shown.length ? el("caption", {}, `first 100 of ${value.length}`) : null);
     }
     return el("span", {}, value.map((v) => (typeof v === "object" ? JSON.stringify(v) : String(v))).join(", "));
@@ -153,22 +234,22 @@ function renderValue(value, depth = 0) {
   if (typeof value === "object") {
     if (depth >= 2) return el("span", { class: "mono" }, JSON.stringify(value));
     return el("table", {}, el("tbody", {}, ...Object.entries(value).map(([k, v]) =>
-      el("tr", {}, el("th", {}, k), el("td", {}, renderValue(v, depth + 1))))));
+      el("tr", {}, el("th", {}, k), el("td", {}, renderValue(v, depth + 1, k))))));
   }
-  return el("span", {}, typeof value === "number" ? String(Math.round(value * 1000) / 1000) : String(value));
+  return el("span", {}, typeof value === "number" ? renderNumber(key, value) : String(value));
 }
 
 function renderSection(id, value, absent) {
   const body = $(`#${id}-body`);
   if (value === undefined) { body.className = "muted"; body.replaceChildren(absent); return; }
-  body.className = "";
+  body.className = "scroll";
   body.replaceChildren(renderValue(value));
 }
 
 function renderMore(s) {
   const extra = Object.keys(s).filter((k) => !KNOWN.has(k));
   $("#more").replaceChildren(...extra.map((k) => el("div", { class: "extra", "data-section": k },
-    el("h2", {}, k[0].toUpperCase() + k.slice(1)), renderValue(s[k]))));
+    el("h2", {}, k[0].toUpperCase() + k.slice(1)), el("div", { class: "scroll" }, renderValue(s[k])))));
 }
 
 // -- log ------------------------------------------------------------------------------------------
@@ -241,8 +322,12 @@ async function sendChat() {
   $("#chat-send").disabled = true;
   let agora = null;
   try {
+    const key = $("#chat-key").value.trim();
+    sessionStorage.setItem("agora-api-key", key);  // this tab only: gone when it closes
+    const headers = { "content-type": "application/json", accept: "text/event-stream" };
+    if (key) headers.authorization = `Bearer ${key}`;
     const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: { "content-type": "application/json", accept: "text/event-stream" },
+      method: "POST", headers,
       body: JSON.stringify({
         model: $("#chat-model").value, stream: true, messages: [{ role: "user", content: $("#chat-input").value }],
         temperature: Number($("#chat-temperature").value), max_tokens: Number($("#chat-max-tokens").value),
@@ -250,7 +335,8 @@ async function sendChat() {
     });
     if (!response.ok) {
       const body = await response.json().catch(() => ({}));
-      throw new Error(body?.error?.message || `HTTP ${response.status}`);
+      const needsKey = response.status === 401 && !key ? " (enter an API key above)" : "";
+      throw new Error((body?.error?.message || `HTTP ${response.status}`) + needsKey);
     }
     const reader = response.body.getReader(), decoder = new TextDecoder();
     let buffer = "", done = false;
@@ -302,10 +388,11 @@ async function refresh() {
     renderOffers();
     renderTraffic(s.traffic);
     renderSection("verification", s.verification, "No verifier role on this node or its peers yet.");
-    renderSection("credits", s.credits, "No credit ledger on this node yet.");
+    renderRouting(s.routing);
+    renderCredits(s.credits);
     renderMore(s);
     if (s.log) {
-      $("#log-head").textContent = `log ${short(s.log.log_id)} · ${s.log.size} entries · root ${s.log.root}`;
+      $("#log-head").textContent = `log ${short(s.log.log_id)} · ${count(s.log.size)} entries · root ${s.log.root}`;
       const grew = s.log.size !== state.logSize;
       state.logSize = s.log.size;
       if (grew && state.logEnd === null) await loadLog();
@@ -326,6 +413,7 @@ function init() {
   $("#log-oldest").addEventListener("click", () => logGo(0));
   $("#log-goto").addEventListener("change", (ev) => logGo(Number(ev.target.value) + 1));
   $("#chat-send").addEventListener("click", sendChat);
+  $("#chat-key").value = sessionStorage.getItem("agora-api-key") || "";
   loadModels();
   refresh().then(() => document.body.setAttribute("data-ready", "1"));
   setInterval(refresh, STATUS_EVERY_MS);
