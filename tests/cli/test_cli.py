@@ -92,4 +92,15 @@ def test_demo_runs_twice_and_leaves_nothing_behind(tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         assert "receipt bafyrei" in r.stdout and "signature valid" in r.stdout
         assert "decode to the answer: yes" in r.stdout
+        # What it is doing while models load, before the network is up.
+        steps = [r.stdout.index(s) for s in ("starting a verifier", "gateway up at", "starting provider-a",
+                                             "starting provider-b", "waiting for the gateway", "network up in")]
+        assert steps == sorted(steps)
     assert list(tmp_path.iterdir()) == []  # the demo keeps its state in a temporary directory
+
+
+@pytest.mark.parametrize("flag", ["--price-in", "--price-out"])
+def test_a_negative_price_is_refused_before_anything_starts(tmp_path, flag):
+    r = agora("provide", flag, "-5", "--port", "1", home=tmp_path)
+    assert r.returncode == 2 and flag in r.stderr and "x>=0" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "log.db").exists()

@@ -34,3 +34,8 @@ def test_calibrate_refuses_headroom_below_one_and_a_half(tmp_path):
 def test_verify_needs_a_node_or_a_proof(tmp_path):
     result = CliRunner().invoke(verify_app, ["bafyreceipt", "--home", str(tmp_path)])
     assert result.exit_code == 1 and "--node" in result.output
+
+
+def test_verify_says_when_its_argument_is_not_a_cid(tmp_path):
+    result = CliRunner().invoke(verify_app, ["notacid", "--node", "http://127.0.0.1:9", "--home", str(tmp_path)])
+    assert result.exit_code == 1 and "'notacid' is not a CID" in result.output and "no record" not in result.output

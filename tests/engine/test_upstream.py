@@ -160,3 +160,20 @@ def test_upstream_answers_are_billed_by_the_upstreams_own_token_counts(upstream,
     finally:
         server.stop()
         gw.stop()
+
+
+def test_verifying_an_upstream_receipt_says_it_carries_no_token_ids(upstream, tmp_path):
+    from typer.testing import CliRunner
+
+    from agoranet.cli.verify_cmd import verify_app
+
+    server, _ = start_provider(tmp_path / "w", ProviderOptions(upstream=upstream, upstream_model="agora-tiny"))
+    try:
+        via = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        r = via.chat.completions.create(model="agora-tiny", messages=MSG, max_tokens=5)
+        cid = r.model_extra["agora"]["receipt_cid"]
+        result = CliRunner().invoke(verify_app, [cid, "--node", server.url, "--home", str(tmp_path / "v")])
+        assert result.exit_code == 1 and "upstream receipts carry no token ids" in " ".join(result.output.split())
+        assert "calibrate" not in result.output
+    finally:
+        server.stop()

@@ -47,6 +47,10 @@ def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int, cheat
             Identity.generate().save(Path(tmp) / name / "identity.key")
             return Path(tmp) / name
 
+        def step(what: str) -> None:  # loading models takes seconds: say what is happening meanwhile
+            console.print(f"[dim]{time.perf_counter() - t0:4.1f}s {what}[/]")
+
+        step("starting a verifier (loads agora-tiny to replay receipts)…")
         sock = bind()
         app, verifier = build_verifier_node(home("verifier"), VerifierConfig(audit_fraction=1.0))
         verifier_url = start(app, sock)
@@ -62,14 +66,17 @@ def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int, cheat
         gateway_url = start(app, sock)
         if p2p is not None:  # the providers join through the gateway's libp2p address
             p2p = replace(p2p, daemon=replace(p2p.daemon, bootstrap=tuple(gateway.discovery.multiaddrs())))
+        step(f"gateway up at {gateway_url}")
         urls, names = {}, {}
         for name, price, cheat in PROVIDERS + ((CHEATER,) if cheater else ()):
+            step(f"starting {name} (loads agora-tiny, announces its offer to the gateway)…")
             sock = bind()
             app, provider = build_provider_node(
                 home(name), url_of(sock), ProviderOptions(threads=1, cheat=cheat, pricing={"output_per_mtok": price}),
                 peers=[] if p2p else [gateway_url], gossip=GossipConfig(interval_s=GOSSIP_S), p2p=p2p)
             peer = str(provider.identity.peer_id)
             urls[peer], names[peer] = start(app, sock), name
+        step("waiting for the gateway to find every provider by gossip…")
         deadline = time.monotonic() + 30
         while len(offers := asyncio.run(gateway.discovery.find_offers("agora-tiny"))) < len(urls):
             if time.monotonic() > deadline:

@@ -59,8 +59,8 @@ PrecisionOpt = Annotated[str, _provider("--precision", help="fp32, bf16 or fp16"
 UpstreamOpt = Annotated[Optional[str], _provider(
     "--upstream", help="serve through an OpenAI-compatible server at this URL")]
 UpstreamModelOpt = Annotated[Optional[str], _provider("--upstream-model", help="model name the upstream serves")]
-PriceInOpt = Annotated[int, _provider("--price-in", help="micro-credits per 1M input tokens")]
-PriceOutOpt = Annotated[int, _provider("--price-out", help="micro-credits per 1M output tokens")]
+PriceInOpt = Annotated[int, _provider("--price-in", min=0, help="micro-credits per 1M input tokens")]
+PriceOutOpt = Annotated[int, _provider("--price-out", min=0, help="micro-credits per 1M output tokens")]
 MaxConcurrencyOpt = Annotated[int, _provider("--max-concurrency", help="most requests served at once")]
 MaxTokensOpt = Annotated[int, _provider("--max-tokens", help="most tokens a request may ask for")]
 MaxBatchOpt = Annotated[int, _provider("--max-batch", help="most sequences decoded together")]

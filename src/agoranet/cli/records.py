@@ -8,7 +8,8 @@ from typing import Any
 
 import httpx
 
-from agoranet.core.errors import RecordError
+from agoranet.core.cid import parse_cid
+from agoranet.core.errors import InvalidCID, RecordError
 from agoranet.core.records import ReceiptBody, Record, verify_record
 from agoranet.node.judge import UnverifiableReceipt
 from agoranet.node.records_api import CBOR
@@ -16,6 +17,10 @@ from agoranet.node.records_api import CBOR
 
 def fetch_record(node: str, cid: str, client: httpx.Client | None = None) -> Record[Any]:
     """A signed record by CID from a node, checked (canonical bytes, known type, valid signature)."""
+    try:
+        parse_cid(cid)
+    except InvalidCID:
+        raise InvalidCID(f"{cid!r} is not a CID") from None  # asking a node for it would only say "no record"
     raw = _fetch_bytes(node, cid, client)
     record: Record[Any] = verify_record(raw)
     if str(record.cid) != cid:

@@ -111,7 +111,8 @@ class Candidate:
         return self.model.input_per_mtok + self.model.output_per_mtok
 
     def named_by(self, names: list[str]) -> bool:
-        return any(n.rstrip("/") in (self.peer, self.url) for n in names)
+        """Named by peer id or URL, the URL with or without the `/v1` a provider prints for OpenAI clients."""
+        return any(n.rstrip("/").removesuffix("/v1") in (self.peer, self.url) for n in names)
 
 
 class Router:
@@ -155,24 +156,36 @@ class Router:
             return trial + proven
         return proven + trial
 
-    def plan(self, candidates: list[Candidate], prefs: ProviderPreferences) -> list[Candidate]:
+    def plan(self, candidates: list[Candidate], prefs: ProviderPreferences,
+             why: list[str] | None = None) -> list[Candidate]:
+        """The providers to try, in order; `why` collects what each filter left out (for a 404 that says so)."""
+        def keep(kept: list[Candidate], reason: str) -> list[Candidate]:
+            if why is not None and len(kept) < len(candidates):
+                why.append(f"{len(candidates) - len(kept)} {reason}")
+            return kept
+
         if self.exclusions:
-            candidates = [c for c in candidates if not any(excluded(c.peer) for excluded in self.exclusions)]
+            candidates = keep([c for c in candidates if not any(excluded(c.peer) for excluded in self.exclusions)],
+                              "shut out (transparency log forked)")
         if self.verifiers is not None:  # a proven fraud shuts a provider out, whatever the user asked
-            candidates = [c for c in candidates if not self.verifiers.excluded(c.peer)]
+            candidates = keep([c for c in candidates if not self.verifiers.excluded(c.peer)],
+                              "shut out by a fraud proof")
             if prefs.require_verified:
-                candidates = [c for c in candidates if self.verifiers.verified(c.peer)]
-        elif prefs.require_verified:
-            candidates = []  # no verifier, so nothing is verified
+                candidates = keep([c for c in candidates if self.verifiers.verified(c.peer)],
+                                  "not yet verified by a verifier (provider.require_verified)" if self.verifiers.verifiers
+                                  else "not verified: this gateway follows no verifier (provider.require_verified)")
+        elif prefs.require_verified:  # no verifier, so nothing is verified
+            candidates = keep([], "not verified: this gateway follows no verifier (provider.require_verified)")
         if prefs.only:
-            candidates = [c for c in candidates if c.named_by(prefs.only)]
+            candidates = keep([c for c in candidates if c.named_by(prefs.only)], "not named in provider.only")
         if prefs.ignore:
-            candidates = [c for c in candidates if not c.named_by(prefs.ignore)]
+            candidates = keep([c for c in candidates if not c.named_by(prefs.ignore)], "named in provider.ignore")
         if prefs.max_price:
             mp = prefs.max_price
-            candidates = [c for c in candidates
-                          if (mp.prompt is None or c.model.input_per_mtok <= mp.prompt)
-                          and (mp.completion is None or c.model.output_per_mtok <= mp.completion)]
+            candidates = keep([c for c in candidates
+                               if (mp.prompt is None or c.model.input_per_mtok <= mp.prompt)
+                               and (mp.completion is None or c.model.output_per_mtok <= mp.completion)],
+                              "over provider.max_price")
         now = time.monotonic()
         healthy = [c for c in candidates if self.seen(c.peer).healthy(now)]
         cooling = sorted((c for c in candidates if not self.seen(c.peer).healthy(now)),
@@ -185,6 +198,8 @@ class Router:
             for name in prefs.order:
                 named += [c for c in ordered if c.named_by([name]) and all(c is not n for n in named)]
             ordered = named + ([c for c in ordered if all(c is not n for n in named)] if prefs.allow_fallbacks else [])
+            if not ordered and candidates:
+                keep([], "not named in provider.order (and provider.allow_fallbacks is false)")
         elif not prefs.allow_fallbacks:
             ordered = ordered[:1]
         return ordered[: self.config.max_attempts]
@@ -329,10 +344,12 @@ class Gateway:
         if not candidates:
             raise RequestError(f"no live provider offers model {req.model!r}; GET /v1/models lists what the "
                                "network serves", status=404, code="model_not_found", param="model")
-        plan = self.routing.plan(candidates, prefs)
+        why: list[str] = []
+        plan = self.routing.plan(candidates, prefs, why)
         if not plan:
-            raise RequestError(f"{len(candidates)} providers serve {req.model!r} but none matches your `provider` "
-                               "preferences (only/ignore/max_price/order)", status=404, code="no_provider_matches",
+            n = len(candidates)
+            raise RequestError(f"{n} provider{'s' if n != 1 else ''} serve{'' if n != 1 else 's'} {req.model!r} but "
+                               f"none is left to route to: {'; '.join(why)}", status=404, code="no_provider_matches",
                                param="provider")
         body = req.model_dump(mode="json", exclude_none=True, exclude={"provider", "agora", "stream_options"})
         max_tokens = req.max_tokens or self.config.default_max_tokens

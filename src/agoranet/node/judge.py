@@ -21,6 +21,7 @@ from agoranet.engine.base import GenerationRequest
 from agoranet.engine.models import model_cid, resolve_model
 from agoranet.engine.tokenizer import ByteTokenizer
 from agoranet.engine.transformers_engine import load_causal_lm, render_prompt
+from agoranet.engine.upstream import UPSTREAM_PRECISION
 from agoranet.verify.records import ClassTolerance, FraudProofBody, TolerancesBody, VerdictBody
 from agoranet.verify.replay import ReplayJob, ReplayResult, check_receipts, check_request_binding, request_mismatch
 from agoranet.verify.tolerances import (
@@ -137,6 +138,12 @@ class ReplayVerifier:
                 if why and "CID" in why:
                     raise UnverifiableReceipt(
                         f"the request given for receipt {receipt.cid} is not the one it binds: {why}")
+                if body.precision == UPSTREAM_PRECISION:
+                    raise UnverifiableReceipt(
+                        f"receipt {receipt.cid} was served by an upstream engine: upstream receipts carry no token "
+                        "ids, so there is nothing to replay; they bind the exact text, sampling, token counts and "
+                        "price only", hint="only receipts of engines that report token ids (the built-in one) can be "
+                        "replayed")
                 request = CanonicalRequest.decode(request_bytes)
                 tol = self.tolerances(body.model, body.precision)
                 self.admissible(receipt)
