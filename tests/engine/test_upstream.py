@@ -170,7 +170,8 @@ def test_verifying_an_upstream_receipt_says_it_carries_no_token_ids(upstream, tm
     server, _ = start_provider(tmp_path / "w", ProviderOptions(upstream=upstream, upstream_model="agora-tiny"))
     try:
         via = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
-        r = via.chat.completions.create(model="agora-tiny", messages=MSG, max_tokens=5)
+        r = via.chat.completions.create(model="agora-tiny", messages=MSG, max_tokens=5, logprobs=True)
+        assert "upstream engine" in r.model_extra["agora"]["notice"]  # why the logprobs are empty, said
         cid = r.model_extra["agora"]["receipt_cid"]
         result = CliRunner().invoke(verify_app, [cid, "--node", server.url, "--home", str(tmp_path / "v")])
         assert result.exit_code == 1 and "upstream receipts carry no token ids" in " ".join(result.output.split())

@@ -3,7 +3,10 @@ which preference left no provider."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
+import openai
 import pytest
 
 from agoranet.engine.stub import StubEngine
@@ -61,3 +64,67 @@ def test_a_404_names_each_preference_that_left_providers_out(net):
     r = chat(url, {"ignore": [cheap], "max_price": {"completion": 1500}})
     message = r.json()["error"]["message"]
     assert r.status_code == 404 and "1 named in provider.ignore" in message and "1 over provider.max_price" in message
+
+
+@pytest.mark.parametrize("field, value", [
+    ("response_format", {"type": "json_object"}), ("response_format", {"type": "json_schema", "json_schema": {}}),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
+    ("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("logit_bias", {"50": 10}), ("n", 2),
+])
+def test_an_openai_field_agora_cannot_honour_is_refused_naming_it(net, field, value):
+    url, _ = net
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "agora-tiny", "messages": MSG, field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert field in r.json()["error"]["message"] and r.json()["error"]["code"] == "unsupported_parameter"
+
+
+@pytest.mark.parametrize("field, value", [("best_of", 3), ("suffix", "}"), ("presence_penalty", 1.0)])
+def test_completion_fields_are_refused_too(net, field, value):
+    url, _ = net
+    r = httpx.post(f"{url}/v1/completions", json={"model": "agora-tiny", "prompt": "x", field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_the_no_op_values_of_those_fields_are_accepted(net):
+    url, _ = net
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+        "model": "agora-tiny", "messages": MSG, "max_tokens": 2, "response_format": {"type": "text"},
+        "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "n": 1, "tool_choice": "none"})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("prefs, param", [({"sortt": "price"}, "provider.sortt"),
+                                          ({"data_collection": "deny"}, "provider.data_collection"),
+                                          ({"zdr": True}, "provider.zdr")])
+def test_unknown_or_unhonourable_provider_keys_are_refused(net, prefs, param):
+    url, _ = net
+    r = chat(url, prefs)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_quantizations_select_offers_by_precision_class(net):
+    url, _ = net
+    assert chat(url, {"quantizations": ["stub"]}).status_code == 200  # the stub engine's class
+    r = chat(url, {"quantizations": ["fp8", "int4"]})
+    assert r.status_code == 404 and "2 not of precision fp8/int4 (provider.quantizations)" in r.json()["error"]["message"]
+
+
+def test_usage_reports_the_cost_in_credits_like_openrouter(net):
+    url, _ = net
+    r = chat(url, {}).json()
+    assert r["usage"]["cost"] == r["agora"]["receipt"]["body"]["price"]["charged"] / 1e6 > 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30, json={
+            "model": "agora-tiny", "messages": MSG, "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}}) as s:
+        events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+    last = events[-1]
+    assert last["usage"]["cost"] == last["agora"]["receipt"]["body"]["price"]["charged"] / 1e6 > 0
+
+
+def test_embeddings_get_an_openai_404_saying_they_are_not_offered(net):
+    url, peers = net
+    for base in (url, next(iter(peers.values()))):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.NotFoundError, match="embeddings are not offered") as caught:
+            client.embeddings.create(model="agora-tiny", input="hi")
+        assert caught.value.code == "embeddings_not_offered"

@@ -33,6 +33,7 @@ from agoranet.core.errors import RecordError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, OfferedModel, ReceiptBody, Record, token_charge
 from agoranet.engine.base import Generation, GenerationRequest
+from agoranet.engine.upstream import UPSTREAM_ENGINE
 from agoranet.net.discovery import Discovery
 from agoranet.net.peer import PeerClient, PeerError, PeerRefused, PeerStream, PeerUnreachable
 from agoranet.node.app import FastJSONResponse
@@ -48,6 +49,8 @@ from agoranet.wire.openai import (
 from agoranet.wire.sse import DONE
 
 log = logging.getLogger(__name__)
+
+MICROCREDITS_PER_CREDIT = 1_000_000
 
 Kind = Literal["chat", "completion"]
 PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
@@ -176,6 +179,9 @@ class Router:
                                   else "not verified: this gateway follows no verifier (provider.require_verified)")
         elif prefs.require_verified:  # no verifier, so nothing is verified
             candidates = keep([], "not verified: this gateway follows no verifier (provider.require_verified)")
+        if prefs.quantizations:
+            candidates = keep([c for c in candidates if c.offer.body.precision in prefs.quantizations],
+                              f"not of precision {'/'.join(prefs.quantizations)} (provider.quantizations)")
         if prefs.only:
             candidates = keep([c for c in candidates if c.named_by(prefs.only)], "not named in provider.only")
         if prefs.ignore:
@@ -339,13 +345,20 @@ class Gateway:
             if self.keys is None:
                 raise RequestError("this gateway requires API keys but has no key store", status=500)
             key = self.keys.authorize(authorization)
-        prefs = ProviderPreferences.model_validate(req.provider or {})
+        prefs = req.provider or ProviderPreferences()
         candidates = await self._candidates(req.model)
         if not candidates:
             raise RequestError(f"no live provider offers model {req.model!r}; GET /v1/models lists what the "
                                "network serves", status=404, code="model_not_found", param="model")
         why: list[str] = []
-        plan = self.routing.plan(candidates, prefs, why)
+        plan = candidates
+        if prefs.require_parameters and (req.logprobs if kind == "chat" else req.logprobs is not None):
+            # An upstream engine reports text, not token ids: its logprobs come back empty.
+            plan = [c for c in plan if c.offer.body.engine != UPSTREAM_ENGINE]
+            if len(plan) < len(candidates):
+                why.append(f"{len(candidates) - len(plan)} cannot return logprobs (upstream engine; "
+                           "provider.require_parameters)")
+        plan = self.routing.plan(plan, prefs, why)
         if not plan:
             n = len(candidates)
             raise RequestError(f"{n} provider{'s' if n != 1 else ''} serve{'' if n != 1 else 's'} {req.model!r} but "
@@ -503,6 +516,15 @@ class Gateway:
         return gateway_summary(job.parts, request_id=job.request_id, gateway=str(self.identity.peer_id),
                                credits=credits)
 
+    def _cost(self, job: _Job) -> float:
+        """What the request cost, in credits (OpenRouter's `usage.cost`): the receipts' charges and any
+        verifier fee a charging gateway took, or the receipts' charges alone where nothing is billed."""
+        if job.escrow is not None and job.escrow.settled:
+            micro = job.escrow.charged + job.escrow.fee
+        else:
+            micro = sum(p.receipt.body.price.charged for p in job.parts)
+        return micro / MICROCREDITS_PER_CREDIT
+
     async def _hot(self, kind: Kind, schema: type[ChatCompletionRequest] | type[CompletionRequest],
                    request: Request) -> Response:
         req = schema.model_validate_json(await request.body())
@@ -578,6 +600,8 @@ class Gateway:
             job.used_tokens = answer.usage.total_tokens
             await self._settle(job)
             body["agora"] = self._agora(job)  # the rest of the answer goes to the client as the provider wrote it
+            if isinstance(body.get("usage"), dict):
+                body["usage"]["cost"] = self._cost(job)
             return FastJSONResponse(body, headers={"x-agora-receipt": str(part.receipt.cid)})
         raise RequestError(f"every provider tried for {req.model!r} failed ({len(job.tried)} tried); last error: "
                            f"{last_error}", status=502, code="providers_failed", type="server_error")
@@ -725,7 +749,7 @@ class Gateway:
             job.used_tokens = prompt_tokens + completion_tokens
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             gen = Generation(prompt_tokens=prompt_tokens, finish_reason=finish, completion_tokens=completion_tokens)
-            for out in writer.last(gen, include_usage=include_usage, agora=self._agora(job)):
+            for out in writer.last(gen, include_usage=include_usage, agora=self._agora(job), cost=self._cost(job)):
                 yield {"data": out}
             yield {"data": DONE}
             outcome = "ok"
@@ -878,6 +902,11 @@ class Gateway:
         @r.post("/v1/completions")
         async def completions(req: CompletionRequest, request: Request) -> Response:
             return await self.serve("completion", req, request.headers.get("authorization"))
+
+        @r.post("/v1/embeddings")
+        async def embeddings() -> Response:
+            raise RequestError("embeddings are not offered on Agora: providers sell text generation only "
+                               "(/v1/chat/completions, /v1/completions)", status=404, code="embeddings_not_offered")
 
         @r.get("/agora/v1/providers")
         async def providers() -> dict[str, Any]:

@@ -23,6 +23,7 @@ from agoranet.core.records import (
     decode_canonical, sign_record, token_charge,
 )
 from agoranet.engine.base import Engine, Generation, GenerationRequest, Sampling, TokenEvent
+from agoranet.engine.upstream import UPSTREAM_ENGINE
 from agoranet.net.signed_request import HEADER as SIGNED, request_signer
 from agoranet.node.log_role import LogRole
 from agoranet.node.app import Cursor, PageSize
@@ -160,7 +161,7 @@ class Provider:
         finally:
             self.active -= 1
         assert gen is not None
-        agora = await self._receipt(gen_req, request_cid, request_bytes, gen, started)
+        agora = await self._receipt(gen_req, request_cid, request_bytes, gen, started) | self._notices(req)
         model = self.engine.model_name
         created = started // 1000
         if kind == "chat":
@@ -191,7 +192,8 @@ class Provider:
                     if live.cut:
                         return
                     live.cut = True  # from here on the full receipt is owed, not a partial one
-                    agora = await self._receipt(live.request, live.request_cid, live.request_bytes, item, live.started)
+                    agora = await self._receipt(live.request, live.request_cid, live.request_bytes, item,
+                                                live.started) | self._notices(req)
                     include_usage = bool(req.stream_options and req.stream_options.include_usage)
                     for chunk in writer.last(item, include_usage=include_usage, agora=agora):
                         yield {"data": chunk}
@@ -229,6 +231,14 @@ class Provider:
                          logprobs=[e.logprob for e in sent], top=[list(e.top) for e in sent],
                          text="".join(e.text for e in sent), finish_reason=CUT, completion_tokens=delivered)
         return await self._receipt(live.request, live.request_cid, live.request_bytes, gen, live.started)
+
+    def _notices(self, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+        """Why an answer lacks what was asked, where the engine cannot give it (never silently)."""
+        wants_logprobs = req.logprobs if isinstance(req, ChatCompletionRequest) else req.logprobs is not None
+        if wants_logprobs and self.engine.name == UPSTREAM_ENGINE:
+            return {"notice": "logprobs are empty: this provider serves through an upstream engine, which reports "
+                              "text, not token ids; route with provider.require_parameters=true to avoid it"}
+        return {}
 
     async def _receipt(self, gen_req: GenerationRequest, request_cid: str, request_bytes: bytes, gen: Generation,
                        started: int) -> dict[str, Any]:
@@ -314,6 +324,11 @@ class Provider:
         @r.post("/agora/v1/streams/{response_id}/cut")
         async def cut(response_id: str, body: CutRequest) -> dict[str, Any]:
             return await self.cut(response_id, body.delivered)
+
+        @r.post("/v1/embeddings")
+        async def embeddings() -> Response:
+            raise RequestError(f"embeddings are not offered here: this provider serves text generation with "
+                               f"{self.engine.model_name!r} only", status=404, code="embeddings_not_offered")
 
         @r.get("/agora/v1/offer")
         async def offer() -> dict[str, Any]:

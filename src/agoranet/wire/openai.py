@@ -48,6 +48,10 @@ class ChatMessage(_Lenient):
         return "".join(part.text for part in self.content)
 
 
+def _unsupported(param: str, message: str) -> RequestError:
+    return RequestError(message, param=param, code="unsupported_parameter")
+
+
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
@@ -68,11 +72,16 @@ class MaxPrice(_Lenient):
     completion: float | None = Field(default=None, ge=0)
 
 
-class ProviderPreferences(_Lenient):
+class ProviderPreferences(BaseModel):
     """The OpenRouter-style `provider` object: how a gateway picks providers for one request.
 
-    Providers are named by peer id (`12D3KooW…`) or by URL in `order`, `only` and `ignore`.
+    Providers are named by peer id (`12D3KooW…`) or by URL in `order`, `only` and `ignore`. Unknown keys
+    are refused (a typo such as `sortt` must not silently route by defaults); OpenRouter's keys that map
+    onto Agora are honoured: `quantizations` (offers' precision classes), `require_parameters`, and
+    `data_collection` ("deny" is refused: every provider keeps the request it signs a receipt for).
     """
+
+    model_config = ConfigDict(extra="forbid")
 
     sort: Literal["price", "latency", "throughput"] | None = None
     order: list[str] | None = None
@@ -81,6 +90,18 @@ class ProviderPreferences(_Lenient):
     max_price: MaxPrice | None = None
     allow_fallbacks: bool = True
     require_verified: bool = False  # only providers a verifier has checked and found honest
+    quantizations: list[str] | None = None  # precision classes offers name: fp32, bf16, fp16, int8, upstream …
+    # Only providers whose engine serves every parameter the request sets (logprobs: token ids, not text).
+    require_parameters: bool = False
+    data_collection: Literal["allow", "deny"] = "allow"
+
+    @field_validator("data_collection")
+    @classmethod
+    def _collects(cls, v: str) -> str:
+        if v == "deny":
+            raise ValueError("every Agora provider stores the request it signs a receipt for (verifiers replay it), "
+                             "so no provider honours data_collection=deny")
+        return v
 
 
 class _SamplingRequest(_Lenient):
@@ -92,9 +113,27 @@ class _SamplingRequest(_Lenient):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1)
     agora: AgoraExtension | None = None
-    provider: dict[str, Any] | None = None  # routing preferences, read by gateways
+    provider: ProviderPreferences | None = None  # routing preferences, read by gateways
+    # OpenAI fields Agora does not implement: accepted at the value that changes nothing, refused otherwise
+    # (never ignored). The public sampling rule that replay verifies has no penalties, biases or
+    # constrained decoding, so no engine of this network may apply them.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def model_post_init(self, _: Any) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise _unsupported(name, f"{name} is not part of Agora's public sampling rule, which verifiers "
+                                         "replay; send 0 or leave it out")
+        if self.logit_bias:
+            raise _unsupported("logit_bias", "logit_bias is not part of Agora's public sampling rule, which "
+                                             "verifiers replay; leave it out")
+        if self.n > 1:
+            raise _unsupported("n", "n > 1 is not supported: send the request n times (each answer gets its own "
+                                    "receipt)")
 
     @field_validator("stop")
     @classmethod
@@ -110,8 +149,25 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None  # {"type": "text"} only (see model_post_init)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
 
     def model_post_init(self, _: Any) -> None:
+        super().model_post_init(_)
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise _unsupported("response_format", f"response_format {self.response_format.get('type')!r} is not "
+                               "supported: JSON mode needs constrained decoding, which Agora's public sampling "
+                               "rule does not have; ask for JSON in the prompt and parse the text")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise _unsupported(name, f"{name} (function calling) is not supported by Agora's providers yet; "
+                                         "describe the functions in the prompt instead")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise _unsupported(name, f"{name} needs tools, which Agora's providers do not support yet")
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         if self.top_logprobs and not self.logprobs:
@@ -126,6 +182,15 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str]
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+
+    def model_post_init(self, _: Any) -> None:
+        super().model_post_init(_)
+        if self.best_of is not None and self.best_of > 1:
+            raise _unsupported("best_of", "best_of > 1 is not supported: send the request several times")
+        if self.suffix:
+            raise _unsupported("suffix", "suffix (insertion) is not supported by Agora's providers")
 
     @field_validator("prompt")
     @classmethod
@@ -273,14 +338,17 @@ class ChunkWriter:
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
         return sse_data(self._base() | {"choices": [choice]} | (extra or {}))
 
-    def last(self, gen: Finished, *, include_usage: bool, agora: dict[str, Any]) -> list[str]:
-        """The finish chunk, then (if asked) the usage chunk; the last one carries the receipt."""
+    def last(self, gen: Finished, *, include_usage: bool, agora: dict[str, Any],
+             cost: float | None = None) -> list[str]:
+        """The finish chunk, then (if asked) the usage chunk, with the request's `cost` in credits where a
+        gateway knows it (as OpenRouter reports it); the last one carries the receipt."""
         if not include_usage:
             finish = json.loads(self._choice("", None, gen.finish_reason)) | {"agora": agora}
             return [sse_data(finish)]
+        used = usage(gen) | ({"cost": cost} if cost is not None else {})
         return [
             self._choice("", None, gen.finish_reason),
-            sse_data(self._base() | {"choices": [], "usage": usage(gen), "agora": agora}),
+            sse_data(self._base() | {"choices": [], "usage": used, "agora": agora}),
         ]
 
 
@@ -375,6 +443,7 @@ class ReceiptPart:
 
     receipt: Record[ReceiptBody]
     request: bytes = b""  # the canonical request the receipt binds, as the provider sent it (hex on the wire)
+    notice: str | None = None  # the provider's word on what its answer lacks (say, logprobs through an upstream)
 
     @classmethod
     def read(cls, agora: Any) -> ReceiptPart:
@@ -382,7 +451,9 @@ class ReceiptPart:
         if not isinstance(agora, dict) or "receipt" not in agora:
             raise RecordError("the answer carries no agora.receipt")
         try:
-            return cls(verify_record(agora["receipt"], ReceiptBody), bytes.fromhex(agora.get("request", "")))
+            notice = agora.get("notice")
+            return cls(verify_record(agora["receipt"], ReceiptBody), bytes.fromhex(agora.get("request", "")),
+                       notice if isinstance(notice, str) else None)
         except (TypeError, ValueError) as exc:
             raise RecordError(f"agora.receipt is not a record, or agora.request not hex: {exc}") from exc
 
@@ -393,7 +464,8 @@ class ReceiptPart:
     @cached_property
     def json(self) -> dict[str, Any]:
         out = {"receipt_cid": str(self.receipt.cid), "receipt": self.receipt.to_json(), "provider": self.provider}
-        return out | {"request": self.request.hex()} if self.request else out
+        out |= {"request": self.request.hex()} if self.request else {}
+        return out | ({"notice": self.notice} if self.notice else {})
 
 
 def gateway_summary(parts: list[ReceiptPart], *, request_id: str, gateway: str,
