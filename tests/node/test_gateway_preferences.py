@@ -128,3 +128,23 @@ def test_embeddings_get_an_openai_404_saying_they_are_not_offered(net):
         with pytest.raises(openai.NotFoundError, match="embeddings are not offered") as caught:
             client.embeddings.create(model="agora-tiny", input="hi")
         assert caught.value.code == "embeddings_not_offered"
+
+
+def test_a_compact_answer_carries_the_receipt_cid_and_summary_and_the_record_is_fetched_by_cid(net):
+    from agoranet.core.records import ReceiptBody, verify_record
+
+    url, _ = net
+    ask = {"model": "agora-tiny", "messages": MSG, "max_tokens": 32, "seed": 7}
+    full = httpx.post(f"{url}/v1/chat/completions", timeout=30, json=ask)
+    compact = httpx.post(f"{url}/v1/chat/completions", timeout=30, json=ask | {"agora": {"receipt": "compact"}})
+    assert full.status_code == compact.status_code == 200
+    assert len(compact.content) < len(full.content) / 2, (len(compact.content), len(full.content))
+    agora = compact.json()["agora"]
+    assert "receipt" not in agora and all("receipt" not in p for p in agora["receipts"])
+    record = httpx.get(agora["receipt_url"]).json()["record"]  # the provider serves it by CID
+    receipt = verify_record(record, ReceiptBody)
+    assert str(receipt.cid) == agora["receipt_cid"] and receipt.signer == agora["provider"]
+    summary = agora["summary"]
+    assert summary["completion_tokens"] == len(receipt.body.output_tokens) == 32
+    assert summary["price"]["charged"] == receipt.body.price.charged and summary["request"] == receipt.body.request
+    assert compact.json()["usage"]["cost"] == receipt.body.price.charged / 1e6

@@ -75,6 +75,9 @@ class GatewayConfig:
     probation_serves: int = 3
     probation_share: float = 0.1
     cut_timeout_s: float = 10.0  # how long a provider gets to sign the partial receipt of a stream cut by its client
+    # Receipts in answers to clients: "full" signed records, or "compact" (CID, URL, summary) unless a
+    # request asks otherwise with agora.receipt. The provider→gateway hop always carries the full record.
+    receipts: Literal["full", "compact"] = "full"
 
 
 @dataclass
@@ -267,6 +270,20 @@ def _generated_text(job: _Job, answer: Answer) -> str:
     return answer.text
 
 
+def _compact(part: dict[str, Any], urls: dict[str, str]) -> dict[str, Any]:
+    """A receipt part as a compact answer carries it: the CID (which binds every byte of the signed record,
+    fetched from `receipt_url` when a client or verifier wants token ids and logprobs) and what it states."""
+    if "receipt" not in part:
+        return part
+    body = part["receipt"]["body"]
+    summary = {k: body[k] for k in ("model", "precision", "request", "prompt_tokens", "finish_reason", "price",
+                                    "started_ms", "finished_ms")}
+    summary["completion_tokens"] = len(body["output_tokens"]) or body["completion_tokens"]
+    # The canonical request's bytes go too: the summary's `request` CID binds them.
+    return {k: v for k, v in part.items() if k not in ("receipt", "request")} | {
+        "summary": summary, "receipt_url": urls.get(part["receipt_cid"])}
+
+
 def _ewma(old: float | None, new: float, alpha: float) -> float:
     return new if old is None else (1 - alpha) * old + alpha * new
 
@@ -302,6 +319,7 @@ class _Job:
     refused: str = ""  # why the last receipt refused was refused
     started: float = field(default_factory=time.monotonic)
     ttft_s: float | None = None  # to the first token the client was sent (streams)
+    receipt_urls: dict[str, str] = field(default_factory=dict)  # receipt CID -> where its provider serves it
 
 
 class Gateway:
@@ -502,6 +520,7 @@ class Gateway:
         self.stats.part(cand.peer, cand.model.name, "ok")
         self.stats.receipt(cand.peer, cand.model.name, prompt_tokens=b.prompt_tokens,
                            completion_tokens=len(b.output_tokens) or b.completion_tokens, charged=b.price.charged)
+        job.receipt_urls[str(part.receipt.cid)] = f"{cand.url}/agora/v1/records/{part.receipt.cid}"
         return part
 
     def _sent(self, job: _Job, cand: Candidate) -> GenerationRequest:
@@ -513,8 +532,13 @@ class Gateway:
         e = job.escrow
         credits = ({"held": e.held, "charged": e.charged, "verifier_fee": e.fee, "balance": e.balance}
                    if e is not None and e.settled else None)
-        return gateway_summary(job.parts, request_id=job.request_id, gateway=str(self.identity.peer_id),
-                               credits=credits)
+        agora = gateway_summary(job.parts, request_id=job.request_id, gateway=str(self.identity.peer_id),
+                                credits=credits)
+        asked = job.req.agora.receipt if job.req.agora else None
+        if (asked or self.config.receipts) == "compact":
+            agora = _compact(agora, job.receipt_urls) | {
+                "receipts": [_compact(p, job.receipt_urls) for p in agora["receipts"]]}
+        return agora
 
     def _cost(self, job: _Job) -> float:
         """What the request cost, in credits (OpenRouter's `usage.cost`): the receipts' charges and any

@@ -63,6 +63,9 @@ class AgoraExtension(_Lenient):
     # Token ids are never negative; the engine also checks them against its vocabulary and context.
     prefix_tokens: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=1_000_000)
     stream_tokens: bool = False  # put each token's id on its stream chunk, so a gateway can fail over
+    # What a gateway returns of each receipt: the whole signed record (token ids, top-k logprobs), or its
+    # CID, where to fetch it, and a summary (the gateway's default is its `receipts` setting).
+    receipt: Literal["full", "compact"] | None = None
 
 
 class MaxPrice(_Lenient):
