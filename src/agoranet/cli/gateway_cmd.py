@@ -14,7 +14,7 @@ import typer
 from agoranet.cli.console import console, fail
 from agoranet.cli.options import (
     BootstrapOpt, DiscoveryOpt, P2PAnnounceOpt, P2PListenOpt, P2PNatOpt, ChargeCreditsOpt, ConnectTimeoutOpt, GossipIntervalOpt, HomeOpt, LogJsonOpt, PeerOpt, PublicUrlOpt, RequireKeysOpt,
-    StallTimeoutOpt, VerifierFeeOpt, VerifierOpt, home_dir,
+    ReceiptMode, ReceiptsOpt, StallTimeoutOpt, VerifierFeeOpt, VerifierOpt, home_dir,
 )
 
 
@@ -36,6 +36,7 @@ def gateway(
     verifier: VerifierOpt = None,
     charge_credits: ChargeCreditsOpt = False,
     verifier_fee_ppm: VerifierFeeOpt = 0,
+    receipts: ReceiptsOpt = ReceiptMode.full,
     log_json: LogJsonOpt = None,
 ) -> None:
     """Buy inference for your users: one OpenAI API in front of every provider the network offers."""
@@ -45,7 +46,8 @@ def gateway(
     p2p = p2p_config(discovery=discovery, host=host, peer=peer, bootstrap=bootstrap, listen=p2p_listen,
                      announce=p2p_announce, nat=p2p_nat)
     config = gateway_config(require_keys=require_keys, stall_timeout=stall_timeout, connect_timeout=connect_timeout,
-                            verifier=verifier, charge_credits=charge_credits, verifier_fee_ppm=verifier_fee_ppm)
+                            verifier=verifier, charge_credits=charge_credits, verifier_fee_ppm=verifier_fee_ppm,
+                            receipts=receipts.value)
     serve_node(["gateway"], home=home, host=host, port=port, public_url=public_url, log_json=log_json,
                gateway=config, peers=list(peer or []), gossip=GossipConfig(interval_s=gossip_interval), p2p=p2p)
 

@@ -21,7 +21,8 @@ from agoranet.cli.options import (
     P2PAnnounceOpt, P2PListenOpt, P2PNatOpt, HomeOpt, KuboRpcOpt, LogJsonOpt,
     MaxBatchOpt, MaxConcurrencyOpt, MaxTokensOpt, ModelOpt, PeerOpt, PollIntervalOpt, PrecisionOpt, PriceInOpt,
     PriceOutOpt, PublicUrlOpt, RecheckOpt, RequireKeysOpt, SourceOpt, StallTimeoutOpt, ThreadsOpt, TokenDelayOpt,
-    TolerancesOpt, UpstreamModelOpt, UpstreamOpt, VerifierFeeOpt, VerifierOpt, WatchOpt, home_dir, resolve_kubo_rpc,
+    ReceiptMode, ReceiptsOpt, TolerancesOpt, UpstreamModelOpt, UpstreamOpt, VerifierFeeOpt, VerifierOpt, WatchOpt, home_dir,
+    resolve_kubo_rpc,
 )
 from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
@@ -110,14 +111,14 @@ def p2p_config(*, discovery: str, host: str, peer: list[str] | None, bootstrap: 
 
 
 def gateway_config(*, require_keys: bool, stall_timeout: float, connect_timeout: float, verifier: list[str] | None,
-                   charge_credits: bool, verifier_fee_ppm: int) -> GatewayConfig:
+                   charge_credits: bool, verifier_fee_ppm: int, receipts: str = "full") -> GatewayConfig:
     from agoranet.node.gateway import GatewayConfig
 
     if not 0 <= verifier_fee_ppm <= 1_000_000:
         raise fail(f"--verifier-fee-ppm is {verifier_fee_ppm}; give 0 to 1000000 (millionths of the charge)")
     return GatewayConfig(require_keys=require_keys, stall_timeout_s=stall_timeout, connect_timeout_s=connect_timeout,
                          verifiers=tuple(v.rstrip("/") for v in verifier or []), charge_credits=charge_credits,
-                         verifier_fee_ppm=verifier_fee_ppm)
+                         verifier_fee_ppm=verifier_fee_ppm, receipts=receipts)  # type: ignore[arg-type]
 
 
 def verifier_options(*, source: list[str] | None, audit_fraction: float, poll_interval: float,
@@ -254,6 +255,7 @@ def node(
     verifier: VerifierOpt = None,
     charge_credits: ChargeCreditsOpt = False,
     verifier_fee_ppm: VerifierFeeOpt = 0,
+    receipts: ReceiptsOpt = ReceiptMode.full,
     # verifier
     source: SourceOpt = None,
     audit_fraction: AuditFractionOpt = 0.1,
@@ -294,7 +296,8 @@ def node(
     if "gateway" in names:
         build["gateway"] = gateway_config(require_keys=require_keys, stall_timeout=stall_timeout,
                                           connect_timeout=connect_timeout, verifier=verifier,
-                                          charge_credits=charge_credits, verifier_fee_ppm=verifier_fee_ppm)
+                                          charge_credits=charge_credits, verifier_fee_ppm=verifier_fee_ppm,
+                                          receipts=receipts.value)
     if "verifier" in names:
         build["verifier"] = verifier_options(source=source, audit_fraction=audit_fraction, poll_interval=poll_interval,
                                              models=verify_model, tolerances=tolerances, threads=threads)

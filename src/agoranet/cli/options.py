@@ -6,6 +6,7 @@ It imports nothing from the command modules, so each of them can import it at th
 
 from __future__ import annotations
 
+from enum import Enum
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
@@ -84,6 +85,14 @@ ChargeCreditsOpt = Annotated[bool, _gateway(
 VerifierFeeOpt = Annotated[int, _gateway(
     "--verifier-fee-ppm",
     help="verifiers' fee in millionths of the providers' charge, paid by the user (0 to 1000000)")]
+class ReceiptMode(str, Enum):
+    full = "full"
+    compact = "compact"
+
+
+ReceiptsOpt = Annotated[ReceiptMode, _gateway(
+    "--receipts",
+    help="receipts in answers: full signed records, or compact (CID, URL, summary) unless a request asks")]
 
 # Verifier
 SourceOpt = Annotated[Optional[list[str]], _verifier(
