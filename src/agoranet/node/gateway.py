@@ -270,18 +270,16 @@ def _generated_text(job: _Job, answer: Answer) -> str:
     return answer.text
 
 
-def _compact(part: dict[str, Any], urls: dict[str, str]) -> dict[str, Any]:
+def _compact(part: ReceiptPart, url: str | None) -> dict[str, Any]:
     """A receipt part as a compact answer carries it: the CID (which binds every byte of the signed record,
     fetched from `receipt_url` when a client or verifier wants token ids and logprobs) and what it states."""
-    if "receipt" not in part:
-        return part
-    body = part["receipt"]["body"]
-    summary = {k: body[k] for k in ("model", "precision", "request", "prompt_tokens", "finish_reason", "price",
-                                    "started_ms", "finished_ms")}
-    summary["completion_tokens"] = len(body["output_tokens"]) or body["completion_tokens"]
+    b = part.receipt.body
+    summary = {"model": b.model, "precision": b.precision, "request": b.request, "prompt_tokens": b.prompt_tokens,
+               "completion_tokens": len(b.output_tokens) or b.completion_tokens, "finish_reason": b.finish_reason,
+               "price": b.price.model_dump(), "started_ms": b.started_ms, "finished_ms": b.finished_ms}
     # The canonical request's bytes go too: the summary's `request` CID binds them.
-    return {k: v for k, v in part.items() if k not in ("receipt", "request")} | {
-        "summary": summary, "receipt_url": urls.get(part["receipt_cid"])}
+    return {k: v for k, v in part.json.items() if k not in ("receipt", "request")} | {
+        "summary": summary, "receipt_url": url}
 
 
 def _ewma(old: float | None, new: float, alpha: float) -> float:
@@ -536,8 +534,9 @@ class Gateway:
                                 credits=credits)
         asked = job.req.agora.receipt if job.req.agora else None
         if (asked or self.config.receipts) == "compact":
-            agora = _compact(agora, job.receipt_urls) | {
-                "receipts": [_compact(p, job.receipt_urls) for p in agora["receipts"]]}
+            parts = [_compact(p, job.receipt_urls.get(str(p.receipt.cid))) for p in job.parts]
+            agora = {k: v for k, v in agora.items() if k not in ("receipt", "request")} | (parts[-1] if parts else {}) | {
+                "receipts": parts}
         return agora
 
     def _cost(self, job: _Job) -> float:
