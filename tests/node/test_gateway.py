@@ -90,7 +90,7 @@ def test_only_and_ignore_are_honoured(net):
         assert ask(url, {"ignore": [ids["a"]]}).model_extra["agora"]["provider"] == ids["b"]
     assert ask(url, {"order": [ids["b"], ids["a"]]}).model_extra["agora"]["provider"] == ids["b"]
     assert ask(url, {"max_price": {"completion": CHEAP}}).model_extra["agora"]["provider"] == ids["a"]
-    with pytest.raises(openai.NotFoundError, match="preferences"):
+    with pytest.raises(openai.NotFoundError, match="none is left to route to"):
         ask(url, {"only": ["12D3KooWnobody"], "require_verified": True})
 
 
