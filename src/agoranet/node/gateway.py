@@ -772,7 +772,7 @@ class Gateway:
             job.used_tokens = prompt_tokens + completion_tokens
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             gen = Generation(prompt_tokens=prompt_tokens, finish_reason=finish, completion_tokens=completion_tokens)
-            self._meter(job, prompt_tokens + completion_tokens)  # before the client sees the end, as it is billed
+            self._finish(job)  # counted against its key before the client sees the end, as it is billed
             for out in writer.last(gen, include_usage=include_usage, agora=self._agora(job), cost=self._cost(job)):
                 yield {"data": out}
             yield {"data": DONE}
