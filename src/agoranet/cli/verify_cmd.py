@@ -167,16 +167,16 @@ def calibrate(
             from agoranet.engine.llamacpp_engine import GGUFModel, LlamaCppEngine
 
             if not model_dir.is_file():
-                raise _fail(f"--engine llamacpp calibrates a GGUF file; {model_dir} is not one")
+                raise fail(f"--engine llamacpp calibrates a GGUF file; {model_dir} is not one")
             reference = GGUFModel(model_dir, threads=threads, all_logits=True)
             provider_engine = LlamaCppEngine(model_dir, model_cid=cid, model_name=model_dir.stem, threads=threads)
             precision = [provider_engine.precision]
         elif engine == "transformers":
             reference = load_causal_lm(model_dir, REFERENCE_PRECISION)
             if not precision:
-                raise _fail("pass --precision CLASS (fp32, bf16 or fp16) to calibrate")
+                raise fail("pass --precision CLASS (fp32, bf16 or fp16) to calibrate")
         else:
-            raise _fail(f"--engine {engine!r}: calibrate transformers or llamacpp")
+            raise fail(f"--engine {engine!r}: calibrate transformers or llamacpp")
         path = out or home_dir(home) / "tolerances" / f"{cid}.json"
         classes = {c.precision: c for c in (load_tolerances(path).body.classes if path.exists() else [])}
         for p in precision:
