@@ -134,7 +134,10 @@ class GGUFModel:
         self.llm.reset()
 
     def last_logits(self) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32))
+        """The last evaluated position's logits, read from llama.cpp (a copy: the next eval overwrites them)."""
+        llama_cpp = _llama_cpp()
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.vocab_size,))
+        return torch.from_numpy(np.array(row, dtype=np.float32))
 
     def __call__(self, input_ids: torch.Tensor) -> _Logits:
         """Every position's logits for one sequence, as `model(input_ids=…).logits` (needs all_logits)."""
