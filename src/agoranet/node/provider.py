@@ -53,8 +53,9 @@ class ProviderConfig:
     # gateway that requires keys it is the node's own id, so no one reaches the engine around the gateway.
     callers: frozenset[str] | None = None
     # A non-streamed answer still generating after this long is sent as 200 with a space every
-    # keepalive_s until it is done: well under a gateway's stall timeout (10 s by default).
-    keepalive_s: float = 2.0
+    # keepalive_s until it is done: under a gateway's stall timeout (10 s by default). Such an answer
+    # names its receipt in the body only (the x-agora-receipt header went out before it existed).
+    keepalive_s: float = 5.0
 
     @property
     def url(self) -> str:
