@@ -270,7 +270,7 @@ class LlamaCppEngine:
             gen.text += text
             emit(TokenEvent(text=text, token=token, logprob=gen.logprobs[-1], top=tuple(top[: req.top_logprobs])))
             if stopped or finish:
-                gen.finish_reason = "stop" if stopped else finish
+                gen.finish_reason = finish if finish and not stopped else "stop"
                 gen.completion_tokens = len(gen.tokens)
                 emit(gen)
                 return

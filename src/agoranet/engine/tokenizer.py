@@ -93,8 +93,8 @@ class ByteTokenizer:
 class Tokenizer(Protocol):
     """What engines and verifiers need of a model's tokenizer."""
 
-    vocab_size: int
-
+    @property
+    def vocab_size(self) -> int: ...
     @property
     def eos_tokens(self) -> frozenset[int]: ...
     def decode(self, tokens: list[int]) -> str: ...
