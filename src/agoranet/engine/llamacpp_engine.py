@@ -268,7 +268,7 @@ class LlamaCppEngine:
                 delta += decoder.flush()
             text, pending, stopped = _cut_at_stop(pending + delta, s.stop, final=finish is not None)
             gen.text += text
-            emit(TokenEvent(text=text, token=token, logprob=gen.logprobs[-1], top=tuple(top[: req.top_logprobs])))
+            emit(TokenEvent(text=text, token=token, logprob=gen.logprobs[-1], top=tuple(top)))
             if stopped or finish:
                 gen.finish_reason = finish if finish and not stopped else "stop"
                 gen.completion_tokens = len(gen.tokens)
