@@ -131,3 +131,32 @@ def wait_for(condition, *, timeout: float = 30, what: str = "condition", interva
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
     return value
+
+
+@pytest.fixture(scope="session")
+def real_model(tmp_path_factory) -> Path:
+    """A Hugging Face model directory with a real BPE tokenizer and chat template, built locally once."""
+    from .realmodel import build_model
+
+    return build_model(tmp_path_factory.mktemp("real-model") / "tiny-bpe-llama")
+
+
+@pytest.fixture(scope="session")
+def real_model_tolerances(real_model, tmp_path_factory) -> Path:
+    """fp32 tolerances for `real_model`, calibrated as `agora verify calibrate` does (a small set)."""
+    import asyncio
+    import json
+
+    from agoranet.engine.models import model_cid
+    from agoranet.engine.transformers_engine import load_causal_lm
+    from agoranet.node.calibration import calibrate_precision
+    from agoranet.verify.tolerances import tolerances_record
+
+    cid = model_cid(real_model)
+    reference = load_causal_lm(real_model, "fp32")
+    tol = asyncio.run(calibrate_precision(real_model, cid, "fp32", reference, sequences=8, confirm=8,
+                                          max_tokens=16, threads=1))
+    record = tolerances_record(Identity.generate(), cid, [tol], hardware="test", method="tests: 8+8 sequences")
+    path = tmp_path_factory.mktemp("real-model-tol") / f"{cid}.json"
+    path.write_text(json.dumps(record.to_json()))
+    return path

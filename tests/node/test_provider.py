@@ -86,6 +86,29 @@ def test_same_seed_same_text_other_seeds_differ(provider):
     assert len({ask(s) for s in range(2, 8)}) >= 5
 
 
+def test_sampled_tokens_do_not_depend_on_logprobs_max_tokens_or_streaming(provider):
+    url, _ = provider
+    client = sdk(url)
+    args = dict(model="agora-tiny", messages=MSG, temperature=0.9, top_p=0.95, seed=1234)
+
+    def tokens(**kw) -> list[int]:
+        if kw.pop("stream", False):
+            chunks = list(client.chat.completions.create(**args | kw, stream=True))
+            receipt = next(c.model_extra["agora"]["receipt"] for c in chunks
+                           if "receipt" in ((c.model_extra or {}).get("agora") or {}))
+        else:
+            receipt = client.chat.completions.create(**args | kw).model_extra["agora"]["receipt"]
+        return verify_record(receipt, ReceiptBody).body.output_tokens
+
+    base = tokens(max_tokens=32)
+    assert len(base) > 8
+    assert tokens(max_tokens=32, logprobs=True, top_logprobs=7) == base
+    assert tokens(max_tokens=32, logprobs=True, top_logprobs=1, stream=True) == base
+    assert tokens(max_tokens=48)[: len(base)] == base  # more room only lets it run on
+    assert tokens(max_tokens=8) == base[:8]
+    assert tokens(max_tokens=32, seed=1235) != base
+
+
 def test_completions_endpoint_with_logprobs_echo_and_stop(provider):
     url, _ = provider
     client = sdk(url)

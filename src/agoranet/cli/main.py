@@ -12,7 +12,7 @@ from agoranet.cli.gateway_cmd import gateway, keys_app
 from agoranet.cli.node_cmd import node, provider_options, serve_node
 from agoranet.cli.options import (
     BootstrapOpt, CheatOpt, DiscoveryOpt, GossipIntervalOpt, P2PAnnounceOpt, P2PListenOpt, P2PNatOpt, HomeOpt, KuboRpcOpt, LogJsonOpt, MaxBatchOpt, MaxConcurrencyOpt, MaxTokensOpt,
-    ModelOpt, PeerOpt, PrecisionOpt, PriceInOpt, PriceOutOpt, PublicUrlOpt, StoragePeerOpt, ThreadsOpt,
+    EngineOpt, ModelOpt, PeerOpt, PrecisionOpt, PriceInOpt, PriceOutOpt, PublicUrlOpt, StoragePeerOpt, ThreadsOpt,
     TokenDelayOpt, UpstreamModelOpt, UpstreamOpt, WatchOpt, home_dir,
 )
 from agoranet.core.errors import AgoraError
@@ -63,6 +63,7 @@ def provide(
     host: str = "127.0.0.1",
     port: int = 8400,
     precision: PrecisionOpt = "fp32",
+    engine: EngineOpt = "transformers",
     upstream: UpstreamOpt = None,
     upstream_model: UpstreamModelOpt = None,
     public_url: PublicUrlOpt = None,
@@ -90,7 +91,8 @@ def provide(
 
     p2p = p2p_config(discovery=discovery, host=host, peer=peer, bootstrap=bootstrap, listen=p2p_listen,
                      announce=p2p_announce, nat=p2p_nat)
-    opts = provider_options(model=model, precision=precision, upstream=upstream, upstream_model=upstream_model,
+    opts = provider_options(model=model, precision=precision, engine=engine, upstream=upstream,
+                            upstream_model=upstream_model,
                             storage_peer=storage_peer, kubo_rpc=kubo_rpc, threads=threads, max_batch=max_batch,
                             token_delay_ms=token_delay_ms, cheat=cheat, price_in=price_in, price_out=price_out,
                             max_concurrency=max_concurrency, max_tokens=max_tokens)

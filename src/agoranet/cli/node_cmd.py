@@ -19,7 +19,7 @@ from agoranet.cli.console import console, fail
 from agoranet.cli.options import (
     AuditFractionOpt, BootstrapOpt, ChargeCreditsOpt, CheatOpt, ConnectTimeoutOpt, DiscoveryOpt, GossipIntervalOpt,
     P2PAnnounceOpt, P2PListenOpt, P2PNatOpt, HomeOpt, KuboRpcOpt, LogJsonOpt,
-    MaxBatchOpt, MaxConcurrencyOpt, MaxTokensOpt, ModelOpt, PeerOpt, PollIntervalOpt, PrecisionOpt, PriceInOpt,
+    MaxBatchOpt, MaxConcurrencyOpt, MaxTokensOpt, ModelOpt, PeerOpt, PollIntervalOpt, PrecisionOpt, EngineOpt, PriceInOpt,
     PriceOutOpt, PublicUrlOpt, RecheckOpt, RequireKeysOpt, SourceOpt, StallTimeoutOpt, ThreadsOpt, TokenDelayOpt,
     ReceiptMode, ReceiptsOpt, TolerancesOpt, UpstreamModelOpt, UpstreamOpt, VerifierFeeOpt, VerifierOpt, WatchOpt, home_dir,
     resolve_kubo_rpc,
@@ -50,12 +50,14 @@ def open_node(home: Path, host: str, port: int) -> tuple[Identity, socket.socket
 
 
 def provider_options(*, model: str, precision: str, upstream: str | None, upstream_model: str | None,
+                     engine: str = "transformers",
                      storage_peer: list[str] | None, kubo_rpc: str | None, threads: int | None, max_batch: int,
                      token_delay_ms: int, cheat: str | None, price_in: int, price_out: int, max_concurrency: int,
                      max_tokens: int) -> ProviderOptions:
     from agoranet.node.node import ProviderOptions
 
-    return ProviderOptions(model=model, precision=precision, upstream=upstream, upstream_model=upstream_model,
+    return ProviderOptions(model=model, precision=precision, engine=engine, upstream=upstream,
+                           upstream_model=upstream_model,
                            threads=threads, storage_peers=list(storage_peer or []), max_batch=max_batch,
                            kubo_rpc=resolve_kubo_rpc(kubo_rpc), token_delay_ms=token_delay_ms, cheat=cheat,
                            pricing={"input_per_mtok": price_in, "output_per_mtok": price_out,
@@ -202,7 +204,7 @@ def _found_by(node: Node) -> str:
 
 # Which roles use each option that not every node takes: giving one for a role not run is a mistake.
 ROLE_OPTIONS = {
-    **dict.fromkeys(("model", "precision", "upstream", "upstream_model", "price_in", "price_out", "max_concurrency",
+    **dict.fromkeys(("model", "precision", "engine", "upstream", "upstream_model", "price_in", "price_out", "max_concurrency",
                      "max_tokens", "max_batch", "token_delay_ms", "cheat"), ("provider",)),
     **dict.fromkeys(("storage_peer", "kubo_rpc"), ("provider", "storage")),
     "threads": ("provider", "verifier"),
@@ -234,6 +236,7 @@ def node(
     # provider
     model: ModelOpt = "agora-tiny",
     precision: PrecisionOpt = "fp32",
+    engine: EngineOpt = "transformers",
     upstream: UpstreamOpt = None,
     upstream_model: UpstreamModelOpt = None,
     price_in: PriceInOpt = 100_000,
@@ -288,7 +291,7 @@ def node(
                                                listen=p2p_listen, announce=p2p_announce, nat=p2p_nat)}
     if "provider" in names:
         build["provider"] = provider_options(
-            model=model, precision=precision, upstream=upstream, upstream_model=upstream_model,
+            model=model, precision=precision, engine=engine, upstream=upstream, upstream_model=upstream_model,
             storage_peer=storage_peer, kubo_rpc=kubo_rpc, threads=threads, max_batch=max_batch,
             token_delay_ms=token_delay_ms,
             cheat=cheat, price_in=price_in, price_out=price_out, max_concurrency=max_concurrency,

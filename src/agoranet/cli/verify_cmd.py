@@ -132,8 +132,11 @@ def serve(
 
 @verify_app.command()
 def calibrate(
-    precision: Annotated[list[str], typer.Option(help="precision class(es) to calibrate: fp32, bf16, fp16")],
-    model: Annotated[str, typer.Option(help="bundled model name or local model directory")] = "agora-tiny",
+    precision: Annotated[Optional[list[str]], typer.Option(
+        help="precision class(es) to calibrate: fp32, bf16, fp16 (a GGUF's class is its quantization)")] = None,
+    model: Annotated[str, typer.Option(help="bundled model name, local model directory, or .gguf file")] = "agora-tiny",
+    engine: Annotated[str, typer.Option(help="the providers' engine: transformers, or llamacpp (replayed with the "
+                                             "same GGUF)")] = "transformers",
     sequences: Annotated[int, typer.Option(help="honest calibration sequences per class")] = 400,
     confirm: Annotated[int, typer.Option(help="independent honest sequences that must all pass")] = 400,
     headroom: Annotated[float, typer.Option(help="tolerance = headroom x worst honest deviation")] = 1.5,
@@ -159,13 +162,28 @@ def calibrate(
         model_dir, _ = resolve_model(model)
         cid = model_cid(model_dir)
         torch.set_num_threads(threads)
-        reference = load_causal_lm(model_dir, REFERENCE_PRECISION)
+        provider_engine = None
+        if engine == "llamacpp":
+            from agoranet.engine.llamacpp_engine import GGUFModel, LlamaCppEngine
+
+            if not model_dir.is_file():
+                raise fail(f"--engine llamacpp calibrates a GGUF file; {model_dir} is not one")
+            reference = GGUFModel(model_dir, threads=threads, all_logits=True)
+            provider_engine = LlamaCppEngine(model_dir, model_cid=cid, model_name=model_dir.stem, threads=threads)
+            precision = [provider_engine.precision]
+        elif engine == "transformers":
+            reference = load_causal_lm(model_dir, REFERENCE_PRECISION)
+            if not precision:
+                raise fail("pass --precision CLASS (fp32, bf16 or fp16) to calibrate")
+        else:
+            raise fail(f"--engine {engine!r}: calibrate transformers or llamacpp")
         path = out or home_dir(home) / "tolerances" / f"{cid}.json"
         classes = {c.precision: c for c in (load_tolerances(path).body.classes if path.exists() else [])}
         for p in precision:
             console.print(f"calibrating [bold]{p}[/] on {sequences} honest sequences, confirming on {confirm} …")
             c = asyncio.run(calibrate_precision(model_dir, cid, p, reference, sequences=sequences, confirm=confirm,
-                                                headroom=headroom, max_tokens=max_tokens, seed=seed, threads=threads))
+                                                headroom=headroom, max_tokens=max_tokens, seed=seed, threads=threads,
+                                                engine=provider_engine))
             classes[p] = c
             console.print(f"  {p}: τ_tok {c.tok:.4g}  τ_lp {c.lp:.4g}  τ_top {c.top:.4g}   (worst honest: "
                           f"{c.measured_tok:.3g} / {c.measured_lp:.3g} / {c.measured_top:.3g}; confirmation set "

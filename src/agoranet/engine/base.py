@@ -29,6 +29,7 @@ class GenerationRequest:
     prompt: str = ""
     top_logprobs: int = 0
     prefix_tokens: tuple[int, ...] = ()  # already generated (failover continuation)
+    prompt_ids: tuple[int, ...] = ()  # the rendered prompt, when the provider has rendered it (receipts bind it)
 
     def canonical(self, model_cid: str) -> CanonicalRequest:
         """What a receipt for this generation binds (see wire.canonical)."""
@@ -40,6 +41,7 @@ class GenerationRequest:
             top_logprobs=self.top_logprobs, prefix_tokens=list(self.prefix_tokens),
             messages=[CanonicalMessage(role=r, content=c) for r, c in self.messages] if self.kind == "chat" else None,
             prompt=self.prompt if self.kind == "completion" else None,
+            prompt_tokens=list(self.prompt_ids) or None,
         )
 
     @classmethod
@@ -96,3 +98,7 @@ class Engine(Protocol):
         ...
 
     def token_text(self, token: int) -> str: ...
+
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        """The prompt as the model's token ids (chat template applied); [] for engines that only see text."""
+        ...

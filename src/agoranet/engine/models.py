@@ -14,13 +14,15 @@ def resolve_model(spec: str) -> tuple[Path, str]:
     if spec in BUNDLED:
         return BUNDLED[spec], spec
     path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":  # llama.cpp's single-file models
+        return path.resolve(), path.stem
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(f"{path} is a directory but holds no config.json", hint="point --model at a model directory")
         return path.resolve(), path.name
     raise ModelError(
         f"no model {spec!r}: not a bundled model ({', '.join(BUNDLED)}) and not a directory",
-        hint="pass --model agora-tiny or the path of a local transformers model directory",
+        hint="pass --model agora-tiny, the path of a local transformers model directory, or a .gguf file",
     )
 
 

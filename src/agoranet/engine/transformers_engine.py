@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from agoranet.core.errors import EngineError, ModelError, RequestError
 from agoranet.engine.base import Generation, GenerationRequest, TokenEvent
-from agoranet.engine.tokenizer import ByteTokenizer, StreamDecoder
+from agoranet.engine.tokenizer import TextDecoder, Tokenizer, load_tokenizer
 from agoranet.verify.rule import choose_tokens
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def load_causal_lm(model_dir: Path, precision: str) -> torch.nn.Module:
     return model.eval()
 
 
-def render_prompt(tokenizer: ByteTokenizer, request: GenerationRequest) -> list[int]:
+def render_prompt(tokenizer: Tokenizer, request: GenerationRequest) -> list[int]:
     """The prompt token ids of a request: what this engine generates from and what a verifier replays."""
     if request.kind == "chat":
         return tokenizer.chat_prompt(list(request.messages))
@@ -68,7 +68,7 @@ class _Sequence:
     top: list[list[tuple[int, float]]] = field(default_factory=list)
     text: str = ""
     pending_text: str = ""  # held back while it could be the start of a stop string
-    decoder: StreamDecoder | None = None
+    decoder: TextDecoder | None = None
     finished: str | None = None
     length: int = 0  # real tokens in the cache (prompt + prefix + generated so far)
 
@@ -85,7 +85,8 @@ class TransformersEngine:
         self.model_name = model_name
         self.precision = precision
         self.max_batch = max_batch
-        self.tokenizer = ByteTokenizer.from_dir(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
+        self._eos = self.tokenizer.eos_tokens
         if threads:
             torch.set_num_threads(threads)
         self.model = load_causal_lm(model_dir, precision)
@@ -125,6 +126,8 @@ class TransformersEngine:
     # -- requests -------------------------------------------------------------------------------------
 
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_ids:
+            return list(request.prompt_ids)
         return render_prompt(self.tokenizer, request)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Generation]:
@@ -142,7 +145,7 @@ class TransformersEngine:
             )
         queue: asyncio.Queue[TokenEvent | Generation | BaseException] = asyncio.Queue()
         seq = _Sequence(request=request, prompt=prompt, loop=asyncio.get_running_loop(), queue=queue,
-                        decoder=StreamDecoder(self.tokenizer))
+                        decoder=self.tokenizer.stream_decoder())
         self._replay_prefix(seq)
         with self._wake:
             if self._stopping:
@@ -164,7 +167,7 @@ class TransformersEngine:
         """Bring the text state (partial UTF-8, text held back for stop strings) to where the engine
         that generated the prefix left it, so a continuation streams exactly the text it would have."""
         for token in seq.request.prefix_tokens:
-            if token != self.tokenizer.eos:
+            if token not in self._eos:
                 self._release_text(seq, seq.decoder.feed(token))
         seq.text, seq.finished = "", None  # the prefix's text was already sent by someone else
 
@@ -299,8 +302,8 @@ class TransformersEngine:
             seq.logprobs.append(chosen_lp[row])
             seq.top.append(top)
             seq.length += 1
-            delta = "" if token == self.tokenizer.eos else seq.decoder.feed(token)
-            if token == self.tokenizer.eos:
+            delta = "" if token in self._eos else seq.decoder.feed(token)
+            if token in self._eos:
                 seq.finished = "stop"
             elif len(seq.tokens) >= req.sampling.max_tokens:
                 seq.finished = "length"

@@ -91,6 +91,9 @@ class UpstreamEngine:
     def token_text(self, token: int) -> str:
         return ""
 
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        return []  # the upstream renders and tokenizes; it does not say how
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Generation]:
         if request.prefix_tokens:
             raise RequestError("continuing from token ids is not possible through an upstream engine",

@@ -16,8 +16,8 @@ import torch
 
 from agoranet.core.errors import AgoraError
 from agoranet.core.records import PriceCharged, ReceiptBody
-from agoranet.engine.base import Generation, GenerationRequest, Sampling
-from agoranet.engine.tokenizer import ByteTokenizer
+from agoranet.engine.base import Engine, Generation, GenerationRequest, Sampling
+from agoranet.engine.tokenizer import Tokenizer
 from agoranet.engine.transformers_engine import TransformersEngine
 from agoranet.node.provider import derived_request_id, receipt_body as provider_receipt_body
 from agoranet.verify.records import ClassTolerance
@@ -101,6 +101,7 @@ def receipt_body(engine: TransformersEngine, req: GenerationRequest, gen: Genera
 
 async def honest_runs(engine: TransformersEngine, requests: list[GenerationRequest],
                       concurrency: int) -> list[HonestRun]:
+    requests = [replace(r, prompt_ids=tuple(engine.prompt_tokens(r))) for r in requests]  # as a provider binds them
     gens = await generate_all(engine, requests, concurrency)
     runs = []
     for req, gen in zip(requests, gens):
@@ -109,10 +110,10 @@ async def honest_runs(engine: TransformersEngine, requests: list[GenerationReque
     return runs
 
 
-def replay_all(reference: torch.nn.Module, tokenizer: ByteTokenizer, runs: list[HonestRun], tol: ToleranceLike,
+def replay_all(reference: torch.nn.Module, tokenizer: Tokenizer, runs: list[HonestRun], tol: ToleranceLike,
                model_cid: str) -> list[ReplayResult]:
     return [check_receipt(reference, r.prompt, r.body, tol, model_cid=model_cid, request_bytes=r.request_bytes,
-                          decode=tokenizer.decode, eos_token=tokenizer.eos) for r in runs]
+                          decode=tokenizer.decode, eos_token=tokenizer.eos_tokens) for r in runs]
 
 
 def worst(results: list[ReplayResult]) -> tuple[float, float, float]:
@@ -126,10 +127,14 @@ def worst(results: list[ReplayResult]) -> tuple[float, float, float]:
 async def calibrate_precision(
     model_dir: Path, model_cid: str, precision: str, reference: torch.nn.Module, *, sequences: int = 400,
     confirm: int = 400, headroom: float = HEADROOM, floor: float = MIN_TOLERANCE, max_tokens: int = 64,
-    seed: int = 1, threads: int | None = None,
+    seed: int = 1, threads: int | None = None, engine: Engine | None = None,
 ) -> ClassTolerance:
-    """Measure one precision class against the fp32 reference, set τ, and confirm on an independent set."""
-    engine = TransformersEngine(model_dir, model_cid=model_cid, precision=precision, max_batch=16, threads=threads)
+    """Measure one precision class against the reference, set τ, and confirm on an independent set.
+
+    `engine` (default: the built-in engine at `precision`) is the provider's engine; `reference` is what
+    verifiers replay with (the fp32 model, or for a GGUF the same file through llama.cpp)."""
+    engine = engine or TransformersEngine(model_dir, model_cid=model_cid, precision=precision, max_batch=16,
+                                          threads=threads)
     tokenizer = engine.tokenizer
     await engine.start()
     try:

@@ -73,19 +73,19 @@ class CheatingEngine:
         if self.kind == "prompt":
             if request.kind == "chat":
                 msgs = tuple((role, text[len(text) // 2:]) for role, text in request.messages)
-                return replace(request, messages=msgs)
-            return replace(request, prompt=request.prompt[len(request.prompt) // 2:])
+                return replace(request, messages=msgs, prompt_ids=())
+            return replace(request, prompt=request.prompt[len(request.prompt) // 2:], prompt_ids=())
         return request
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Generation]:
         honest_prompt_tokens = len(self._inner.prompt_tokens(request))
+        tok = self._inner.tokenizer
         async for item in self._inner.generate(self._cheated_request(request)):
             if isinstance(item, Generation):
                 item.prompt_tokens = honest_prompt_tokens  # claim the work that was asked for
                 if self.kind == "token" and len(item.tokens) > TAMPERED_INDEX:
-                    item.tokens[TAMPERED_INDEX] = (item.tokens[TAMPERED_INDEX] + 1) % 256
-                    item.text = self._inner.tokenizer.decode(
-                        [t for t in item.tokens if t != self._inner.tokenizer.eos])
+                    item.tokens[TAMPERED_INDEX] = (item.tokens[TAMPERED_INDEX] + 1) % min(256, tok.vocab_size)
+                    item.text = tok.decode([t for t in item.tokens if t not in tok.eos_tokens])
                 elif self.kind == "logprobs":
                     item.logprobs = [min(0.0, lp + 1.0) for lp in item.logprobs]
             yield item

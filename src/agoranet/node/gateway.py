@@ -56,6 +56,9 @@ Kind = Literal["chat", "completion"]
 PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
 
+NOT_SAMPLING = frozenset({"max_tokens", "logprobs", "top_logprobs", "stream", "user"})  # cannot change a token
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     require_keys: bool = False
@@ -385,10 +388,12 @@ class Gateway:
         body.pop("max_completion_tokens", None)
         body.pop("stream", None)
         body |= {"seed": req.seed if req.seed is not None else secrets.randbits(63), "max_tokens": max_tokens}
-        # A pure function of what is asked (seed included), so the same request gives the same answer
-        # through this gateway, streamed or not, on any provider; every part of a failover shares it.
+        # A pure function of what decides the sampled tokens (seed included; not max_tokens, which only
+        # truncates, nor logprobs), so the same request gives the same answer through this gateway,
+        # streamed or not, on any provider; every part of a failover shares it.
+        sampled = {k: v for k, v in body.items() if k not in NOT_SAMPLING}
         request_id = (req.agora.request_id if req.agora and req.agora.request_id else
-                      "gw-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32])
+                      "gw-" + hashlib.sha256(json.dumps(sampled, sort_keys=True).encode()).hexdigest()[:32])
         body |= {"stream": req.stream, "agora": {"request_id": request_id, "prefix_tokens": [], "stream_tokens": True}}
         if req.stream:
             body["stream_options"] = {"include_usage": True}

@@ -14,16 +14,18 @@ from pathlib import Path
 
 import torch
 
-from agoranet.core.errors import AgoraError, RecordError
+from agoranet.core.errors import AgoraError, RecordError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.records import ReceiptBody, Record, sign_record, verify_record
 from agoranet.engine.base import GenerationRequest
 from agoranet.engine.models import model_cid, resolve_model
-from agoranet.engine.tokenizer import ByteTokenizer
+from agoranet.engine.tokenizer import Tokenizer, load_tokenizer
 from agoranet.engine.transformers_engine import load_causal_lm, render_prompt
 from agoranet.engine.upstream import UPSTREAM_PRECISION
-from agoranet.verify.records import ClassTolerance, FraudProofBody, TolerancesBody, VerdictBody
-from agoranet.verify.replay import ReplayJob, ReplayResult, check_receipts, check_request_binding, request_mismatch
+from agoranet.verify.records import ClassTolerance, FailureEvidence, FraudProofBody, TolerancesBody, VerdictBody
+from agoranet.verify.replay import (
+    ReplayJob, ReplayResult, check_receipts, check_request_binding, prompt_binding, request_mismatch,
+)
 from agoranet.verify.tolerances import (
     REFERENCE_PRECISION, NoTolerances, default_tolerances, load_tolerances, tolerance_for,
 )
@@ -75,8 +77,9 @@ class ReplayVerifier:
         for path in tolerance_files:
             table = load_tolerances(path).body
             self._tables[table.model] = table
-        self._loaded: dict[str, tuple[torch.nn.Module, ByteTokenizer]] = {}
+        self._loaded: dict[str, tuple[torch.nn.Module, Tokenizer]] = {}
         self._lock = threading.Lock()  # one replay at a time: the model is not re-entrant under torch threads
+        self._threads = threads
         if threads:
             torch.set_num_threads(threads)
 
@@ -84,6 +87,9 @@ class ReplayVerifier:
         """The model's context in tokens, from its config (no load): no honest receipt is longer."""
         if cid not in self._dirs:
             raise UnverifiableReceipt(f"this verifier does not hold model {cid}")
+        if self._dirs[cid].is_file():  # a GGUF: llama.cpp reads its context from the file
+            with self._lock:
+                return int(self._model(cid)[0].context_length)
         try:
             config = json.loads((self._dirs[cid] / "config.json").read_text())
             return int(config.get("max_position_embeddings", 2048))
@@ -100,12 +106,18 @@ class ReplayVerifier:
             raise ReceiptTooLong(f"receipt {receipt.cid} covers {length} tokens; model {body.model} has a context "
                                  f"of {context}")
 
-    def _model(self, cid: str) -> tuple[torch.nn.Module, ByteTokenizer]:
+    def _model(self, cid: str) -> tuple[torch.nn.Module, Tokenizer]:
         if cid not in self._loaded:
             if cid not in self._dirs:
                 raise UnverifiableReceipt(f"this verifier does not hold model {cid}")
-            self._loaded[cid] = (load_causal_lm(self._dirs[cid], REFERENCE_PRECISION),
-                                 ByteTokenizer.from_dir(self._dirs[cid]))
+            path = self._dirs[cid]
+            if path.is_file():  # a GGUF: replayed by llama.cpp with the very file (and quantization) served
+                from agoranet.engine.llamacpp_engine import GGUFModel
+
+                gguf = GGUFModel(path, threads=self._threads, all_logits=True)
+                self._loaded[cid] = (gguf, gguf)  # type: ignore[assignment]
+            else:
+                self._loaded[cid] = (load_causal_lm(path, REFERENCE_PRECISION), load_tokenizer(path))
         return self._loaded[cid]
 
     def tolerances(self, cid: str, precision: str) -> ClassTolerance:
@@ -157,6 +169,10 @@ class ReplayVerifier:
                     # the receipt understated its prompt: the replay is bounded by the context all the same
                     raise ReceiptTooLong(
                         f"receipt {receipt.cid}'s request and output exceed model {body.model}'s context")
+                if why := prompt_binding(request, prompt):  # the provider signed for a prompt it did not render
+                    out[i] = (ReplayResult(ok=False, checked_positions=0,
+                                           failure=FailureEvidence(kind="prompt", position=-1, detail=why)), tol)
+                    continue
                 # Signature and binding are checked above, so the bare body is replayed.
                 by_model.setdefault(body.model, []).append((i, ReplayJob(prompt, body, tol)))
             except AgoraError as exc:
@@ -165,7 +181,7 @@ class ReplayVerifier:
             with self._lock:
                 model, tok = self._model(cid)
                 results = check_receipts(model, [job for _, job in jobs], model_cid=cid, decode=tok.decode,
-                                         eos_token=tok.eos)
+                                         eos_token=tok.eos_tokens)
             for (i, job), result in zip(jobs, results):
                 out[i] = (result, job.tolerances)  # type: ignore[assignment]
         return out  # type: ignore[return-value]
@@ -221,9 +237,12 @@ class ReplayVerifier:
         return Recheck(holds=not result.ok, provider=p.provider, issuer=proof.signer, detail=detail, result=result)
 
 
-def prompt_ids(tokenizer: ByteTokenizer, request: CanonicalRequest) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, request: CanonicalRequest) -> list[int]:
     """The prompt token ids the provider's engine rendered for a canonical request."""
     if (request.messages if request.kind == "chat" else request.prompt) is None:
         raise UnverifiableReceipt(f"the canonical request is malformed: a {request.kind} request without "
                                   f"{'messages' if request.kind == 'chat' else 'a prompt'}")
-    return render_prompt(tokenizer, GenerationRequest.from_canonical(request))
+    try:
+        return render_prompt(tokenizer, GenerationRequest.from_canonical(request))
+    except RequestError as exc:  # e.g. a chat request for a model without a chat template
+        raise UnverifiableReceipt(f"cannot render the request's prompt: {exc}") from exc

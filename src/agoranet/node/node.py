@@ -60,6 +60,7 @@ def parse_roles(text: str) -> tuple[str, ...]:
 class ProviderOptions:
     model: str = "agora-tiny"
     precision: str = "fp32"
+    engine: str = "transformers"  # or "llamacpp" (a GGUF file), "upstream" (implied by `upstream`)
     upstream: str | None = None
     upstream_model: str | None = None
     upstream_api_key: str | None = None
@@ -111,8 +112,31 @@ def make_engine(opts: ProviderOptions, home: Path) -> Engine:
     return engine
 
 
+ENGINES = ("transformers", "llamacpp", "upstream")
+
+
+class UnknownEngine(AgoraError):
+    hint = f"--engine takes one of {', '.join(ENGINES)}"
+
+
 def _make_engine(opts: ProviderOptions, home: Path) -> Engine:
-    if opts.upstream:
+    if opts.engine not in ENGINES:
+        raise UnknownEngine(f"unknown engine {opts.engine!r}")
+    if opts.engine == "llamacpp":
+        from agoranet.engine.llamacpp_engine import LlamaCppEngine
+        from agoranet.engine.models import model_cid
+        from agoranet.node.models import materialize_model
+
+        if opts.upstream:
+            raise UnknownEngine("--engine llamacpp runs the GGUF in process; it takes --model FILE.gguf, not --upstream")
+        path, name = materialize_model(opts.model, home, opts.storage_peers, opts.kubo_rpc, opts.fetch_progress)
+        if not path.is_file():
+            raise UnknownEngine(f"--engine llamacpp needs a GGUF file; {path} is a directory",
+                                hint="pass --model FILE.gguf (or --engine transformers for a model directory)")
+        return LlamaCppEngine(path, model_cid=model_cid(path), model_name=name, threads=opts.threads)
+    if opts.upstream or opts.engine == "upstream":
+        if not opts.upstream:
+            raise UnknownEngine("--engine upstream needs --upstream URL of an OpenAI-compatible server")
         from agoranet.engine.upstream import UpstreamEngine
 
         return UpstreamEngine(opts.upstream, model=opts.upstream_model or opts.model, api_key=opts.upstream_api_key)
@@ -121,6 +145,9 @@ def _make_engine(opts: ProviderOptions, home: Path) -> Engine:
     from agoranet.node.models import materialize_model
 
     model_dir, name = materialize_model(opts.model, home, opts.storage_peers, opts.kubo_rpc, opts.fetch_progress)
+    if model_dir.is_file():
+        raise UnknownEngine(f"{model_dir} is a GGUF file, which the built-in engine does not run",
+                            hint="pass --engine llamacpp to serve it with llama.cpp")
     engine = TransformersEngine(model_dir, model_cid=model_cid(model_dir), model_name=name,
                                 precision=opts.precision, max_batch=opts.max_batch, threads=opts.threads)
     if opts.cheat:

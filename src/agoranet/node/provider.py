@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import platform
 import secrets
@@ -13,11 +14,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from sse_starlette.sse import EventSourceResponse
 
 from agoranet.core.errors import AgoraError, RecordError, RequestError
 from agoranet.core.identity import Identity
+from agoranet.core.tasks import cancel_and_wait
 from agoranet.core.records import (
     OfferBody, OfferedModel, PriceCharged, ReceiptBody, Record, SamplingParams, TopLogprob,
     decode_canonical, sign_record, token_charge,
@@ -31,7 +33,7 @@ from agoranet.node.records_api import records_router
 from agoranet.node.state import NodeState
 from agoranet.wire.openai import (
     ChatCompletionRequest, ChunkWriter, CompletionRequest, ReceiptPart, chat_logprob_content, chat_response,
-    completion_logprobs, completion_response, error_chunk,
+    completion_logprobs, completion_response, error_body, error_chunk,
 )
 from agoranet.wire.sse import DONE
 
@@ -51,6 +53,10 @@ class ProviderConfig:
     # Peer ids whose signed requests (`x-agora-signed`) alone get inference; None serves anyone. Beside a
     # gateway that requires keys it is the node's own id, so no one reaches the engine around the gateway.
     callers: frozenset[str] | None = None
+    # A non-streamed answer still generating after this long is sent as 200 with a space every
+    # keepalive_s until it is done: under a gateway's stall timeout (10 s by default). Such an answer
+    # names its receipt in the body only (the x-agora-receipt header went out before it existed).
+    keepalive_s: float = 5.0
 
     @property
     def url(self) -> str:
@@ -138,6 +144,7 @@ class Provider:
             raise RequestError(f"this provider is busy ({self.active} requests in flight); retry shortly",
                                status=429, code="rate_limited", type="rate_limit_error")
         gen_req = generation_request(kind, req, self.config.default_max_tokens, self.engine.model_cid)
+        gen_req = replace(gen_req, prompt_ids=tuple(self.engine.prompt_tokens(gen_req)))  # receipts bind them
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         request_bytes = gen_req.canonical(self.engine.model_cid).encode()
         request_cid = str(self.state.put(request_bytes, "request"))
@@ -153,6 +160,31 @@ class Provider:
         if req.stream:
             live = _LiveStream(gen_req, request_cid, request_bytes, started)
             return EventSourceResponse(self._stream(kind, req, response_id, live, first, events), sep="\n", ping=15)
+        answer = asyncio.ensure_future(self._answer(kind, req, gen_req, response_id, request_cid, request_bytes, started, first,
+                                                  events))
+        await asyncio.wait({answer}, timeout=self.config.keepalive_s)
+        if answer.done():
+            body = answer.result()
+            return JSONResponse(body, headers={"x-agora-receipt": body["agora"]["receipt_cid"]})
+        # A long generation: commit to 200 now and send a space (JSON's own whitespace) while it runs, so
+        # a gateway or client that times out on silence keeps waiting as long as the model keeps working.
+        return StreamingResponse(self._keepalive(answer), media_type="application/json")
+
+    async def _keepalive(self, answer: asyncio.Future[dict[str, Any]]) -> AsyncIterator[bytes]:
+        try:
+            while not (await asyncio.wait({answer}, timeout=self.config.keepalive_s))[0]:
+                yield b" "
+            try:
+                yield JSONResponse(answer.result()).body
+            except AgoraError as exc:  # too late for a status code: the OpenAI error body says it failed
+                yield JSONResponse(error_body(str(exc), type="server_error", code=type(exc).__name__)).body
+        finally:
+            await cancel_and_wait(answer)  # the client left: stop the generation too
+
+    async def _answer(self, kind, req, gen_req: GenerationRequest, response_id: str, request_cid: str,
+                      request_bytes: bytes, started: int, first: TokenEvent | Generation,
+                      events: AsyncIterator[TokenEvent | Generation]) -> dict[str, Any]:
+        """The whole non-streamed response body: the rest of the generation, its receipt, the OpenAI fields."""
         try:
             gen = first if isinstance(first, Generation) else None
             async for item in events:
@@ -160,6 +192,7 @@ class Provider:
                     gen = item
         finally:
             self.active -= 1
+            await events.aclose()
         assert gen is not None
         agora = await self._receipt(gen_req, request_cid, request_bytes, gen, started) | self._notices(req)
         model = self.engine.model_name
@@ -174,7 +207,7 @@ class Provider:
             text = (req.prompt_text() + gen.text) if req.echo else gen.text
             body = completion_response(id=response_id, model=model, created=created, gen=gen, text=text,
                                        logprobs=lp, agora=agora)
-        return JSONResponse(body, headers={"x-agora-receipt": agora["receipt_cid"]})
+        return body
 
     async def _stream(self, kind, req, response_id: str, live: _LiveStream, first: TokenEvent | Generation,
                       events: AsyncIterator[TokenEvent | Generation]):
@@ -382,8 +415,8 @@ def generation_request(kind: Literal["chat", "completion"], req: ChatCompletionR
             prompt=req.prompt_text(), prefix_tokens=prefix,
         )
     # The sampling noise is keyed by the request id: a gateway continuing a generation passes the
-    # original one; otherwise it is derived from the request itself, so the same request with the
-    # same seed gives the same answer whichever way it is asked (stream or not, any provider).
+    # original one; otherwise it is derived from what decides sampling, so the same request with the
+    # same seed gives the same answer however it is asked (stream or not, logprobs or not, any provider).
     return replace(gen_req, request_id=(ext.request_id if ext and ext.request_id else derived_request_id(
         gen_req, model_cid)))
 
@@ -405,8 +438,11 @@ def request_mismatch(request_bytes: bytes, expected: GenerationRequest, model_ci
 
 
 def derived_request_id(req: GenerationRequest, model_cid: str) -> str:
-    """A request id that is a pure function of the request (its content, sampling and seed)."""
-    return "req-" + hashlib.sha256(replace(req, request_id="").canonical(model_cid).encode()).hexdigest()[:32]
+    """A request id that is a pure function of what decides the sampled tokens: model, prompt, temperature,
+    top_p, seed and stop — not max_tokens (it only truncates), logprobs or streaming."""
+    key = replace(req, request_id="", sampling=replace(req.sampling, max_tokens=0), top_logprobs=0, prefix_tokens=(),
+                  prompt_ids=())
+    return "req-" + hashlib.sha256(key.canonical(model_cid).encode()).hexdigest()[:32]
 
 
 def hardware_summary() -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -113,12 +113,13 @@ class ReplayJob:
 def check_receipt(
     model: torch.nn.Module, prompt_ids: Sequence[int], receipt: ReceiptBody | Record, tolerances: ToleranceLike, *,
     model_cid: str | None = None, request_bytes: bytes | None = None,
-    decode: Callable[[list[int]], str] | None = None, eos_token: int | None = None,
+    decode: Callable[[list[int]], str] | None = None, eos_token: int | Collection[int] | None = None,
 ) -> ReplayResult:
     """Replay a receipt against `model` (loaded at the reference precision) and judge it.
 
     `receipt` may be a signed Record (its signature is then checked) or a bare body. The model
-    CID, canonical request bytes, `decode` (token ids -> text) and `eos_token` are checked when given.
+    CID, canonical request bytes (and the prompt ids they bind), `decode` (token ids -> text) and the
+    end-of-sequence id(s) `eos_token` are checked when given.
     """
     job = ReplayJob(prompt_ids, receipt, tolerances, request_bytes)
     return check_receipts(model, [job], model_cid=model_cid, decode=decode, eos_token=eos_token)[0]
@@ -126,16 +127,17 @@ def check_receipt(
 
 def check_receipts(
     model: torch.nn.Module, jobs: Sequence[ReplayJob], *, model_cid: str | None = None,
-    decode: Callable[[list[int]], str] | None = None, eos_token: int | None = None,
+    decode: Callable[[list[int]], str] | None = None, eos_token: int | Collection[int] | None = None,
     token_budget: int = REPLAY_TOKEN_BUDGET,
 ) -> list[ReplayResult]:
     """Judge several receipts of one model as `check_receipt` judges each, replaying them together:
     right-padded rows in as few forward passes as `token_budget` allows, and a prompt shared by several
     receipts (with whatever their outputs share after it) computed once and reused through its KV cache."""
+    eos = frozenset([eos_token] if isinstance(eos_token, int) else eos_token or ())
     results: list[ReplayResult | None] = [None] * len(jobs)
     todo: list[tuple[int, ReceiptBody, list[int]]] = []
     for i, job in enumerate(jobs):
-        admitted = _admit(model, job, model_cid, eos_token)
+        admitted = _admit(model, job, model_cid, eos)
         if isinstance(admitted, ReplayResult):
             results[i] = admitted
         elif not admitted.output_tokens:
@@ -147,7 +149,7 @@ def check_receipts(
         results[i] = _judge(logits, body, jobs[i].tolerances)
     for i, result in enumerate(results):
         body = _body(jobs[i].receipt)
-        if result.ok and decode is not None and (why := _text(body, decode, eos_token)) is not None:
+        if result.ok and decode is not None and (why := _text(body, decode, eos)) is not None:
             result.ok, result.failure = False, FailureEvidence(kind="text", position=-1, detail=why)
     return results  # type: ignore[return-value]
 
@@ -156,7 +158,9 @@ def _body(receipt: ReceiptBody | Record) -> ReceiptBody:
     return receipt.body if isinstance(receipt, Record) else receipt
 
 
-def _admit(model: torch.nn.Module, job: ReplayJob, model_cid: str | None, eos: int | None) -> ReceiptBody | ReplayResult:
+def _admit(
+    model: torch.nn.Module, job: ReplayJob, model_cid: str | None, eos: frozenset[int]
+) -> ReceiptBody | ReplayResult:
     """The receipt's body when it may be replayed, else the failure that stops it before any forward pass."""
     if isinstance(job.receipt, Record):
         try:
@@ -168,6 +172,10 @@ def _admit(model: torch.nn.Module, job: ReplayJob, model_cid: str | None, eos: i
         return _fail("model", f"receipt names model {body.model}, the replayed model is {model_cid}")
     if job.request_bytes is not None and (why := check_request_binding(body, job.request_bytes)):
         return _fail("request", why)
+    if job.request_bytes is not None and (
+        why := prompt_binding(CanonicalRequest.decode(job.request_bytes), job.prompt_ids)
+    ):
+        return _fail("prompt", why)
     if (why := _structure(body, job.prompt_ids, eos, _vocab_size(model))) is not None:
         return _fail("structure", why[1], why[0])
     return body
@@ -246,11 +254,22 @@ def _cache_key(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def prompt_binding(request: CanonicalRequest, prompt_ids: Sequence[int]) -> str | None:
+    """Why the prompt ids a request binds differ from the ones the verifier renders from its text, or None."""
+    bound = request.prompt_tokens
+    # text-only requests (upstream engines) bind none: the verifier's own rendering is what it replays
+    if not bound or bound == list(prompt_ids):
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(bound, prompt_ids)) if a != b), min(len(bound), len(prompt_ids)))
+    return (f"the request binds {len(bound)} prompt tokens that differ from the {len(prompt_ids)} the model's "
+            f"tokenizer and chat template render, from token {first} on")
+
+
 def _vocab_size(model: torch.nn.Module) -> int:
     return int(model.config.vocab_size)
 
 
-def _structure(body: ReceiptBody, prompt_ids: Sequence[int], eos: int | None, vocab: int) -> tuple[int, str] | None:
+def _structure(body: ReceiptBody, prompt_ids: Sequence[int], eos: frozenset[int], vocab: int) -> tuple[int, str] | None:
     n = len(body.output_tokens)
     if body.prompt_tokens != len(prompt_ids):
         return -1, f"receipt counts {body.prompt_tokens} prompt tokens, the request renders to {len(prompt_ids)}"
@@ -261,7 +280,7 @@ def _structure(body: ReceiptBody, prompt_ids: Sequence[int], eos: int | None, vo
     for i, token in enumerate(body.output_tokens):
         if token >= vocab:
             return i, f"token {token} is outside the vocabulary of {vocab}"
-        if eos is not None and token == eos and i != n - 1:
+        if token in eos and i != n - 1:
             return i, "tokens continue after end-of-sequence"
     for i, top in enumerate(body.top_logprobs):
         tokens = [t.token for t in top]
@@ -269,7 +288,7 @@ def _structure(body: ReceiptBody, prompt_ids: Sequence[int], eos: int | None, vo
             return i, f"top_logprobs must list at least {MIN_TOP_LOGPROBS} distinct in-vocabulary tokens"
     if body.finish_reason == "length" and n != body.sampling.max_tokens:
         return -1, f"finish_reason 'length' after {n} of max_tokens {body.sampling.max_tokens} tokens"
-    if body.finish_reason == "stop" and eos is not None and n and body.output_tokens[-1] != eos \
+    if body.finish_reason == "stop" and eos and n and body.output_tokens[-1] not in eos \
             and not body.sampling.stop:
         return n - 1, "finish_reason 'stop' without end-of-sequence or a stop string"
     if body.finish_reason not in ("stop", "length", "cancelled"):  # cancelled: a stream cut by its client
@@ -277,10 +296,10 @@ def _structure(body: ReceiptBody, prompt_ids: Sequence[int], eos: int | None, vo
     return None
 
 
-def _text(body: ReceiptBody, decode: Callable[[list[int]], str], eos: int | None) -> str | None:
+def _text(body: ReceiptBody, decode: Callable[[list[int]], str], eos: frozenset[int]) -> str | None:
     """output_text must be exactly the decoded tokens, cut at the first stop string."""
     tokens = list(body.output_tokens)
-    if eos is not None and tokens and tokens[-1] == eos:
+    if tokens and tokens[-1] in eos:
         tokens.pop()
     full = decode(tokens)
     stops = [s for s in body.sampling.stop if s]
@@ -288,7 +307,7 @@ def _text(body: ReceiptBody, decode: Callable[[list[int]], str], eos: int | None
     expected = full[: min(cuts)] if cuts else full
     if stops and cuts and tokens and any(s in decode(tokens[:-1]) for s in stops):
         return "generation went on after a stop string"
-    if stops and body.finish_reason == "stop" and not cuts and body.output_tokens[-1:] != [eos]:
+    if stops and body.finish_reason == "stop" and not cuts and not (body.output_tokens[-1:] and body.output_tokens[-1] in eos):
         return "finish_reason 'stop' but no stop string in the output"
     if body.finish_reason == "cancelled" and expected.startswith(body.output_text):
         return None  # a cut stream's text may stop inside a character, or before text held back for a stop

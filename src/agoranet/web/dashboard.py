@@ -234,7 +234,7 @@ def _summary(type_name: str, body: Any) -> str:
         return (f"{body.prompt_tokens} in, {len(body.output_tokens)} out tokens ({body.finish_reason}), "
                 f"{body.price.charged} µcr, {body.precision}, model {body.model[:20]}…")
     if type_name == "agora/offer/1":
-        return f"{', '.join(m.name for m in body.models)} at {body.url} ({body.precision})"
+        return f"{', '.join(m.name for m in body.models)} at {body.url} ({body.engine}, {body.precision})"
     if type_name == "agora/credit-move/1":
         return f"{body.kind} {body.amount} µcr {body.debit} → {body.credit}"
     if type_name == "agora/tree-head/1":

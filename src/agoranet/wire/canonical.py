@@ -43,6 +43,8 @@ class CanonicalRequest(_Strict):
     prefix_tokens: list[int]
     messages: list[CanonicalMessage] | None = None
     prompt: str | None = None
+    # The rendered prompt's token ids (engines with a tokenizer); verifiers re-render and must find them equal.
+    prompt_tokens: list[int] | None = None
 
     def encode(self) -> bytes:
         return encode_canonical(self.model_dump(exclude_none=True))

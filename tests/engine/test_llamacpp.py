@@ -1,0 +1,112 @@
+"""llama.cpp engine: a GGUF (written from the locally built BPE Llama) served in process under Agora's
+sampling rule; the official SDK through a gateway; a verifier replays with the same GGUF and passes
+honest receipts, catches edited tokens and a provider serving another quantization under the file's CID."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import openai
+import pytest
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'agoranet[llamacpp]')")
+pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'agoranet[llamacpp]')")
+
+from agoranet.core.identity import Identity  # noqa: E402
+from agoranet.core.records import ReceiptBody, sign_record, verify_record  # noqa: E402
+from agoranet.engine.llamacpp_engine import GGUFModel, LlamaCppEngine  # noqa: E402
+from agoranet.engine.models import model_cid  # noqa: E402
+from agoranet.net.gossip import GossipConfig  # noqa: E402
+from agoranet.node.calibration import calibrate_precision, honest_requests, honest_runs  # noqa: E402
+from agoranet.node.node import ProviderOptions  # noqa: E402
+from agoranet.node.verifier import ReplayVerifier  # noqa: E402
+from agoranet.verify.tolerances import tolerances_record  # noqa: E402
+
+from ..conftest import FAST_GOSSIP, start_gateway, start_provider, wait_for  # noqa: E402
+from ..realmodel import write_gguf  # noqa: E402
+
+MSG = [{"role": "user", "content": "write a function that reverses a list — naïve 🐍"}]
+
+
+@pytest.fixture(scope="module")
+def ggufs(real_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("gguf")
+    return write_gguf(real_model, d / "tiny-q8.gguf", "Q8_0"), write_gguf(real_model, d / "tiny-f32.gguf", "F32")
+
+
+@pytest.fixture(scope="module")
+def tolerances(ggufs, tmp_path_factory):
+    path = ggufs[0]
+    cid = model_cid(path)
+    engine = LlamaCppEngine(path, model_cid=cid, model_name="tiny-q8", threads=1)
+    tol = asyncio.run(calibrate_precision(path, cid, engine.precision, GGUFModel(path, threads=1, all_logits=True),
+                                          sequences=8, confirm=8, max_tokens=16, engine=engine))
+    out = tmp_path_factory.mktemp("gguf-tol") / "tol.json"
+    out.write_text(json.dumps(tolerances_record(Identity.generate(), cid, [tol], hardware="test",
+                                                method="tests").to_json()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def verifier(ggufs, tolerances):
+    return ReplayVerifier(Identity.generate(), models=[str(ggufs[0])], tolerance_files=[tolerances])
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory, ggufs):
+    root = tmp_path_factory.mktemp("llamanet")
+    gw_server, gateway = start_gateway(root / "gw")
+    server, prov = start_provider(root / "p", ProviderOptions(engine="llamacpp", model=str(ggufs[0]), threads=1),
+                                  peers=[gw_server.url], gossip=GossipConfig(interval_s=FAST_GOSSIP))
+    try:
+        wait_for(lambda: str(prov.identity.peer_id) in gateway.discovery.members(), what="the provider")
+        yield gw_server.url, server.url, prov
+    finally:
+        server.stop()
+        gw_server.stop()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_sdk_through_gateway_gets_a_replayable_llamacpp_answer(net, verifier, temperature):
+    url, provider_url, prov = net
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    r = client.chat.completions.create(model="tiny-q8", messages=MSG, max_tokens=20, temperature=temperature, seed=3)
+    receipt = verify_record(r.model_extra["agora"]["receipt"], ReceiptBody)
+    assert receipt.body.precision == "gguf-q8_0" and prov.offer().body.engine == "llamacpp"
+    assert receipt.body.output_text == r.choices[0].message.content and len(receipt.body.output_tokens) > 0
+    judgement = asyncio.run(_audit(verifier, receipt, provider_url))
+    assert judgement.verdict.body.ok, judgement.verdict.body.failure
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny-q8", messages=MSG, max_tokens=20, temperature=temperature, seed=3, stream=True) if c.choices)
+    assert streamed == r.choices[0].message.content
+
+    tokens = list(receipt.body.output_tokens)
+    tokens[1] = 300 if tokens[1] != 300 else 301  # an ordinary BPE merge, not end-of-sequence
+    forged = sign_record(prov.identity, receipt.body.model_copy(update={"output_tokens": tokens}))
+    bad = asyncio.run(_audit(verifier, forged, provider_url))
+    assert not bad.verdict.body.ok and bad.verdict.body.failure.position == 1
+
+
+async def _audit(verifier, receipt, node):
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        r = await http.get(f"{node}/agora/v1/records/{receipt.body.request}",
+                           headers={"accept": "application/vnd.ipld.dag-cbor"})
+    return verifier.judge(receipt, r.content)
+
+
+def test_another_quantization_under_the_files_cid_is_caught(ggufs, verifier):
+    q8, f32 = ggufs
+    cid = model_cid(q8)
+
+    async def run():
+        engine = LlamaCppEngine(f32, model_cid=cid, model_name="tiny-q8", threads=1)
+        engine.precision = "gguf-q8_0"  # claims the Q8_0 file it does not run
+        reqs = honest_requests(4, seed=9, model_cid=cid, max_tokens=12, temperatures=(0.0, 0.8), top_ps=(1.0,))
+        return await honest_runs(engine, reqs, 2)
+
+    for run in asyncio.run(run()):
+        judgement = verifier.judge(sign_record(Identity.generate(), run.body), run.request_bytes)
+        assert not judgement.result.ok and judgement.result.failure.kind in ("token", "logprob", "top_logprobs")
