@@ -17,6 +17,7 @@ from agoranet.node.server import BackgroundServer
 from agoranet.node.reputation import Reputation
 from agoranet.verify.records import VerdictBody
 
+from . import chat
 from ..conftest import FAST_GOSSIP, start_gateway, start_provider, wait_for
 
 PRICES = {"input_per_mtok": 1_000_000, "output_per_mtok": 3_000_000}
@@ -27,18 +28,8 @@ LASTING = GossipConfig(interval_s=FAST_GOSSIP, missed_heartbeats=30)
 
 def ask(url: str, secret: str, order: list[str], *, stream: bool, content: str = "add two numbers"):
     """A chat request through the gateway, routed to `order` first; the answer text and `agora` field."""
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
-    kw = {"model": "agora-tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "seed": 7,
-          "temperature": 0, "extra_body": {"provider": {"order": order}}}
-    if not stream:
-        r = client.chat.completions.create(**kw)
-        return r.choices[0].message.content, r.model_extra["agora"]
-    text, agora = "", None
-    for chunk in client.chat.completions.create(stream=True, **kw):
-        if chunk.choices and chunk.choices[0].delta.content:
-            text += chunk.choices[0].delta.content
-        agora = (chunk.model_extra or {}).get("agora", agora)
-    return text, agora
+    return chat(url, secret, stream=stream, content=content, timeout=600, seed=7,
+                extra_body={"provider": {"order": order}})
 
 
 def offered_urls(gw_url: str) -> set[str]:

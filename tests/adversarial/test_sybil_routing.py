@@ -4,7 +4,6 @@ an invalid token and dies cannot make honest requests fail, cost 402, or get the
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 
 from agoranet.core.identity import Identity
@@ -15,6 +14,7 @@ from agoranet.node.cheat import hostile_provider_app, sybil_records
 from agoranet.node.node import ProviderOptions
 from agoranet.node.server import BackgroundServer
 
+from . import chat as sdk_chat
 from ..conftest import FAST_GOSSIP, free_port, start_gateway, start_provider, wait_for
 
 PRICES = {"input_per_mtok": 1_000_000, "output_per_mtok": 3_000_000}
@@ -52,18 +52,7 @@ def net(tmp_path_factory):
 
 
 def chat(url: str, secret: str, *, stream: bool = False, **extra):
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0, timeout=60)
-    kw = {"model": "agora-tiny", "messages": [{"role": "user", "content": "add two numbers"}], "max_tokens": 8,
-          "temperature": 0, "extra_body": extra}
-    if not stream:
-        r = client.chat.completions.create(**kw)
-        return r.choices[0].message.content, r.model_extra["agora"]
-    text, agora = "", None
-    for chunk in client.chat.completions.create(stream=True, **kw):
-        if chunk.choices and chunk.choices[0].delta.content:
-            text += chunk.choices[0].delta.content
-        agora = (chunk.model_extra or {}).get("agora", agora)
-    return text, agora
+    return sdk_chat(url, secret, stream=stream, extra_body=extra)
 
 
 def gossip_sybil(gw_url: str, url: str, model, *, ttl_s: float = 60.0, **price) -> str:
