@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from agoranet.core.errors import RequestError
 from agoranet.wire.canonical import CanonicalMessage, CanonicalRequest, CanonicalSampling
 
 
@@ -102,3 +105,29 @@ class Engine(Protocol):
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
         """The prompt as the model's token ids (chat template applied); [] for engines that only see text."""
         ...
+
+
+def check_context(context_length: int, prompt: int, prefix: int, max_tokens: int) -> None:
+    """Refuse (400) a request whose prompt, continued prefix and max_tokens cannot fit the model's context."""
+    if prompt + prefix + max_tokens > context_length:
+        raise RequestError(
+            f"this model's context is {context_length} tokens; the prompt takes {prompt} and "
+            f"max_tokens asks for {max_tokens} more",
+            param="max_tokens", code="context_length_exceeded",
+        )
+
+
+async def drain(queue: asyncio.Queue[TokenEvent | Generation | BaseException],
+                cancelled: threading.Event) -> AsyncGenerator[TokenEvent | Generation, None]:
+    """Yield what an engine thread puts on `queue` up to the Generation, raising the errors it puts there;
+    however the consumer stops, tell the thread (`cancelled`) so the generation stops too."""
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, Generation):
+                return
+    finally:
+        cancelled.set()

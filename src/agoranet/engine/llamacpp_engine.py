@@ -16,6 +16,7 @@ import asyncio
 import codecs
 import logging
 import threading
+from contextlib import aclosing
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from agoranet.core.errors import EngineError, ModelError, RequestError
-from agoranet.engine.base import Generation, GenerationRequest, TokenEvent
+from agoranet.engine.base import Generation, GenerationRequest, TokenEvent, check_context, drain
 from agoranet.verify.rule import choose_token
 
 log = logging.getLogger(__name__)
@@ -206,12 +207,7 @@ class LlamaCppEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Generation]:
         prompt = self.prompt_tokens(request)
-        if len(prompt) + len(request.prefix_tokens) + request.sampling.max_tokens > self.context_length:
-            raise RequestError(
-                f"this model's context is {self.context_length} tokens; the prompt takes {len(prompt)} and "
-                f"max_tokens asks for {request.sampling.max_tokens} more",
-                param="max_tokens", code="context_length_exceeded",
-            )
+        check_context(self.context_length, len(prompt), len(request.prefix_tokens), request.sampling.max_tokens)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | Generation | BaseException] = asyncio.Queue()
         cancelled = threading.Event()
@@ -229,16 +225,9 @@ class LlamaCppEngine:
 
         thread = threading.Thread(target=run, name="agora-llamacpp", daemon=True)
         thread.start()
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+        async with aclosing(drain(queue, cancelled)) as events:  # closed at once when the consumer stops
+            async for item in events:
                 yield item
-                if isinstance(item, Generation):
-                    return
-        finally:
-            cancelled.set()
 
     def _generate(self, req: GenerationRequest, prompt: list[int], emit, cancelled: threading.Event) -> None:
         m, s = self.model, req.sampling

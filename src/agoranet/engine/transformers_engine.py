@@ -15,6 +15,7 @@ import inspect
 import logging
 import threading
 
+from contextlib import aclosing
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from agoranet.core.errors import EngineError, ModelError, RequestError
-from agoranet.engine.base import Generation, GenerationRequest, TokenEvent
+from agoranet.engine.base import Generation, GenerationRequest, TokenEvent, check_context, drain
 from agoranet.engine.tokenizer import TextDecoder, Tokenizer, load_tokenizer
 from agoranet.verify.rule import choose_tokens
 
@@ -136,13 +137,7 @@ class TransformersEngine:
             raise RequestError(f"agora.prefix_tokens holds {bad}, not a token id of this model (0 to {vocab - 1})",
                                param="agora.prefix_tokens", code="invalid_token")
         prompt = self.prompt_tokens(request)
-        total = len(prompt) + len(request.prefix_tokens) + request.sampling.max_tokens
-        if total > self.context_length:
-            raise RequestError(
-                f"this model's context is {self.context_length} tokens; the prompt takes {len(prompt)} and "
-                f"max_tokens asks for {request.sampling.max_tokens} more",
-                param="max_tokens", code="context_length_exceeded",
-            )
+        check_context(self.context_length, len(prompt), len(request.prefix_tokens), request.sampling.max_tokens)
         queue: asyncio.Queue[TokenEvent | Generation | BaseException] = asyncio.Queue()
         seq = _Sequence(request=request, prompt=prompt, loop=asyncio.get_running_loop(), queue=queue,
                         decoder=self.tokenizer.stream_decoder())
@@ -152,16 +147,9 @@ class TransformersEngine:
                 raise EngineError("the engine is shutting down", hint="retry on another provider")
             self._waiting.append(seq)
             self._wake.notify()
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+        async with aclosing(drain(queue, seq.cancelled)) as events:  # closed at once when the consumer stops
+            async for item in events:
                 yield item
-                if isinstance(item, Generation):
-                    return
-        finally:
-            seq.cancelled.set()
 
     def _replay_prefix(self, seq: _Sequence) -> None:
         """Bring the text state (partial UTF-8, text held back for stop strings) to where the engine
