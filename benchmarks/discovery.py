@@ -64,10 +64,10 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
     else:
         d = GossipDiscovery(identity, url, join, roles=["provider"], config=config)
     seen: dict[str, float] = {}  # offer CID -> wall time this node first held it
-    ingest = d.ingest
+    admit = d._admit_all  # both ways in (HTTP pushes checked off the loop, libp2p messages) end here
 
-    def noting(wire: list) -> int:  # instrumentation: when each offer arrives
-        kept = ingest(wire)
+    def noting(checked: list, source: str) -> int:  # instrumentation: when each offer arrives
+        kept = admit(checked, source)
         if kept:
             now = time.time()
             for record in list(d.table.records()):
@@ -75,7 +75,7 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
                     seen.setdefault(str(record.cid), now)
         return kept
 
-    d.ingest = noting  # type: ignore[method-assign]
+    d._admit_all = noting  # type: ignore[method-assign]
     network = NetworkRole(d)
 
     @asynccontextmanager
@@ -227,7 +227,9 @@ async def measure(impl: str, n: int, interval: float, idle_s: float, root: Path)
                 if all(v >= everyone for v in views):
                     break
                 if time.monotonic() - t0 > 180:
-                    raise TimeoutError(f"{impl} N={n}: membership did not converge in 180 s")
+                    missing = {i: sorted(everyone - v) for i, v in enumerate(views) if not v >= everyone}
+                    raise TimeoutError(f"{impl} N={n}: membership did not converge in 180 s; "
+                                       f"nodes missing peers: {missing}")
                 await asyncio.sleep(0.5)
             result["converged_s"] = time.monotonic() - t0
 
