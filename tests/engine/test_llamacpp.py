@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from dataclasses import replace
 
 import httpx
 import openai
 import pytest
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'agoranet[llamacpp]')")
+pytest.importorskip("llama_cpp", reason=os.environ.get("AGORA_LLAMACPP_SKIP_REASON") or
+                    "llama-cpp-python is not installed (pip install 'agoranet[llamacpp]')")
 pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'agoranet[llamacpp]')")
 
 from agoranet.core.identity import Identity  # noqa: E402
