@@ -68,8 +68,11 @@ class GGUFModel:
             raise ModelError(f"no GGUF file at {path}", hint="pass --model FILE.gguf")
         try:
             with _no_extra_buffer_types(llama_cpp):
+                # every layer on the GPU when llama-cpp-python was built with one (CUDA, Metal …), else CPU
+                gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
                 self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=context_length or 0, n_threads=threads,
-                                           n_threads_batch=threads, logits_all=all_logits, verbose=False)
+                                           n_threads_batch=threads, logits_all=all_logits, n_gpu_layers=gpu_layers,
+                                           verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp cannot load {path}: {exc}") from exc
         self.path = path
