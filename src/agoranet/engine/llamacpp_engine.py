@@ -32,6 +32,11 @@ from agoranet.verify.rule import choose_token
 log = logging.getLogger(__name__)
 
 RECEIPT_TOP_K = 5
+# The KV cache in fp32, not llama.cpp's default f16: a provider decodes token by token and a verifier
+# replays in one batched pass, and with an f16 cache those two differ by up to ~0.45 in a logprob on a Q8_0
+# file (a few sequences in ten); with fp32 nearly every sequence replays bit for bit. It doubles the
+# cache's memory.
+GGML_TYPE_F32 = 0
 
 
 def _llama_cpp() -> Any:
@@ -72,7 +77,7 @@ class GGUFModel:
                 gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
                 self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=context_length or 0, n_threads=threads,
                                            n_threads_batch=threads, logits_all=all_logits, n_gpu_layers=gpu_layers,
-                                           verbose=False)
+                                           type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp cannot load {path}: {exc}") from exc
         self.path = path
