@@ -21,6 +21,7 @@ Every verdict here comes from batched replay (`check_receipts`, 8 receipts per c
 
     python benchmarks/verification.py            # full: 400 honest + 100 per attack, per class
     python benchmarks/verification.py --quick    # 48 honest + 16 per attack, fp32 and bf16
+    python benchmarks/verification.py --engine llamacpp [--quick]   # a GGUF (benchmarks/verification_llamacpp.py)
 """
 
 from __future__ import annotations
@@ -204,7 +205,13 @@ def batch_cost_ratio(reference, tol, n: int, batch: int = 8) -> dict[str, float]
 
 
 def main() -> int:
+    if "--engine" in sys.argv and sys.argv[sys.argv.index("--engine") + 1:][:1] == ["llamacpp"]:
+        from verification_llamacpp import main as llamacpp_main  # a GGUF replayed by llama.cpp
+
+        return llamacpp_main(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engine", default="transformers", choices=["transformers", "llamacpp"],
+                    help="the providers' engine (llamacpp: see benchmarks/verification_llamacpp.py)")
     ap.add_argument("--quick", action="store_true", help="small sets (fp32 and bf16), for a smoke run")
     ap.add_argument("--precisions", default=None, help="comma-separated provider precision classes")
     ap.add_argument("--honest", type=int, default=None, help="honest sequences per class (default 400)")

@@ -74,7 +74,7 @@ def build_model(out: Path, *, seed: int = 0, layers: int = 2, hidden: int = 128,
 
 
 def write_gguf(model_dir: Path, out: Path, qtype: str = "Q8_0") -> Path:
-    """The HF Llama in `model_dir` as a GGUF file llama.cpp loads (gguf package; F32 or Q8_0 weights)."""
+    """The HF Llama in `model_dir` as a GGUF file llama.cpp loads (gguf package; F32, Q8_0 or Q4_0 weights)."""
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
@@ -85,7 +85,8 @@ def write_gguf(model_dir: Path, out: Path, qtype: str = "Q8_0") -> Path:
     weights = load_file(str(model_dir / "model.safetensors"))
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     quant = gguf.GGMLQuantizationType[qtype]
-    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
+    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
 
     w = gguf.GGUFWriter(str(out), "llama")
     w.add_name(model_dir.name)

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+from dataclasses import replace
 
+import httpx
 import openai
 import pytest
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'agoranet[llamacpp]')")
+pytest.importorskip("llama_cpp", reason=os.environ.get("AGORA_LLAMACPP_SKIP_REASON") or
+                    "llama-cpp-python is not installed (pip install 'agoranet[llamacpp]')")
 pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'agoranet[llamacpp]')")
 
 from agoranet.core.identity import Identity  # noqa: E402
@@ -20,10 +24,11 @@ from agoranet.engine.models import model_cid  # noqa: E402
 from agoranet.net.gossip import GossipConfig  # noqa: E402
 from agoranet.node.calibration import calibrate_precision, honest_requests, honest_runs  # noqa: E402
 from agoranet.node.node import ProviderOptions  # noqa: E402
+from agoranet.node.provider import derived_request_id  # noqa: E402
 from agoranet.node.verifier import ReplayVerifier  # noqa: E402
 from agoranet.verify.tolerances import tolerances_record  # noqa: E402
 
-from ..conftest import FAST_GOSSIP, start_gateway, start_provider, wait_for  # noqa: E402
+from ..conftest import FAST_GOSSIP, provider_process, start_gateway, start_provider, wait_for  # noqa: E402
 from ..realmodel import write_gguf  # noqa: E402
 
 MSG = [{"role": "user", "content": "write a function that reverses a list — naïve 🐍"}]
@@ -78,8 +83,9 @@ def test_sdk_through_gateway_gets_a_replayable_llamacpp_answer(net, verifier, te
     judgement = asyncio.run(_audit(verifier, receipt, provider_url))
     assert judgement.verdict.body.ok, judgement.verdict.body.failure
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="tiny-q8", messages=MSG, max_tokens=20, temperature=temperature, seed=3, stream=True) if c.choices)
-    assert streamed == r.choices[0].message.content
+        model="tiny-q8", messages=MSG, max_tokens=20, temperature=temperature, seed=3, stream=True, logprobs=True,
+        top_logprobs=3) if c.choices)
+    assert streamed == r.choices[0].message.content  # same seed, same answer: streamed or not, logprobs or not
 
     tokens = list(receipt.body.output_tokens)
     tokens[1] = 300 if tokens[1] != 300 else 301  # an ordinary BPE merge, not end-of-sequence
@@ -110,3 +116,81 @@ def test_another_quantization_under_the_files_cid_is_caught(ggufs, verifier):
     for run in asyncio.run(run()):
         judgement = verifier.judge(sign_record(Identity.generate(), run.body), run.request_bytes)
         assert not judgement.result.ok and judgement.result.failure.kind in ("token", "logprob", "top_logprobs")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_llamacpp_provider_killed_mid_stream_is_continued_without_a_lost_or_repeated_token(
+        ggufs, verifier, tmp_path, temperature):
+    """Two `agora provide --engine llamacpp` processes; the cheap one is SIGKILLed mid-stream. The stream
+    completes on the other with exactly the text an uninterrupted run gives (same GGUF, same seed), and the
+    last receipt, binding the tokens it continued from, replays."""
+    from agoranet.engine.llamacpp_engine import GGUFModel as Tok
+
+    gw_server, gateway = start_gateway(tmp_path / "gw", stall_timeout_s=5.0)
+    extra = ["--engine", "llamacpp", "--model", str(ggufs[0]), "--token-delay-ms", "60"]
+    a = provider_process(tmp_path / "a", gw_server.url, price_out=100_000, extra=extra)
+    b = provider_process(tmp_path / "b", gw_server.url, price_out=400_000, extra=extra)
+    try:
+        for p in (a, b):
+            p.wait_ready()
+        ids = [httpx.get(f"{p.url}/agora/v1/offer").json()["record"]["signer"] for p in (a, b)]
+        wait_for(lambda: set(ids) <= set(gateway.discovery.members()), what="both providers")
+        # the rule draws from (seed, request id, position): one request id makes both runs comparable; take
+        # the first that does not end early (a random-weight model may sample end-of-turn at 0.8)
+        direct = openai.OpenAI(base_url=f"{b.url}/v1", api_key="x", max_retries=0)
+        ask = dict(model="tiny-q8", messages=MSG, max_tokens=40, temperature=temperature, seed=5)
+        for n in range(20):
+            rid = {"agora": {"request_id": f"llamacpp-failover-{temperature}-{n}"}}
+            whole = direct.chat.completions.create(**ask, extra_body=rid)
+            if whole.usage.completion_tokens == 40:
+                break
+        expected = whole.choices[0].message.content
+
+        client = openai.OpenAI(base_url=f"{gw_server.url}/v1", api_key="x", max_retries=0, timeout=120)
+        text, agora = "", None
+        for chunk in client.chat.completions.create(**ask, stream=True,
+                                                  extra_body={"provider": {"sort": "price"}} | rid):
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+                if len(text) >= 10 and a.proc.poll() is None:
+                    a.kill()
+            agora = (chunk.model_extra or {}).get("agora", agora)
+        assert a.proc.poll() is not None, "the stream ended before the kill"
+        assert text == expected
+        last = verify_record(agora["receipts"][-1]["receipt"], ReceiptBody)
+        assert agora["provider"] == ids[1] and 0 < len(last.body.prefix_tokens) < 40
+        tok = Tok(ggufs[0], threads=1)
+        assert tok.decode(list(last.body.prefix_tokens) + list(last.body.output_tokens)) == text
+        assert list(last.body.prefix_tokens) + list(last.body.output_tokens) == list(
+            verify_record(whole.model_extra["agora"]["receipt"], ReceiptBody).body.output_tokens)
+        judgement = asyncio.run(_audit(verifier, last, b.url))
+        assert judgement.verdict.body.ok, judgement.verdict.body.failure
+    finally:
+        for p in (a, b):
+            p.stop()
+        gw_server.stop()
+
+
+def test_receipts_sharing_a_prompt_replay_together(ggufs, verifier):
+    """A verifier judging several receipts at once replays a shared prompt once (verify.replay's batched path)
+    through the GGUF model; each verdict equals the one-at-a-time verdict, and an edit is still pinned."""
+    q8 = ggufs[0]
+    cid = model_cid(q8)
+
+    async def run():
+        engine = LlamaCppEngine(q8, model_cid=cid, model_name="tiny-q8", threads=1)
+        reqs = honest_requests(3, seed=21, model_cid=cid, max_tokens=12, temperatures=(0.8,), top_ps=(1.0,))
+        same = [replace(reqs[0], sampling=replace(reqs[0].sampling, seed=s)) for s in (1, 2, 3)]
+        same = [replace(r, request_id=derived_request_id(r, cid)) for r in same]
+        return await honest_runs(engine, same + reqs, 1)
+
+    runs = asyncio.run(run())
+    b = runs[1].body
+    tokens = list(b.output_tokens)
+    tokens[2] = 300 if tokens[2] != 300 else 301
+    runs[1] = replace(runs[1], body=b.model_copy(update={"output_tokens": tokens}))
+    items = [(sign_record(Identity.generate(), r.body), r.request_bytes) for r in runs]
+    together = verifier.replay_many(items)
+    alone = [verifier.replay(*item)[0] for item in items]
+    assert [t[0].ok for t in together] == [a.ok for a in alone] == [True, False, True, True, True, True]
+    assert together[1][0].failure.position == alone[1].failure.position == 2

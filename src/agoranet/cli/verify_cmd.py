@@ -191,7 +191,9 @@ def calibrate(
         record = tolerances_record(
             identity, cid, list(classes.values()), hardware=hardware_summary(),
             method=f"agora verify calibrate: {max_tokens}-token honest runs (chat+completion, T 0-1.3, top-p 1; confirmation set also top-p 0.8-0.95, "
-                   f"batch 1 and 16 with left padding) replayed at {REFERENCE_PRECISION}; τ = {headroom}× worst",
+                   + ("one at a time through llama.cpp) replayed by llama.cpp with the same GGUF, in one batched pass"
+                      if engine == "llamacpp" else f"batch 1 and 16 with left padding) replayed at {REFERENCE_PRECISION}")
+                   + f"; τ = {headroom}× worst",
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record.to_json(), indent=1))

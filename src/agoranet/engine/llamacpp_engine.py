@@ -16,8 +16,8 @@ import asyncio
 import codecs
 import logging
 import threading
-from contextlib import aclosing
-from collections.abc import AsyncIterator
+from contextlib import aclosing, contextmanager
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,11 @@ from agoranet.verify.rule import choose_token
 log = logging.getLogger(__name__)
 
 RECEIPT_TOP_K = 5
+# The KV cache in fp32, not llama.cpp's default f16: a provider decodes token by token and a verifier
+# replays in one batched pass, and with an f16 cache those two differ by up to ~0.45 in a logprob on a Q8_0
+# file (a few sequences in ten); with fp32 nearly every sequence replays bit for bit. It doubles the
+# cache's memory.
+GGML_TYPE_F32 = 0
 
 
 def _llama_cpp() -> Any:
@@ -67,8 +72,12 @@ class GGUFModel:
         if not path.is_file():
             raise ModelError(f"no GGUF file at {path}", hint="pass --model FILE.gguf")
         try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=context_length or 0, n_threads=threads,
-                                       n_threads_batch=threads, logits_all=all_logits, verbose=False)
+            with _no_extra_buffer_types(llama_cpp):
+                # every layer on the GPU when llama-cpp-python was built with one (CUDA, Metal …), else CPU
+                gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
+                self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=context_length or 0, n_threads=threads,
+                                           n_threads_batch=threads, logits_all=all_logits, n_gpu_layers=gpu_layers,
+                                           type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp cannot load {path}: {exc}") from exc
         self.path = path
@@ -140,24 +149,82 @@ class GGUFModel:
         row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.vocab_size,))
         return torch.from_numpy(np.array(row, dtype=np.float32))
 
-    def __call__(self, input_ids: torch.Tensor) -> _Logits:
-        """Every position's logits for one sequence, as `model(input_ids=…).logits` (needs all_logits)."""
-        ids = [int(t) for t in input_ids[0].tolist()]
+    def __call__(self, input_ids: torch.Tensor, past_key_values: _Prefix | None = None,
+                 use_cache: bool = False) -> _Output:
+        """Every position's logits for each row of `input_ids` (after the tokens `past_key_values` holds), as
+        `model(input_ids=…, past_key_values=…)` of a transformers model: what `verify.replay` calls (needs
+        all_logits). The "cache" is the prefix's token ids; llama.cpp keeps its KV state, so rows that
+        continue the prefix the context already holds evaluate only their own tokens."""
+        prefix = past_key_values.ids if past_key_values is not None else []
+        out = []
         with self.lock:
-            self.reset()
-            self.evaluate(ids)
-            rows = np.array(self.llm.scores[: len(ids)], dtype=np.float32)
-        return _Logits(torch.from_numpy(rows)[None])
+            for row in input_ids.tolist():
+                ids = prefix + [int(t) for t in row]
+                held = self.llm.n_tokens
+                if prefix and held >= len(prefix) and self.llm.input_ids[: len(prefix)].tolist() == prefix:
+                    self.llm.n_tokens = len(prefix)  # keep the prefix's KV state, drop the rest
+                else:
+                    self.reset()
+                    if prefix:
+                        self.evaluate(prefix)
+                self.evaluate(ids[len(prefix):])
+                out.append(np.array(self.llm.scores[len(prefix): len(ids)], dtype=np.float32))
+        return _Output(torch.from_numpy(np.stack(out)), _Prefix(prefix + [int(t) for t in input_ids[0].tolist()]))
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: _Prefix | None = None,
+                use_cache: bool = False) -> _Output:
+        return self(input_ids, past_key_values, use_cache)
+
+
+@dataclass
+class _Prefix:
+    """What stands in for a transformers KV cache in replay: the token ids already evaluated."""
+
+    ids: list[int]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        pass  # every row continues the same prefix
+
+
+@dataclass(frozen=True)
+class _Output:
+    logits: torch.Tensor
+    past_key_values: _Prefix
+
+    def __getitem__(self, key: str) -> _Prefix:
+        if key != "past_key_values":
+            raise KeyError(key)
+        return self.past_key_values
+
+
+@contextmanager
+def _no_extra_buffer_types(llama_cpp: Any) -> Iterator[None]:
+    """Load models without llama.cpp's extra CPU buffer types (weight repacking, AMX): its AMX matrix
+    multiply crashes the process on Sapphire-Rapids-class CPUs (ggml-org/llama.cpp#20824, seen on the
+    project's machine with a Q8_0 file). llama-cpp-python does not expose `use_extra_bufts`, so its
+    default model parameters are wrapped while `Llama` is built."""
+    low = llama_cpp.llama_cpp
+    with _LOAD_LOCK:
+        default = low.llama_model_default_params
+
+        def params() -> Any:
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        low.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = default
+
+
+_LOAD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
 class _Config:
     vocab_size: int
-
-
-@dataclass(frozen=True)
-class _Logits:
-    logits: torch.Tensor
 
 
 class _ByteStream:
@@ -185,6 +252,7 @@ class LlamaCppEngine:
         self.model_name = model_name
         self.precision = self.model.precision
         self.context_length = self.model.context_length
+        self.vocab_size = self.model.vocab_size
         self._stopping = False
 
     async def start(self) -> None:
@@ -206,6 +274,10 @@ class LlamaCppEngine:
         return self.model.completion_prompt(request.prompt)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Generation]:
+        vocab = self.vocab_size
+        if (bad := next((t for t in request.prefix_tokens if not 0 <= t < vocab), None)) is not None:
+            raise RequestError(f"agora.prefix_tokens holds {bad}, not a token id of this model (0 to {vocab - 1})",
+                               param="agora.prefix_tokens", code="invalid_token")
         prompt = self.prompt_tokens(request)
         check_context(self.context_length, len(prompt), len(request.prefix_tokens), request.sampling.max_tokens)
         loop = asyncio.get_running_loop()
