@@ -29,6 +29,60 @@ def start_provider(home: Path, opts: ProviderOptions | None = None, **limits) ->
     return BackgroundServer(app, sock).start(), provider
 
 
+def start_verifier(home: Path, config: object | None = None, **kwargs) -> tuple[BackgroundServer, object]:
+    """An in-process verifier node (a `VerifierConfig`, audit fraction 1 by default) on a free 127.0.0.1 port."""
+    from agoranet.node.node import build_verifier_node
+    from agoranet.node.verifier import VerifierConfig
+
+    app, role = build_verifier_node(home, config or VerifierConfig(audit_fraction=1.0, seed=1), **kwargs)
+    return BackgroundServer(app, bind()).start(), role
+
+
+class Nodes:
+    """The node factory: in-process nodes under `root` on free 127.0.0.1 ports, each in its own folder,
+    all stopped (newest first) at the end, so a test needs no try/finally of its own. The `nodes`
+    fixture gives one per test; `with Nodes(root) as nodes:` serves a wider-scoped fixture."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.servers: list[BackgroundServer] = []
+
+    def _keep(self, started: tuple[BackgroundServer, object]) -> tuple[BackgroundServer, object]:
+        self.servers.append(started[0])
+        return started
+
+    def provider(self, name: str = "provider", opts: ProviderOptions | None = None, **limits):
+        return self._keep(start_provider(self.root / name, opts, **limits))
+
+    def gateway(self, name: str = "gateway", peers: list[str] | None = None, **config):
+        return self._keep(start_gateway(self.root / name, peers, **config))
+
+    def verifier(self, name: str = "verifier", config: object | None = None, **kwargs):
+        return self._keep(start_verifier(self.root / name, config, **kwargs))
+
+    def serve(self, app, sock=None) -> BackgroundServer:
+        """Any other app (a storage peer, a hand-built node) on `sock` or a free port."""
+        server = BackgroundServer(app, sock).start()
+        self.servers.append(server)
+        return server
+
+    def stop(self) -> None:
+        while self.servers:
+            self.servers.pop().stop()
+
+    def __enter__(self) -> Nodes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture
+def nodes(tmp_path) -> Iterator[Nodes]:
+    with Nodes(tmp_path) as started:
+        yield started
+
+
 @pytest.fixture(scope="session")
 def provider(tmp_path_factory) -> Iterator[tuple[str, object]]:
     """One provider on the bundled model, shared by tests that only talk to it."""

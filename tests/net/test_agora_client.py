@@ -14,12 +14,10 @@ from agoranet.core.cid import DAG_CBOR, cid_of
 from agoranet.core.records import OfferBody, ReceiptBody
 from agoranet.log.transparency import check_inclusion
 from agoranet.net.agora_client import AgoraClient, NodeRefused, NodeUnreachable, call
-from agoranet.node.node import build_verifier_node
-from agoranet.node.server import BackgroundServer, bind
 from agoranet.node.verifier import VerifierConfig
 from agoranet.wire.agora import VerifyRequest
 
-from ..conftest import free_port
+from ..conftest import Nodes, free_port
 
 
 def chat(url: str, seed: int) -> str:
@@ -32,10 +30,8 @@ def chat(url: str, seed: int) -> str:
 
 @pytest.fixture(scope="module")
 def verifier_url(tmp_path_factory):
-    sock = bind()
-    app, _ = build_verifier_node(tmp_path_factory.mktemp("verifier"), VerifierConfig(audit_fraction=0.0, seed=0))
-    with BackgroundServer(app, sock) as server:
-        yield server.url
+    with Nodes(tmp_path_factory.mktemp("client")) as nodes:
+        yield nodes.verifier(config=VerifierConfig(audit_fraction=0.0, seed=0))[0].url
 
 
 async def test_a_providers_offer_receipts_records_and_log(provider) -> None:
