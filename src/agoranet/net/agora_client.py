@@ -1,6 +1,9 @@
 """A typed async client of one node's `/agora/v1` API (records, receipts, verification, reputation,
 the transparency log, credits, offers), over httpx.
 
+It runs on httpx, as the storage client and the CLI do; only the gateway's relay of user requests runs
+on aiohttp (`net.peer`, where the measured reason is written).
+
 Roles share one `httpx.AsyncClient` between the clients of many nodes (`AgoraClient(url, http=…)`);
 the CLI opens one per command (`async with AgoraClient(url) as node`) or makes a single call from
 sync code with `call(url, lambda node: node.reputation())`.
