@@ -122,17 +122,9 @@ class NodeProcess:
         )
 
     def wait_ready(self, timeout: float = 300) -> NodeProcess:  # a loaded 2-core CI box took over 90 s
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node exited early:\n{self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"node not ready:\n{self.log.read_text()}")
+        wait_for_process(self.proc, lambda: httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200,
+                         log=self.log, timeout=timeout, what="node")
+        return self
 
     def kill(self) -> None:
         """SIGKILL: the node dies at once, mid-stream, without closing anything."""
@@ -175,6 +167,23 @@ def provider_process(home: Path, seed: str, *, price_out: int, extra: list[str] 
     return NodeProcess(["provide", "--host", host, "--peer", seed, "--price-out", str(price_out), "--threads", "1",
                         "--gossip-interval", str(FAST_GOSSIP), *(extra or [])], home, free_port(), host=host,
                        prefix=prefix)
+
+
+def wait_for_process(process: subprocess.Popen, probe, *, log: Path, timeout: float, what: str):
+    """Poll `probe` (an HTTP call: transport errors count as not yet) until it returns something truthy and
+    return that; fail at once, with the process's log, if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if value := probe():
+                return value
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready within {timeout:.0f}s:\n{log.read_text()}")
+        time.sleep(0.1)
 
 
 def wait_for(condition, *, timeout: float = 30, what: str = "condition", interval: float = 0.1):

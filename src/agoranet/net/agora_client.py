@@ -32,9 +32,11 @@ from agoranet.wire.agora import (
 )
 from agoranet.wire.openai import read_error
 
-__all__ = ["AgoraClient", "NodeError", "NodeRefused", "NodeUnreachable", "call", "MAX_ANSWER_BYTES"]
+__all__ = ["AgoraClient", "NodeError", "NodeRefused", "NodeUnreachable", "call", "MAX_ANSWER_BYTES", "NOT_JSON",
+           "UNEXPECTED"]
 
 MAX_ANSWER_BYTES = 16 << 20  # the default cap on one answer (a receipt with top-20 logprobs runs to megabytes)
+NOT_JSON, UNEXPECTED = "not JSON", "unexpected answer"  # NodeUnreachable.reason for answers of the wrong form
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
@@ -127,14 +129,14 @@ class AgoraClient:
         try:
             return from_json(data)
         except ValueError:
-            raise self._unreachable(path, "not JSON", "it did not answer JSON") from None
+            raise self._unreachable(path, NOT_JSON, "it did not answer JSON") from None
 
     async def _model(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
         answer = await self._json(method, path, **kwargs)
         try:
             return model.model_validate(answer)
         except ValidationError as exc:
-            raise self._unreachable(path, "unexpected answer",
+            raise self._unreachable(path, UNEXPECTED,
                                     f"its answer is not a {model.__name__}: {exc.errors()[0]['msg']}") from None
 
     async def _feed(self, path: str, key: str, after: int, limit: int) -> FeedPage:
@@ -142,7 +144,7 @@ class AgoraClient:
         try:
             return FeedPage.model_validate({"items": answer.get(key, []), "next": answer.get("next", after)})
         except (ValidationError, AttributeError):
-            raise self._unreachable(path, "unexpected answer", f"its answer is not a page of {key}") from None
+            raise self._unreachable(path, UNEXPECTED, f"its answer is not a page of {key}") from None
 
     # -- records ---------------------------------------------------------------------------------------
 

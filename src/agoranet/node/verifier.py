@@ -23,7 +23,7 @@ from agoranet.core.errors import AgoraError, RecordError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, ReceiptBody, Record, decode_record, verify_record
 from agoranet.core.tasks import cancel_and_wait
-from agoranet.net.agora_client import AgoraClient, NodeError, NodeRefused, NodeUnreachable
+from agoranet.net.agora_client import NOT_JSON, UNEXPECTED, AgoraClient, NodeError, NodeRefused, NodeUnreachable
 from agoranet.node.app import Cursor, PageSize
 from agoranet.node.judge import Judgement, Recheck, ReplayVerifier, UnverifiableReceipt, now_ms
 from agoranet.node.records_api import records_router
@@ -212,11 +212,9 @@ class VerifierRole:
         if offer is None:
             try:
                 offer = (await self._node(node).offer(max_bytes=MAX_RECORD_BYTES)).record
-            except NodeUnreachable as exc:
-                if exc.reason == "unexpected answer" or exc.reason == "not JSON":
-                    raise UnverifiableReceipt(f"{node} serves no provider offer at /agora/v1/offer") from None
-                raise _unfetchable(exc, node, "its offer") from None
             except NodeError as exc:
+                if isinstance(exc, NodeUnreachable) and exc.reason in (NOT_JSON, UNEXPECTED):
+                    raise UnverifiableReceipt(f"{node} serves no provider offer at /agora/v1/offer") from None
                 raise _unfetchable(exc, node, "its offer") from None
         try:
             record = verify_record(offer, OfferBody)
