@@ -119,7 +119,8 @@ class AgoraClient:
                                                 f"it answered with more than {max_bytes} bytes")
                 status = r.status_code
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a user's URL may be anything
-            raise self._unreachable(path, type(exc).__name__, f"{type(exc).__name__} {exc}".strip()) from None
+            name = type(exc).__name__
+            raise self._unreachable(path, name, f"{name}: {exc}" if str(exc) else name) from None
         if status >= 400:
             raise NodeRefused(self.url, path, status, bytes(data))
         return bytes(data)
