@@ -199,6 +199,21 @@ def test_audit_sampling_follows_the_configured_fraction(tmp_path, honest):
     assert asyncio.run(go(1.0)) == 200
 
 
+async def test_the_audit_loop_replays_the_receipts_it_has_queued_together(tmp_path, honest):
+    _, role = build_verifier_node(tmp_path / "v", VerifierConfig(audit_fraction=1.0, seed=1))
+    await role.start()
+    try:
+        for run in honest:  # queued before the loop wakes: one batch
+            assert role.offer(signed(run), node=None, request_bytes=run.request_bytes)
+        deadline = time.monotonic() + 60
+        while role.audited + role.audit_errors < len(honest) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert (role.audited, role.audit_errors, role.audit_batches) == (len(honest), 0, 1)
+        assert role.reputation.providers[str(PROVIDER.peer_id)].passed == len(honest)
+    finally:
+        await role.stop()
+
+
 def test_receipts_judged_together_get_the_verdicts_they_get_one_by_one(verifier, honest):
     """The audit loop replays queued receipts in one batch: same verdicts, and a receipt that cannot be judged
     (its request is not the one it binds) is reported alone without sinking the others."""

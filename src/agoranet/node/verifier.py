@@ -56,6 +56,7 @@ class VerifierRole:
         self.audited = 0
         self.skipped = 0
         self.audit_errors = 0  # audits that failed for any reason (the loop logs them and goes on)
+        self.audit_batches = 0  # replays of one or more receipts together (audit_many calls with any to replay)
         self.refused = 0  # receipts refused at submission (too long, unknown model, unvouched node)
         self._offers: dict[str, str] = {}  # provider peer id -> the URL its latest signed offer names
         self._rng = random.Random(config.seed)
@@ -149,6 +150,7 @@ class VerifierRole:
         fetching the canonical requests not given from their nodes first; store and count each verdict."""
         requests = await asyncio.gather(*(self._request_of(*item) for item in items))
         ready = [(receipt, req) for (receipt, _, _), req in zip(items, requests) if isinstance(req, bytes)]
+        self.audit_batches += bool(ready)
         judged = iter(await asyncio.to_thread(self.verifier.judge_many, ready))
         out: list[Judgement | AgoraError] = []
         for (receipt, _, _), req in zip(items, requests):
@@ -192,6 +194,7 @@ class VerifierRole:
 
     def metrics(self) -> dict[str, float]:
         return {"verifier_audits_total": self.audited, "verifier_audit_errors_total": self.audit_errors,
+                "verifier_audit_batches_total": self.audit_batches,
                 "verifier_receipts_refused_total": self.refused, "verifier_skipped_total": self.skipped,
                 "verifier_queue": self._queue.qsize() if self._queue is not None else 0}
 
