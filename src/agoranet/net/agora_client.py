@@ -225,8 +225,12 @@ class AgoraClient:
     async def providers(self) -> dict[str, Any]:
         return await self._json("GET", "/providers")
 
-    async def status(self) -> dict[str, Any]:
-        return await self._json("GET", "/status")
+    async def status(self, *, peers: bool = True) -> dict[str, Any]:
+        """The node's status document (the dashboard's data); `peers=False` leaves out the peers it sees."""
+        answer = await self._json("GET", "/status", params={"peers": None if peers else "false"})
+        if not isinstance(answer, dict):
+            raise self._unreachable("/status", UNEXPECTED, "its status is not a JSON object")
+        return answer
 
 
 def call(url: str, fn: Callable[[AgoraClient], Awaitable[T]], *, timeout: float = 30.0) -> T:
