@@ -29,6 +29,60 @@ def start_provider(home: Path, opts: ProviderOptions | None = None, **limits) ->
     return BackgroundServer(app, sock).start(), provider
 
 
+def start_verifier(home: Path, config: object | None = None, **kwargs) -> tuple[BackgroundServer, object]:
+    """An in-process verifier node (a `VerifierConfig`, audit fraction 1 by default) on a free 127.0.0.1 port."""
+    from agoranet.node.node import build_verifier_node
+    from agoranet.node.verifier import VerifierConfig
+
+    app, role = build_verifier_node(home, config or VerifierConfig(audit_fraction=1.0, seed=1), **kwargs)
+    return BackgroundServer(app, bind()).start(), role
+
+
+class Nodes:
+    """The node factory: in-process nodes under `root` on free 127.0.0.1 ports, each in its own folder,
+    all stopped (newest first) at the end, so a test needs no try/finally of its own. The `nodes`
+    fixture gives one per test; `with Nodes(root) as nodes:` serves a wider-scoped fixture."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.servers: list[BackgroundServer] = []
+
+    def _keep(self, started: tuple[BackgroundServer, object]) -> tuple[BackgroundServer, object]:
+        self.servers.append(started[0])
+        return started
+
+    def provider(self, name: str = "provider", opts: ProviderOptions | None = None, **limits):
+        return self._keep(start_provider(self.root / name, opts, **limits))
+
+    def gateway(self, name: str = "gateway", peers: list[str] | None = None, **config):
+        return self._keep(start_gateway(self.root / name, peers, **config))
+
+    def verifier(self, name: str = "verifier", config: object | None = None, **kwargs):
+        return self._keep(start_verifier(self.root / name, config, **kwargs))
+
+    def serve(self, app, sock=None) -> BackgroundServer:
+        """Any other app (a storage peer, a hand-built node) on `sock` or a free port."""
+        server = BackgroundServer(app, sock).start()
+        self.servers.append(server)
+        return server
+
+    def stop(self) -> None:
+        while self.servers:
+            self.servers.pop().stop()
+
+    def __enter__(self) -> Nodes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture
+def nodes(tmp_path) -> Iterator[Nodes]:
+    with Nodes(tmp_path) as started:
+        yield started
+
+
 @pytest.fixture(scope="session")
 def provider(tmp_path_factory) -> Iterator[tuple[str, object]]:
     """One provider on the bundled model, shared by tests that only talk to it."""
@@ -68,17 +122,9 @@ class NodeProcess:
         )
 
     def wait_ready(self, timeout: float = 300) -> NodeProcess:  # a loaded 2-core CI box took over 90 s
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node exited early:\n{self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"node not ready:\n{self.log.read_text()}")
+        wait_for_process(self.proc, lambda: httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200,
+                         log=self.log, timeout=timeout, what="node")
+        return self
 
     def kill(self) -> None:
         """SIGKILL: the node dies at once, mid-stream, without closing anything."""
@@ -121,6 +167,23 @@ def provider_process(home: Path, seed: str, *, price_out: int, extra: list[str] 
     return NodeProcess(["provide", "--host", host, "--peer", seed, "--price-out", str(price_out), "--threads", "1",
                         "--gossip-interval", str(FAST_GOSSIP), *(extra or [])], home, free_port(), host=host,
                        prefix=prefix)
+
+
+def wait_for_process(process: subprocess.Popen, probe, *, log: Path, timeout: float, what: str):
+    """Poll `probe` (an HTTP call: transport errors count as not yet) until it returns something truthy and
+    return that; fail at once, with the process's log, if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if value := probe():
+                return value
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready within {timeout:.0f}s:\n{log.read_text()}")
+        time.sleep(0.1)
 
 
 def wait_for(condition, *, timeout: float = 30, what: str = "condition", interval: float = 0.1):

@@ -10,13 +10,14 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+
+from .conftest import wait_for_process
 
 IPFS = shutil.which("ipfs")
 NO_KUBO = ("kubo is not installed: no `ipfs` binary on PATH (Debian has no package; the npm and PyPI installers "
@@ -70,18 +71,12 @@ def kubo(tmp_path_factory) -> Iterator[KuboDaemon]:
 
 
 def _wait_for_rpc(repo: Path, process: subprocess.Popen[bytes], timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"ipfs daemon exited with {process.returncode}: {(repo / 'daemon.log').read_text()}")
+    def answering() -> str | None:
         api = repo / "api"
-        if api.exists():
-            parts = api.read_text().strip().split("/")  # /ip4/127.0.0.1/tcp/PORT
-            url = f"http://{parts[2]}:{parts[4]}"
-            try:
-                if httpx.post(f"{url}/api/v0/version", timeout=2).status_code == 200:
-                    return url
-            except httpx.TransportError:
-                pass
-        time.sleep(0.1)
-    raise RuntimeError(f"ipfs daemon did not answer within {timeout:.0f}s: {(repo / 'daemon.log').read_text()}")
+        if not api.exists():
+            return None
+        parts = api.read_text().strip().split("/")  # /ip4/127.0.0.1/tcp/PORT
+        url = f"http://{parts[2]}:{parts[4]}"
+        return url if httpx.post(f"{url}/api/v0/version", timeout=2).status_code == 200 else None
+
+    return wait_for_process(process, answering, log=repo / "daemon.log", timeout=timeout, what="ipfs daemon")

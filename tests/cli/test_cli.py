@@ -59,6 +59,7 @@ def test_corrupted_or_missing_key_file_gives_one_clear_line(tmp_path):
     assert provide.returncode == 1 and "not a readable Ed25519" in provide.stderr
 
 
+@pytest.mark.slow
 def test_provide_explains_bad_options(tmp_path):
     r = agora("provide", "--model", str(tmp_path / "nowhere"), "--port", "0", home=tmp_path)
     assert r.returncode == 1 and "no model" in r.stderr and "Traceback" not in r.stderr

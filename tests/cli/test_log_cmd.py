@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,8 @@ from agoranet.log.records import CreditMoveBody, TreeHeadBody
 from agoranet.log.transparency import TransparencyLog
 from agoranet.node.log_api import log_router
 from agoranet.node.server import BackgroundServer
+
+from ..conftest import free_port
 
 runner = CliRunner()
 
@@ -161,9 +162,6 @@ def test_a_fork_is_caught_against_a_saved_head(tmp_path: Path, node) -> None:
 
 
 def test_an_unreachable_node_is_one_clear_line(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    result = invoke("head", f"http://127.0.0.1:{port}")
+    result = invoke("head", f"http://127.0.0.1:{free_port()}")
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and "cannot reach" in result.output

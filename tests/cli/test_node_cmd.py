@@ -42,6 +42,7 @@ def ask(url: str, peer: str, **kw):
                                           extra_body={"provider": {"only": [peer]}}, **kw)
 
 
+@pytest.mark.slow
 def test_the_gateway_owns_v1_and_serves_its_own_provider_and_others_with_receipts(net):
     node, _, ids = net
     assert [m["owned_by"] for m in httpx.get(f"{node.url}/v1/models").json()["data"]] == ["agora"]  # the gateway's
@@ -58,6 +59,7 @@ def test_the_gateway_owns_v1_and_serves_its_own_provider_and_others_with_receipt
     assert httpx.get(f"{node.url}/agora/v1/records/{own}").json()["record"]["signer"] == ids["own"]
 
 
+@pytest.mark.slow
 def test_the_provider_serves_under_the_url_its_signed_offer_names(net):
     node, other, ids = net
     offer = httpx.get(f"{node.url}/provider/agora/v1/offer").json()["record"]
@@ -73,6 +75,7 @@ def test_the_provider_serves_under_the_url_its_signed_offer_names(net):
         "log", "credits", "verifier", "provider", "witness", "network", "gateway"]
 
 
+@pytest.mark.slow
 def test_the_nodes_verifier_replays_receipts_it_fetches_from_each_offers_url(net):
     node, _, ids = net
     for peer in ids.values():

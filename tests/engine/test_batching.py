@@ -17,6 +17,7 @@ async def generate(engine, i: int, prefix=()) -> Generation:
             return ev
 
 
+@pytest.mark.slow
 async def test_batched_generations_equal_solo_ones():
     engine = TransformersEngine(resolve_model("agora-tiny")[0], model_cid="test", threads=2)
     await engine.start()

@@ -147,6 +147,7 @@ async def test_invalid_records_on_the_topic_are_never_accepted_and_their_author_
         await daemon.stop()
 
 
+@pytest.mark.slow
 async def test_a_sybil_flood_of_valid_offers_leaves_the_honest_provider_found(net):
     honest = Identity.generate()
     g = await net.add(roles=["gateway"])
@@ -177,6 +178,7 @@ async def test_a_sybil_flood_of_valid_offers_leaves_the_honest_provider_found(ne
             await daemon.stop()
 
 
+@pytest.mark.slow
 async def test_a_node_that_follows_no_topic_finds_a_provider_through_the_dht_alone(net):
     provider = Identity.generate()
     await net.add()  # the bootstrap node
@@ -197,6 +199,7 @@ async def test_a_node_that_follows_no_topic_finds_a_provider_through_the_dht_alo
     assert str(provider.peer_id) in g.members()
 
 
+@pytest.mark.slow
 async def test_churn_killed_nodes_are_evicted_and_restarted_ones_rejoin(net):
     for i in range(7):
         await net.add(roles=["provider"])

@@ -19,27 +19,21 @@ import pytest
 from agoranet.core.identity import Identity
 
 from ..conftest import FAST_GOSSIP, NodeProcess, free_port, start_gateway, wait_for
-from .test_netns import sh, veth_namespaces
+from .conftest import sh
 
 TAG = uuid.uuid4().hex[:4]
 NETS = [(f"agora-{TAG}-p{i}", f"ag{TAG}q{i}", f"ag{TAG}r{i}", f"10.214.{i}") for i in range(2)]
 CONVERGE_S = 20.0  # the bound: a few gossip rounds plus heartbeat expiry, with room for a loaded CI box
 
 
-@pytest.fixture
-def two_namespaces():
-    with veth_namespaces(NETS) as nets:
-        yield nets
-
-
 @pytest.mark.slow
-def test_split_network_heals_and_gossip_membership_converges(two_namespaces, tmp_path):
+def test_split_network_heals_and_gossip_membership_converges(namespaces, tmp_path):
     server, host_gw = start_gateway(tmp_path / "host", host="0.0.0.0", public_host=f"{NETS[0][3]}.1")
     port = server.sock.getsockname()[1]
     procs = [NodeProcess(["gateway", "--host", f"{net}.2", "--peer", f"http://{net}.1:{port}",
                           "--gossip-interval", str(FAST_GOSSIP)], tmp_path / f"g{i}", free_port(), host=f"{net}.2",
                          prefix=["ip", "netns", "exec", ns])
-             for i, (ns, _, _, net) in enumerate(two_namespaces)]
+             for i, (ns, _, _, net) in enumerate(namespaces)]
     try:
         for p in procs:
             p.wait_ready()

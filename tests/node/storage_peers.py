@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-import time
+import socket
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from agoranet.core.identity import Identity
 from agoranet.node.replication import StorageReplicator
-from ..conftest import free_port
+from agoranet.node.server import BackgroundServer, bind, url_of
 from agoranet.node.storage_api import StorageAccess, storage_app
 from agoranet.store import Blockstore
 
@@ -20,34 +18,27 @@ OPERATOR = {"authorization": "Bearer test-operator-token"}  # what writes to the
 
 
 class StoragePeerServer:
-    def __init__(self, root: Path, port: int, peers: list[str], recheck_interval: float) -> None:
-        self.url = f"http://127.0.0.1:{port}"
+    """A storage peer's app on a socket bound up front (peers know each other's URLs before any starts)."""
+
+    def __init__(self, root: Path, sock: socket.socket, peers: list[str], recheck_interval: float) -> None:
+        self.url = url_of(sock)
         self.store = Blockstore(root)
         self.replicator = StorageReplicator(self.store, self.url, peers, recheck_interval=recheck_interval,
                                             state_path=root / "replicas.json", probe_timeout=1.0,
                                             identity=Identity.generate())
         app = storage_app(self.store, self.replicator, StorageAccess(operator_token=OPERATOR["authorization"][7:]))
-        config = uvicorn.Config(app, host="127.0.0.1", port=port,
-                                log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.server = BackgroundServer(app, sock)
 
     def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError(f"storage peer {self.url} did not start")
-            time.sleep(0.02)
+        self.server.start(timeout=10)
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        assert not self.thread.is_alive()
+        self.server.stop()
+        assert not self.server.running
 
     @property
     def running(self) -> bool:
-        return self.thread.is_alive()
+        return self.server.running
 
 
 @pytest.fixture
@@ -56,9 +47,9 @@ def storage_peers(tmp_path):
     started: list[StoragePeerServer] = []
 
     def start(n: int, recheck_interval: float = 0.3) -> list[StoragePeerServer]:
-        ports = [free_port() for _ in range(n)]
-        urls = [f"http://127.0.0.1:{p}" for p in ports]
-        peers = [StoragePeerServer(tmp_path / f"peer{i}", port, urls, recheck_interval) for i, port in enumerate(ports)]
+        socks = [bind() for _ in range(n)]
+        urls = [url_of(s) for s in socks]
+        peers = [StoragePeerServer(tmp_path / f"peer{i}", sock, urls, recheck_interval) for i, sock in enumerate(socks)]
         for peer in peers:
             peer.start()
             started.append(peer)

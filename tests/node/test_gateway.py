@@ -20,6 +20,10 @@ MSG = [{"role": "user", "content": "write a function that reverses a list"}]
 CHEAP, DEAR = 100_000, 400_000
 
 
+# Every test here shares one network of two `agora provide` processes (~16 s to start on a loaded 2-core box).
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     """Gateway (in-process) + provider A (cheap) + provider B (dear), both `agora provide --peer gateway`."""

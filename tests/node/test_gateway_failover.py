@@ -93,6 +93,7 @@ def check_failover(tmp_path, n: int, max_tokens: int, delay_ms: int) -> None:
         gw_server.stop()
 
 
+@pytest.mark.slow
 def test_provider_killed_mid_stream_streams_complete_with_the_greedy_text(tmp_path):
     check_failover(tmp_path, n=3, max_tokens=40, delay_ms=40)
 

@@ -74,6 +74,7 @@ def test_stream_and_plain_give_the_same_answer_for_the_same_seed(provider):
     assert plain == streamed
 
 
+@pytest.mark.slow
 def test_same_seed_same_text_other_seeds_differ(provider):
     url, _ = provider
     client = sdk(url)
@@ -86,6 +87,7 @@ def test_same_seed_same_text_other_seeds_differ(provider):
     assert len({ask(s) for s in range(2, 8)}) >= 5
 
 
+@pytest.mark.slow
 def test_sampled_tokens_do_not_depend_on_logprobs_max_tokens_or_streaming(provider):
     url, _ = provider
     client = sdk(url)
@@ -173,6 +175,7 @@ def test_invalid_json_and_huge_bodies_are_refused_and_provider_keeps_serving(pro
     assert ok.usage.completion_tokens == 4
 
 
+@pytest.mark.slow
 async def test_concurrent_requests_are_batched_and_match_sequential_ones(provider):
     url, prov = provider
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)

@@ -22,6 +22,9 @@ from agoranet.node.verifier import ReplayVerifier, VerifierConfig
 from ..conftest import provider_process, start_gateway, wait_for
 from ..realmodel import build_model
 
+# Every test here needs the real model calibrated and served by its own process (~20 s before the first answer).
+pytestmark = pytest.mark.slow
+
 MSG = [{"role": "user", "content": "write a function that reverses a list — naïve 🐍"}]
 
 

@@ -19,12 +19,10 @@ from agoranet.engine.transformers_engine import TransformersEngine
 from agoranet.node.calibration import honest_requests, honest_runs
 from agoranet.node.cheat import TAMPERED_INDEX, CheatingEngine
 from agoranet.node.node import ProviderOptions, build_verifier_node
-from agoranet.node.server import BackgroundServer, bind
 from agoranet.node.judge import ReplayVerifier
 from agoranet.node.verifier import VerifierConfig
 from agoranet.verify.records import FailureEvidence, FraudProofBody
 
-from ..conftest import start_provider
 
 MODEL_DIR = resolve_model("agora-tiny")[0]
 MODEL_CID = model_cid(MODEL_DIR)
@@ -131,66 +129,60 @@ def chat(url: str, content: str, seed: int) -> str:
     return r.json()["agora"]["receipt_cid"]
 
 
-def test_verifier_role_audits_providers_over_http_and_excludes_the_cheater(tmp_path):
-    honest_node, honest_prov = start_provider(tmp_path / "honest", ProviderOptions(threads=1))
-    cheat_node, cheat_prov = start_provider(tmp_path / "cheat", ProviderOptions(threads=1, cheat="token"))
-    sock = bind()
-    app, role = build_verifier_node(tmp_path / "verifier", VerifierConfig(
+def test_verifier_role_audits_providers_over_http_and_excludes_the_cheater(nodes, tmp_path):
+    honest_node, honest_prov = nodes.provider("honest", ProviderOptions(threads=1))
+    cheat_node, cheat_prov = nodes.provider("cheat", ProviderOptions(threads=1, cheat="token"))
+    verifier, role = nodes.verifier(config=VerifierConfig(
         audit_fraction=1.0, sources=(honest_node.url, cheat_node.url), poll_interval_s=0.2, seed=0))
     honest_id, cheat_id = str(honest_prov.identity.peer_id), str(cheat_prov.identity.peer_id)
-    try:
-        with BackgroundServer(app, sock) as verifier:
-            good = [chat(honest_node.url, "add two numbers", s) for s in (1, 2)]
-            bad = [chat(cheat_node.url, "add two numbers", s) for s in (1, 2)]
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                rep = httpx.get(f"{verifier.url}/agora/v1/reputation").json()
-                if rep["providers"].get(honest_id, {}).get("verified", 0) >= 2 and \
-                        rep["providers"].get(cheat_id, {}).get("verified", 0) >= 2:
-                    break
-                time.sleep(0.3)
-            h, c = rep["providers"][honest_id], rep["providers"][cheat_id]
-            assert (h["passed"], h["excluded"]) == (2, False) and h["score"] > 0.5
-            assert c["excluded"] and c["score"] == 0 and len(c["fraud_proofs"]) == 2
-            assert rep["verifier"] == str(role.identity.peer_id)
+    good = [chat(honest_node.url, "add two numbers", s) for s in (1, 2)]
+    bad = [chat(cheat_node.url, "add two numbers", s) for s in (1, 2)]
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        rep = httpx.get(f"{verifier.url}/agora/v1/reputation").json()
+        if rep["providers"].get(honest_id, {}).get("verified", 0) >= 2 and \
+                rep["providers"].get(cheat_id, {}).get("verified", 0) >= 2:
+            break
+        time.sleep(0.3)
+    h, c = rep["providers"][honest_id], rep["providers"][cheat_id]
+    assert (h["passed"], h["excluded"]) == (2, False) and h["score"] > 0.5
+    assert c["excluded"] and c["score"] == 0 and len(c["fraud_proofs"]) == 2
+    assert rep["verifier"] == str(role.identity.peer_id)
 
-            # a user asks about one receipt: replayed at once, whatever the audit fraction
-            asked = httpx.post(f"{verifier.url}/agora/v1/verify",
-                               json={"receipt_cid": good[0], "node": honest_node.url}, timeout=60).json()
-            assert asked["ok"] and verify_record(asked["verdict"]).body.receipt == good[0]
+    # a user asks about one receipt: replayed at once, whatever the audit fraction
+    asked = httpx.post(f"{verifier.url}/agora/v1/verify",
+                       json={"receipt_cid": good[0], "node": honest_node.url}, timeout=60).json()
+    assert asked["ok"] and verify_record(asked["verdict"]).body.receipt == good[0]
 
-            # anyone re-checks the fraud proof from the verifier's store with the CLI
-            runner, home = CliRunner(), str(tmp_path / "cli")
-            proof_cid = c["fraud_proofs"][0]
-            out = runner.invoke(verify_app, ["--fraud-proof", proof_cid, "--node", verifier.url, "--home", home])
-            assert out.exit_code == 0 and "fraud proof holds" in out.output, out.output
-            out = runner.invoke(verify_app, [good[1], "--node", honest_node.url, "--home", home])
-            assert out.exit_code == 0 and "valid" in out.output, out.output
-            out = runner.invoke(verify_app, [bad[0], "--node", cheat_node.url, "--home", home,
-                                             "--out", str(tmp_path / "v.json")])
-            assert out.exit_code == 3 and f"fails at position {TAMPERED_INDEX}" in out.output, out.output
-            out = runner.invoke(verify_app, ["--fraud-proof", str(tmp_path / "v.json"), "--home", home])
-            assert out.exit_code == 0, out.output
+    # anyone re-checks the fraud proof from the verifier's store with the CLI
+    runner, home = CliRunner(), str(tmp_path / "cli")
+    proof_cid = c["fraud_proofs"][0]
+    out = runner.invoke(verify_app, ["--fraud-proof", proof_cid, "--node", verifier.url, "--home", home])
+    assert out.exit_code == 0 and "fraud proof holds" in out.output, out.output
+    out = runner.invoke(verify_app, [good[1], "--node", honest_node.url, "--home", home])
+    assert out.exit_code == 0 and "valid" in out.output, out.output
+    out = runner.invoke(verify_app, [bad[0], "--node", cheat_node.url, "--home", home,
+                                     "--out", str(tmp_path / "v.json")])
+    assert out.exit_code == 3 and f"fails at position {TAMPERED_INDEX}" in out.output, out.output
+    out = runner.invoke(verify_app, ["--fraud-proof", str(tmp_path / "v.json"), "--home", home])
+    assert out.exit_code == 0, out.output
 
-            # a false fraud proof submitted to the verifier is caught and marks its issuer
-            receipt = verify_record(httpx.get(f"{honest_node.url}/agora/v1/records/{good[1]}").json()["record"],
-                                    ReceiptBody)
-            request = httpx.get(f"{honest_node.url}/agora/v1/records/{receipt.body.request}",
-                                headers={"accept": "application/vnd.ipld.dag-cbor"}).content
-            liar = Identity.generate()
-            false_proof = sign_record(liar, FraudProofBody(
-                receipt_cid=good[1], receipt=receipt.encode().hex(), request=request.hex(), provider=honest_id,
-                evidence=FailureEvidence(kind="token", position=0, detail="made up"),
-                tolerances=verify_record(asked["verdict"]).body.tolerances, reference_precision="fp32", created_ms=0))
-            answer = httpx.post(f"{verifier.url}/agora/v1/fraud-proofs", json={"record": false_proof.to_json()},
-                                timeout=60).json()
-            assert answer["holds"] is False
-            rep = httpx.get(f"{verifier.url}/agora/v1/reputation").json()
-            assert rep["verifiers"][str(liar.peer_id)]["false_proofs"] == [str(false_proof.cid)]
-            assert not rep["providers"][honest_id]["excluded"]
-    finally:
-        honest_node.stop()
-        cheat_node.stop()
+    # a false fraud proof submitted to the verifier is caught and marks its issuer
+    receipt = verify_record(httpx.get(f"{honest_node.url}/agora/v1/records/{good[1]}").json()["record"],
+                            ReceiptBody)
+    request = httpx.get(f"{honest_node.url}/agora/v1/records/{receipt.body.request}",
+                        headers={"accept": "application/vnd.ipld.dag-cbor"}).content
+    liar = Identity.generate()
+    false_proof = sign_record(liar, FraudProofBody(
+        receipt_cid=good[1], receipt=receipt.encode().hex(), request=request.hex(), provider=honest_id,
+        evidence=FailureEvidence(kind="token", position=0, detail="made up"),
+        tolerances=verify_record(asked["verdict"]).body.tolerances, reference_precision="fp32", created_ms=0))
+    answer = httpx.post(f"{verifier.url}/agora/v1/fraud-proofs", json={"record": false_proof.to_json()},
+                        timeout=60).json()
+    assert answer["holds"] is False
+    rep = httpx.get(f"{verifier.url}/agora/v1/reputation").json()
+    assert rep["verifiers"][str(liar.peer_id)]["false_proofs"] == [str(false_proof.cid)]
+    assert not rep["providers"][honest_id]["excluded"]
 
 
 def test_audit_sampling_follows_the_configured_fraction(tmp_path, honest):
@@ -205,6 +197,21 @@ def test_audit_sampling_follows_the_configured_fraction(tmp_path, honest):
     assert asyncio.run(go(0.0)) == 0
     assert 30 <= asyncio.run(go(0.25)) <= 70
     assert asyncio.run(go(1.0)) == 200
+
+
+async def test_the_audit_loop_replays_the_receipts_it_has_queued_together(tmp_path, honest):
+    _, role = build_verifier_node(tmp_path / "v", VerifierConfig(audit_fraction=1.0, seed=1))
+    await role.start()
+    try:
+        for run in honest:  # queued before the loop wakes: one batch
+            assert role.offer(signed(run), node=None, request_bytes=run.request_bytes)
+        deadline = time.monotonic() + 60
+        while role.audited + role.audit_errors < len(honest) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert (role.audited, role.audit_errors, role.audit_batches) == (len(honest), 0, 1)
+        assert role.reputation.providers[str(PROVIDER.peer_id)].passed == len(honest)
+    finally:
+        await role.stop()
 
 
 def test_receipts_judged_together_get_the_verdicts_they_get_one_by_one(verifier, honest):

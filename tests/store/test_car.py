@@ -5,6 +5,7 @@ import pytest
 
 from agoranet.store import Blockstore, MalformedCar, add_path, export, export_car, import_car
 from agoranet.store.car import car_header
+from agoranet.store.dagpb import decode_varint
 
 MiB = 1 << 20
 
@@ -32,30 +33,19 @@ def test_car_round_trip_preserves_every_block(tmp_path, tree):
     assert (tmp_path / "out" / "big.bin").read_bytes() == (tree / "big.bin").read_bytes()
 
 
-def read_varint(buf, pos):
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
 def test_car_layout_follows_the_spec_root_block_first(tmp_path, tree):
     a = Blockstore(tmp_path / "a")
     root = add_path(a, tree)
     buf = io.BytesIO()
     export_car(a, root, buf)
     raw = buf.getvalue()
-    length, pos = read_varint(raw, 0)
+    length, pos = decode_varint(raw, 0)
     header = libipld.decode_dag_cbor(raw[pos:pos + length])
     assert header == {"roots": [bytes(root)], "version": 1}
     pos += length
     sections = []
     while pos < len(raw):
-        length, pos = read_varint(raw, pos)
+        length, pos = decode_varint(raw, pos)
         sections.append(raw[pos:pos + length])
         pos += length
     assert len(sections) == len(a.cids())

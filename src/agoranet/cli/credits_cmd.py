@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-
-import httpx
 import typer
 
 from agoranet.cli.console import console, fail
-from agoranet.cli.remote import NodeUnreachable, get_json
 from agoranet.core.errors import AgoraError
+from agoranet.core.records import Record
 from agoranet.log.credits import EarningsProof, verify_earnings
-from agoranet.log.records import check_heads, verify_tree_head
+from agoranet.log.records import TreeHeadBody, check_heads
+from agoranet.net.agora_client import AgoraClient, NodeError, call
 
 __all__ = ["credits_app"]
 
@@ -24,25 +23,25 @@ def statement(
     peer_id: str = typer.Argument(..., help="the provider's peer id (12D3KooW…)"),
 ) -> None:
     """Fetch a provider's signed earnings statement and prove every payment is in the gateway's log."""
+    async def fetch(node: AgoraClient) -> tuple[EarningsProof, Record[TreeHeadBody], Record[TreeHeadBody], list[bytes]]:
+        proof = EarningsProof.from_json((await node.credit_statement(peer_id)).proof)
+        size = proof.statement.body.log_size
+        # The head for the statement's tree comes from the log, not from the statement's answer,
+        # and the log's current head must extend it: the gateway cannot show us a private fork.
+        then, now = await node.log_head(size), await node.log_head()
+        return proof, then, now, (await node.consistency_proof(size, now.body.size)).hashes()
+
     try:
-        with httpx.Client(base_url=url.rstrip("/"), timeout=30.0) as client:
-            answer = get_json(client, f"/agora/v1/credits/statement/{peer_id}")
-            proof = EarningsProof.from_json(answer["proof"])
-            body = proof.statement.body
-            # The head for the statement's tree comes from the log, not from the statement's answer,
-            # and the log's current head must extend it: the gateway cannot show us a private fork.
-            then = verify_tree_head(get_json(client, "/agora/v1/log/head", {"size": body.log_size}))
-            now = verify_tree_head(get_json(client, "/agora/v1/log/head"))
-            consistency = get_json(client, "/agora/v1/log/proof/consistency",
-                                   {"first": body.log_size, "second": now.body.size})
+        proof, then, now, consistency = call(url, fetch)
+        body = proof.statement.body
         total = verify_earnings(proof, then)
         if body.account != f"provider:{peer_id}":
             raise fail(f"the gateway sent the statement of {body.account}, not of provider:{peer_id}")
-        split = check_heads(then, now, [bytes.fromhex(h) for h in consistency["proof"]])
+        split = check_heads(then, now, consistency)
         if split is not None:
             raise fail(f"fork: the log's current head does not extend the statement's tree ({split.reason}); "
                         "keep the statement as evidence and stop trusting this gateway")
-    except NodeUnreachable as exc:
+    except NodeError as exc:
         raise fail(str(exc), 2) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise fail(f"the gateway's answer is malformed: {exc}") from None

@@ -10,17 +10,18 @@ from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
 from agoranet.core.identity import Identity
-from agoranet.core.records import verify_record
+from agoranet.core.records import Record
 from agoranet.engine.models import resolve_model
 from agoranet.engine.tokenizer import ByteTokenizer
-from agoranet.log.records import verify_tree_head
+from agoranet.log.records import TreeHeadBody
 from agoranet.log.transparency import check_inclusion
+from agoranet.net.agora_client import AgoraClient, call
+from agoranet.wire.agora import InclusionProof, VerifyRequest
 from agoranet.wire.openai import ReceiptPart
 
 GOSSIP_S = 0.3
@@ -116,11 +117,11 @@ def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int, cheat
                       f"({names[receipt.signer]}); {len(body.output_tokens)} token ids decode to the answer: "
                       f"[bold]{'yes' if tok.decode(body.output_tokens).startswith(text) else 'NO'}[/]; "
                       f"charged {body.price.charged} micro-credits")
-        verdict = httpx.post(f"{verifier_url}/agora/v1/verify", json={"receipt": receipt.to_json(), "node": served_by},
-                             timeout=60).json()
+        verdict = call(verifier_url, lambda v: v.verify(VerifyRequest(receipt=receipt.to_json(), node=served_by)),
+                       timeout=60)
         console.print(f"[magenta]verifier[/] replayed it with one forward pass of model {body.model[:20]}…: "
-                      + ("[bold green]honest[/]" if verdict["ok"] else "[bold red]FRAUD[/]")
-                      + f" (signed verdict {verdict['verdict_cid'][:24]}…)")
+                      + ("[bold green]honest[/]" if verdict.ok else "[bold red]FRAUD[/]")
+                      + f" (signed verdict {verdict.verdict_cid[:24]}…)")
         show_inclusion(console, served_by, str(receipt.cid))
         if cheater:
             catch_cheater(console, client, verifier_url, names, prompt, max_tokens)
@@ -129,11 +130,14 @@ def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int, cheat
 
 def show_inclusion(console: Console, url: str, cid: str) -> None:
     """Prove the receipt is in the provider's transparency log, against the log's signed head."""
-    head = verify_tree_head(httpx.get(f"{url}/agora/v1/log/head").json())
-    answer = httpx.get(f"{url}/agora/v1/log/proof/inclusion", params={"cid": cid, "size": head.body.size}).json()
-    index = check_inclusion(head, cid, answer)
+    async def fetch(node: AgoraClient) -> tuple[Record[TreeHeadBody], InclusionProof]:
+        head = await node.log_head()
+        return head, await node.inclusion_proof(cid, head.body.size)
+
+    head, answer = call(url, fetch)
+    index = check_inclusion(head, cid, answer.model_dump())
     console.print(f"[blue]log[/] receipt is entry {index} of {head.body.size} in the provider's log: inclusion "
-                  f"proof of {len(answer['proof'])} hashes [bold green]verified[/] against its signed head "
+                  f"proof of {len(answer.proof)} hashes [bold green]verified[/] against its signed head "
                   f"(root {head.body.root[:16]}…)")
 
 
@@ -155,14 +159,14 @@ def catch_cheater(console: Console, client, verifier_url: str, names: dict[str, 
     console.print(f"[cyan]user[/] asks for the cheapest provider: served by {names[first]}")
     deadline = time.monotonic() + 60
     while True:
-        rep = httpx.get(f"{verifier_url}/agora/v1/reputation").json()["providers"].get(cheater, {})
-        if rep.get("excluded"):
+        rep = call(verifier_url, lambda v: v.reputation()).providers.get(cheater)
+        if rep is not None and rep.excluded:
             break
         if time.monotonic() > deadline:
             raise RuntimeError("the verifier did not catch the cheater within 60 s")
         time.sleep(0.2)
-    proof_cid = rep["fraud_proofs"][0]
-    proof = verify_record(httpx.get(f"{verifier_url}/agora/v1/records/{proof_cid}").json()["record"])
+    proof_cid = rep.fraud_proofs[0]
+    proof = call(verifier_url, lambda v: v.record(proof_cid))
     ev = proof.body.evidence
     console.print(f"[bold red]fraud proof[/] {proof_cid[:24]}…: the receipt breaks the sampling rule at token "
                   f"{ev.position} ({ev.detail})")

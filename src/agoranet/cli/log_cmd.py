@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import typer
 
 from agoranet.cli.console import console, fail
 from agoranet.core.cid import parse_cid
 from agoranet.core.errors import AgoraError, RecordError, UnknownRecordType
 from agoranet.core.records import Record, decode_canonical, verify_record
-from agoranet.cli.remote import NodeUnreachable, get_json
 from agoranet.log.credits import replay_balances
 from agoranet.log.errors import InvalidStatement, InvalidTreeHead
 from agoranet.log.merkle import MerkleTree, leaf_hash
 from agoranet.log.records import TreeHeadBody, check_heads, verify_tree_head
 from agoranet.log.transparency import check_inclusion, cid_key, key_cid
+from agoranet.net.agora_client import AgoraClient, NodeError
 
 __all__ = ["log_app"]
 
@@ -26,23 +27,21 @@ log_app = typer.Typer(
     help="Check a node's transparency log: its signed head, inclusion and consistency proofs, a full audit.",
     no_args_is_help=True,
 )
-API = "/agora/v1/log"
 SHOWN_PROBLEMS = 20
 
 
-def _get(client: httpx.Client, path: str, **params: Any) -> Any:
-    return get_json(client, API + path, params)
+class _Unreadable(AgoraError):
+    """A saved head file that cannot be read: exit 2, like a node that cannot be asked."""
 
 
-def _client(url: str) -> httpx.Client:
-    return httpx.Client(base_url=url.rstrip("/"), timeout=30.0)
-
-
-def _run(body) -> None:
-    """Map the ways a check can end to one line and an exit status."""
+def _run(url: str, body: Callable[[AgoraClient], Awaitable[None]]) -> None:
+    """Run a check against the node at `url`; map the ways it can end to one line and an exit status."""
+    async def run() -> None:
+        async with AgoraClient(url) as client:
+            await body(client)
     try:
-        body()
-    except NodeUnreachable as exc:
+        asyncio.run(run())
+    except (NodeError, _Unreadable) as exc:
         raise fail(str(exc), 2)
     except InvalidTreeHead as exc:
         raise fail(f"forged or malformed tree head: {exc}")
@@ -50,15 +49,11 @@ def _run(body) -> None:
         raise fail(str(exc))
 
 
-def _fetch_head(client: httpx.Client, size: int | None = None) -> Record[TreeHeadBody]:
-    return verify_tree_head(_get(client, "/head", size=size))
-
-
 def _load_head(path: Path) -> Record[TreeHeadBody]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise NodeUnreachable(f"cannot read a saved head from {path}: {exc}") from exc
+        raise _Unreadable(f"cannot read a saved head from {path}: {exc}") from exc
     return verify_tree_head(data)
 
 
@@ -74,15 +69,14 @@ def head(
     save: Path | None = typer.Option(None, help="write the signed head as JSON, to check later heads against"),
 ) -> None:
     """Fetch the log's signed tree head and check its signature."""
-    def body() -> None:
-        with _client(url) as client:
-            signed = _fetch_head(client, size)
+    async def body(client: AgoraClient) -> None:
+        signed = await client.log_head(size)
         _show_head(signed)
         if save is not None:
             save.write_text(json.dumps(signed.to_json(), indent=1))
             console.print(f"saved to {save}")
         console.print("[green]✓[/] signature valid")
-    _run(body)
+    _run(url, body)
 
 
 @log_app.command("verify-inclusion")
@@ -91,22 +85,20 @@ def verify_inclusion_cmd(
     cid: str = typer.Argument(..., help="CID of the record (receipt, verdict, credit move …)"),
 ) -> None:
     """Prove a record is in the log, against the log's current signed head."""
-    def body() -> None:
-        with _client(url) as client:
-            signed = _fetch_head(client)
-            got = _get(client, "/proof/inclusion", cid=cid, size=signed.body.size)
-        index = check_inclusion(signed, cid, got)
-        path = got["proof"]
+    async def body(client: AgoraClient) -> None:
+        signed = await client.log_head()
+        got = await client.inclusion_proof(cid, signed.body.size)
+        index = check_inclusion(signed, cid, got.model_dump())
         console.print(
             f"[green]✓[/] {cid} is entry {index} of {signed.body.size} in log {signed.body.log_id} "
-            f"(root {signed.body.root[:16]}…, {len(path)} hashes)"
+            f"(root {signed.body.root[:16]}…, {len(got.proof)} hashes)"
         )
-    _run(body)
+    _run(url, body)
 
 
-def _resolve(client: httpx.Client, which: str) -> Record[TreeHeadBody]:
+async def _resolve(client: AgoraClient, which: str) -> Record[TreeHeadBody]:
     """A size asks the log for its signed head at that size; anything else is a saved head file."""
-    return _fetch_head(client, int(which)) if which.isdigit() else _load_head(Path(which))
+    return await client.log_head(int(which)) if which.isdigit() else _load_head(Path(which))
 
 
 @log_app.command("verify-consistency")
@@ -116,18 +108,16 @@ def verify_consistency_cmd(
     second: str = typer.Argument(..., help="newer tree: a size, or a saved head"),
 ) -> None:
     """Prove the log only appended between two heads (no history was rewritten)."""
-    def body() -> None:
-        with _client(url) as client:
-            a, b = _resolve(client, first), _resolve(client, second)
-            small, large = sorted((a, b), key=lambda h: h.body.size)
-            got = _get(client, "/proof/consistency", first=small.body.size, second=large.body.size)
-        proof = [bytes.fromhex(h) for h in got["proof"]]
-        split = check_heads(small, large, proof)
+    async def body(client: AgoraClient) -> None:
+        a, b = await _resolve(client, first), await _resolve(client, second)
+        small, large = sorted((a, b), key=lambda h: h.body.size)
+        got = await client.consistency_proof(small.body.size, large.body.size)
+        split = check_heads(small, large, got.hashes())
         if split is not None:
             raise fail(f"fork: log {small.body.log_id} signed inconsistent heads at sizes {small.body.size} and "
                   f"{large.body.size} ({split.reason}); keep both heads as evidence and stop trusting this log")
         console.print(f"[green]✓[/] log {small.body.log_id}: size {large.body.size} extends size {small.body.size}")
-    _run(body)
+    _run(url, body)
 
 
 @log_app.command()
@@ -136,35 +126,33 @@ def audit(
     known_head: list[Path] = typer.Option([], "--known-head", help="a head saved earlier; checks for a fork"),
 ) -> None:
     """Download every entry, recompute the root, check every record's signature and earlier heads."""
-    def body() -> None:
+    async def body(client: AgoraClient) -> None:
         problems: list[str] = []
         unknown_types: dict[str, int] = {}
         tree = MerkleTree()
         records: list[bytes] = []
-        with _client(url) as client:
-            signed = _fetch_head(client)
-            size = signed.body.size
-            with console.status(f"downloading {size} entries…"):
-                while tree.size < size:
-                    page = _get(client, "/entries", start=tree.size, end=size)
-                    entries = page.get("entries") or []
-                    if not entries:
-                        problems.append(f"the log stops at {tree.size} entries but its head claims {size}")
-                        break
-                    for entry in entries:
-                        index = tree.size
-                        _check_entry(entry, index, problems, unknown_types, records)
-                        try:
-                            tree.append(leaf_hash(bytes(parse_cid(entry["cid"]))))
-                        except (AgoraError, KeyError, TypeError):
-                            tree.append(leaf_hash(b""))  # already reported; keeps later indices aligned
-            if tree.size == size and tree.root() != signed.body.root_hash:
-                problems.append(
-                    f"forged head or altered entries: the root of the {size} entries served is "
-                    f"{tree.root().hex()[:16]}…, the signed head says {signed.body.root[:16]}…"
-                )
-            for path in known_head:
-                _check_known_head(client, path, signed, tree, problems)
+        signed = await client.log_head()
+        size = signed.body.size
+        with console.status(f"downloading {size} entries…"):
+            while tree.size < size:
+                entries = (await client.log_entries(tree.size, size)).entries
+                if not entries:
+                    problems.append(f"the log stops at {tree.size} entries but its head claims {size}")
+                    break
+                for entry in entries:
+                    index = tree.size
+                    _check_entry(entry, index, problems, unknown_types, records)
+                    try:
+                        tree.append(leaf_hash(bytes(parse_cid(entry["cid"]))))
+                    except (AgoraError, KeyError, TypeError):
+                        tree.append(leaf_hash(b""))  # already reported; keeps later indices aligned
+        if tree.size == size and tree.root() != signed.body.root_hash:
+            problems.append(
+                f"forged head or altered entries: the root of the {size} entries served is "
+                f"{tree.root().hex()[:16]}…, the signed head says {signed.body.root[:16]}…"
+            )
+        for path in known_head:
+            await _check_known_head(client, path, signed, tree, problems)
         try:
             balances = replay_balances(records, ledger_id=signed.body.log_id)
         except (InvalidStatement, RecordError) as exc:
@@ -183,7 +171,7 @@ def audit(
             f"{len(records)} signatures valid, {len(balances)} credit accounts balanced, "
             f"{len(known_head)} earlier head(s) consistent"
         )
-    _run(body)
+    _run(url, body)
 
 
 def _check_entry(
@@ -211,8 +199,8 @@ def _check_entry(
     records.append(data)
 
 
-def _check_known_head(
-    client: httpx.Client, path: Path, current: Record[TreeHeadBody], tree: MerkleTree, problems: list[str],
+async def _check_known_head(
+    client: AgoraClient, path: Path, current: Record[TreeHeadBody], tree: MerkleTree, problems: list[str],
 ) -> None:
     old = _load_head(path)
     if old.body.log_id != current.body.log_id:
@@ -226,8 +214,8 @@ def _check_known_head(
             f"fork: the entries served now do not reproduce the head of size {old.body.size} saved in {path}; "
             "the log rewrote its history"
         )
-    got = _get(client, "/proof/consistency", first=old.body.size, second=current.body.size)
-    split = check_heads(old, current, [bytes.fromhex(h) for h in got.get("proof", [])])
+    got = await client.consistency_proof(old.body.size, current.body.size)
+    split = check_heads(old, current, got.hashes())
     if split is not None:
         problems.append(f"fork: head of size {old.body.size} ({path}) and the current head are inconsistent "
                         f"({split.reason})")

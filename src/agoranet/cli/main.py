@@ -69,7 +69,7 @@ def provide(
     public_url: PublicUrlOpt = None,
     price_in: PriceInOpt = 100_000,
     price_out: PriceOutOpt = 200_000,
-    max_concurrency: MaxConcurrencyOpt = 16,
+    max_concurrency: MaxConcurrencyOpt = 32,
     max_tokens: MaxTokensOpt = 512,
     threads: ThreadsOpt = None,
     peer: PeerOpt = None,

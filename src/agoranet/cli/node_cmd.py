@@ -241,7 +241,7 @@ def node(
     upstream_model: UpstreamModelOpt = None,
     price_in: PriceInOpt = 100_000,
     price_out: PriceOutOpt = 200_000,
-    max_concurrency: MaxConcurrencyOpt = 16,
+    max_concurrency: MaxConcurrencyOpt = 32,
     max_tokens: MaxTokensOpt = 512,
     max_batch: MaxBatchOpt = 32,
     threads: ThreadsOpt = None,

@@ -65,7 +65,7 @@ UpstreamOpt = Annotated[Optional[str], _provider(
 UpstreamModelOpt = Annotated[Optional[str], _provider("--upstream-model", help="model name the upstream serves")]
 PriceInOpt = Annotated[int, _provider("--price-in", min=0, help="micro-credits per 1M input tokens")]
 PriceOutOpt = Annotated[int, _provider("--price-out", min=0, help="micro-credits per 1M output tokens")]
-MaxConcurrencyOpt = Annotated[int, _provider("--max-concurrency", help="most requests served at once")]
+MaxConcurrencyOpt = Annotated[int, _provider("--max-concurrency", help="most requests served at once (more get 429); keep it at least --max-batch")]
 MaxTokensOpt = Annotated[int, _provider("--max-tokens", help="most tokens a request may ask for")]
 MaxBatchOpt = Annotated[int, _provider("--max-batch", help="most sequences decoded together")]
 TokenDelayOpt = Annotated[int, _provider("--token-delay-ms", hidden=True,

@@ -6,44 +6,36 @@ import json
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from agoranet.core.cid import parse_cid
 from agoranet.core.errors import InvalidCID, RecordError
 from agoranet.core.records import ReceiptBody, Record, verify_record
-from agoranet.node.judge import UnverifiableReceipt
-from agoranet.node.records_api import CBOR
+from agoranet.net.agora_client import AgoraClient, call
 
 
-def fetch_record(node: str, cid: str, client: httpx.Client | None = None) -> Record[Any]:
+def fetch_record(node: str, cid: str) -> Record[Any]:
     """A signed record by CID from a node, checked (canonical bytes, known type, valid signature)."""
+    _check_cid(cid)
+    return call(node, lambda client: client.record(cid))
+
+
+def fetch_receipt(node: str, cid: str) -> tuple[Record[ReceiptBody], bytes]:
+    """A receipt by CID from a node, checked, and the canonical request bytes it binds."""
+    _check_cid(cid)
+
+    async def fetch(client: AgoraClient) -> tuple[Record[ReceiptBody], bytes]:
+        receipt = await client.record(cid)
+        if not isinstance(receipt.body, ReceiptBody):
+            raise RecordError(f"{cid} is a {receipt.type} record, not a receipt")
+        return receipt, await client.record_bytes(receipt.body.request)
+
+    return call(node, fetch)
+
+
+def _check_cid(cid: str) -> None:
     try:
         parse_cid(cid)
     except InvalidCID:
         raise InvalidCID(f"{cid!r} is not a CID") from None  # asking a node for it would only say "no record"
-    raw = _fetch_bytes(node, cid, client)
-    record: Record[Any] = verify_record(raw)
-    if str(record.cid) != cid:
-        raise RecordError(f"{node} returned a record whose CID is {record.cid}, not {cid}")
-    return record
-
-
-def fetch_receipt(node: str, cid: str, client: httpx.Client | None = None) -> tuple[Record[ReceiptBody], bytes]:
-    receipt = fetch_record(node, cid, client)
-    if not isinstance(receipt.body, ReceiptBody):
-        raise RecordError(f"{cid} is a {receipt.type} record, not a receipt")
-    return receipt, _fetch_bytes(node, receipt.body.request, client)
-
-
-def _fetch_bytes(node: str, cid: str, client: httpx.Client | None) -> bytes:
-    url = f"{node.rstrip('/')}/agora/v1/records/{cid}"
-    try:
-        r = (client or httpx).get(url, headers={"accept": CBOR}, timeout=30)
-    except httpx.HTTPError as exc:
-        raise UnverifiableReceipt(f"cannot reach {node}: {exc}") from exc
-    if r.status_code != 200:
-        raise UnverifiableReceipt(f"{node} has no record {cid} (HTTP {r.status_code})")
-    return r.content
 
 
 def load_record_file(path: Path) -> Record[Any]:

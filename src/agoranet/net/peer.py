@@ -6,7 +6,12 @@ than it may: try another peer) and `PeerRefused` (the peer answered with an HTTP
 and OpenAI error body are kept).
 
 This is the gateway's hot path (every user request crosses it once), so it runs on aiohttp, whose
-C parser costs about a fifth of the CPU per request that httpx's pure-Python stack does.
+C parser costs about a fifth of the CPU per request that httpx's pure-Python stack does: measured
+through a gateway (stub provider, 8 concurrent streams), httpx took 0.65 ms of client CPU per request
+against aiohttp's 0.15 ms, and the gateway's whole CPU per request fell from 1.8 ms to 0.63 ms with
+the switch (commit 5e38026). Every other node-to-node call (the `/agora/v1` control plane: records,
+feeds, reputation, log proofs, storage blocks) is a few per second or less and uses httpx
+(`net.agora_client`, `net.storage_client`), like the CLI.
 """
 
 from __future__ import annotations

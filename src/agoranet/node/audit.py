@@ -7,10 +7,13 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
+
 import httpx
 
 from agoranet.core.records import OfferBody, ReceiptBody, Record
 from agoranet.core.tasks import cancel_and_wait
+from agoranet.net.agora_client import AgoraClient, NodeError, NodeRefused
+from agoranet.wire.agora import VerifyRequest
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ class VerifierLink:
         self.peer_ids: dict[str, str] = {}  # verifier URL -> the peer id it names in its reputation table
         self.submitted = 0
         self._http = httpx.AsyncClient(timeout=timeout_s)
+        self._clients = [AgoraClient(url, self._http, timeout=timeout_s) for url in self.verifiers]
         self._outbox: asyncio.Queue[tuple[Record[ReceiptBody], str, Record[OfferBody] | None]] = \
             asyncio.Queue(maxsize=10_000)
         self._tasks: list[asyncio.Task[None]] = []
@@ -67,21 +71,20 @@ class VerifierLink:
     async def refresh(self) -> None:
         """Merge every verifier's table: a fraud proof from any of them excludes the provider."""
         merged: dict[str, ProviderStanding] = {}
-        for url in self.verifiers:
+        for node in self._clients:
             try:
-                answer = (await self._http.get(f"{url}/agora/v1/reputation")).json()
-                table = answer["providers"]
-            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-                log.warning("verifier %s did not answer: %s", url, exc)
+                answer = await node.reputation()
+            except NodeError as exc:
+                log.warning("verifier %s did not answer: %s", node.url, exc)
                 continue
-            if isinstance(answer.get("verifier"), str):
-                self.peer_ids[url] = answer["verifier"]
-            for peer, row in table.items():
+            if answer.verifier is not None:
+                self.peer_ids[node.url] = answer.verifier
+            for peer, row in answer.providers.items():
                 s = merged.setdefault(peer, ProviderStanding())
-                s.verified += int(row.get("verified", 0))
-                s.passed += int(row.get("passed", 0))
-                s.excluded = s.excluded or bool(row.get("excluded"))
-                s.fraud_proofs += [p for p in row.get("fraud_proofs", []) if p not in s.fraud_proofs]
+                s.verified += row.verified
+                s.passed += row.passed
+                s.excluded = s.excluded or row.excluded
+                s.fraud_proofs += [p for p in row.fraud_proofs if p not in s.fraud_proofs]
         for peer, s in merged.items():
             if s.excluded and not self.excluded(peer):
                 log.warning("provider %s excluded: fraud proof %s", peer, s.fraud_proofs[:1])
@@ -95,10 +98,13 @@ class VerifierLink:
     async def _send(self) -> None:
         while True:
             receipt, node_url, offer = await self._outbox.get()
-            item = {"receipt": receipt.to_json(), "node": node_url, "offer": offer.to_json() if offer else None}
-            for url in self.verifiers:
+            item = VerifyRequest(receipt=receipt.to_json(), node=node_url, offer=offer.to_json() if offer else None)
+            for node in self._clients:
                 try:
-                    await self._http.post(f"{url}/agora/v1/receipts", json=item)
+                    await node.submit_receipt(item)
                     self.submitted += 1
-                except httpx.HTTPError as exc:
-                    log.warning("could not hand a receipt to verifier %s: %s", url, exc)
+                except NodeRefused as exc:  # handed over; it will not audit this one (e.g. an upstream receipt)
+                    self.submitted += 1
+                    log.debug("verifier %s refused a receipt: %s", node.url, exc.message)
+                except NodeError as exc:
+                    log.warning("could not hand a receipt to verifier %s: %s", node.url, exc)

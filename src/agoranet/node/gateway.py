@@ -36,7 +36,7 @@ from agoranet.engine.base import Generation, GenerationRequest
 from agoranet.engine.upstream import UPSTREAM_ENGINE
 from agoranet.net.discovery import Discovery
 from agoranet.net.peer import PeerClient, PeerError, PeerRefused, PeerStream, PeerUnreachable
-from agoranet.node.app import FastJSONResponse
+from agoranet.node.app import FastJSONResponse, HotEndpoint
 from agoranet.node.audit import VerifierLink
 from agoranet.node.credits_role import CreditsRole, Escrow, PriceBound, max_price, prompt_token_bound
 from agoranet.node.gateway_metrics import GatewayMetrics, PartOutcome
@@ -338,9 +338,12 @@ class Gateway:
         self.failovers = 0
         self.stats = GatewayMetrics()
         self.router = self._routes()  # the HTTP routes, as every role's `router`
-        # Served by app.HotRoutes straight from ASGI (the routes in `_routes` document them).
-        self.hot_routes = {PATHS["chat"]: partial(self._hot, "chat", ChatCompletionRequest),
-                           PATHS["completion"]: partial(self._hot, "completion", CompletionRequest)}
+        # Served by app.HotRoutes straight from ASGI (create_app documents them in the OpenAPI schema).
+        self.hot_routes = {
+            PATHS["chat"]: HotEndpoint(partial(self._hot, "chat", ChatCompletionRequest), ChatCompletionRequest,
+                                       "Chat completion, routed to a provider"),
+            PATHS["completion"]: HotEndpoint(partial(self._hot, "completion", CompletionRequest), CompletionRequest,
+                                             "Completion, routed to a provider")}
 
     async def start(self) -> None:
         self.client = PeerClient(connect_timeout_s=self.config.connect_timeout_s,
@@ -922,15 +925,6 @@ class Gateway:
                 entry["agora"]["min_output_per_mtok"] = min(entry["agora"]["min_output_per_mtok"],
                                                             c.model.output_per_mtok)
             return {"object": "list", "data": list(seen.values())}
-
-        # Documented here; requests to these two paths are served by `hot_routes` (see app.HotRoutes).
-        @r.post("/v1/chat/completions")
-        async def chat(req: ChatCompletionRequest, request: Request) -> Response:
-            return await self.serve("chat", req, request.headers.get("authorization"))
-
-        @r.post("/v1/completions")
-        async def completions(req: CompletionRequest, request: Request) -> Response:
-            return await self.serve("completion", req, request.headers.get("authorization"))
 
         @r.post("/v1/embeddings")
         async def embeddings() -> Response:

@@ -43,7 +43,7 @@ class ProviderConfig:
     public_url: str  # the node's URL
     input_per_mtok: int = 100_000  # micro-credits per 1M input tokens
     output_per_mtok: int = 200_000
-    max_concurrency: int = 16
+    max_concurrency: int = 32  # at least the default --max-batch (32): a full batch must be admissible
     max_tokens: int = 512  # the most a request may ask for
     default_max_tokens: int = 64
     offer_ttl_s: int = 600

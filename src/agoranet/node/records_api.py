@@ -14,10 +14,9 @@ from fastapi.responses import JSONResponse
 from agoranet.core.errors import RequestError
 from agoranet.core.records import decode_canonical, decode_record
 from agoranet.node.state import NodeState
+from agoranet.wire.agora import CBOR
 
 __all__ = ["CBOR", "records_router"]
-
-CBOR = "application/vnd.ipld.dag-cbor"
 
 
 def records_router(state: NodeState) -> APIRouter:

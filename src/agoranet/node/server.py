@@ -153,6 +153,10 @@ class BackgroundServer:
         self._thread.join(timeout=30)
         self.sock.close()
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def __enter__(self) -> BackgroundServer:
         return self.start()
 

@@ -10,7 +10,6 @@ issuer. `GET /agora/v1/reputation` gives gateways the scores to route by.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -19,22 +18,25 @@ from typing import Any
 
 import httpx
 from fastapi import APIRouter
-from pydantic import BaseModel
 
 from agoranet.core.errors import AgoraError, RecordError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, ReceiptBody, Record, decode_record, verify_record
 from agoranet.core.tasks import cancel_and_wait
+from agoranet.net.agora_client import NOT_JSON, UNEXPECTED, AgoraClient, NodeError, NodeRefused, NodeUnreachable
 from agoranet.node.app import Cursor, PageSize
 from agoranet.node.judge import Judgement, Recheck, ReplayVerifier, UnverifiableReceipt, now_ms
-from agoranet.node.records_api import CBOR, records_router
+from agoranet.node.records_api import records_router
 from agoranet.node.reputation import Reputation
 from agoranet.node.state import NodeState
 from agoranet.verify.records import FraudProofBody
+from agoranet.wire.agora import ProofSubmission, VerifyRequest
 
 log = logging.getLogger(__name__)
 
 MAX_RECORD_BYTES = 8 << 20  # a fetched receipt or request larger than this is refused unread
+AUDIT_BATCH = 32  # queued receipts replayed together by the audit loop
+Audit = tuple[Record[ReceiptBody], str | None, bytes | None]  # a receipt, the node storing it, its request bytes
 
 
 @dataclass(frozen=True)
@@ -43,18 +45,6 @@ class VerifierConfig:
     sources: tuple[str, ...] = ()  # provider/gateway URLs whose /agora/v1/receipts feed is pulled
     poll_interval_s: float = 5.0
     seed: int | None = None  # for the audit sampler (tests); None draws from the OS
-
-
-class VerifyRequest(BaseModel):
-    receipt: dict[str, Any] | None = None  # the receipt record (JSON view)
-    receipt_cid: str | None = None  # … or its CID, fetched from `node`
-    node: str | None = None  # where the receipt and its canonical request are stored
-    request: str | None = None  # hex of the canonical request bytes, if not fetched from `node`
-    offer: dict[str, Any] | None = None  # the provider's signed offer, whose URL `node` must be
-
-
-class ProofSubmission(BaseModel):
-    record: dict[str, Any]
 
 
 class VerifierRole:
@@ -66,10 +56,11 @@ class VerifierRole:
         self.audited = 0
         self.skipped = 0
         self.audit_errors = 0  # audits that failed for any reason (the loop logs them and goes on)
+        self.audit_batches = 0  # replays of one or more receipts together (audit_many calls with any to replay)
         self.refused = 0  # receipts refused at submission (too long, unknown model, unvouched node)
         self._offers: dict[str, str] = {}  # provider peer id -> the URL its latest signed offer names
         self._rng = random.Random(config.seed)
-        self._queue: asyncio.Queue[tuple[Record[ReceiptBody], str | None, bytes | None]] | None = None
+        self._queue: asyncio.Queue[Audit] | None = None
         self._seen: set[str] = set()
         self._cursors: dict[str, int] = {}
         self._task: asyncio.Task | None = None
@@ -102,36 +93,36 @@ class VerifierRole:
                         log.exception("pulling receipts from %s failed", source)
                 next_poll = time.monotonic() + self.config.poll_interval_s
             try:
-                receipt, node, request = await asyncio.wait_for(self._queue.get(), timeout=0.2)
+                batch = [await asyncio.wait_for(self._queue.get(), timeout=0.2)]
             except TimeoutError:
                 continue
+            while len(batch) < AUDIT_BATCH and not self._queue.empty():  # what queued meanwhile, replayed together
+                batch.append(self._queue.get_nowait())
             try:
-                await self.audit(receipt, node=node, request_bytes=request)
-            except AgoraError as exc:
-                self.audit_errors += 1
-                log.warning("could not audit receipt %s: %s", receipt.cid, exc)
+                judged = await self.audit_many(batch)
             except Exception:  # one bad receipt or node must never stop auditing
-                self.audit_errors += 1
-                log.exception("auditing receipt %s failed", receipt.cid)
+                self.audit_errors += len(batch)
+                log.exception("auditing receipts %s failed", ", ".join(str(r.cid) for r, _, _ in batch))
+                continue
+            for (receipt, _, _), j in zip(batch, judged):
+                if isinstance(j, AgoraError):
+                    self.audit_errors += 1
+                    log.warning("could not audit receipt %s: %s", receipt.cid, j)
 
     async def _pull(self, source: str) -> None:
-        assert self._http is not None
         try:
-            r = await self._http.get(f"{source.rstrip('/')}/agora/v1/receipts",
-                                     params={"after": self._cursors.get(source, 0), "limit": 200})
-            r.raise_for_status()
-            feed = r.json()
-        except (httpx.HTTPError, ValueError) as exc:
+            feed = await self._node(source).receipts(after=self._cursors.get(source, 0), limit=200)
+        except NodeError as exc:
             log.warning("cannot pull receipts from %s: %s", source, exc)
             return
-        for item in feed.get("receipts", []):
+        for item in feed.items:
             try:
-                receipt = verify_record(item["record"], ReceiptBody)
+                receipt = verify_record(item.record, ReceiptBody)
                 self.verifier.admissible(receipt)
                 self.offer(receipt, node=source)
-            except (AgoraError, KeyError, TypeError) as exc:
+            except AgoraError as exc:
                 log.warning("skipping a bad receipt from %s: %s", source, exc)
-        self._cursors[source] = int(feed.get("next", self._cursors.get(source, 0)))
+        self._cursors[source] = feed.next
 
     def offer(self, receipt: Record[ReceiptBody], *, node: str | None, request_bytes: bytes | None = None) -> bool:
         """A receipt seen on the network: queue it for audit with probability audit_fraction."""
@@ -149,11 +140,40 @@ class VerifierRole:
     async def audit(self, receipt: Record[ReceiptBody], *, node: str | None = None,
                     request_bytes: bytes | None = None) -> Judgement:
         """Replay one receipt now; store and count the verdict (and fraud proof)."""
-        if request_bytes is None:
-            if node is None:
-                raise UnverifiableReceipt(f"no canonical request for receipt {receipt.cid}: give `request` or `node`")
-            request_bytes = await self._get_record(node, receipt.body.request)
-        judgement = await asyncio.to_thread(self.verifier.judge, receipt, request_bytes)
+        judged = (await self.audit_many([(receipt, node, request_bytes)]))[0]
+        if isinstance(judged, AgoraError):
+            raise judged
+        return judged
+
+    async def audit_many(self, items: list[Audit]) -> list[Judgement | AgoraError]:
+        """Replay receipts together (those of one model in shared forward passes, `ReplayVerifier.judge_many`),
+        fetching the canonical requests not given from their nodes first; store and count each verdict."""
+        requests = await asyncio.gather(*(self._request_of(*item) for item in items))
+        ready = [(receipt, req) for (receipt, _, _), req in zip(items, requests) if isinstance(req, bytes)]
+        self.audit_batches += bool(ready)
+        judged = iter(await asyncio.to_thread(self.verifier.judge_many, ready))
+        out: list[Judgement | AgoraError] = []
+        for (receipt, _, _), req in zip(items, requests):
+            if not isinstance(req, bytes):
+                out.append(req)
+            elif isinstance(j := next(judged), AgoraError):
+                out.append(j)
+            else:
+                out.append(self._keep(receipt, req, j))
+        return out
+
+    async def _request_of(self, receipt: Record[ReceiptBody], node: str | None,
+                          request_bytes: bytes | None) -> bytes | AgoraError:
+        if request_bytes is not None:
+            return request_bytes
+        if node is None:
+            return UnverifiableReceipt(f"no canonical request for receipt {receipt.cid}: give `request` or `node`")
+        try:
+            return await self._get_record(node, receipt.body.request)
+        except AgoraError as exc:
+            return exc
+
+    def _keep(self, receipt: Record[ReceiptBody], request_bytes: bytes, judgement: Judgement) -> Judgement:
         # Not "receipt": that kind is the receipts this node signed, which a provider beside it feeds.
         self.state.put(receipt.encode(), "audited-receipt")
         self.state.put(request_bytes, "request")
@@ -174,6 +194,7 @@ class VerifierRole:
 
     def metrics(self) -> dict[str, float]:
         return {"verifier_audits_total": self.audited, "verifier_audit_errors_total": self.audit_errors,
+                "verifier_audit_batches_total": self.audit_batches,
                 "verifier_receipts_refused_total": self.refused, "verifier_skipped_total": self.skipped,
                 "verifier_queue": self._queue.qsize() if self._queue is not None else 0}
 
@@ -192,11 +213,12 @@ class VerifierRole:
         if signer is not None and self._offers.get(signer) == node and offer is None:
             return node, signer
         if offer is None:
-            answer = await self._get(f"{node}/agora/v1/offer", node, "its offer", accept="application/json")
             try:
-                offer = json.loads(answer)["record"]
-            except (ValueError, KeyError, TypeError):
-                raise UnverifiableReceipt(f"{node} serves no provider offer at /agora/v1/offer") from None
+                offer = (await self._node(node).offer(max_bytes=MAX_RECORD_BYTES)).record
+            except NodeError as exc:
+                if isinstance(exc, NodeUnreachable) and exc.reason in (NOT_JSON, UNEXPECTED):
+                    raise UnverifiableReceipt(f"{node} serves no provider offer at /agora/v1/offer") from None
+                raise _unfetchable(exc, node, "its offer") from None
         try:
             record = verify_record(offer, OfferBody)
         except RecordError:
@@ -210,24 +232,16 @@ class VerifierRole:
         self._offers[record.signer] = node
         return node, record.signer
 
-    async def _get(self, url: str, node: str, what: str, *, accept: str = CBOR) -> bytes:
-        """GET at most MAX_RECORD_BYTES; errors name the node and the status, never its answer."""
+    def _node(self, url: str) -> AgoraClient:
         assert self._http is not None
-        try:
-            async with self._http.stream("GET", url, headers={"accept": accept}, timeout=10) as r:
-                if r.status_code != 200:
-                    raise UnverifiableReceipt(f"{node} did not serve {what} (HTTP {r.status_code})")
-                data = bytearray()
-                async for piece in r.aiter_bytes():
-                    data += piece
-                    if len(data) > MAX_RECORD_BYTES:
-                        raise UnverifiableReceipt(f"{node} answered with more than {MAX_RECORD_BYTES} bytes for {what}")
-                return bytes(data)
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a user's `node` may be anything
-            raise UnverifiableReceipt(f"cannot fetch {what} from {node!r}: {type(exc).__name__}") from None
+        return AgoraClient(url, self._http, timeout=10)
 
     async def _get_record(self, node: str, cid: str) -> bytes:
-        return await self._get(f"{node.rstrip('/')}/agora/v1/records/{cid}", node, f"record {cid}")
+        """A record's bytes, at most MAX_RECORD_BYTES; errors name the node and the status, never its answer."""
+        try:
+            return await self._node(node).record_bytes(cid, max_bytes=MAX_RECORD_BYTES)
+        except NodeError as exc:
+            raise _unfetchable(exc, node, f"record {cid}") from None
 
     # -- routes -------------------------------------------------------------------------------------
 
@@ -306,6 +320,14 @@ class VerifierRole:
         if str(receipt.cid) != cid:
             raise RecordError(f"{node} returned a receipt whose CID is {receipt.cid}, not {cid}")
         return receipt
+
+
+def _unfetchable(exc: NodeError, node: str, what: str) -> UnverifiableReceipt:
+    """Why `what` could not be fetched from a user-named node, without echoing anything it answered."""
+    if isinstance(exc, NodeRefused):
+        return UnverifiableReceipt(f"{node} did not serve {what} (HTTP {exc.status})")
+    reason = exc.reason if isinstance(exc, NodeUnreachable) else type(exc).__name__
+    return UnverifiableReceipt(f"cannot fetch {what} from {node!r}: {reason}")
 
 
 def _hex(text: str) -> bytes:

@@ -23,11 +23,11 @@ from agoranet.core.errors import RecordError
 from agoranet.core.records import Record, sign_record
 from agoranet.core.tasks import cancel_and_wait
 from agoranet.log.errors import InvalidTreeHead
-from agoranet.log.records import SplitViewProof, SplitViewsBody, TreeHeadBody, verify_tree_head
+from agoranet.log.records import SplitViewProof, SplitViewsBody, TreeHeadBody
 from agoranet.log.transparency import TransparencyLog
 from agoranet.log.witness import Witness
+from agoranet.net.agora_client import AgoraClient, NodeError, NodeRefused
 from agoranet.net.gossip import GossipDiscovery, GossipKind
-from agoranet.wire.openai import read_error
 
 log = logging.getLogger(__name__)
 
@@ -204,31 +204,25 @@ class WitnessRole:
                         "the log is untrusted", split.first.body.log_id, split.first.body.size,
                         split.second.body.size, split.reason)
 
+    def _node(self, url: str) -> AgoraClient:
+        assert self._http is not None
+        return AgoraClient(url, self._http, timeout=self.timeout_s)
+
     async def _consistency(self, url: str, first: int, second: int) -> list[bytes] | None:
         """The log's consistency proof; [] when the log says it cannot give one for its own head."""
-        assert self._http is not None
         try:
-            r = await self._http.get(f"{url.rstrip('/')}/agora/v1/log/proof/consistency",
-                                     params={"first": first, "second": second})
-            body = r.json()
-            if r.status_code == 400 and (error := read_error(body)) is not None and error.code == "beyond_log_size":
-                return []  # it signed a head of `second` entries but no longer has them
-            if r.status_code != 200:
-                return None
-            return [bytes.fromhex(h) for h in body["proof"]]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return (await self._node(url).consistency_proof(first, second)).hashes()
+        except NodeRefused as exc:  # beyond_log_size: it signed a head of `second` entries but no longer has them
+            return [] if exc.status == 400 and exc.code == "beyond_log_size" else None
+        except (NodeError, ValueError):
             return None
 
     async def _conclusive(self, url: str, split: SplitViewProof) -> SplitViewProof | None:
         """Ask the log to sign its head at each disputed size; another root there proves the fork outright."""
-        assert self._http is not None
         for claimed in (split.first, split.second):
             try:
-                r = await self._http.get(f"{url.rstrip('/')}/agora/v1/log/head", params={"size": claimed.body.size})
-                if r.status_code != 200:
-                    continue
-                now = verify_tree_head(r.json())
-            except (httpx.HTTPError, ValueError, InvalidTreeHead):
+                now = await self._node(url).log_head(claimed.body.size)
+            except (NodeError, InvalidTreeHead):
                 continue
             if now.body.log_id == claimed.body.log_id and now.body.size == claimed.body.size \
                     and now.body.root != claimed.body.root:

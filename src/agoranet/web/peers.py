@@ -16,11 +16,11 @@ import httpx
 from fastapi import APIRouter
 
 from agoranet.core.tasks import cancel_and_wait
+from agoranet.net.agora_client import AgoraClient, NodeError
+
 __all__ = ["PeerWatch", "peer_row"]
 
 log = logging.getLogger(__name__)
-
-STATUS_PATH = "/agora/v1/status"
 
 
 def peer_row(url: str, status: dict[str, Any], *, rtt_ms: float | None, error: str | None = None,
@@ -74,12 +74,8 @@ class PeerWatch:
     async def _poll_one(self, client: httpx.AsyncClient, url: str) -> None:
         started = time.perf_counter()
         try:
-            response = await client.get(url + STATUS_PATH, params={"peers": "false"})
-            response.raise_for_status()
-            status = response.json()
-            if not isinstance(status, dict):
-                raise ValueError("status is not a JSON object")
-        except (httpx.HTTPError, ValueError) as exc:
+            status = await AgoraClient(url, client, timeout=self.timeout).status(peers=False)
+        except NodeError as exc:
             error = f"{type(exc).__name__}: {exc}"[:200]
             last = self.rows.get(url) or peer_row(url, {}, rtt_ms=None) | {"last_seen_ms": None}
             self.rows[url] = last | {"health": "unreachable", "error": error, "rtt_ms": None}
