@@ -11,6 +11,7 @@ import pytest
 from fastapi import FastAPI
 from typer.testing import CliRunner
 
+from agoranet.cli.console import CHECK_FAILED, UNREACHABLE
 from agoranet.cli.log_cmd import log_app
 from agoranet.core.identity import Identity
 from agoranet.core.records import sign_record
@@ -99,7 +100,7 @@ def test_a_tampered_entry_fails_the_audit(tmp_path: Path, node) -> None:
     db.close()
     url = node(TransparencyLog(tmp_path / "log.db", identity))
     result = invoke("audit", url)
-    assert result.exit_code == 1
+    assert result.exit_code == CHECK_FAILED
     assert "tampered entry 3" in result.output and "do not trust this log" in result.output
 
 
@@ -116,7 +117,7 @@ def test_a_forged_head_fails_every_command(tmp_path: Path, node) -> None:
     url = node(tlog, app)
     for args in (("head", url), ("audit", url), ("verify-inclusion", url, str(tlog.entry(0).cid))):
         result = invoke(*args)
-        assert result.exit_code == 1 and "forged or malformed tree head" in result.output, args
+        assert result.exit_code == CHECK_FAILED and "forged or malformed tree head" in result.output, args
 
     # a head signed by another key in the log's name is just as forged
     other = FastAPI()
@@ -127,7 +128,7 @@ def test_a_forged_head_fails_every_command(tmp_path: Path, node) -> None:
         return sign_record(forger, body).to_json()
 
     result = invoke("audit", node(tlog, other))
-    assert result.exit_code == 1 and "signed by another key" in result.output
+    assert result.exit_code == CHECK_FAILED and "signed by another key" in result.output
 
 
 def test_a_head_signed_over_entries_it_does_not_match_fails_the_audit(tmp_path: Path, node) -> None:
@@ -142,7 +143,7 @@ def test_a_head_signed_over_entries_it_does_not_match_fails_the_audit(tmp_path: 
         )).to_json()
 
     result = invoke("audit", node(tlog, app))
-    assert result.exit_code == 1 and "forged head or altered entries" in result.output
+    assert result.exit_code == CHECK_FAILED and "forged head or altered entries" in result.output
 
 
 def test_a_fork_is_caught_against_a_saved_head(tmp_path: Path, node) -> None:
@@ -156,12 +157,25 @@ def test_a_fork_is_caught_against_a_saved_head(tmp_path: Path, node) -> None:
     forked.append_many(common + moves(identity, 12, "c"))
     url = node(forked)
     result = invoke("audit", url, "--known-head", str(saved))
-    assert result.exit_code == 1 and "fork" in result.output and "rewrote its history" in result.output
+    assert result.exit_code == CHECK_FAILED and "fork" in result.output and "rewrote its history" in result.output
     result = invoke("verify-consistency", url, str(saved), "22")
-    assert result.exit_code == 1 and "fork: log" in result.output and "stop trusting" in result.output
+    assert result.exit_code == CHECK_FAILED and "fork: log" in result.output and "stop trusting" in result.output
 
 
 def test_an_unreachable_node_is_one_clear_line(tmp_path: Path) -> None:
     result = invoke("head", f"http://127.0.0.1:{free_port()}")
-    assert result.exit_code == 2
+    assert result.exit_code == UNREACHABLE
     assert result.output.count("\n") == 1 and "cannot reach" in result.output
+
+
+def test_exit_statuses_separate_bad_input_from_bad_logs_and_dead_nodes(tmp_path: Path, node) -> None:
+    """1: what the user gave is wrong (a refused size, an unreadable saved head); 3: the log is caught
+    (above); 4: no node answered (above). The same statuses hold for every command (console.py)."""
+    identity = Identity.generate()
+    tlog = honest_log(tmp_path / "log.db", identity)
+    url = node(tlog)
+    refused = invoke("head", url, "--size", str(tlog.size + 5))
+    assert refused.exit_code == 1 and "answered 400" in refused.output, refused.output
+    missing = invoke("verify-consistency", url, str(tmp_path / "nowhere.json"), str(tlog.size))
+    assert missing.exit_code == 1 and "cannot read a saved head" in missing.output, missing.output
+    assert invoke("head").exit_code == 2  # click's own usage error: the URL is missing

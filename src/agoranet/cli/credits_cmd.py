@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from agoranet.cli.console import console, fail
+from agoranet.cli.console import CHECK_FAILED, UNREACHABLE, console, fail
 from agoranet.core.errors import AgoraError
 from agoranet.core.records import Record
 from agoranet.log.credits import EarningsProof, verify_earnings
@@ -36,17 +36,17 @@ def statement(
         body = proof.statement.body
         total = verify_earnings(proof, then)
         if body.account != f"provider:{peer_id}":
-            raise fail(f"the gateway sent the statement of {body.account}, not of provider:{peer_id}")
+            raise fail(f"the gateway sent the statement of {body.account}, not of provider:{peer_id}", CHECK_FAILED)
         split = check_heads(then, now, consistency)
         if split is not None:
             raise fail(f"fork: the log's current head does not extend the statement's tree ({split.reason}); "
-                        "keep the statement as evidence and stop trusting this gateway")
+                        "keep the statement as evidence and stop trusting this gateway", CHECK_FAILED)
     except NodeError as exc:
-        raise fail(str(exc), 2) from None
+        raise fail(exc) from None
     except (KeyError, TypeError, ValueError) as exc:
-        raise fail(f"the gateway's answer is malformed: {exc}") from None
-    except AgoraError as exc:
-        raise fail(str(exc)) from None
+        raise fail(f"the gateway's answer is malformed: {exc}", UNREACHABLE) from None
+    except AgoraError as exc:  # a statement or proof that does not check out
+        raise fail(exc, CHECK_FAILED) from None
     console.print(f"[green]✓[/] {peer_id} earned {total} micro-credits in {len(body.moves)} payments at gateway "
                   f"{proof.statement.signer}; every payment is in its log at size {body.log_size} "
                   f"(root {body.log_root[:16]}…), which its current head ({now.body.size} entries) extends")

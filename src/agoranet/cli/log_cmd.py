@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from agoranet.cli.console import console, fail
+from agoranet.cli.console import CHECK_FAILED, console, fail
 from agoranet.core.cid import parse_cid
 from agoranet.core.errors import AgoraError, RecordError, UnknownRecordType
 from agoranet.core.records import Record, decode_canonical, verify_record
@@ -42,9 +42,9 @@ def _run(url: str, body: Callable[[AgoraClient], Awaitable[None]]) -> None:
     try:
         asyncio.run(run())
     except (NodeError, _Unreadable) as exc:
-        raise fail(str(exc), 2)
+        raise fail(exc)
     except InvalidTreeHead as exc:
-        raise fail(f"forged or malformed tree head: {exc}")
+        raise fail(f"forged or malformed tree head: {exc}", CHECK_FAILED)
     except AgoraError as exc:
         raise fail(str(exc))
 
@@ -115,7 +115,8 @@ def verify_consistency_cmd(
         split = check_heads(small, large, got.hashes())
         if split is not None:
             raise fail(f"fork: log {small.body.log_id} signed inconsistent heads at sizes {small.body.size} and "
-                  f"{large.body.size} ({split.reason}); keep both heads as evidence and stop trusting this log")
+                       f"{large.body.size} ({split.reason}); keep both heads as evidence and stop trusting this log",
+                       CHECK_FAILED)
         console.print(f"[green]✓[/] log {small.body.log_id}: size {large.body.size} extends size {small.body.size}")
     _run(url, body)
 
@@ -165,7 +166,8 @@ def audit(
         if len(problems) > SHOWN_PROBLEMS:
             console.print(f"[red]✗[/] … and {len(problems) - SHOWN_PROBLEMS} more problems")
         if problems:
-            raise fail(f"audit of log {signed.body.log_id} found {len(problems)} problem(s); do not trust this log")
+            raise fail(f"audit of log {signed.body.log_id} found {len(problems)} problem(s); do not trust this log",
+                       CHECK_FAILED)
         console.print(
             f"[green]✓[/] log {signed.body.log_id}: {size} entries, root {signed.body.root[:16]}… recomputed, "
             f"{len(records)} signatures valid, {len(balances)} credit accounts balanced, "

@@ -20,14 +20,14 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from agoranet.cli.console import console, fail
+from agoranet.cli.console import CHECK_FAILED, console, fail
 from agoranet.cli.options import (
     AuditFractionOpt, HomeOpt, PollIntervalOpt, SourceOpt, ThreadsOpt, TolerancesOpt, home_dir,
 )
 from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
 
-JUDGED_BAD = 3
+JUDGED_BAD = CHECK_FAILED  # a receipt judged fraud or a violation, or a fraud proof that holds
 
 
 class _ReceiptOrCommand(TyperGroup):
