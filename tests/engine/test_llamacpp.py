@@ -54,10 +54,11 @@ def verifier(ggufs, tolerances):
 
 
 @pytest.fixture(scope="module")
-def net(tmp_path_factory, ggufs):
+def net(tmp_path_factory, ggufs, tolerances):
     root = tmp_path_factory.mktemp("llamanet")
     gw_server, gateway = start_gateway(root / "gw")
-    server, prov = start_provider(root / "p", ProviderOptions(engine="llamacpp", model=str(ggufs[0]), threads=1),
+    server, prov = start_provider(root / "p", ProviderOptions(engine="llamacpp", model=str(ggufs[0]), threads=1,
+                                                              tolerance_files=[tolerances]),
                                   peers=[gw_server.url], gossip=GossipConfig(interval_s=FAST_GOSSIP))
     try:
         wait_for(lambda: str(prov.identity.peer_id) in gateway.discovery.members(), what="the provider")

@@ -33,7 +33,7 @@ def net(tmp_path_factory, real_model, real_model_tolerances):
                                         models=[str(real_model)], tolerance_files=[real_model_tolerances])
     v_server = BackgroundServer(app, bind()).start()
     proc = provider_process(root / "provider", gw_server.url, price_out=100_000,
-                            extra=["--model", str(real_model)])
+                            extra=["--model", str(real_model), "--tolerances", str(real_model_tolerances)])
     try:
         proc.wait_ready(timeout=300)
         peer = httpx.get(f"{proc.url}/agora/v1/offer").json()["record"]["signer"]

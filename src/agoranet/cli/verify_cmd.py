@@ -104,6 +104,10 @@ def check(
                       f"tokens replayed within {body.precision} tolerances (verdict {v.cid})")
         return
     f = body.failure
+    if f.kind == "violation":  # unjudgeable for a reason the provider controls: counts like a fraud
+        console.print(f"[bold red]VIOLATION[/]: receipt {body.receipt} from {body.provider} cannot be judged "
+                      f"({f.detail}); verdict {v.cid}" + (f" written to {out}" if out else ""))
+        raise typer.Exit(JUDGED_BAD)
     console.print(f"[bold red]FRAUD[/]: receipt {body.receipt} from {body.provider} fails at position {f.position} "
                   f"({f.kind}: {f.detail})")
     console.print(f"verdict {v.cid}; fraud proof {judgement.proof.cid}" + (f" written to {out}" if out else ""))

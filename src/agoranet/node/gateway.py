@@ -33,7 +33,7 @@ from agoranet.core.errors import RecordError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, OfferedModel, ReceiptBody, Record, token_charge
 from agoranet.engine.base import Generation, GenerationRequest
-from agoranet.engine.upstream import UPSTREAM_ENGINE
+from agoranet.engine.upstream import UPSTREAM_ENGINE, UPSTREAM_PRECISION
 from agoranet.net.discovery import Discovery
 from agoranet.net.peer import PeerClient, PeerError, PeerRefused, PeerStream, PeerUnreachable
 from agoranet.node.app import FastJSONResponse
@@ -178,7 +178,12 @@ class Router:
                               "shut out (transparency log forked)")
         if self.verifiers is not None:  # a proven fraud shuts a provider out, whatever the user asked
             candidates = keep([c for c in candidates if not self.verifiers.excluded(c.peer)],
-                              "shut out by a fraud proof")
+                              "shut out by a fraud proof or violation")
+            # Never sell what no verifier can judge: an offer's (model, precision) needs tolerances somewhere.
+            # Upstream offers declare a class that is never replayed (provider.require_verified avoids them).
+            candidates = keep([c for c in candidates if c.offer.body.precision == UPSTREAM_PRECISION
+                               or self.verifiers.judgeable(c.model.cid, c.offer.body.precision)],
+                              "of a model or precision no verifier holds tolerances for")
             if prefs.require_verified:
                 candidates = keep([c for c in candidates if self.verifiers.verified(c.peer)],
                                   "not yet verified by a verifier (provider.require_verified)" if self.verifiers.verifiers
@@ -874,9 +879,12 @@ class Gateway:
             h, t = self.routing.of(peer), self.stats.of(peer)
             standing = self.verifiers.standing.get(peer)
             if standing is not None and standing.excluded or self.verifiers.excluded(peer):
-                state = "excluded: a verifier holds a fraud proof"
+                state = "excluded: a verifier holds a fraud proof or violation"
             elif any(excluded(peer) for excluded in self.routing.exclusions):
                 state = "excluded: its transparency log forked"
+            elif b.precision != UPSTREAM_PRECISION and not any(self.verifiers.judgeable(m.cid, b.precision)
+                                                                  for m in b.models):
+                state = f"no traffic: no verifier holds tolerances for its model at {b.precision}"
             elif not h.healthy(now):
                 state = f"cooling down {h.cooldown_until - now:.0f} s after {h.failures} failures"
             else:
@@ -889,7 +897,8 @@ class Gateway:
                 "completion_tokens": t.completion_tokens, "charged": t.charged, "ttft_ms": h.ttft_ms,
                 "tokens_per_s": h.tokens_per_s,
                 "reputation": None if standing is None else {
-                    "verified": standing.verified, "passed": standing.passed, "excluded": standing.excluded},
+                    "verified": standing.verified, "passed": standing.passed, "excluded": standing.excluded,
+                    "violations": len(standing.violations)},
             })
         return {"providers": rows, "failovers": self.failovers, "verifiers": list(self.config.verifiers),
                 "charges_credits": self.config.charge_credits, "requires_keys": self._requires_keys,

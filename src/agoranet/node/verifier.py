@@ -10,6 +10,7 @@ issuer. `GET /agora/v1/reputation` gives gateways the scores to route by.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -26,7 +27,7 @@ from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, ReceiptBody, Record, decode_record, verify_record
 from agoranet.core.tasks import cancel_and_wait
 from agoranet.node.app import Cursor, PageSize
-from agoranet.node.judge import Judgement, Recheck, ReplayVerifier, UnverifiableReceipt, now_ms
+from agoranet.node.judge import Judgement, Recheck, ReplayVerifier, UnverifiableReceipt, Violation, now_ms
 from agoranet.node.records_api import CBOR, records_router
 from agoranet.node.reputation import Reputation
 from agoranet.node.state import NodeState
@@ -66,8 +67,11 @@ class VerifierRole:
         self.audited = 0
         self.skipped = 0
         self.audit_errors = 0  # audits that failed for any reason (the loop logs them and goes on)
-        self.refused = 0  # receipts refused at submission (too long, unknown model, unvouched node)
+        self.refused = 0  # receipts refused at submission (a model this verifier cannot read, unvouched node)
+        self.violations = 0  # receipts judged violations: unjudgeable for a reason their provider controls
         self._offers: dict[str, str] = {}  # provider peer id -> the URL its latest signed offer names
+        # provider peer id -> every (model CID, precision) its signed offers seen here named
+        self._offered: dict[str, set[tuple[str, str]]] = {}
         self._rng = random.Random(config.seed)
         self._queue: asyncio.Queue[tuple[Record[ReceiptBody], str | None, bytes | None]] | None = None
         self._seen: set[str] = set()
@@ -127,37 +131,56 @@ class VerifierRole:
         for item in feed.get("receipts", []):
             try:
                 receipt = verify_record(item["record"], ReceiptBody)
-                self.verifier.admissible(receipt)
+                with contextlib.suppress(Violation):  # judged, without replay, once queued
+                    self.verifier.admissible(receipt)
                 self.offer(receipt, node=source)
             except (AgoraError, KeyError, TypeError) as exc:
                 log.warning("skipping a bad receipt from %s: %s", source, exc)
         self._cursors[source] = int(feed.get("next", self._cursors.get(source, 0)))
 
     def offer(self, receipt: Record[ReceiptBody], *, node: str | None, request_bytes: bytes | None = None) -> bool:
-        """A receipt seen on the network: queue it for audit with probability audit_fraction."""
+        """A receipt seen on the network: queue it for audit with probability audit_fraction, and always when
+        it declares what its provider may not sell (judging that costs no replay, so none escapes)."""
         cid = str(receipt.cid)
         if cid in self._seen:
             return False
         self._seen.add(cid)
-        if self._rng.random() >= self.config.audit_fraction:
+        if self._violation(receipt) is None and self._rng.random() >= self.config.audit_fraction:
             self.skipped += 1
             return False
         assert self._queue is not None
         self._queue.put_nowait((receipt, node, request_bytes))
         return True
 
+    def _violation(self, receipt: Record[ReceiptBody]) -> Violation | None:
+        try:
+            self.verifier.declared(receipt, self._offered.get(receipt.signer))
+        except Violation as why:
+            return why
+        return None
+
     async def audit(self, receipt: Record[ReceiptBody], *, node: str | None = None,
                     request_bytes: bytes | None = None) -> Judgement:
-        """Replay one receipt now; store and count the verdict (and fraud proof)."""
+        """Replay one receipt now; store and count the verdict (and fraud proof). A receipt that declares what
+        its provider may not sell is judged a violation without its request or a replay."""
+        if (why := self._violation(receipt)) is not None:
+            return self._record(receipt, None, self.verifier.violation(receipt, why))
         if request_bytes is None:
             if node is None:
                 raise UnverifiableReceipt(f"no canonical request for receipt {receipt.cid}: give `request` or `node`")
             request_bytes = await self._get_record(node, receipt.body.request)
         judgement = await asyncio.to_thread(self.verifier.judge, receipt, request_bytes)
+        return self._record(receipt, request_bytes, judgement)
+
+    def _record(self, receipt: Record[ReceiptBody], request_bytes: bytes | None, judgement: Judgement) -> Judgement:
         # Not "receipt": that kind is the receipts this node signed, which a provider beside it feeds.
         self.state.put(receipt.encode(), "audited-receipt")
-        self.state.put(request_bytes, "request")
+        if request_bytes is not None:
+            self.state.put(request_bytes, "request")
         self.state.put(judgement.verdict.encode(), "verdict")
+        if (f := judgement.verdict.body.failure) is not None and f.kind == "violation":
+            self.violations += 1
+            log.warning("violation: provider %s, receipt %s: %s", receipt.signer, receipt.cid, f.detail)
         if judgement.proof is not None:
             self.state.put(judgement.proof.encode(), "fraud-proof")
             log.warning("fraud proof %s: provider %s, receipt %s: %s", judgement.proof.cid, receipt.signer,
@@ -174,6 +197,7 @@ class VerifierRole:
 
     def metrics(self) -> dict[str, float]:
         return {"verifier_audits_total": self.audited, "verifier_audit_errors_total": self.audit_errors,
+                "verifier_violations_total": self.violations,
                 "verifier_receipts_refused_total": self.refused, "verifier_skipped_total": self.skipped,
                 "verifier_queue": self._queue.qsize() if self._queue is not None else 0}
 
@@ -208,6 +232,8 @@ class VerifierRole:
             raise RequestError(f"{node} is not the URL of a signed offer of this receipt's provider; records are "
                                "fetched only from there", param="node", code="node_not_vouched")
         self._offers[record.signer] = node
+        self._offered.setdefault(record.signer, set()).update((m.cid, record.body.precision)
+                                                              for m in record.body.models)
         return node, record.signer
 
     async def _get(self, url: str, node: str, what: str, *, accept: str = CBOR) -> bytes:
@@ -284,15 +310,19 @@ class VerifierRole:
 
         @r.get("/agora/v1/reputation")
         async def reputation() -> dict[str, Any]:
+            # `classes`: the (model, precision) pairs judged here; gateways route no traffic to any other.
             return {"verifier": str(self.identity.peer_id), "audit_fraction": self.config.audit_fraction,
-                    "audited": self.audited, **self.reputation.to_json()}
+                    "audited": self.audited, "classes": self.verifier.classes(), **self.reputation.to_json()}
 
         r.include_router(records_router(self.state))  # the receipts audited, verdicts and fraud proofs
         return r
 
     def _admit(self, receipt: Record[ReceiptBody]) -> None:
+        """Refuse a receipt this verifier cannot replay for its own reasons; a Violation is admitted (and signed)."""
         try:
             self.verifier.admissible(receipt)
+        except Violation:
+            pass
         except UnverifiableReceipt as exc:
             self.refused += 1
             raise RequestError(str(exc), param="receipt", code="receipt_not_replayable") from None
