@@ -47,7 +47,8 @@ def internal_service():
 
 def honest_receipt(provider_url: str) -> tuple[dict, str]:
     r = httpx.post(f"{provider_url}/v1/chat/completions", timeout=60, json={
-        "model": "agora-tiny", "messages": [{"role": "user", "content": "add two numbers"}], "max_tokens": 6})
+        "model": "agora-tiny", "messages": [{"role": "user", "content": "add two numbers"}], "max_tokens": 6,
+        "agora": {"receipt": "full"}})
     r.raise_for_status()
     return r.json()["agora"]["receipt"], r.json()["agora"]["receipt_cid"]
 

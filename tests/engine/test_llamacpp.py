@@ -14,7 +14,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip 
 pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'agoranet[llamacpp]')")
 
 from agoranet.core.identity import Identity  # noqa: E402
-from agoranet.core.records import ReceiptBody, sign_record, verify_record  # noqa: E402
+from agoranet.core.records import sign_record  # noqa: E402
 from agoranet.engine.llamacpp_engine import GGUFModel, LlamaCppEngine  # noqa: E402
 from agoranet.engine.models import model_cid  # noqa: E402
 from agoranet.net.gossip import GossipConfig  # noqa: E402
@@ -23,7 +23,7 @@ from agoranet.node.node import ProviderOptions  # noqa: E402
 from agoranet.node.verifier import ReplayVerifier  # noqa: E402
 from agoranet.verify.tolerances import tolerances_record  # noqa: E402
 
-from ..conftest import FAST_GOSSIP, start_gateway, start_provider, wait_for  # noqa: E402
+from ..conftest import FAST_GOSSIP, fetch_receipt, start_gateway, start_provider, wait_for  # noqa: E402
 from ..realmodel import write_gguf  # noqa: E402
 
 MSG = [{"role": "user", "content": "write a function that reverses a list — naïve 🐍"}]
@@ -73,7 +73,7 @@ def test_sdk_through_gateway_gets_a_replayable_llamacpp_answer(net, verifier, te
     url, provider_url, prov = net
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     r = client.chat.completions.create(model="tiny-q8", messages=MSG, max_tokens=20, temperature=temperature, seed=3)
-    receipt = verify_record(r.model_extra["agora"]["receipt"], ReceiptBody)
+    receipt = fetch_receipt(r.model_extra["agora"])
     assert receipt.body.precision == "gguf-q8_0" and prov.offer().body.engine == "llamacpp"
     assert receipt.body.output_text == r.choices[0].message.content and len(receipt.body.output_tokens) > 0
     judgement = asyncio.run(_audit(verifier, receipt, provider_url))

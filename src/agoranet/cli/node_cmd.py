@@ -114,7 +114,7 @@ def p2p_config(*, discovery: str, host: str, peer: list[str] | None, bootstrap: 
 
 
 def gateway_config(*, require_keys: bool, stall_timeout: float, connect_timeout: float, verifier: list[str] | None,
-                   charge_credits: bool, verifier_fee_ppm: int, receipts: str = "full") -> GatewayConfig:
+                   charge_credits: bool, verifier_fee_ppm: int, receipts: str = "compact") -> GatewayConfig:
     from agoranet.node.gateway import GatewayConfig
 
     if not 0 <= verifier_fee_ppm <= 1_000_000:
@@ -262,7 +262,7 @@ def node(
     verifier: VerifierOpt = None,
     charge_credits: ChargeCreditsOpt = False,
     verifier_fee_ppm: VerifierFeeOpt = 0,
-    receipts: ReceiptsOpt = ReceiptMode.full,
+    receipts: ReceiptsOpt = ReceiptMode.compact,
     # verifier
     source: SourceOpt = None,
     audit_fraction: AuditFractionOpt = 0.1,

@@ -95,7 +95,8 @@ class ReceiptMode(str, Enum):
 
 ReceiptsOpt = Annotated[ReceiptMode, _gateway(
     "--receipts",
-    help="receipts in answers: full signed records, or compact (CID, URL, summary) unless a request asks")]
+    help="receipts in answers unless a request asks (agora.receipt): compact (CID, URL, the provider's signed "
+         "summary) or full signed records with token ids and logprobs")]
 
 # Verifier
 SourceOpt = Annotated[Optional[list[str]], _verifier(

@@ -78,9 +78,10 @@ class GatewayConfig:
     probation_serves: int = 3
     probation_share: float = 0.1
     cut_timeout_s: float = 10.0  # how long a provider gets to sign the partial receipt of a stream cut by its client
-    # Receipts in answers to clients: "full" signed records, or "compact" (CID, URL, summary) unless a
-    # request asks otherwise with agora.receipt. The provider→gateway hop always carries the full record.
-    receipts: Literal["full", "compact"] = "full"
+    # Receipts in answers to clients: "compact" (CID, URL, the provider's signed summary) or "full" signed
+    # records, unless a request asks otherwise with agora.receipt. The provider→gateway hop always carries
+    # the full record, which the gateway checks, pays by, hands to verifiers and continues from.
+    receipts: Literal["full", "compact"] = "compact"
 
 
 @dataclass
@@ -278,18 +279,6 @@ def _generated_text(job: _Job, answer: Answer) -> str:
     return answer.text
 
 
-def _compact(part: ReceiptPart, url: str | None) -> dict[str, Any]:
-    """A receipt part as a compact answer carries it: the CID (which binds every byte of the signed record,
-    fetched from `receipt_url` when a client or verifier wants token ids and logprobs) and what it states."""
-    b = part.receipt.body
-    summary = {"model": b.model, "precision": b.precision, "request": b.request, "prompt_tokens": b.prompt_tokens,
-               "completion_tokens": len(b.output_tokens) or b.completion_tokens, "finish_reason": b.finish_reason,
-               "price": b.price.model_dump(), "started_ms": b.started_ms, "finished_ms": b.finished_ms}
-    # The canonical request's bytes go too: the summary's `request` CID binds them.
-    return {k: v for k, v in part.json.items() if k not in ("receipt", "request")} | {
-        "summary": summary, "receipt_url": url}
-
-
 def _ewma(old: float | None, new: float, alpha: float) -> float:
     return new if old is None else (1 - alpha) * old + alpha * new
 
@@ -399,7 +388,9 @@ class Gateway:
         sampled = {k: v for k, v in body.items() if k not in NOT_SAMPLING}
         request_id = (req.agora.request_id if req.agora and req.agora.request_id else
                       "gw-" + hashlib.sha256(json.dumps(sampled, sort_keys=True).encode()).hexdigest()[:32])
-        body |= {"stream": req.stream, "agora": {"request_id": request_id, "prefix_tokens": [], "stream_tokens": True}}
+        # The full receipt, always: it is checked against what was relayed, paid, audited and continued from.
+        body |= {"stream": req.stream, "agora": {"request_id": request_id, "prefix_tokens": [], "stream_tokens": True,
+                                                 "receipt": "full"}}
         if req.stream:
             body["stream_options"] = {"include_usage": True}
         job = _Job(kind, req, body, plan, key, request_id, max_tokens)
@@ -540,14 +531,10 @@ class Gateway:
         e = job.escrow
         credits = ({"held": e.held, "charged": e.charged, "verifier_fee": e.fee, "balance": e.balance}
                    if e is not None and e.settled else None)
-        agora = gateway_summary(job.parts, request_id=job.request_id, gateway=str(self.identity.peer_id),
-                                credits=credits)
         asked = job.req.agora.receipt if job.req.agora else None
-        if (asked or self.config.receipts) == "compact":
-            parts = [_compact(p, job.receipt_urls.get(str(p.receipt.cid))) for p in job.parts]
-            agora = {k: v for k, v in agora.items() if k not in ("receipt", "request")} | (parts[-1] if parts else {}) | {
-                "receipts": parts}
-        return agora
+        parts = [p.json for p in job.parts] if (asked or self.config.receipts) == "full" else \
+            [p.compact(job.receipt_urls.get(str(p.receipt.cid))) for p in job.parts]
+        return gateway_summary(parts, request_id=job.request_id, gateway=str(self.identity.peer_id), credits=credits)
 
     def _cost(self, job: _Job) -> float:
         """What the request cost, in credits (OpenRouter's `usage.cost`): the receipts' charges and any
