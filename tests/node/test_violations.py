@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -187,3 +188,25 @@ def test_fetching_a_model_nobody_stores_is_the_providers_fault_a_broken_store_is
         else:
             with pytest.raises(UnverifiableReceipt, match="disk full"):
                 judge.judge(rec, request)
+
+
+def test_a_provider_sells_only_what_a_tolerance_record_covers(tmp_path):
+    from types import SimpleNamespace
+
+    from agoranet.node.node import TOLERANCES_DIR, NotSellable, check_sellable
+    from agoranet.verify.tolerances import class_tolerance, tolerances_record
+
+    engine = SimpleNamespace(name="transformers", model_cid=MODEL_CID, precision="fp16")
+    check_sellable(SimpleNamespace(name="transformers", model_cid=MODEL_CID, precision="bf16"), tmp_path, [])  # shipped
+    with pytest.raises(NotSellable, match="'fp16'") as err:
+        check_sellable(engine, tmp_path, [])
+    assert "agora verify calibrate" in str(err.value) and "bf16, fp32" in str(err.value)
+    with pytest.raises(NotSellable, match="no tolerance record covers model"):
+        check_sellable(SimpleNamespace(name="transformers", model_cid=UNKNOWN_MODEL, precision="fp32"), tmp_path, [])
+    check_sellable(SimpleNamespace(name="upstream", model_cid=UNKNOWN_MODEL, precision="upstream"), tmp_path, [])
+    # `agora verify calibrate` writes HOME/tolerances/CID.json: then the class may be sold from that home
+    fp16 = class_tolerance("fp16", (0.5, 0.3, 0.4), (0.5, 0.3, 0.4), sequences=8, confirm_sequences=8)
+    record = tolerances_record(Identity.generate(), MODEL_CID, [fp16], hardware="test", method="tests")
+    (tmp_path / TOLERANCES_DIR).mkdir()
+    (tmp_path / TOLERANCES_DIR / f"{MODEL_CID}.json").write_text(json.dumps(record.to_json()))
+    check_sellable(engine, tmp_path, [])
