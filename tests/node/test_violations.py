@@ -210,3 +210,53 @@ def test_a_provider_sells_only_what_a_tolerance_record_covers(tmp_path):
     (tmp_path / TOLERANCES_DIR).mkdir()
     (tmp_path / TOLERANCES_DIR / f"{MODEL_CID}.json").write_text(json.dumps(record.to_json()))
     check_sellable(engine, tmp_path, [])
+
+
+def test_a_verifier_fetches_a_model_it_lacks_by_cid_and_a_model_nobody_stores_is_a_violation(
+        tmp_path, real_model, real_model_tolerances):
+    """Real nodes: a storage peer holding a locally built model, a provider serving it, and a verifier that
+    holds its tolerance record but not the model (it fetches it by CID); a receipt naming a calibrated model
+    that no storage peer has is the provider's violation."""
+    from agoranet.node.app import create_app
+    from agoranet.node.storage_role import StorageRole
+    from agoranet.store.unixfs import add_path
+    from agoranet.verify.tolerances import load_tolerances, tolerances_record
+
+    sock = bind()
+    storage = StorageRole(tmp_path / "storage", url_of(sock), [])
+    cid = str(add_path(storage.store, real_model))
+    table = load_tolerances(real_model_tolerances).body
+    nobody = tmp_path / "nobody.json"  # a tolerance record for a model no peer stores
+    nobody.write_text(json.dumps(tolerances_record(Identity.generate(), UNKNOWN_MODEL, table.classes, hardware="test",
+                                                   method="tests").to_json()))
+    with BackgroundServer(create_app([storage], max_request_bytes=1 << 20), sock) as peer:
+        server, prov = start_provider(tmp_path / "provider", ProviderOptions(
+            model=str(real_model), threads=1, tolerance_files=[real_model_tolerances]))
+        app, role = build_verifier_node(tmp_path / "verifier", VerifierConfig(audit_fraction=0.0),
+                                        tolerance_files=[real_model_tolerances, nobody], storage_peers=[peer.url])
+        try:
+            with BackgroundServer(app, bind()) as verifier:
+                r = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+                    "model": real_model.name, "messages": MSG, "max_tokens": 8, "temperature": 0.8, "seed": 2})
+                assert r.status_code == 200, r.text
+                cid_asked = r.json()["agora"]["receipt_cid"]
+                judged = httpx.post(f"{verifier.url}/agora/v1/verify", timeout=300,
+                                    json={"receipt_cid": cid_asked, "node": server.url}).json()
+                assert judged["ok"], judged  # replayed with the model fetched from the storage peer
+                assert (tmp_path / "verifier" / "models" / cid / "config.json").exists()
+
+                receipt = verify_record(httpx.get(f"{server.url}/agora/v1/records/{cid_asked}").json()["record"],
+                                        ReceiptBody)
+                request = httpx.get(f"{server.url}/agora/v1/records/{receipt.body.request}",
+                                    headers={"accept": "application/vnd.ipld.dag-cbor"}).content
+                stranger = Identity.generate()
+                orphan = sign_record(stranger, receipt.body.model_copy(update={"model": UNKNOWN_MODEL}))
+                judged = httpx.post(f"{verifier.url}/agora/v1/verify", timeout=300,
+                                    json={"receipt": orphan.to_json(), "request": request.hex()}).json()
+                failure = judged["verdict"]["body"]["failure"]
+                assert not judged["ok"] and failure["kind"] == "violation", judged
+                assert "cannot be fetched by its CID" in failure["detail"]
+                assert role.reputation.providers[str(stranger.peer_id)].excluded
+                assert not role.reputation.providers[str(prov.identity.peer_id)].excluded
+        finally:
+            server.stop()

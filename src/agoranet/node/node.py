@@ -324,8 +324,9 @@ def build_gateway_node(home: Path, public_url: str, peers: list[str], *, config:
 
 def build_verifier_node(home: Path, audit: VerifierConfig, *, models: list[str] | None = None,
                         tolerance_files: list[Path] = (), threads: int | None = 1,
-                        max_request_bytes: int | None = None) -> tuple[FastAPI, VerifierRole]:
+                        max_request_bytes: int | None = None,
+                        storage_peers: list[str] | None = None) -> tuple[FastAPI, VerifierRole]:
     """A verifier node, reached by its URL alone: it gossips with no one, so it needs none to be built."""
     node = build_node(home, "", ["verifier"], max_request_bytes=max_request_bytes,
-                      verifier=VerifierOptions(audit, models, list(tolerance_files), threads))
+                      verifier=VerifierOptions(audit, models, list(tolerance_files), threads, list(storage_peers or [])))
     return node.app, node.verifier
