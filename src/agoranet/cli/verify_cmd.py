@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 
 from agoranet.cli.console import console, fail
 from agoranet.cli.options import (
-    AuditFractionOpt, HomeOpt, PollIntervalOpt, SourceOpt, ThreadsOpt, TolerancesOpt, home_dir,
+    AuditFractionOpt, HomeOpt, PollIntervalOpt, SourceOpt, StoragePeerOpt, ThreadsOpt, TolerancesOpt, home_dir,
 )
 from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
@@ -125,12 +125,13 @@ def serve(
     tolerances: TolerancesOpt = None,
     threads: ThreadsOpt = 1,
     home: HomeOpt = None,
+    storage_peer: StoragePeerOpt = None,
 ) -> None:
     """Run a verifier node: audit receipts, sign verdicts and fraud proofs, serve reputation."""
     from agoranet.cli.node_cmd import serve_node, verifier_options
 
     opts = verifier_options(source=source, audit_fraction=audit_fraction, poll_interval=poll_interval, models=model,
-                            tolerances=tolerances, threads=threads)
+                            tolerances=tolerances, threads=threads, storage_peers=storage_peer)
     serve_node(["verifier"], home=home, host=host, port=port, verifier=opts)
 
 
