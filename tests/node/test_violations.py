@@ -260,3 +260,33 @@ def test_a_verifier_fetches_a_model_it_lacks_by_cid_and_a_model_nobody_stores_is
                 assert not role.reputation.providers[str(prov.identity.peer_id)].excluded
         finally:
             server.stop()
+
+
+def test_a_receipt_declaring_another_class_than_its_offer_sells_is_refused_and_a_violation(tmp_path, caplog):
+    """Sold as fp32, declared bf16 (looser tolerances): the gateway refuses to relay or pay it, and a verifier
+    shown the provider's signed offer signs a violation."""
+    gw, gateway = start_gateway(tmp_path / "gw")
+    server, prov = start_provider(tmp_path / "p", ProviderOptions(threads=1), peers=[gw.url],
+                                  gossip=GossipConfig(interval_s=FAST_GOSSIP))
+    app, role = build_verifier_node(tmp_path / "verifier", VerifierConfig(audit_fraction=0.0))
+    try:
+        with BackgroundServer(app, bind()) as verifier:
+            offer = prov.offer()
+            assert offer.body.precision == "fp32"
+            wait_for(lambda: asyncio.run(gateway.discovery.find_offers("agora-tiny")), what="the offer")
+            prov.engine.precision = "bf16"  # from now on its receipts declare bf16; its signed offer still says fp32
+            r = httpx.post(f"{gw.url}/v1/chat/completions", timeout=60, json={
+                "model": "agora-tiny", "messages": MSG, "max_tokens": 4, "seed": 3})
+            assert r.status_code == 502 and "without a receipt bound to this request" in r.text, r.text
+            assert "a receipt declaring model" in caplog.text and "'fp32'" in caplog.text  # unpaid, and why
+            direct = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+                "model": "agora-tiny", "messages": MSG, "max_tokens": 4, "seed": 3}).json()["agora"]
+            assert verify_record(direct["summary"]).body.precision == "bf16"
+            judged = httpx.post(f"{verifier.url}/agora/v1/verify", timeout=60, json={
+                "receipt_cid": direct["receipt_cid"], "node": server.url, "offer": offer.to_json()}).json()
+            failure = judged["verdict"]["body"]["failure"]
+            assert not judged["ok"] and failure["kind"] == "violation" and failure["detail"].startswith("offer: ")
+            assert role.reputation.providers[str(prov.identity.peer_id)].excluded
+    finally:
+        server.stop()
+        gw.stop()

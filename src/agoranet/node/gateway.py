@@ -492,6 +492,10 @@ class Gateway:
             why = "a receipt without the canonical request it binds"
         elif (receipt := part.receipt).signer != cand.peer:
             why = f"a receipt signed by {receipt.signer}, not the offer's key"
+        elif (receipt.body.model, receipt.body.precision) != (cand.model.cid, cand.offer.body.precision):
+            # sold as one class, declared as another (say, bf16's looser tolerances under an fp32 price)
+            why = (f"a receipt declaring model {receipt.body.model} at {receipt.body.precision!r}, not the "
+                   f"{cand.offer.body.precision!r} {cand.model.cid} its offer sells")
         elif (allowed := overcharged(receipt.body, cand.model)) is not None:
             why = f"a receipt charging {receipt.body.price.charged}, more than its offer allows ({allowed})"
         elif str(cid_of(request_bytes, DAG_CBOR)) != receipt.body.request:
