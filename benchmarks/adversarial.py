@@ -242,7 +242,8 @@ def turncoat(root: Path, gw_url: str):
     app, role = build_provider_node(home, url_of(sock), ProviderOptions(), engine=StubEngine(model_name="agora-tiny"))
     honest = BackgroundServer(app, sock).start()
     r = httpx.post(f"{honest.url}/v1/chat/completions", timeout=30, json={
-        "model": "agora-tiny", "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": "hi"}]})
+        "model": "agora-tiny", "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": "hi"}],
+        "agora": {"receipt": "full"}})  # the whole record, which the turncoat replays
     receipt = r.json()["agora"]
     model = role.offer().body.models[0]
     honest.stop()

@@ -100,6 +100,22 @@ def operator(home: Path) -> dict[str, str]:
     return {"authorization": f"Bearer {operator_token(home)}"}
 
 
+def fetch_receipt(agora: dict):
+    """The full receipt a (compact) answer names: fetched by CID from its `receipt_url`, checked to be the one
+    its CID and the provider's signed summary name."""
+    from agoranet.core.records import ReceiptBody, verify_record
+    from agoranet.wire.openai import check_summary, read_summary
+
+    summary = read_summary(agora)
+    receipt = verify_record(httpx.get(agora["receipt_url"], timeout=30).json()["record"], ReceiptBody)
+    assert str(receipt.cid) == agora["receipt_cid"]
+    check_summary(summary, receipt)
+    return receipt
+
+
+FULL = {"agora": {"receipt": "full"}}  # a request's opt-in to the full receipt in its answer
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

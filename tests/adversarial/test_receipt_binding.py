@@ -29,7 +29,7 @@ LASTING = GossipConfig(interval_s=FAST_GOSSIP, missed_heartbeats=30)
 def ask(url: str, secret: str, order: list[str], *, stream: bool, content: str = "add two numbers"):
     """A chat request through the gateway, routed to `order` first; the answer text and `agora` field."""
     return chat(url, secret, stream=stream, content=content, timeout=600, seed=7,
-                extra_body={"provider": {"order": order}})
+                extra_body={"provider": {"order": order}, "agora": {"receipt": "full"}})  # what a turncoat replays
 
 
 def offered_urls(gw_url: str) -> set[str]:

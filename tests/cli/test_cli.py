@@ -65,6 +65,10 @@ def test_provide_explains_bad_options(tmp_path):
     assert r.returncode == 1 and "no model" in r.stderr and "Traceback" not in r.stderr
     r = agora("provide", "--precision", "fp7", "--port", "0", home=tmp_path)
     assert r.returncode == 1 and "unknown precision" in r.stderr
+    # fp16 loads, but no tolerance record covers it: nobody could judge what it sells, so it does not start
+    r = agora("provide", "--precision", "fp16", "--port", "0", home=tmp_path)
+    assert r.returncode == 1 and "no tolerance record covers" in r.stderr and "'fp16'" in r.stderr, r.stderr
+    assert "agora verify calibrate" in r.stderr and "--tolerances" in r.stderr and "Traceback" not in r.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

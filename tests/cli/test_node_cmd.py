@@ -7,9 +7,9 @@ import httpx
 import openai
 import pytest
 
-from agoranet.core.records import ReceiptBody, verify_record
+from agoranet.core.records import verify_record
 
-from ..conftest import FAST_GOSSIP, NodeProcess, free_port, provider_process, wait_for
+from ..conftest import FAST_GOSSIP, NodeProcess, fetch_receipt, free_port, provider_process, wait_for
 from .test_cli import agora
 
 MSG = [{"role": "user", "content": "write a function that reverses a list"}]
@@ -49,7 +49,7 @@ def test_the_gateway_owns_v1_and_serves_its_own_provider_and_others_with_receipt
     for peer in ids.values():
         r = ask(node.url, peer, seed=5)
         agora = r.model_extra["agora"]
-        receipt = verify_record(agora["receipt"], ReceiptBody)
+        receipt = fetch_receipt(agora)
         assert receipt.signer == agora["provider"] == peer
         assert receipt.body.output_text == r.choices[0].message.content and len(agora["receipts"]) == 1
         chunks = list(ask(node.url, peer, seed=5, stream=True))
@@ -67,7 +67,7 @@ def test_the_provider_serves_under_the_url_its_signed_offer_names(net):
     direct = openai.OpenAI(base_url=f"{offer['body']['url']}/v1", api_key="unused", max_retries=0)
     assert direct.models.list().data[0].owned_by == ids["own"]
     r = direct.chat.completions.create(model="agora-tiny", messages=MSG, max_tokens=4)
-    assert verify_record(r.model_extra["agora"]["receipt"], ReceiptBody).signer == ids["own"]
+    assert verify_record(r.model_extra["agora"]["summary"]).signer == ids["own"]
     # One identity, one membership: the other provider knows this node by its root URL, with all its roles.
     members = httpx.get(f"{other.url}/agora/v1/peers").json()["members"]
     assert members[ids["own"]] == node.url

@@ -18,7 +18,7 @@ pytest.importorskip("llama_cpp", reason=os.environ.get("AGORA_LLAMACPP_SKIP_REAS
 pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'agoranet[llamacpp]')")
 
 from agoranet.core.identity import Identity  # noqa: E402
-from agoranet.core.records import ReceiptBody, sign_record, verify_record  # noqa: E402
+from agoranet.core.records import sign_record  # noqa: E402
 from agoranet.engine.llamacpp_engine import GGUFModel, LlamaCppEngine  # noqa: E402
 from agoranet.engine.models import model_cid  # noqa: E402
 from agoranet.net.gossip import GossipConfig  # noqa: E402
@@ -28,7 +28,9 @@ from agoranet.node.provider import derived_request_id  # noqa: E402
 from agoranet.node.verifier import ReplayVerifier  # noqa: E402
 from agoranet.verify.tolerances import tolerances_record  # noqa: E402
 
-from ..conftest import FAST_GOSSIP, provider_process, start_gateway, start_provider, wait_for  # noqa: E402
+from ..conftest import (  # noqa: E402
+    FAST_GOSSIP, fetch_receipt, provider_process, start_gateway, start_provider, wait_for,
+)
 from ..realmodel import write_gguf  # noqa: E402
 
 MSG = [{"role": "user", "content": "write a function that reverses a list — naïve 🐍"}]
@@ -59,10 +61,11 @@ def verifier(ggufs, tolerances):
 
 
 @pytest.fixture(scope="module")
-def net(tmp_path_factory, ggufs):
+def net(tmp_path_factory, ggufs, tolerances):
     root = tmp_path_factory.mktemp("llamanet")
     gw_server, gateway = start_gateway(root / "gw")
-    server, prov = start_provider(root / "p", ProviderOptions(engine="llamacpp", model=str(ggufs[0]), threads=1),
+    server, prov = start_provider(root / "p", ProviderOptions(engine="llamacpp", model=str(ggufs[0]), threads=1,
+                                                              tolerance_files=[tolerances]),
                                   peers=[gw_server.url], gossip=GossipConfig(interval_s=FAST_GOSSIP))
     try:
         wait_for(lambda: str(prov.identity.peer_id) in gateway.discovery.members(), what="the provider")
@@ -77,7 +80,7 @@ def test_sdk_through_gateway_gets_a_replayable_llamacpp_answer(net, verifier, te
     url, provider_url, prov = net
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     r = client.chat.completions.create(model="tiny-q8", messages=MSG, max_tokens=20, temperature=temperature, seed=3)
-    receipt = verify_record(r.model_extra["agora"]["receipt"], ReceiptBody)
+    receipt = fetch_receipt(r.model_extra["agora"])
     assert receipt.body.precision == "gguf-q8_0" and prov.offer().body.engine == "llamacpp"
     assert receipt.body.output_text == r.choices[0].message.content and len(receipt.body.output_tokens) > 0
     judgement = asyncio.run(_audit(verifier, receipt, provider_url))
@@ -120,14 +123,14 @@ def test_another_quantization_under_the_files_cid_is_caught(ggufs, verifier):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_llamacpp_provider_killed_mid_stream_is_continued_without_a_lost_or_repeated_token(
-        ggufs, verifier, tmp_path, temperature):
+        ggufs, tolerances, verifier, tmp_path, temperature):
     """Two `agora provide --engine llamacpp` processes; the cheap one is SIGKILLed mid-stream. The stream
     completes on the other with exactly the text an uninterrupted run gives (same GGUF, same seed), and the
     last receipt, binding the tokens it continued from, replays."""
     from agoranet.engine.llamacpp_engine import GGUFModel as Tok
 
     gw_server, gateway = start_gateway(tmp_path / "gw", stall_timeout_s=5.0)
-    extra = ["--engine", "llamacpp", "--model", str(ggufs[0]), "--token-delay-ms", "60"]
+    extra = ["--engine", "llamacpp", "--model", str(ggufs[0]), "--token-delay-ms", "60", "--tolerances", str(tolerances)]
     a = provider_process(tmp_path / "a", gw_server.url, price_out=100_000, extra=extra)
     b = provider_process(tmp_path / "b", gw_server.url, price_out=400_000, extra=extra)
     try:
@@ -157,12 +160,12 @@ def test_llamacpp_provider_killed_mid_stream_is_continued_without_a_lost_or_repe
             agora = (chunk.model_extra or {}).get("agora", agora)
         assert a.proc.poll() is not None, "the stream ended before the kill"
         assert text == expected
-        last = verify_record(agora["receipts"][-1]["receipt"], ReceiptBody)
+        last = fetch_receipt(agora["receipts"][-1])  # by CID from the provider that finished it
         assert agora["provider"] == ids[1] and 0 < len(last.body.prefix_tokens) < 40
         tok = Tok(ggufs[0], threads=1)
         assert tok.decode(list(last.body.prefix_tokens) + list(last.body.output_tokens)) == text
         assert list(last.body.prefix_tokens) + list(last.body.output_tokens) == list(
-            verify_record(whole.model_extra["agora"]["receipt"], ReceiptBody).body.output_tokens)
+            fetch_receipt(whole.model_extra["agora"]).body.output_tokens)
         judgement = asyncio.run(_audit(verifier, last, b.url))
         assert judgement.verdict.body.ok, judgement.verdict.body.failure
     finally:

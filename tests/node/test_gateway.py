@@ -8,7 +8,7 @@ import secrets
 import httpx
 import openai
 import pytest
-from ..conftest import provider_process, start_gateway, start_provider, wait_for
+from ..conftest import fetch_receipt, FULL, provider_process, start_gateway, start_provider, wait_for
 
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, ReceiptBody, sign_record, verify_record
@@ -47,8 +47,8 @@ def sdk(url: str, **kw) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, **kw)
 
 
-def ask(url: str, provider: dict | None = None, **kw):
-    extra = {"provider": provider} if provider else {}
+def ask(url: str, provider: dict | None = None, agora: dict | None = None, **kw):
+    extra = ({"provider": provider} if provider else {}) | ({"agora": agora} if agora else {})
     return sdk(url).chat.completions.create(model="agora-tiny", messages=MSG, max_tokens=12, temperature=0.7,
                                             extra_body=extra, **kw)
 
@@ -58,10 +58,10 @@ def test_sdk_through_gateway_is_served_by_discovered_providers(net):
     assert [m.id for m in sdk(url).models.list().data] == ["agora-tiny"]
     r = ask(url, seed=3)
     agora = r.model_extra["agora"]
-    receipt = verify_record(agora["receipt"], ReceiptBody)
+    receipt = fetch_receipt(agora)  # compact by default: fetched by CID, checked against the signed summary
     assert receipt.signer == agora["provider"] in ids.values()
     assert receipt.body.output_text == r.choices[0].message.content and len(agora["receipts"]) == 1
-    chunks = list(ask(url, seed=3, stream=True, stream_options={"include_usage": True}))
+    chunks = list(ask(url, seed=3, stream=True, stream_options={"include_usage": True}, agora=FULL["agora"]))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == r.choices[0].message.content  # gateway fixed seed + same sampling, any provider
     assert chunks[-1].usage.completion_tokens == 12

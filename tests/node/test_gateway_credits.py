@@ -74,7 +74,7 @@ def test_a_funded_key_pays_exactly_what_the_receipts_charge(net):
     key_id, secret = funded(gateway, "ann", 10_000)
     earned_before = gateway.credits.ledger.balance(provider(peer))
     r = chat(url, secret)
-    charged = r.model_extra["agora"]["receipt"]["body"]["price"]["charged"]
+    charged = r.model_extra["agora"]["summary"]["body"]["price"]["charged"]
     assert charged == 16 + 3 * 8  # stub prompt: 1 + 15 bytes; 8 tokens out
     assert balance(gateway, key_id) == 10_000 - charged
     assert r.model_extra["agora"]["credits"] | {"held": 0} == {"held": 0, "charged": charged, "verifier_fee": 0,
@@ -156,7 +156,7 @@ def test_concurrent_requests_conserve_every_credit(net):
                 body = {"model": "agora-tiny", "messages": MSG, "max_tokens": 4 + i % 5}
                 r = await client.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {secret}"})
                 assert r.status_code == 200, r.text
-                return r.json()["agora"]["receipt"]["body"]["price"]["charged"]
+                return r.json()["agora"]["summary"]["body"]["price"]["charged"]
             return await asyncio.gather(*(one(i) for i in range(24)))
 
     charges = asyncio.run(run())

@@ -112,13 +112,13 @@ def test_quantizations_select_offers_by_precision_class(net):
 def test_usage_reports_the_cost_in_credits_like_openrouter(net):
     url, _ = net
     r = chat(url, {}).json()
-    assert r["usage"]["cost"] == r["agora"]["receipt"]["body"]["price"]["charged"] / 1e6 > 0
+    assert r["usage"]["cost"] == r["agora"]["summary"]["body"]["price"]["charged"] / 1e6 > 0
     with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30, json={
             "model": "agora-tiny", "messages": MSG, "max_tokens": 2, "stream": True,
             "stream_options": {"include_usage": True}}) as s:
         events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
     last = events[-1]
-    assert last["usage"]["cost"] == last["agora"]["receipt"]["body"]["price"]["charged"] / 1e6 > 0
+    assert last["usage"]["cost"] == last["agora"]["summary"]["body"]["price"]["charged"] / 1e6 > 0
 
 
 def test_embeddings_get_an_openai_404_saying_they_are_not_offered(net):
@@ -131,12 +131,12 @@ def test_embeddings_get_an_openai_404_saying_they_are_not_offered(net):
 
 
 def test_a_compact_answer_carries_the_receipt_cid_and_summary_and_the_record_is_fetched_by_cid(net):
-    from agoranet.core.records import ReceiptBody, verify_record
+    from agoranet.core.records import ReceiptBody, ReceiptSummaryBody, verify_record
 
     url, _ = net
     ask = {"model": "agora-tiny", "messages": MSG, "max_tokens": 32, "seed": 7}
-    full = httpx.post(f"{url}/v1/chat/completions", timeout=30, json=ask)
-    compact = httpx.post(f"{url}/v1/chat/completions", timeout=30, json=ask | {"agora": {"receipt": "compact"}})
+    full = httpx.post(f"{url}/v1/chat/completions", timeout=30, json=ask | {"agora": {"receipt": "full"}})
+    compact = httpx.post(f"{url}/v1/chat/completions", timeout=30, json=ask)  # the default
     assert full.status_code == compact.status_code == 200
     assert len(compact.content) < len(full.content) / 2, (len(compact.content), len(full.content))
     agora = compact.json()["agora"]
@@ -144,7 +144,9 @@ def test_a_compact_answer_carries_the_receipt_cid_and_summary_and_the_record_is_
     record = httpx.get(agora["receipt_url"]).json()["record"]  # the provider serves it by CID
     receipt = verify_record(record, ReceiptBody)
     assert str(receipt.cid) == agora["receipt_cid"] and receipt.signer == agora["provider"]
-    summary = agora["summary"]
-    assert summary["completion_tokens"] == len(receipt.body.output_tokens) == 32
-    assert summary["price"]["charged"] == receipt.body.price.charged and summary["request"] == receipt.body.request
+    summary = verify_record(agora["summary"], ReceiptSummaryBody)  # signed by the provider, not the gateway
+    assert summary.signer == receipt.signer and summary.body == ReceiptSummaryBody.of(receipt)
+    assert summary.body.completion_tokens == len(receipt.body.output_tokens) == 32 and summary.body.receipt == str(
+        receipt.cid)
+    assert summary.body.price == receipt.body.price and summary.body.request == receipt.body.request
     assert compact.json()["usage"]["cost"] == receipt.body.price.charged / 1e6

@@ -7,11 +7,10 @@ import time
 
 import openai
 
-from agoranet.core.records import ReceiptBody, verify_record
 from agoranet.net.gossip import GossipConfig
 from agoranet.node.node import ProviderOptions
 
-from ..conftest import FAST_GOSSIP, start_gateway, start_provider, wait_for
+from ..conftest import FAST_GOSSIP, fetch_receipt, start_gateway, start_provider, wait_for
 
 STALL_S = 1.0
 
@@ -29,14 +28,14 @@ def test_plain_answer_slower_than_the_stall_timeout_arrives_whole(tmp_path):
         started = time.monotonic()
         r = openai.OpenAI(base_url=f"{gw_server.url}/v1", api_key="x", max_retries=0).chat.completions.create(**args)
         took = time.monotonic() - started
-        receipt = verify_record(r.model_extra["agora"]["receipt"], ReceiptBody)
+        receipt = fetch_receipt(r.model_extra["agora"])
         assert took > 3 * STALL_S and r.usage.completion_tokens == 24 == len(r.choices[0].logprobs.content)
         assert receipt.body.output_text == r.choices[0].message.content and r.choices[0].finish_reason == "length"
         assert len(r.model_extra["agora"]["receipts"]) == 1  # one provider did it all: no failover, no retry
         # the provider's kept-alive answer read directly by the SDK (whitespace first is still JSON)
         direct = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0).chat.completions.create(**args)
         assert direct.usage.completion_tokens == 24
-        assert direct.model_extra["agora"]["receipt"]["body"]["output_text"] == direct.choices[0].message.content
+        assert fetch_receipt(direct.model_extra["agora"]).body.output_text == direct.choices[0].message.content
     finally:
         server.stop()
         gw_server.stop()

@@ -12,7 +12,7 @@ from agoranet.net.gossip import GossipConfig
 from agoranet.node.node import PROVIDER_PATH, StorageOptions, UnknownRole, build_node, parse_roles
 from agoranet.node.server import BackgroundServer, bind, url_of
 
-from ..conftest import FAST_GOSSIP, operator
+from ..conftest import FAST_GOSSIP, FULL, operator
 
 
 def test_roles_are_validated_deduplicated_and_ordered():
@@ -45,7 +45,7 @@ def test_gateway_provider_and_storage_share_one_identity_log_and_port(node):
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["owned_by"] == "agora"
     assert httpx.get(f"{url}{PROVIDER_PATH}/v1/models").json()["data"][0]["owned_by"] == str(built.identity.peer_id)
     answer = httpx.post(f"{url}/v1/chat/completions", json={
-        "model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).json()
+        "model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, **FULL}).json()
     receipt = verify_record(answer["agora"]["receipt"], ReceiptBody)
     assert receipt.signer == str(built.identity.peer_id) and built.gateway.routing.of(receipt.signer).served == 1
     for base in (url, url + PROVIDER_PATH):  # the node's records, and its provider's where its offer points

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 
 import httpx
 import openai
 import pytest
 
-from agoranet.core.records import OfferBody, ReceiptBody, verify_record
+from agoranet.core.records import OfferBody, verify_record
 from agoranet.engine.models import resolve_model
 from agoranet.engine.tokenizer import ByteTokenizer
+from agoranet.wire.openai import ReceiptPart
+
+from ..conftest import FULL, fetch_receipt
 
 TOK = ByteTokenizer.from_dir(resolve_model("agora-tiny")[0])
 MSG = [{"role": "user", "content": "write a function that reverses a list"}]
@@ -29,8 +33,12 @@ def test_chat_with_logprobs_carries_a_verifiable_receipt(provider):
     r = raw.parse()
     text = r.choices[0].message.content
     agora = r.model_extra["agora"]
-    receipt = verify_record(agora["receipt"], ReceiptBody)
+    assert "receipt" not in agora and "request" not in agora  # compact by default: CID, URL, signed summary
+    receipt = fetch_receipt(agora)  # by CID, checked against the summary
     assert str(receipt.cid) == agora["receipt_cid"] == raw.headers["x-agora-receipt"]
+    summary = verify_record(agora["summary"]).body
+    assert summary.output_sha256 == hashlib.sha256(text.encode()).hexdigest()
+    assert (summary.completion_tokens, summary.price) == (len(receipt.body.output_tokens), receipt.body.price)
     assert receipt.signer == agora["provider"] == str(prov.identity.peer_id)
     body = receipt.body
     assert TOK.decode(body.output_tokens) == text == body.output_text
@@ -53,14 +61,14 @@ def test_streamed_chat_matches_its_receipt(provider):
     url, _ = provider
     stream = sdk(url).chat.completions.create(
         model="agora-tiny", messages=MSG, max_tokens=40, temperature=0.9, seed=5, stream=True, logprobs=True,
-        stream_options={"include_usage": True},
+        stream_options={"include_usage": True}, extra_body=FULL,
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[0].choices[0].delta.role == "assistant"
     last = chunks[-1]
     assert last.usage.completion_tokens == 40
-    receipt = verify_record(last.model_extra["agora"]["receipt"], ReceiptBody)
+    receipt = ReceiptPart.read(last.model_extra["agora"]).receipt  # asked in full: the record and its summary
     assert receipt.body.output_text == text == TOK.decode(receipt.body.output_tokens)
     assert all("agora" not in (c.model_extra or {}) for c in chunks[:-1])
 
@@ -96,11 +104,11 @@ def test_sampled_tokens_do_not_depend_on_logprobs_max_tokens_or_streaming(provid
     def tokens(**kw) -> list[int]:
         if kw.pop("stream", False):
             chunks = list(client.chat.completions.create(**args | kw, stream=True))
-            receipt = next(c.model_extra["agora"]["receipt"] for c in chunks
-                           if "receipt" in ((c.model_extra or {}).get("agora") or {}))
+            agora = next(c.model_extra["agora"] for c in chunks
+                         if "receipt_cid" in ((c.model_extra or {}).get("agora") or {}))
         else:
-            receipt = client.chat.completions.create(**args | kw).model_extra["agora"]["receipt"]
-        return verify_record(receipt, ReceiptBody).body.output_tokens
+            agora = client.chat.completions.create(**args | kw).model_extra["agora"]
+        return fetch_receipt(agora).body.output_tokens
 
     base = tokens(max_tokens=32)
     assert len(base) > 8

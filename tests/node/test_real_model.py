@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from agoranet.core.identity import Identity
-from agoranet.core.records import ReceiptBody, decode_canonical, sign_record, verify_record
+from agoranet.core.records import decode_canonical, sign_record
 from agoranet.engine.models import model_cid
 from agoranet.engine.tokenizer import HFTokenizer, load_tokenizer
 from agoranet.engine.transformers_engine import TransformersEngine
@@ -19,7 +19,7 @@ from agoranet.node.node import build_verifier_node
 from agoranet.node.server import BackgroundServer, bind
 from agoranet.node.verifier import ReplayVerifier, VerifierConfig
 
-from ..conftest import provider_process, start_gateway, wait_for
+from ..conftest import fetch_receipt, provider_process, start_gateway, wait_for
 from ..realmodel import build_model
 
 # Every test here needs the real model calibrated and served by its own process (~20 s before the first answer).
@@ -36,7 +36,7 @@ def net(tmp_path_factory, real_model, real_model_tolerances):
                                         models=[str(real_model)], tolerance_files=[real_model_tolerances])
     v_server = BackgroundServer(app, bind()).start()
     proc = provider_process(root / "provider", gw_server.url, price_out=100_000,
-                            extra=["--model", str(real_model)])
+                            extra=["--model", str(real_model), "--tolerances", str(real_model_tolerances)])
     try:
         proc.wait_ready(timeout=300)
         peer = httpx.get(f"{proc.url}/agora/v1/offer").json()["record"]["signer"]
@@ -62,7 +62,7 @@ def test_sdk_answer_from_a_bpe_model_carries_its_own_token_ids_and_replays(net, 
     name = real_model.name
     r = client.chat.completions.create(model=name, messages=MSG, max_tokens=24, temperature=temperature, seed=7)
     agora = r.model_extra["agora"]
-    receipt = verify_record(agora["receipt"], ReceiptBody)
+    receipt = fetch_receipt(agora)
     body = receipt.body
     tok = load_tokenizer(real_model)
     assert isinstance(tok, HFTokenizer) and max(body.output_tokens) >= 256  # BPE merges, not bytes
@@ -86,7 +86,7 @@ def test_edited_token_signed_by_the_provider_is_caught(net, real_model):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     r = client.chat.completions.create(model="tiny-bpe-llama", messages=MSG,
                                        max_tokens=16, temperature=0.8, seed=11)
-    body = verify_record(r.model_extra["agora"]["receipt"], ReceiptBody).body
+    body = fetch_receipt(r.model_extra["agora"]).body
     tok = load_tokenizer(real_model)
     tokens = list(body.output_tokens)
     tokens[3] = next(t for t in range(300, tok.vocab_size) if t != tokens[3] and t not in tok.eos_tokens)

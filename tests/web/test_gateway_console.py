@@ -40,7 +40,7 @@ class Console:
     peers: list[str]  # the two providers' peer ids, cheaper first
     key_id: str
     secret: str
-    served: list[dict[str, Any]]  # every answer's receipt body, as the clients got them
+    served: list[dict[str, Any]]  # every answer's signed receipt summary, as the clients got them
     streams: int
 
 
@@ -71,10 +71,10 @@ def console(tmp_path_factory) -> Iterator[Console]:
             pin = {"order": [peers[i % 2]], "allow_fallbacks": False}
             args = dict(model="agora-tiny", messages=MSG, max_tokens=4 + i, extra_body={"provider": pin})
             if i < 6:
-                served.append(client.chat.completions.create(**args).model_extra["agora"]["receipt"]["body"])
+                served.append(client.chat.completions.create(**args).model_extra["agora"]["summary"]["body"])
             else:
                 chunks = list(client.chat.completions.create(stream=True, **args))
-                served.append(chunks[-1].model_extra["agora"]["receipt"]["body"])
+                served.append(chunks[-1].model_extra["agora"]["summary"]["body"])
         with pytest.raises(openai.NotFoundError):  # counted as an outcome too
             client.chat.completions.create(model="no-such-model", messages=MSG)
         yield Console(url, gateway, peers, key.id, secret, served, streams=4)
@@ -118,14 +118,14 @@ def test_metrics_label_every_served_route_and_count_each_providers_traffic(conso
         assert sample(s, "agora_gateway_provider_prompt_tokens_total", provider=peer) == sum(
             r["prompt_tokens"] for r in mine)
         assert sample(s, "agora_gateway_provider_completion_tokens_total", provider=peer, model="agora-tiny") == sum(
-            len(r["output_tokens"]) for r in mine)
+            r["completion_tokens"] for r in mine)
         assert sample(s, "agora_gateway_provider_charged_microcredits_total", provider=peer) == sum(
             r["price"]["charged"] for r in mine)
     assert sample(s, "agora_gateway_requests_total", kind="chat", outcome="ok") == 10
     assert sample(s, "agora_gateway_requests_total", kind="chat", outcome="model_not_found") == 1
     # TTFT once per stream; one inter-token gap per streamed token after the first.
     assert sample(s, "agora_gateway_time_to_first_token_seconds_count", model="agora-tiny") == console.streams
-    gaps = sum(len(r["output_tokens"]) - 1 for r in console.served[6:])
+    gaps = sum(r["completion_tokens"] - 1 for r in console.served[6:])
     assert sample(s, "agora_gateway_inter_token_latency_seconds_count", model="agora-tiny") == gaps
     assert sample(s, "agora_gateway_request_duration_seconds_count", kind="chat") == 11
     assert sample(s, "agora_gateway_failovers_total") == 0
@@ -144,11 +144,11 @@ def test_a_gateways_status_shows_the_network_it_routes_over(console) -> None:
         row = rows[peer]
         assert row["served"] == len(mine) and row["share"] == 0.5 and row["state"] == "ok"
         assert row["models"][0]["output_per_mtok"] == PRICES[i]["output_per_mtok"]
-        assert row["completion_tokens"] == sum(len(r["output_tokens"]) for r in mine)
+        assert row["completion_tokens"] == sum(r["completion_tokens"] for r in mine)
         assert row["charged"] == sum(r["price"]["charged"] for r in mine)
         assert row["precision"] == "stub" and row["engine"] == "stub"
     assert s["traffic"]["requests_total"] == 11
-    assert s["traffic"]["completion_tokens_total"] == sum(len(r["output_tokens"]) for r in console.served)
+    assert s["traffic"]["completion_tokens_total"] == sum(r["completion_tokens"] for r in console.served)
     latency = s["routing"]["latency"]
     assert latency["requests"] == 10 and latency["p50_ms"] > 0 and latency["ttft_p50_ms"] > 0
     accounts = {(a["kind"], a["id"]): a for a in s["credits"]["by_account"]}
@@ -187,7 +187,7 @@ def test_the_console_page_shows_the_routed_network_with_the_numbers_served(conso
         assert row.locator("td.share").inner_text() == "50%"
         assert row.locator("td.errors").inner_text() == "0"
         assert row.locator("td.tokens").inner_text() == (
-            f"{sum(r['prompt_tokens'] for r in mine):,} / {sum(len(r['output_tokens']) for r in mine):,}")
+            f"{sum(r['prompt_tokens'] for r in mine):,} / {sum(r['completion_tokens'] for r in mine):,}")
         assert row.locator("td.charged").inner_text() == micro(sum(r["price"]["charged"] for r in mine))
         assert f"{micro(PRICES[i]['input_per_mtok'])} in · {micro(PRICES[i]['output_per_mtok'])} out" in row.inner_text()
         assert "stub · stub" in row.inner_text() and "no verdicts" in row.inner_text()

@@ -6,8 +6,10 @@ import pytest
 
 from agoranet.core.identity import Identity
 from agoranet.core.errors import RecordError
-from agoranet.core.records import sign_record
-from agoranet.wire.openai import ReceiptPart, StreamChunk, error_message, gateway_summary
+from agoranet.core.records import ReceiptSummaryBody, sign_record
+from agoranet.wire.openai import (
+    ReceiptPart, StreamChunk, check_summary, error_message, gateway_summary, read_summary,
+)
 from agoranet.wire.sse import StreamTruncated, sse_payloads
 
 from ..core.test_records import receipt_body
@@ -31,15 +33,34 @@ def test_a_chunk_of_the_wrong_shape_is_a_value_error(data):
 
 
 def test_a_receipt_is_read_typed_and_checked():
-    record = sign_record(Identity.generate(), receipt_body())
-    part = ReceiptPart.read(ReceiptPart(record).json)
-    assert part.receipt == record and part.provider == record.signer
-    summary = gateway_summary([part], request_id="r", gateway="g", credits=None)
+    key = Identity.generate()
+    record = sign_record(key, receipt_body())
+    signed = sign_record(key, ReceiptSummaryBody.of(record))
+    part = ReceiptPart.read(ReceiptPart(record, signed).json)
+    assert part.receipt == record and part.provider == record.signer and part.summary == signed
+    summary = gateway_summary([part.json], request_id="r", gateway="g", credits=None)
     assert summary["receipt_cid"] == str(record.cid) and summary["receipts"] == [part.json] and "credits" not in summary
-    forged = ReceiptPart(record).json | {"receipt": record.to_json() | {"signer": str(Identity.generate().peer_id)}}
-    for bad in (forged, {}, None, {"receipt": 5}):
+    forged = ReceiptPart(record, signed).json | {"receipt": record.to_json() | {"signer": str(Identity.generate().peer_id)}}
+    other = sign_record(key, receipt_body().model_copy(update={"output_text": "something else"}))
+    lying = ReceiptPart(record, signed).json | {"summary": sign_record(key, ReceiptSummaryBody.of(other)).to_json()}
+    stranger = ReceiptPart(record, sign_record(Identity.generate(), ReceiptSummaryBody.of(record))).json
+    no_summary = {k: v for k, v in part.json.items() if k != "summary"}
+    for bad in (forged, lying, stranger, no_summary, {}, None, {"receipt": 5}):
         with pytest.raises(RecordError):
             ReceiptPart.read(bad)
+
+
+def test_a_compact_receipt_carries_the_cid_url_and_signed_summary_only():
+    key = Identity.generate()
+    record = sign_record(key, receipt_body())
+    part = ReceiptPart(record, sign_record(key, ReceiptSummaryBody.of(record)), b"\x01")
+    compact = part.compact("http://p/agora/v1/records/x")
+    assert set(compact) == {"receipt_cid", "provider", "summary", "receipt_url"}
+    assert read_summary(compact) == part.summary
+    check_summary(read_summary(compact), record)  # what a client does once it fetched the record by CID
+    with pytest.raises(RecordError):
+        read_summary(compact | {"receipt_cid": str(sign_record(key, receipt_body().model_copy(
+            update={"output_text": "x"})).cid)})
 
 
 def test_error_bodies_are_read_only_when_they_are_error_bodies():

@@ -10,19 +10,20 @@ from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
 from agoranet.core.identity import Identity
-from agoranet.core.records import Record
+from agoranet.core.records import ReceiptBody, Record, verify_record
 from agoranet.engine.models import resolve_model
 from agoranet.engine.tokenizer import ByteTokenizer
 from agoranet.log.records import TreeHeadBody
 from agoranet.log.transparency import check_inclusion
 from agoranet.net.agora_client import AgoraClient, call
 from agoranet.wire.agora import InclusionProof, VerifyRequest
-from agoranet.wire.openai import ReceiptPart
+from agoranet.wire.openai import check_summary, read_summary
 
 GOSSIP_S = 0.3
 PROVIDERS = (("provider-a", 200_000, None), ("provider-b", 300_000, None))
@@ -107,10 +108,19 @@ def run_demo(console: Console, *, prompt: str, max_tokens: int, seed: int, cheat
             agora = (chunk.model_extra or {}).get("agora", agora)
         if agora is None:
             raise RuntimeError("the gateway sent no receipt")
-        receipt = ReceiptPart.read(agora).receipt
+        # The answer carries the receipt's CID and the provider's signed summary; the full receipt (token ids,
+        # logprobs) is fetched by CID from the provider and checked against both.
+        summary = read_summary(agora)
+        receipt = verify_record(httpx.get(agora["receipt_url"], timeout=30).json()["record"], ReceiptBody)
+        if str(receipt.cid) != agora["receipt_cid"]:
+            raise RuntimeError(f"{agora['receipt_url']} served another record than receipt {agora['receipt_cid']}")
+        check_summary(summary, receipt)
         served_by = urls[receipt.signer]
         console.print(Panel(text, title=f"answer, streamed via the gateway from {names[receipt.signer]}",
                             expand=False))
+        console.print(f"[magenta]summary[/] signed by {names[summary.signer]}: {summary.body.completion_tokens} tokens, "
+                      f"output SHA-256 {summary.body.output_sha256[:16]}…; full receipt fetched by CID "
+                      f"({len(receipt.encode())} bytes) and matched to it")
         tok = ByteTokenizer.from_dir(resolve_model("agora-tiny")[0])
         body = receipt.body
         console.print(f"[magenta]receipt[/] {receipt.cid}: signature [bold green]valid[/] "

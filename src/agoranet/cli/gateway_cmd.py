@@ -36,7 +36,7 @@ def gateway(
     verifier: VerifierOpt = None,
     charge_credits: ChargeCreditsOpt = False,
     verifier_fee_ppm: VerifierFeeOpt = 0,
-    receipts: ReceiptsOpt = ReceiptMode.full,
+    receipts: ReceiptsOpt = ReceiptMode.compact,
     log_json: LogJsonOpt = None,
 ) -> None:
     """Buy inference for your users: one OpenAI API in front of every provider the network offers."""

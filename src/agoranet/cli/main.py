@@ -13,7 +13,7 @@ from agoranet.cli.node_cmd import node, provider_options, serve_node
 from agoranet.cli.options import (
     BootstrapOpt, CheatOpt, DiscoveryOpt, GossipIntervalOpt, P2PAnnounceOpt, P2PListenOpt, P2PNatOpt, HomeOpt, KuboRpcOpt, LogJsonOpt, MaxBatchOpt, MaxConcurrencyOpt, MaxTokensOpt,
     EngineOpt, ModelOpt, PeerOpt, PrecisionOpt, PriceInOpt, PriceOutOpt, PublicUrlOpt, StoragePeerOpt, ThreadsOpt,
-    TokenDelayOpt, UpstreamModelOpt, UpstreamOpt, WatchOpt, home_dir,
+    TokenDelayOpt, TolerancesOpt, UpstreamModelOpt, UpstreamOpt, WatchOpt, home_dir,
 )
 from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
@@ -84,6 +84,7 @@ def provide(
     watch: WatchOpt = None,
     log_json: LogJsonOpt = None,
     cheat: CheatOpt = None,
+    tolerances: TolerancesOpt = None,
 ) -> None:
     """Sell inference: serve a model over the OpenAI API with signed receipts."""
     from agoranet.cli.node_cmd import p2p_config
@@ -95,7 +96,7 @@ def provide(
                             upstream_model=upstream_model,
                             storage_peer=storage_peer, kubo_rpc=kubo_rpc, threads=threads, max_batch=max_batch,
                             token_delay_ms=token_delay_ms, cheat=cheat, price_in=price_in, price_out=price_out,
-                            max_concurrency=max_concurrency, max_tokens=max_tokens)
+                            max_concurrency=max_concurrency, max_tokens=max_tokens, tolerances=tolerances)
     serve_node(["provider"], home=home, host=host, port=port, public_url=public_url, log_json=log_json,
                watch=watch or [], provider=opts, peers=list(peer or []),
                gossip=GossipConfig(interval_s=gossip_interval), p2p=p2p)

@@ -53,13 +53,14 @@ def provider_options(*, model: str, precision: str, upstream: str | None, upstre
                      engine: str = "transformers",
                      storage_peer: list[str] | None, kubo_rpc: str | None, threads: int | None, max_batch: int,
                      token_delay_ms: int, cheat: str | None, price_in: int, price_out: int, max_concurrency: int,
-                     max_tokens: int) -> ProviderOptions:
+                     max_tokens: int, tolerances: Path | None = None) -> ProviderOptions:
     from agoranet.node.node import ProviderOptions
 
     return ProviderOptions(model=model, precision=precision, engine=engine, upstream=upstream,
                            upstream_model=upstream_model,
                            threads=threads, storage_peers=list(storage_peer or []), max_batch=max_batch,
                            kubo_rpc=resolve_kubo_rpc(kubo_rpc), token_delay_ms=token_delay_ms, cheat=cheat,
+                           tolerance_files=[tolerances] if tolerances else [],
                            pricing={"input_per_mtok": price_in, "output_per_mtok": price_out,
                                     "max_concurrency": max_concurrency, "max_tokens": max_tokens})
 
@@ -113,7 +114,7 @@ def p2p_config(*, discovery: str, host: str, peer: list[str] | None, bootstrap: 
 
 
 def gateway_config(*, require_keys: bool, stall_timeout: float, connect_timeout: float, verifier: list[str] | None,
-                   charge_credits: bool, verifier_fee_ppm: int, receipts: str = "full") -> GatewayConfig:
+                   charge_credits: bool, verifier_fee_ppm: int, receipts: str = "compact") -> GatewayConfig:
     from agoranet.node.gateway import GatewayConfig
 
     if not 0 <= verifier_fee_ppm <= 1_000_000:
@@ -124,14 +125,15 @@ def gateway_config(*, require_keys: bool, stall_timeout: float, connect_timeout:
 
 
 def verifier_options(*, source: list[str] | None, audit_fraction: float, poll_interval: float,
-                     models: list[str] | None, tolerances: Path | None, threads: int | None) -> VerifierOptions:
+                     models: list[str] | None, tolerances: Path | None, threads: int | None,
+                     storage_peers: list[str] | None = None) -> VerifierOptions:
     from agoranet.node.node import VerifierOptions
     from agoranet.node.verifier import VerifierConfig
 
     if not 0.0 <= audit_fraction <= 1.0:
         raise fail(f"--audit-fraction {audit_fraction} is not between 0 and 1")
     audit = VerifierConfig(audit_fraction=audit_fraction, sources=tuple(source or ()), poll_interval_s=poll_interval)
-    return VerifierOptions(audit, models, [tolerances] if tolerances else [], threads)
+    return VerifierOptions(audit, models, [tolerances] if tolerances else [], threads, list(storage_peers or []))
 
 
 def serve_node(roles: Sequence[str], *, home: Path | None, host: str, port: int | None, public_url: str | None = None,
@@ -206,11 +208,13 @@ def _found_by(node: Node) -> str:
 ROLE_OPTIONS = {
     **dict.fromkeys(("model", "precision", "engine", "upstream", "upstream_model", "price_in", "price_out", "max_concurrency",
                      "max_tokens", "max_batch", "token_delay_ms", "cheat"), ("provider",)),
-    **dict.fromkeys(("storage_peer", "kubo_rpc"), ("provider", "storage")),
+    "storage_peer": ("provider", "storage", "verifier"),  # where models are fetched from, or replicated with
+    "kubo_rpc": ("provider", "storage"),
     "threads": ("provider", "verifier"),
     **dict.fromkeys(("require_keys", "stall_timeout", "connect_timeout", "verifier", "charge_credits",
                      "verifier_fee_ppm"), ("gateway",)),
-    **dict.fromkeys(("source", "audit_fraction", "poll_interval", "verify_model", "tolerances"), ("verifier",)),
+    **dict.fromkeys(("source", "audit_fraction", "poll_interval", "verify_model"), ("verifier",)),
+    "tolerances": ("provider", "verifier"),
     "recheck": ("storage",),
 }
 
@@ -258,7 +262,7 @@ def node(
     verifier: VerifierOpt = None,
     charge_credits: ChargeCreditsOpt = False,
     verifier_fee_ppm: VerifierFeeOpt = 0,
-    receipts: ReceiptsOpt = ReceiptMode.full,
+    receipts: ReceiptsOpt = ReceiptMode.compact,
     # verifier
     source: SourceOpt = None,
     audit_fraction: AuditFractionOpt = 0.1,
@@ -295,7 +299,7 @@ def node(
             storage_peer=storage_peer, kubo_rpc=kubo_rpc, threads=threads, max_batch=max_batch,
             token_delay_ms=token_delay_ms,
             cheat=cheat, price_in=price_in, price_out=price_out, max_concurrency=max_concurrency,
-            max_tokens=max_tokens)
+            max_tokens=max_tokens, tolerances=tolerances)
     if "gateway" in names:
         build["gateway"] = gateway_config(require_keys=require_keys, stall_timeout=stall_timeout,
                                           connect_timeout=connect_timeout, verifier=verifier,
@@ -303,7 +307,8 @@ def node(
                                           receipts=receipts.value)
     if "verifier" in names:
         build["verifier"] = verifier_options(source=source, audit_fraction=audit_fraction, poll_interval=poll_interval,
-                                             models=verify_model, tolerances=tolerances, threads=threads)
+                                             models=verify_model, tolerances=tolerances, threads=threads,
+                                             storage_peers=storage_peer)
     if "storage" in names:
         build["storage"] = StorageOptions(peers=list(storage_peer or []), recheck_interval_s=recheck,
                                           kubo_rpc=resolve_kubo_rpc(kubo_rpc))

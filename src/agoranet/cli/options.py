@@ -71,7 +71,7 @@ MaxBatchOpt = Annotated[int, _provider("--max-batch", help="most sequences decod
 TokenDelayOpt = Annotated[int, _provider("--token-delay-ms", hidden=True,
                                          help="space tokens out (failover tests, demos)")]
 CheatOpt = Annotated[Optional[str], _provider(
-    "--cheat", hidden=True, help="TEST/DEMO ONLY: model|token|logprobs|temperature|seed|prompt")]
+    "--cheat", hidden=True, help="TEST/DEMO ONLY: model|token|logprobs|temperature|seed|prompt|fp16|precision|unknown_model")]
 
 # Gateway
 RequireKeysOpt = Annotated[bool, _gateway(
@@ -95,7 +95,8 @@ class ReceiptMode(str, Enum):
 
 ReceiptsOpt = Annotated[ReceiptMode, _gateway(
     "--receipts",
-    help="receipts in answers: full signed records, or compact (CID, URL, summary) unless a request asks")]
+    help="receipts in answers unless a request asks (agora.receipt): compact (CID, URL, the provider's signed "
+         "summary) or full signed records with token ids and logprobs")]
 
 # Verifier
 SourceOpt = Annotated[Optional[list[str]], _verifier(
@@ -103,7 +104,8 @@ SourceOpt = Annotated[Optional[list[str]], _verifier(
 AuditFractionOpt = Annotated[float, _verifier("--audit-fraction", help="share of seen receipts to replay (0-1)")]
 PollIntervalOpt = Annotated[float, _verifier("--poll-interval", help="seconds between pulls from each --source")]
 TolerancesOpt = Annotated[Optional[Path], _verifier(
-    "--tolerances", help="a signed tolerances record (JSON) to use instead of the shipped defaults")]
+    "--tolerances", help="a signed tolerances record (JSON) beside the shipped defaults and HOME/tolerances/: a "
+                         "verifier judges by it; a provider may sell only a model and precision one covers")]
 
 # Storage peer
 RecheckOpt = Annotated[float, _storage("--recheck", help="seconds between re-checks of local copies")]

@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 
 from agoranet.cli.console import CHECK_FAILED, console, fail
 from agoranet.cli.options import (
-    AuditFractionOpt, HomeOpt, PollIntervalOpt, SourceOpt, ThreadsOpt, TolerancesOpt, home_dir,
+    AuditFractionOpt, HomeOpt, PollIntervalOpt, SourceOpt, StoragePeerOpt, ThreadsOpt, TolerancesOpt, home_dir,
 )
 from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
@@ -104,6 +104,10 @@ def check(
                       f"tokens replayed within {body.precision} tolerances (verdict {v.cid})")
         return
     f = body.failure
+    if f.kind == "violation":  # unjudgeable for a reason the provider controls: counts like a fraud
+        console.print(f"[bold red]VIOLATION[/]: receipt {body.receipt} from {body.provider} cannot be judged "
+                      f"({f.detail}); verdict {v.cid}" + (f" written to {out}" if out else ""))
+        raise typer.Exit(JUDGED_BAD)
     console.print(f"[bold red]FRAUD[/]: receipt {body.receipt} from {body.provider} fails at position {f.position} "
                   f"({f.kind}: {f.detail})")
     console.print(f"verdict {v.cid}; fraud proof {judgement.proof.cid}" + (f" written to {out}" if out else ""))
@@ -121,12 +125,13 @@ def serve(
     tolerances: TolerancesOpt = None,
     threads: ThreadsOpt = 1,
     home: HomeOpt = None,
+    storage_peer: StoragePeerOpt = None,
 ) -> None:
     """Run a verifier node: audit receipts, sign verdicts and fraud proofs, serve reputation."""
     from agoranet.cli.node_cmd import serve_node, verifier_options
 
     opts = verifier_options(source=source, audit_fraction=audit_fraction, poll_interval=poll_interval, models=model,
-                            tolerances=tolerances, threads=threads)
+                            tolerances=tolerances, threads=threads, storage_peers=storage_peer)
     serve_node(["verifier"], home=home, host=host, port=port, verifier=opts)
 
 

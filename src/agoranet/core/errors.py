@@ -62,6 +62,10 @@ class ModelError(AgoraError):
     """A model that cannot be found or loaded."""
 
 
+class ModelUnavailable(ModelError):
+    """A model CID whose blocks no storage peer given (nor the local store) holds."""
+
+
 class EngineError(AgoraError):
     """The inference engine could not serve a request."""
 

@@ -8,6 +8,7 @@ rejects unknown types, bodies that do not match their model, non-canonical bytes
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,7 +24,7 @@ from agoranet.core.identity import Identity, PeerId
 __all__ = [
     "Record", "RecordBody", "register", "sign_record", "decode_record", "verify_record",
     "encode_canonical", "decode_canonical", "ReceiptBody", "OfferBody", "OfferedModel", "TopLogprob",
-    "SamplingParams", "record_types", "token_charge",
+    "SamplingParams", "record_types", "token_charge", "ReceiptSummaryBody",
 ]
 
 
@@ -227,6 +228,35 @@ class ReceiptBody(RecordBody):
     price: PriceCharged
     started_ms: int = NonNegInt
     finished_ms: int = NonNegInt
+
+
+@register("agora/receipt-summary/1")
+class ReceiptSummaryBody(RecordBody):
+    """What a client needs to hold a provider to an answer without its full receipt: signed by the same key,
+    it names the full receipt's CID (fetched by CID for token ids and logprobs) and states what it binds."""
+
+    receipt: str  # CID of the full receipt record
+    model: str
+    precision: str
+    request: str  # CID of the canonical request
+    request_id: str
+    prompt_tokens: int = NonNegInt
+    completion_tokens: int = NonNegInt
+    output_sha256: str  # hex SHA-256 of output_text's UTF-8 bytes: the text returned to the client
+    finish_reason: str
+    price: PriceCharged
+    started_ms: int = NonNegInt
+    finished_ms: int = NonNegInt
+
+    @classmethod
+    def of(cls, receipt: Record[ReceiptBody]) -> ReceiptSummaryBody:
+        """The summary of a receipt: a pure function of it, so anyone holding both checks one against the other."""
+        b = receipt.body
+        return cls(receipt=str(receipt.cid), model=b.model, precision=b.precision, request=b.request,
+                   request_id=b.request_id, prompt_tokens=b.prompt_tokens,
+                   completion_tokens=len(b.output_tokens) or b.completion_tokens,
+                   output_sha256=hashlib.sha256(b.output_text.encode()).hexdigest(), finish_reason=b.finish_reason,
+                   price=b.price, started_ms=b.started_ms, finished_ms=b.finished_ms)
 
 
 class OfferedModel(RecordBody):

@@ -24,6 +24,7 @@ class ProviderStanding:
     passed: int = 0
     excluded: bool = False
     fraud_proofs: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)  # receipts signed for what it may not sell
 
 
 class VerifierLink:
@@ -33,6 +34,8 @@ class VerifierLink:
         self.standing: dict[str, ProviderStanding] = {}
         self.peer_ids: dict[str, str] = {}  # verifier URL -> the peer id it names in its reputation table
         self.submitted = 0
+        # (model CID, precision) pairs some verifier answering holds tolerances for; None until one answers
+        self.classes: set[tuple[str, str]] | None = None
         self._http = httpx.AsyncClient(timeout=timeout_s)
         self._clients = [AgoraClient(url, self._http, timeout=timeout_s) for url in self.verifiers]
         self._outbox: asyncio.Queue[tuple[Record[ReceiptBody], str, Record[OfferBody] | None]] = \
@@ -57,6 +60,10 @@ class VerifierLink:
         s = self.standing.get(peer)
         return s is not None and s.passed > 0 and not s.excluded
 
+    def judgeable(self, model: str, precision: str) -> bool:
+        """Whether a verifier can judge receipts of this model and precision (True while none has said)."""
+        return self.classes is None or (model, precision) in self.classes
+
     def fee_payee(self) -> str | None:
         """The verifier that verification fees go to: the first configured one whose peer id is known."""
         return next((self.peer_ids[url] for url in self.verifiers if url in self.peer_ids), None)
@@ -71,6 +78,7 @@ class VerifierLink:
     async def refresh(self) -> None:
         """Merge every verifier's table: a fraud proof from any of them excludes the provider."""
         merged: dict[str, ProviderStanding] = {}
+        classes: set[tuple[str, str]] | None = None
         for node in self._clients:
             try:
                 answer = await node.reputation()
@@ -79,16 +87,22 @@ class VerifierLink:
                 continue
             if answer.verifier is not None:
                 self.peer_ids[node.url] = answer.verifier
+            if answer.classes is not None:
+                classes = (classes or set()) | {(m, p) for m, ps in answer.classes.items() for p in ps}
             for peer, row in answer.providers.items():
                 s = merged.setdefault(peer, ProviderStanding())
                 s.verified += row.verified
                 s.passed += row.passed
                 s.excluded = s.excluded or row.excluded
                 s.fraud_proofs += [p for p in row.fraud_proofs if p not in s.fraud_proofs]
+                s.violations += [r for r in row.violations if r not in s.violations]
         for peer, s in merged.items():
             if s.excluded and not self.excluded(peer):
-                log.warning("provider %s excluded: fraud proof %s", peer, s.fraud_proofs[:1])
+                log.warning("provider %s excluded: fraud proof %s, violation by receipt %s", peer,
+                            s.fraud_proofs[:1], s.violations[:1])
         self.standing = merged
+        if classes is not None:  # a round with no answer keeps what was known
+            self.classes = classes
 
     async def _follow(self) -> None:
         while True:

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
+from agoranet.core.cid import DAG_PB, cid_of
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, OfferedModel, sign_record
 
@@ -37,7 +38,13 @@ CHEATS = {
     "temperature": "sample at half the requested temperature (0.8 when greedy was asked)",
     "seed": "ignore the requested seed",
     "prompt": "drop the first half of the prompt text (cheaper prefill)",
+    # Escapes by declaration: receipts (and offer) declare what no verifier can judge.
+    "fp16": "declare precision fp16, for which no tolerance record exists (hoping to be unjudgeable)",
+    "precision": "declare a made-up precision class",
+    "unknown_model": "name a model CID nobody stores (hoping no verifier can replay it)",
 }
+DECLARED_PRECISION = {"fp16": "fp16", "precision": "fp-whatever"}
+UNKNOWN_MODEL = str(cid_of(b"agora: a model nobody stores", DAG_PB))
 TAMPERED_INDEX = 2
 
 
@@ -48,6 +55,10 @@ class CheatingEngine:
         if kind not in CHEATS:
             raise ValueError(f"unknown cheat {kind!r}; choose one of {', '.join(CHEATS)}")
         self._inner, self.kind = inner, kind
+        if kind in DECLARED_PRECISION:
+            self.precision = DECLARED_PRECISION[kind]
+        if kind == "unknown_model":
+            self.model_cid = UNKNOWN_MODEL
         log.warning("CHEATING PROVIDER (test/demo facility): %s", CHEATS[kind])
         if kind == "model":
             gen = torch.Generator().manual_seed(0)

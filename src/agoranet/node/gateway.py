@@ -33,7 +33,7 @@ from agoranet.core.errors import RecordError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, OfferedModel, ReceiptBody, Record, token_charge
 from agoranet.engine.base import Generation, GenerationRequest
-from agoranet.engine.upstream import UPSTREAM_ENGINE
+from agoranet.engine.upstream import UPSTREAM_ENGINE, UPSTREAM_PRECISION
 from agoranet.net.discovery import Discovery
 from agoranet.net.peer import PeerClient, PeerError, PeerRefused, PeerStream, PeerUnreachable
 from agoranet.node.app import FastJSONResponse, HotEndpoint
@@ -78,9 +78,10 @@ class GatewayConfig:
     probation_serves: int = 3
     probation_share: float = 0.1
     cut_timeout_s: float = 10.0  # how long a provider gets to sign the partial receipt of a stream cut by its client
-    # Receipts in answers to clients: "full" signed records, or "compact" (CID, URL, summary) unless a
-    # request asks otherwise with agora.receipt. The provider→gateway hop always carries the full record.
-    receipts: Literal["full", "compact"] = "full"
+    # Receipts in answers to clients: "compact" (CID, URL, the provider's signed summary) or "full" signed
+    # records, unless a request asks otherwise with agora.receipt. The provider→gateway hop always carries
+    # the full record, which the gateway checks, pays by, hands to verifiers and continues from.
+    receipts: Literal["full", "compact"] = "compact"
 
 
 @dataclass
@@ -178,7 +179,12 @@ class Router:
                               "shut out (transparency log forked)")
         if self.verifiers is not None:  # a proven fraud shuts a provider out, whatever the user asked
             candidates = keep([c for c in candidates if not self.verifiers.excluded(c.peer)],
-                              "shut out by a fraud proof")
+                              "shut out by a fraud proof or violation")
+            # Never sell what no verifier can judge: an offer's (model, precision) needs tolerances somewhere.
+            # Upstream offers declare a class that is never replayed (provider.require_verified avoids them).
+            candidates = keep([c for c in candidates if c.offer.body.precision == UPSTREAM_PRECISION
+                               or self.verifiers.judgeable(c.model.cid, c.offer.body.precision)],
+                              "of a model or precision no verifier holds tolerances for")
             if prefs.require_verified:
                 candidates = keep([c for c in candidates if self.verifiers.verified(c.peer)],
                                   "not yet verified by a verifier (provider.require_verified)" if self.verifiers.verifiers
@@ -271,18 +277,6 @@ def _generated_text(job: _Job, answer: Answer) -> str:
     if isinstance(req, CompletionRequest) and req.echo:
         return answer.text.removeprefix(req.prompt_text())
     return answer.text
-
-
-def _compact(part: ReceiptPart, url: str | None) -> dict[str, Any]:
-    """A receipt part as a compact answer carries it: the CID (which binds every byte of the signed record,
-    fetched from `receipt_url` when a client or verifier wants token ids and logprobs) and what it states."""
-    b = part.receipt.body
-    summary = {"model": b.model, "precision": b.precision, "request": b.request, "prompt_tokens": b.prompt_tokens,
-               "completion_tokens": len(b.output_tokens) or b.completion_tokens, "finish_reason": b.finish_reason,
-               "price": b.price.model_dump(), "started_ms": b.started_ms, "finished_ms": b.finished_ms}
-    # The canonical request's bytes go too: the summary's `request` CID binds them.
-    return {k: v for k, v in part.json.items() if k not in ("receipt", "request")} | {
-        "summary": summary, "receipt_url": url}
 
 
 def _ewma(old: float | None, new: float, alpha: float) -> float:
@@ -397,7 +391,9 @@ class Gateway:
         sampled = {k: v for k, v in body.items() if k not in NOT_SAMPLING}
         request_id = (req.agora.request_id if req.agora and req.agora.request_id else
                       "gw-" + hashlib.sha256(json.dumps(sampled, sort_keys=True).encode()).hexdigest()[:32])
-        body |= {"stream": req.stream, "agora": {"request_id": request_id, "prefix_tokens": [], "stream_tokens": True}}
+        # The full receipt, always: it is checked against what was relayed, paid, audited and continued from.
+        body |= {"stream": req.stream, "agora": {"request_id": request_id, "prefix_tokens": [], "stream_tokens": True,
+                                                 "receipt": "full"}}
         if req.stream:
             body["stream_options"] = {"include_usage": True}
         job = _Job(kind, req, body, plan, key, request_id, max_tokens)
@@ -499,6 +495,10 @@ class Gateway:
             why = "a receipt without the canonical request it binds"
         elif (receipt := part.receipt).signer != cand.peer:
             why = f"a receipt signed by {receipt.signer}, not the offer's key"
+        elif (receipt.body.model, receipt.body.precision) != (cand.model.cid, cand.offer.body.precision):
+            # sold as one class, declared as another (say, bf16's looser tolerances under an fp32 price)
+            why = (f"a receipt declaring model {receipt.body.model} at {receipt.body.precision!r}, not the "
+                   f"{cand.offer.body.precision!r} {cand.model.cid} its offer sells")
         elif (allowed := overcharged(receipt.body, cand.model)) is not None:
             why = f"a receipt charging {receipt.body.price.charged}, more than its offer allows ({allowed})"
         elif str(cid_of(request_bytes, DAG_CBOR)) != receipt.body.request:
@@ -538,14 +538,10 @@ class Gateway:
         e = job.escrow
         credits = ({"held": e.held, "charged": e.charged, "verifier_fee": e.fee, "balance": e.balance}
                    if e is not None and e.settled else None)
-        agora = gateway_summary(job.parts, request_id=job.request_id, gateway=str(self.identity.peer_id),
-                                credits=credits)
         asked = job.req.agora.receipt if job.req.agora else None
-        if (asked or self.config.receipts) == "compact":
-            parts = [_compact(p, job.receipt_urls.get(str(p.receipt.cid))) for p in job.parts]
-            agora = {k: v for k, v in agora.items() if k not in ("receipt", "request")} | (parts[-1] if parts else {}) | {
-                "receipts": parts}
-        return agora
+        parts = [p.json for p in job.parts] if (asked or self.config.receipts) == "full" else \
+            [p.compact(job.receipt_urls.get(str(p.receipt.cid))) for p in job.parts]
+        return gateway_summary(parts, request_id=job.request_id, gateway=str(self.identity.peer_id), credits=credits)
 
     def _cost(self, job: _Job) -> float:
         """What the request cost, in credits (OpenRouter's `usage.cost`): the receipts' charges and any
@@ -877,9 +873,12 @@ class Gateway:
             h, t = self.routing.of(peer), self.stats.of(peer)
             standing = self.verifiers.standing.get(peer)
             if standing is not None and standing.excluded or self.verifiers.excluded(peer):
-                state = "excluded: a verifier holds a fraud proof"
+                state = "excluded: a verifier holds a fraud proof or violation"
             elif any(excluded(peer) for excluded in self.routing.exclusions):
                 state = "excluded: its transparency log forked"
+            elif b.precision != UPSTREAM_PRECISION and not any(self.verifiers.judgeable(m.cid, b.precision)
+                                                                  for m in b.models):
+                state = f"no traffic: no verifier holds tolerances for its model at {b.precision}"
             elif not h.healthy(now):
                 state = f"cooling down {h.cooldown_until - now:.0f} s after {h.failures} failures"
             else:
@@ -892,7 +891,8 @@ class Gateway:
                 "completion_tokens": t.completion_tokens, "charged": t.charged, "ttft_ms": h.ttft_ms,
                 "tokens_per_s": h.tokens_per_s,
                 "reputation": None if standing is None else {
-                    "verified": standing.verified, "passed": standing.passed, "excluded": standing.excluded},
+                    "verified": standing.verified, "passed": standing.passed, "excluded": standing.excluded,
+                    "violations": len(standing.violations)},
             })
         return {"providers": rows, "failovers": self.failovers, "verifiers": list(self.config.verifiers),
                 "charges_credits": self.config.charge_credits, "requires_keys": self._requires_keys,

@@ -135,10 +135,11 @@ class GatewayMetrics:
                                      "Receipts of each provider the gateway's verifiers judged, by outcome",
                                      labels=["provider", "outcome"])
         excluded = GaugeMetricFamily("agora_gateway_provider_excluded",
-                                     "1 when a verifier holds a fraud proof against the provider", labels=["provider"])
+                                     "1 when a verifier holds a fraud proof or violation against the provider", labels=["provider"])
         for peer, s in standing.items():
             verdicts.add_metric([peer, "passed"], s.passed)
-            verdicts.add_metric([peer, "failed"], s.verified - s.passed)
+            verdicts.add_metric([peer, "failed"], s.verified - s.passed - len(s.violations))
+            verdicts.add_metric([peer, "violation"], len(s.violations))  # unjudgeable by the provider's doing
             excluded.add_metric([peer], int(s.excluded))
         yield verdicts
         yield excluded

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from agoranet.core.errors import AgoraError, RecordError, RequestError
+from agoranet.core.errors import AgoraError, ModelError, ModelUnavailable, RecordError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.records import ReceiptBody, Record, sign_record, verify_record
 from agoranet.engine.base import GenerationRequest
@@ -36,8 +37,22 @@ class UnverifiableReceipt(AgoraError):
     hint = "the verifier needs the receipt's canonical request and the model it names (pass --model DIR)"
 
 
-class ReceiptTooLong(UnverifiableReceipt):
-    hint = "no honest receipt is longer than its model's context; this one is not replayed"
+class Violation(AgoraError):
+    """A receipt that cannot be judged for a reason its provider controls: an undeclared or uncalibrated
+    precision class, a model it does not offer or nobody can fetch, a malformed request or binding.
+
+    Verifiers sign it as a failed verdict (no replay needed), so declaring something unjudgeable is no
+    escape from audit; reasons a verifier controls (busy, its own store broken) stay UnverifiableReceipt."""
+
+    hint = ("a provider may sell only the models and precision classes its signed offer names and that "
+            "verifiers hold tolerance records for")
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # precision | model | offer | request | length
+
+
+ModelFetcher = Callable[[str], Path]  # a model CID -> its directory; raises ModelUnavailable when nobody serves it
 
 
 def now_ms() -> int:
@@ -64,8 +79,9 @@ class ReplayVerifier:
     """Reference models by CID (loaded at fp32 on first use), tolerance tables, and the judging logic."""
 
     def __init__(self, identity: Identity, *, models: list[str] | None = None, tolerance_files: list[Path] = (),
-                 threads: int | None = 1) -> None:
+                 threads: int | None = 1, fetch: ModelFetcher | None = None) -> None:
         self.identity = identity
+        self._fetch = fetch  # where a model this verifier lacks is fetched by CID (storage peers)
         self._dirs: dict[str, Path] = {}
         for spec in models or ["agora-tiny"]:
             model_dir, _ = resolve_model(spec)
@@ -83,34 +99,79 @@ class ReplayVerifier:
         if threads:
             torch.set_num_threads(threads)
 
+    def classes(self) -> dict[str, list[str]]:
+        """The precision classes this verifier holds tolerances for, by model CID: what may be sold."""
+        return {cid: sorted(c.precision for c in table.classes) for cid, table in self._tables.items()}
+
+    def declared(self, receipt: Record[ReceiptBody], offered: set[tuple[str, str]] | None = None) -> None:
+        """Raise Violation when the receipt declares what its provider may not sell: a (model, precision)
+        its known offers do not name, or one this verifier holds no tolerance record for. Cheap: no model
+        is loaded, so every receipt seen can be checked, not just the audited share."""
+        body = receipt.body
+        if offered is not None and (body.model, body.precision) not in offered:
+            raise Violation(f"receipt {receipt.cid} declares model {body.model} at precision {body.precision!r}, "
+                            "which no signed offer of its provider names", kind="offer")
+        if body.precision == UPSTREAM_PRECISION:
+            return  # a declared class of its own: never replayed (see replay_many), not a violation
+        table = self._tables.get(body.model)
+        if table is None:
+            raise Violation(f"receipt {receipt.cid} names model {body.model}, for which no tolerance record "
+                            "exists here: nobody can judge its answers", kind="model")
+        try:
+            tolerance_for(table, body.precision)
+        except NoTolerances:
+            raise Violation(f"receipt {receipt.cid} declares precision {body.precision!r}, which is not "
+                            f"calibrated for model {body.model} (calibrated: "
+                            f"{', '.join(c.precision for c in table.classes)})", kind="precision") from None
+
+    def _dir(self, cid: str) -> Path:
+        """The model's local files, fetched by CID when this verifier lacks them: a model nobody serves
+        is its provider's violation; a fetch that fails here for other reasons is this verifier's problem."""
+        if cid not in self._dirs:
+            if self._fetch is None:
+                raise Violation(f"model {cid} is not held by this verifier and it has no storage peers to fetch "
+                                "it from", kind="model")
+            try:
+                path = self._fetch(cid)
+            except ModelUnavailable as exc:
+                raise Violation(f"model {cid} cannot be fetched by its CID: {exc}", kind="model") from None
+            except (ModelError, OSError) as exc:
+                raise UnverifiableReceipt(f"cannot fetch model {cid} into this verifier's store: {exc}") from exc
+            self._dirs[cid] = path
+        return self._dirs[cid]
+
     def context_length(self, cid: str) -> int:
         """The model's context in tokens, from its config (no load): no honest receipt is longer."""
-        if cid not in self._dirs:
-            raise UnverifiableReceipt(f"this verifier does not hold model {cid}")
-        if self._dirs[cid].is_file():  # a GGUF: llama.cpp reads its context from the file
+        path = self._dir(cid)
+        if path.is_file():  # a GGUF: llama.cpp reads its context from the file
             with self._lock:
                 return int(self._model(cid)[0].context_length)
         try:
-            config = json.loads((self._dirs[cid] / "config.json").read_text())
+            config = json.loads((path / "config.json").read_text())
             return int(config.get("max_position_embeddings", 2048))
         except (OSError, ValueError, TypeError) as exc:
             raise UnverifiableReceipt(f"cannot read the context length of model {cid}: {exc}") from exc
 
     def admissible(self, receipt: Record[ReceiptBody]) -> None:
-        """Refuse, before anything is queued, a receipt whose replay could not be bounded: a model this
-        verifier lacks, or more tokens than the model's context (no honest receipt has that many)."""
+        """Before anything is queued, bound the replay: a receipt declaring what may not be sold, or more
+        tokens than the model's context (no honest receipt has that many), is a Violation (judged without
+        replay); a model this verifier cannot read is UnverifiableReceipt."""
         body = receipt.body
+        self.declared(receipt)
+        if body.precision == UPSTREAM_PRECISION:
+            raise UnverifiableReceipt(f"receipt {receipt.cid} was served by an upstream engine, which reports no "
+                                      "token ids: there is nothing to replay")
+        if body.model not in self._dirs and self._fetch is not None:
+            return  # fetched when it is replayed (not here, on a request's path), and bounded there
         context = self.context_length(body.model)
         length = body.prompt_tokens + len(body.prefix_tokens) + len(body.output_tokens)
         if length > context:
-            raise ReceiptTooLong(f"receipt {receipt.cid} covers {length} tokens; model {body.model} has a context "
-                                 f"of {context}")
+            raise Violation(f"receipt {receipt.cid} covers {length} tokens; model {body.model} has a context "
+                            f"of {context}: no honest receipt is that long", kind="length")
 
     def _model(self, cid: str) -> tuple[torch.nn.Module, Tokenizer]:
         if cid not in self._loaded:
-            if cid not in self._dirs:
-                raise UnverifiableReceipt(f"this verifier does not hold model {cid}")
-            path = self._dirs[cid]
+            path = self._dir(cid)
             if path.is_file():  # a GGUF: replayed by llama.cpp with the very file (and quantization) served
                 from agoranet.engine.llamacpp_engine import GGUFModel
 
@@ -125,6 +186,15 @@ class ReplayVerifier:
         if table is None:
             raise NoTolerances(f"no tolerances for model {cid}")
         return tolerance_for(table, precision)
+
+    def violation(self, receipt: Record[ReceiptBody], why: Violation) -> Judgement:
+        """The signed failed verdict on a receipt that may not be judged for a reason its provider controls."""
+        body = receipt.body
+        failure = FailureEvidence(kind="violation", position=-1, detail=f"{why.kind}: {why.args[0]}")
+        verdict = sign_record(self.identity, VerdictBody(
+            receipt=str(receipt.cid), provider=receipt.signer, model=body.model, precision=body.precision, ok=False,
+            checked_positions=0, failure=failure, verified_ms=now_ms()))
+        return Judgement(verdict, None, ReplayResult(ok=False, checked_positions=0, failure=failure))
 
     def replay(self, receipt: Record[ReceiptBody], request_bytes: bytes) -> tuple[ReplayResult, ClassTolerance]:
         """Check signature and request binding (once each), then replay; raises when the receipt cannot be judged.
@@ -146,6 +216,7 @@ class ReplayVerifier:
             try:
                 receipt = verify_record(receipt.encode(), ReceiptBody)  # a forged signature is nobody's fraud
                 body = receipt.body
+                self.declared(receipt)  # what may not be sold is a Violation, whatever request came with it
                 why = check_request_binding(body, request_bytes)
                 if why and "CID" in why:
                     raise UnverifiableReceipt(
@@ -156,9 +227,9 @@ class ReplayVerifier:
                         "ids, so there is nothing to replay; they bind the exact text, sampling, token counts and "
                         "price only", hint="only receipts of engines that report token ids (the built-in one) can be "
                         "replayed")
+                self.admissible(receipt)  # Violation: declared what may not be sold, or longer than the context
                 request = CanonicalRequest.decode(request_bytes)
                 tol = self.tolerances(body.model, body.precision)
-                self.admissible(receipt)
                 with self._lock:
                     _, tok = self._model(body.model)
                 if why:  # signed for other sampling than was asked: fraud, whatever the tokens
@@ -167,8 +238,8 @@ class ReplayVerifier:
                 prompt = prompt_ids(tok, request)
                 if len(prompt) + len(body.prefix_tokens) + len(body.output_tokens) > self.context_length(body.model):
                     # the receipt understated its prompt: the replay is bounded by the context all the same
-                    raise ReceiptTooLong(
-                        f"receipt {receipt.cid}'s request and output exceed model {body.model}'s context")
+                    raise Violation(f"receipt {receipt.cid}'s request and output exceed model {body.model}'s "
+                                    "context", kind="length")
                 if why := prompt_binding(request, prompt):  # the provider signed for a prompt it did not render
                     out[i] = (ReplayResult(ok=False, checked_positions=0,
                                            failure=FailureEvidence(kind="prompt", position=-1, detail=why)), tol)
@@ -193,8 +264,10 @@ class ReplayVerifier:
         return judgement
 
     def judge_many(self, items: list[tuple[Record[ReceiptBody], bytes]]) -> list[Judgement | AgoraError]:
-        """Replay receipts together and sign a verdict (and a fraud proof when broken) for each."""
-        return [r if isinstance(r, AgoraError) else self._judgement(receipt, request_bytes, *r)
+        """Replay receipts together and sign a verdict (and a fraud proof when broken) for each; a Violation
+        is signed as a failed verdict too, an error this verifier is to blame for is returned unjudged."""
+        return [self.violation(receipt, r) if isinstance(r, Violation) else r if isinstance(r, AgoraError)
+                else self._judgement(receipt, request_bytes, *r)
                 for (receipt, request_bytes), r in zip(items, self.replay_many(items))]
 
     def _judgement(self, receipt: Record[ReceiptBody], request_bytes: bytes, result: ReplayResult,
@@ -240,9 +313,9 @@ class ReplayVerifier:
 def prompt_ids(tokenizer: Tokenizer, request: CanonicalRequest) -> list[int]:
     """The prompt token ids the provider's engine rendered for a canonical request."""
     if (request.messages if request.kind == "chat" else request.prompt) is None:
-        raise UnverifiableReceipt(f"the canonical request is malformed: a {request.kind} request without "
-                                  f"{'messages' if request.kind == 'chat' else 'a prompt'}")
+        raise Violation(f"the canonical request is malformed: a {request.kind} request without "
+                        f"{'messages' if request.kind == 'chat' else 'a prompt'}", kind="request")
     try:
         return render_prompt(tokenizer, GenerationRequest.from_canonical(request))
     except RequestError as exc:  # e.g. a chat request for a model without a chat template
-        raise UnverifiableReceipt(f"cannot render the request's prompt: {exc}") from exc
+        raise Violation(f"cannot render the request's prompt: {exc}", kind="request") from exc

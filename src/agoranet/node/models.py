@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from agoranet.core.cid import parse_cid
-from agoranet.core.errors import InvalidCID, ModelError
+from agoranet.core.errors import InvalidCID, ModelError, ModelUnavailable
 from agoranet.engine.models import resolve_model
 from agoranet.net.storage_client import Progress, fetch_dag
 from agoranet.store import Blockstore, connect_kubo
@@ -34,7 +34,7 @@ def materialize_model(spec: str, home: Path, storage_peers: list[str] = (), kubo
             asyncio.run(fetch_dag(store, cid, list(storage_peers), progress=progress))
         absent = store.missing(cid)
         if absent:
-            raise ModelError(
+            raise ModelUnavailable(
                 f"model {cid} is not in the local store ({len(absent)} block(s) missing)",
                 hint="pass --storage-peer URL of a peer that holds it, --kubo-rpc URL of a kubo that pinned it, "
                      "or publish it here with `agora store add DIR`",

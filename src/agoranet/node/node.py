@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
 from agoranet.engine.base import Engine
+from agoranet.engine.upstream import UPSTREAM_ENGINE
 from agoranet.log.credits import CreditLedger
 from agoranet.log.transparency import TransparencyLog
 from agoranet.log.witness import Witness
@@ -29,6 +30,8 @@ from agoranet.node.records_api import records_router
 from agoranet.node.state import NodeState
 from agoranet.node.storage_role import StorageRole
 from agoranet.node.witness_role import WitnessRole
+from agoranet.verify.records import TolerancesBody
+from agoranet.verify.tolerances import default_tolerances, load_tolerances
 
 if TYPE_CHECKING:  # the verifier imports torch, which a gateway must not load
     from agoranet.net.libp2p import P2PConfig
@@ -71,6 +74,8 @@ class ProviderOptions:
     token_delay_ms: int = 0  # space tokens out (tests and demos that cut a stream mid-way)
     pricing: dict[str, int] = field(default_factory=dict)  # ProviderConfig overrides
     cheat: str | None = None  # TEST/DEMO ONLY: see agoranet.node.cheat
+    # Signed tolerance records for what it sells (besides the shipped ones and HOME/tolerances/CID.json).
+    tolerance_files: list[Path] = field(default_factory=list)
     fetch_progress: Progress | None = None  # follows the fetch of a model given by CID (the CLI draws a bar)
 
 
@@ -80,6 +85,7 @@ class VerifierOptions:
     models: list[str] | None = None  # models to replay with (agora-tiny by default)
     tolerance_files: list[Path] = field(default_factory=list)
     threads: int | None = 1
+    storage_peers: list[str] = field(default_factory=list)  # where a model it lacks is fetched by CID
 
 
 @dataclass
@@ -113,6 +119,37 @@ def make_engine(opts: ProviderOptions, home: Path) -> Engine:
 
 
 ENGINES = ("transformers", "llamacpp", "upstream")
+TOLERANCES_DIR = "tolerances"  # where `agora verify calibrate` writes HOME/tolerances/MODEL_CID.json
+
+
+class NotSellable(AgoraError):
+    """A provider asked to sell a (model, precision class) that no tolerance record covers: nobody could judge it."""
+
+
+def tolerance_records(home: Path, files: Sequence[Path], model: str) -> list[TolerancesBody]:
+    """The tolerance tables known for `model`: the shipped one, this home's calibration, the files given."""
+    paths = [*files, home / TOLERANCES_DIR / f"{model}.json"]
+    records = [default_tolerances(model)] + [load_tolerances(p) for p in paths if p.exists()]
+    return [r.body for r in records if r is not None and r.body.model == model]
+
+
+def check_sellable(engine: Engine, home: Path, files: Sequence[Path]) -> None:
+    """Refuse to sell what verifiers cannot judge: the engine's (model, precision) needs a tolerance record.
+    Upstream engines are their own declared class, never replayed (their offers say `upstream`)."""
+    if engine.name == UPSTREAM_ENGINE:
+        return
+    tables = tolerance_records(home, files, engine.model_cid)
+    if any(c.precision == engine.precision for t in tables for c in t.classes):
+        return
+    have = sorted({c.precision for t in tables for c in t.classes})
+    raise NotSellable(
+        f"no tolerance record covers model {engine.model_cid} at precision {engine.precision!r}"
+        + (f" (calibrated: {', '.join(have)})" if have else ""),
+        hint=f"a provider may only sell what verifiers can judge: run `agora verify calibrate --model MODEL "
+             f"--precision {engine.precision}` (it writes HOME/{TOLERANCES_DIR}/{engine.model_cid}.json; give verifiers the "
+             f"same file with --tolerances), pass --tolerances FILE, or serve a calibrated precision"
+             + (f" ({', '.join(have)})" if have else ""))
+
 
 
 class UnknownEngine(AgoraError):
@@ -133,7 +170,9 @@ def _make_engine(opts: ProviderOptions, home: Path) -> Engine:
         if not path.is_file():
             raise UnknownEngine(f"--engine llamacpp needs a GGUF file; {path} is a directory",
                                 hint="pass --model FILE.gguf (or --engine transformers for a model directory)")
-        return LlamaCppEngine(path, model_cid=model_cid(path), model_name=name, threads=opts.threads)
+        gguf = LlamaCppEngine(path, model_cid=model_cid(path), model_name=name, threads=opts.threads)
+        check_sellable(gguf, home, opts.tolerance_files)
+        return gguf
     if opts.upstream or opts.engine == "upstream":
         if not opts.upstream:
             raise UnknownEngine("--engine upstream needs --upstream URL of an OpenAI-compatible server")
@@ -150,11 +189,28 @@ def _make_engine(opts: ProviderOptions, home: Path) -> Engine:
                             hint="pass --engine llamacpp to serve it with llama.cpp")
     engine = TransformersEngine(model_dir, model_cid=model_cid(model_dir), model_name=name,
                                 precision=opts.precision, max_batch=opts.max_batch, threads=opts.threads)
+    check_sellable(engine, home, opts.tolerance_files)  # the honest engine: a cheat declares what it likes
     if opts.cheat:
         from agoranet.node.cheat import CheatingEngine
 
         return CheatingEngine(engine, opts.cheat)  # type: ignore[return-value]
     return engine
+
+
+def model_fetcher(home: Path, peers: list[str]) -> Callable[[str], Path] | None:
+    """How a verifier gets a model it lacks: by CID from its storage peers into its home (None: it cannot)."""
+    if not peers:
+        return None
+    from agoranet.core.errors import ModelUnavailable
+    from agoranet.net.storage_client import FetchFailed
+    from agoranet.node.models import materialize_model
+
+    def fetch(cid: str) -> Path:
+        try:
+            return materialize_model(cid, home, peers)[0]
+        except FetchFailed as exc:  # no storage peer has its blocks: nobody serves this model
+            raise ModelUnavailable(str(exc)) from None
+    return fetch
 
 
 def build_node(home: Path, public_url: str, roles: Iterable[str], *, peers: Sequence[str] = (),
@@ -209,8 +265,10 @@ def build_node(home: Path, public_url: str, roles: Iterable[str], *, peers: Sequ
         from agoranet.node.verifier import VerifierConfig, VerifierRole
 
         verifier = verifier or VerifierOptions()
-        replay = ReplayVerifier(identity, models=verifier.models, tolerance_files=list(verifier.tolerance_files),
-                                threads=verifier.threads)
+        calibrated = sorted((home / TOLERANCES_DIR).glob("*.json"))  # `agora verify calibrate` wrote them here
+        replay = ReplayVerifier(identity, models=verifier.models,
+                                tolerance_files=[*calibrated, *verifier.tolerance_files],
+                                threads=verifier.threads, fetch=model_fetcher(home, verifier.storage_peers))
         verifier_role = VerifierRole(identity, replay, state, verifier.audit or VerifierConfig())
         started.append(verifier_role)
     if "provider" in names:
@@ -266,8 +324,9 @@ def build_gateway_node(home: Path, public_url: str, peers: list[str], *, config:
 
 def build_verifier_node(home: Path, audit: VerifierConfig, *, models: list[str] | None = None,
                         tolerance_files: list[Path] = (), threads: int | None = 1,
-                        max_request_bytes: int | None = None) -> tuple[FastAPI, VerifierRole]:
+                        max_request_bytes: int | None = None,
+                        storage_peers: list[str] | None = None) -> tuple[FastAPI, VerifierRole]:
     """A verifier node, reached by its URL alone: it gossips with no one, so it needs none to be built."""
     node = build_node(home, "", ["verifier"], max_request_bytes=max_request_bytes,
-                      verifier=VerifierOptions(audit, models, list(tolerance_files), threads))
+                      verifier=VerifierOptions(audit, models, list(tolerance_files), threads, list(storage_peers or [])))
     return node.app, node.verifier

@@ -21,7 +21,7 @@ from agoranet.core.errors import AgoraError, RecordError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.tasks import cancel_and_wait
 from agoranet.core.records import (
-    OfferBody, OfferedModel, PriceCharged, ReceiptBody, Record, SamplingParams, TopLogprob,
+    OfferBody, OfferedModel, PriceCharged, ReceiptBody, ReceiptSummaryBody, Record, SamplingParams, TopLogprob,
     decode_canonical, sign_record, token_charge,
 )
 from agoranet.engine.base import Engine, Generation, GenerationRequest, Sampling, TokenEvent
@@ -194,7 +194,8 @@ class Provider:
             self.active -= 1
             await events.aclose()
         assert gen is not None
-        agora = await self._receipt(gen_req, request_cid, request_bytes, gen, started) | self._notices(req)
+        agora = await self._receipt(gen_req, request_cid, request_bytes, gen, started, full=_wants_full(req)) \
+            | self._notices(req)
         model = self.engine.model_name
         created = started // 1000
         if kind == "chat":
@@ -226,7 +227,7 @@ class Provider:
                         return
                     live.cut = True  # from here on the full receipt is owed, not a partial one
                     agora = await self._receipt(live.request, live.request_cid, live.request_bytes, item,
-                                                live.started) | self._notices(req)
+                                                live.started, full=_wants_full(req)) | self._notices(req)
                     include_usage = bool(req.stream_options and req.stream_options.include_usage)
                     for chunk in writer.last(item, include_usage=include_usage, agora=agora):
                         yield {"data": chunk}
@@ -263,7 +264,7 @@ class Provider:
         gen = Generation(prompt_tokens=len(counter(live.request)), tokens=[e.token for e in sent],
                          logprobs=[e.logprob for e in sent], top=[list(e.top) for e in sent],
                          text="".join(e.text for e in sent), finish_reason=CUT, completion_tokens=delivered)
-        return await self._receipt(live.request, live.request_cid, live.request_bytes, gen, live.started)
+        return await self._receipt(live.request, live.request_cid, live.request_bytes, gen, live.started, full=True)
 
     def _notices(self, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
         """Why an answer lacks what was asked, where the engine cannot give it (never silently)."""
@@ -274,8 +275,9 @@ class Provider:
         return {}
 
     async def _receipt(self, gen_req: GenerationRequest, request_cid: str, request_bytes: bytes, gen: Generation,
-                       started: int) -> dict[str, Any]:
-        """Sign, store and log the receipt; return the response's `agora` field once it is durable."""
+                       started: int, *, full: bool) -> dict[str, Any]:
+        """Sign, store and log the receipt (and sign its summary); return the response's `agora` field once it is
+        durable: compact (CID, URL, signed summary) unless `full` (the record and canonical request too)."""
         c = self.config
         completion = gen.completion_tokens
         charged = token_charge(gen.prompt_tokens, completion, c.input_per_mtok, c.output_per_mtok)
@@ -290,8 +292,9 @@ class Provider:
         self.served += 1
         self.prompt_tokens += gen.prompt_tokens
         self.completion_tokens += completion
-        # The canonical request travels with the receipt, so a gateway checks it is the request it sent.
-        return ReceiptPart(record, request_bytes).json
+        part = ReceiptPart(record, sign_record(self.identity, ReceiptSummaryBody.of(record)), request_bytes)
+        # Full: the canonical request travels with the receipt, so a gateway checks it is the request it sent.
+        return part.json if full else part.compact(f"{c.url}/agora/v1/records/{record.cid}")
 
     # -- observability ------------------------------------------------------------------------------
 
@@ -375,6 +378,11 @@ class Provider:
 
         r.include_router(records_router(self.state))  # receipts and the requests they bind
         return r
+
+
+def _wants_full(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    """Whether the answer carries the full receipt: only when asked (agora.receipt=full), as gateways do."""
+    return bool(req.agora and req.agora.receipt == "full")
 
 
 def receipt_body(engine: Engine, req: GenerationRequest, request_cid: str, gen: Generation, price: PriceCharged, *,

@@ -17,14 +17,15 @@ class ProviderScore:
     passed: int = 0
     failed: int = 0
     fraud_proofs: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)  # receipts it signed that it may not have (see judge.Violation)
 
     @property
     def excluded(self) -> bool:
-        return bool(self.fraud_proofs)
+        return bool(self.fraud_proofs or self.violations)
 
     @property
     def score(self) -> float:
-        """Laplace-smoothed pass rate; 0 once a fraud is proven."""
+        """Laplace-smoothed pass rate; 0 once a fraud is proven or a violation signed."""
         return 0.0 if self.excluded else (self.passed + 1) / (self.verified + 2)
 
 
@@ -55,6 +56,8 @@ class Reputation:
             s.failed += 1
             if verdict.fraud_proof and verdict.fraud_proof not in s.fraud_proofs:
                 s.fraud_proofs.append(verdict.fraud_proof)
+            if verdict.failure is not None and verdict.failure.kind == "violation":
+                s.violations.append(verdict.receipt)
 
     def add_recheck(self, proof_cid: str, recheck: Recheck) -> None:
         v = self.verifiers.setdefault(recheck.issuer, VerifierScore())
@@ -69,7 +72,8 @@ class Reputation:
     def to_json(self) -> dict[str, Any]:
         return {
             "providers": {peer: {"score": round(s.score, 6), "verified": s.verified, "passed": s.passed,
-                                 "failed": s.failed, "excluded": s.excluded, "fraud_proofs": s.fraud_proofs}
+                                 "failed": s.failed, "excluded": s.excluded, "fraud_proofs": s.fraud_proofs,
+                                 "violations": s.violations}
                           for peer, s in self.providers.items()},
             "verifiers": {peer: {"proofs_checked": v.proofs_checked, "false_proofs": v.false_proofs,
                                  "trusted": not v.false_proofs} for peer, v in self.verifiers.items()},

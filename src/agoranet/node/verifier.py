@@ -10,6 +10,7 @@ issuer. `GET /agora/v1/reputation` gives gateways the scores to route by.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -25,7 +26,7 @@ from agoranet.core.records import OfferBody, ReceiptBody, Record, decode_record,
 from agoranet.core.tasks import cancel_and_wait
 from agoranet.net.agora_client import NOT_JSON, UNEXPECTED, AgoraClient, NodeError, NodeRefused, NodeUnreachable
 from agoranet.node.app import Cursor, PageSize
-from agoranet.node.judge import Judgement, Recheck, ReplayVerifier, UnverifiableReceipt, now_ms
+from agoranet.node.judge import Judgement, Recheck, ReplayVerifier, UnverifiableReceipt, Violation, now_ms
 from agoranet.node.records_api import records_router
 from agoranet.node.reputation import Reputation
 from agoranet.node.state import NodeState
@@ -57,8 +58,11 @@ class VerifierRole:
         self.skipped = 0
         self.audit_errors = 0  # audits that failed for any reason (the loop logs them and goes on)
         self.audit_batches = 0  # replays of one or more receipts together (audit_many calls with any to replay)
-        self.refused = 0  # receipts refused at submission (too long, unknown model, unvouched node)
+        self.refused = 0  # receipts refused at submission (a model this verifier cannot read, unvouched node)
+        self.violations = 0  # receipts judged violations: unjudgeable for a reason their provider controls
         self._offers: dict[str, str] = {}  # provider peer id -> the URL its latest signed offer names
+        # provider peer id -> every (model CID, precision) its signed offers seen here named
+        self._offered: dict[str, set[tuple[str, str]]] = {}
         self._rng = random.Random(config.seed)
         self._queue: asyncio.Queue[Audit] | None = None
         self._seen: set[str] = set()
@@ -118,28 +122,38 @@ class VerifierRole:
         for item in feed.items:
             try:
                 receipt = verify_record(item.record, ReceiptBody)
-                self.verifier.admissible(receipt)
+                with contextlib.suppress(Violation):  # judged, without replay, once queued
+                    self.verifier.admissible(receipt)
                 self.offer(receipt, node=source)
             except AgoraError as exc:
                 log.warning("skipping a bad receipt from %s: %s", source, exc)
         self._cursors[source] = feed.next
 
     def offer(self, receipt: Record[ReceiptBody], *, node: str | None, request_bytes: bytes | None = None) -> bool:
-        """A receipt seen on the network: queue it for audit with probability audit_fraction."""
+        """A receipt seen on the network: queue it for audit with probability audit_fraction, and always when
+        it declares what its provider may not sell (judging that costs no replay, so none escapes)."""
         cid = str(receipt.cid)
         if cid in self._seen:
             return False
         self._seen.add(cid)
-        if self._rng.random() >= self.config.audit_fraction:
+        if self._violation(receipt) is None and self._rng.random() >= self.config.audit_fraction:
             self.skipped += 1
             return False
         assert self._queue is not None
         self._queue.put_nowait((receipt, node, request_bytes))
         return True
 
+    def _violation(self, receipt: Record[ReceiptBody]) -> Violation | None:
+        try:
+            self.verifier.declared(receipt, self._offered.get(receipt.signer))
+        except Violation as why:
+            return why
+        return None
+
     async def audit(self, receipt: Record[ReceiptBody], *, node: str | None = None,
                     request_bytes: bytes | None = None) -> Judgement:
-        """Replay one receipt now; store and count the verdict (and fraud proof)."""
+        """Replay one receipt now; store and count the verdict (and fraud proof). A receipt that declares what
+        its provider may not sell is judged a violation without its request or a replay."""
         judged = (await self.audit_many([(receipt, node, request_bytes)]))[0]
         if isinstance(judged, AgoraError):
             raise judged
@@ -147,20 +161,27 @@ class VerifierRole:
 
     async def audit_many(self, items: list[Audit]) -> list[Judgement | AgoraError]:
         """Replay receipts together (those of one model in shared forward passes, `ReplayVerifier.judge_many`),
-        fetching the canonical requests not given from their nodes first; store and count each verdict."""
-        requests = await asyncio.gather(*(self._request_of(*item) for item in items))
-        ready = [(receipt, req) for (receipt, _, _), req in zip(items, requests) if isinstance(req, bytes)]
+        fetching the canonical requests not given from their nodes first; store and count each verdict.
+        Receipts that declare what their provider may not sell are judged violations first, without replay."""
+        out: dict[int, Judgement | AgoraError] = {}
+        todo: list[int] = []
+        for i, (receipt, _, _) in enumerate(items):
+            if (why := self._violation(receipt)) is not None:
+                out[i] = self._keep(receipt, None, self.verifier.violation(receipt, why))
+            else:
+                todo.append(i)
+        requests = await asyncio.gather(*(self._request_of(*items[i]) for i in todo))
+        ready = [(items[i][0], req) for i, req in zip(todo, requests) if isinstance(req, bytes)]
         self.audit_batches += bool(ready)
         judged = iter(await asyncio.to_thread(self.verifier.judge_many, ready))
-        out: list[Judgement | AgoraError] = []
-        for (receipt, _, _), req in zip(items, requests):
+        for i, req in zip(todo, requests):
             if not isinstance(req, bytes):
-                out.append(req)
+                out[i] = req
             elif isinstance(j := next(judged), AgoraError):
-                out.append(j)
+                out[i] = j
             else:
-                out.append(self._keep(receipt, req, j))
-        return out
+                out[i] = self._keep(items[i][0], req, j)
+        return [out[i] for i in range(len(items))]
 
     async def _request_of(self, receipt: Record[ReceiptBody], node: str | None,
                           request_bytes: bytes | None) -> bytes | AgoraError:
@@ -173,11 +194,15 @@ class VerifierRole:
         except AgoraError as exc:
             return exc
 
-    def _keep(self, receipt: Record[ReceiptBody], request_bytes: bytes, judgement: Judgement) -> Judgement:
+    def _keep(self, receipt: Record[ReceiptBody], request_bytes: bytes | None, judgement: Judgement) -> Judgement:
         # Not "receipt": that kind is the receipts this node signed, which a provider beside it feeds.
         self.state.put(receipt.encode(), "audited-receipt")
-        self.state.put(request_bytes, "request")
+        if request_bytes is not None:
+            self.state.put(request_bytes, "request")
         self.state.put(judgement.verdict.encode(), "verdict")
+        if (f := judgement.verdict.body.failure) is not None and f.kind == "violation":
+            self.violations += 1
+            log.warning("violation: provider %s, receipt %s: %s", receipt.signer, receipt.cid, f.detail)
         if judgement.proof is not None:
             self.state.put(judgement.proof.encode(), "fraud-proof")
             log.warning("fraud proof %s: provider %s, receipt %s: %s", judgement.proof.cid, receipt.signer,
@@ -195,6 +220,7 @@ class VerifierRole:
     def metrics(self) -> dict[str, float]:
         return {"verifier_audits_total": self.audited, "verifier_audit_errors_total": self.audit_errors,
                 "verifier_audit_batches_total": self.audit_batches,
+                "verifier_violations_total": self.violations,
                 "verifier_receipts_refused_total": self.refused, "verifier_skipped_total": self.skipped,
                 "verifier_queue": self._queue.qsize() if self._queue is not None else 0}
 
@@ -230,6 +256,8 @@ class VerifierRole:
             raise RequestError(f"{node} is not the URL of a signed offer of this receipt's provider; records are "
                                "fetched only from there", param="node", code="node_not_vouched")
         self._offers[record.signer] = node
+        self._offered.setdefault(record.signer, set()).update((m.cid, record.body.precision)
+                                                              for m in record.body.models)
         return node, record.signer
 
     def _node(self, url: str) -> AgoraClient:
@@ -298,15 +326,19 @@ class VerifierRole:
 
         @r.get("/agora/v1/reputation")
         async def reputation() -> dict[str, Any]:
+            # `classes`: the (model, precision) pairs judged here; gateways route no traffic to any other.
             return {"verifier": str(self.identity.peer_id), "audit_fraction": self.config.audit_fraction,
-                    "audited": self.audited, **self.reputation.to_json()}
+                    "audited": self.audited, "classes": self.verifier.classes(), **self.reputation.to_json()}
 
         r.include_router(records_router(self.state))  # the receipts audited, verdicts and fraud proofs
         return r
 
     def _admit(self, receipt: Record[ReceiptBody]) -> None:
+        """Refuse a receipt this verifier cannot replay for its own reasons; a Violation is admitted (and signed)."""
         try:
             self.verifier.admissible(receipt)
+        except Violation:
+            pass
         except UnverifiableReceipt as exc:
             self.refused += 1
             raise RequestError(str(exc), param="receipt", code="receipt_not_replayable") from None

@@ -88,6 +88,7 @@ class ProviderStanding(_Answer):
     failed: int = 0
     excluded: bool = False
     fraud_proofs: list[str] = Field(default_factory=list)
+    violations: list[str] = Field(default_factory=list)  # CIDs of receipts judged violations (node/judge.py)
 
 
 class ReputationTable(_Answer):
@@ -98,6 +99,8 @@ class ReputationTable(_Answer):
     audited: int = 0
     providers: dict[str, ProviderStanding] = Field(default_factory=dict)
     verifiers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # model CID -> the precision classes this verifier holds tolerances for; gateways route nothing else
+    classes: dict[str, list[str]] | None = None
 
 
 class InclusionProof(_Answer):

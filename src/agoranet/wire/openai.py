@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import from_json
 
 from agoranet.core.errors import RecordError, RequestError
-from agoranet.core.records import ReceiptBody, Record, verify_record
+from agoranet.core.records import ReceiptBody, ReceiptSummaryBody, Record, verify_record
 from agoranet.wire.sse import sse_data
 
 Kind = Literal["chat", "completion"]
@@ -63,8 +63,9 @@ class AgoraExtension(_Lenient):
     # Token ids are never negative; the engine also checks them against its vocabulary and context.
     prefix_tokens: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=1_000_000)
     stream_tokens: bool = False  # put each token's id on its stream chunk, so a gateway can fail over
-    # What a gateway returns of each receipt: the whole signed record (token ids, top-k logprobs), or its
-    # CID, where to fetch it, and a summary (the gateway's default is its `receipts` setting).
+    # What an answer carries of each receipt: "compact" (the default of providers and of gateways unless
+    # their `receipts` setting says otherwise) is its CID, where to fetch it and the provider's signed
+    # summary; "full" adds the whole signed record (token ids, top-k logprobs) and the canonical request.
     receipt: Literal["full", "compact"] | None = None
 
 
@@ -440,25 +441,49 @@ class Answer(_Lenient):
         return text or "", c.finish_reason
 
 
+def read_summary(agora: Any) -> Record[ReceiptSummaryBody]:
+    """The provider-signed receipt summary of an answer's `agora` field (compact or full); RecordError when it
+    is missing, forged, or names another receipt or provider than the field does."""
+    if not isinstance(agora, dict) or "summary" not in agora:
+        raise RecordError("the answer carries no agora.summary")
+    try:
+        summary = verify_record(agora["summary"], ReceiptSummaryBody)
+    except (TypeError, ValueError) as exc:
+        raise RecordError(f"agora.summary is not a record: {exc}") from exc
+    if summary.body.receipt != agora.get("receipt_cid") or summary.signer != agora.get("provider"):
+        raise RecordError("agora.summary names another receipt or provider than its answer")
+    return summary
+
+
+def check_summary(summary: Record[ReceiptSummaryBody], receipt: Record[ReceiptBody]) -> None:
+    """RecordError unless `summary` is the receipt's own: same signer, and exactly what the receipt states."""
+    if summary.signer != receipt.signer or summary.body != ReceiptSummaryBody.of(receipt):
+        raise RecordError(f"receipt summary {summary.cid} does not state what receipt {receipt.cid} binds")
+
+
 @dataclass(frozen=True, eq=False)
 class ReceiptPart:
-    """The `agora` part a provider answers with: its signed receipt, checked whenever it is read."""
+    """The `agora` part a provider answers with: its signed receipt and summary, checked whenever read."""
 
     receipt: Record[ReceiptBody]
+    summary: Record[ReceiptSummaryBody]
     request: bytes = b""  # the canonical request the receipt binds, as the provider sent it (hex on the wire)
     notice: str | None = None  # the provider's word on what its answer lacks (say, logprobs through an upstream)
 
     @classmethod
     def read(cls, agora: Any) -> ReceiptPart:
-        """The receipt of an answer's `agora` field; RecordError when it is missing, forged or malformed."""
+        """The full receipt of an answer's `agora` field (asked with agora.receipt=full); RecordError when it is
+        missing, forged or malformed, or its summary is not the receipt's own."""
         if not isinstance(agora, dict) or "receipt" not in agora:
-            raise RecordError("the answer carries no agora.receipt")
+            raise RecordError("the answer carries no agora.receipt (ask for it with agora.receipt=full)")
         try:
             notice = agora.get("notice")
-            return cls(verify_record(agora["receipt"], ReceiptBody), bytes.fromhex(agora.get("request", "")),
-                       notice if isinstance(notice, str) else None)
+            part = cls(verify_record(agora["receipt"], ReceiptBody), read_summary(agora),
+                       bytes.fromhex(agora.get("request", "")), notice if isinstance(notice, str) else None)
         except (TypeError, ValueError) as exc:
             raise RecordError(f"agora.receipt is not a record, or agora.request not hex: {exc}") from exc
+        check_summary(part.summary, part.receipt)
+        return part
 
     @property
     def provider(self) -> str:
@@ -466,16 +491,25 @@ class ReceiptPart:
 
     @cached_property
     def json(self) -> dict[str, Any]:
-        out = {"receipt_cid": str(self.receipt.cid), "receipt": self.receipt.to_json(), "provider": self.provider}
+        """The full form: the signed receipt, its canonical request and summary."""
+        out = {"receipt_cid": str(self.receipt.cid), "receipt": self.receipt.to_json(), "provider": self.provider,
+               "summary": self.summary.to_json()}
         out |= {"request": self.request.hex()} if self.request else {}
         return out | ({"notice": self.notice} if self.notice else {})
 
+    def compact(self, receipt_url: str | None) -> dict[str, Any]:
+        """The compact form: the receipt's CID (which binds every byte of the signed record), where to fetch it
+        (`receipt_url`: token ids and logprobs, for a client or verifier that wants them) and the provider's
+        signed summary (model, request, output hash, token counts, charge)."""
+        out = {"receipt_cid": str(self.receipt.cid), "provider": self.provider, "summary": self.summary.to_json(),
+               "receipt_url": receipt_url}
+        return out | ({"notice": self.notice} if self.notice else {})
 
-def gateway_summary(parts: list[ReceiptPart], *, request_id: str, gateway: str,
+
+def gateway_summary(parts: list[dict[str, Any]], *, request_id: str, gateway: str,
                     credits: dict[str, int] | None) -> dict[str, Any]:
-    """A gateway's `agora` field: the last part's receipt at the top (as a provider's), then every part."""
-    summary = {**(parts[-1].json if parts else {}), "receipts": [p.json for p in parts],
-               "request_id": request_id, "gateway": gateway}
+    """A gateway's `agora` field: the last part (full or compact) at the top, as a provider's, then every part."""
+    summary = {**(parts[-1] if parts else {}), "receipts": parts, "request_id": request_id, "gateway": gateway}
     if credits is not None:
         summary["credits"] = credits
     return summary

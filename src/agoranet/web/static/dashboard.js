@@ -155,7 +155,7 @@ function renderTraffic(t) {
 
 function reputation(r) {
   if (!r) return el("span", { class: "muted" }, "no verdicts");
-  if (r.excluded) return el("span", { class: "bad" }, "✗ fraud proven");
+  if (r.excluded) return el("span", { class: "bad" }, r.violations ? "✗ violation (unjudgeable receipt)" : "✗ fraud proven");
   return el("span", { class: r.passed === r.verified ? "ok" : "warn" }, `${r.passed} of ${r.verified} passed`);
 }
 
