@@ -262,6 +262,20 @@ def test_a_verifier_fetches_a_model_it_lacks_by_cid_and_a_model_nobody_stores_is
             server.stop()
 
 
+def test_a_model_fetch_that_fails_because_the_verifiers_own_peers_are_down_is_not_a_violation(tmp_path) -> None:
+    """Only a storage peer answering that it lacks the model makes it the provider's violation; when every peer
+    of the verifier is unreachable the verifier cannot tell, and judges nothing (its problem, not theirs)."""
+    from agoranet.node.node import model_fetcher
+
+    from ..conftest import free_port
+
+    fetch = model_fetcher(tmp_path, [f"http://127.0.0.1:{free_port()}"])  # a closed port: connection refused
+    verifier = ReplayVerifier(Identity.generate(), models=[], fetch=fetch)
+    with pytest.raises(UnverifiableReceipt, match="cannot fetch model") as err:
+        verifier.context_length(UNKNOWN_MODEL)
+    assert not isinstance(err.value, Violation) and "unreachable" in str(err.value)
+
+
 def test_a_receipt_declaring_another_class_than_its_offer_sells_is_refused_and_a_violation(tmp_path, caplog):
     """Sold as fp32, declared bf16 (looser tolerances): the gateway refuses to relay or pay it, and a verifier
     shown the provider's signed offer signs a violation."""

@@ -38,6 +38,13 @@ class FetchFailed(AgoraError):
     hint = "no listed peer has this block; add peers that pinned the DAG with --peer URL"
 
 
+class PeersUnavailable(FetchFailed):
+    """No peer said it lacks the block: every one was unreachable, failed (5xx) or sent forged bytes. Unlike a
+    plain FetchFailed (some peer answered 404), this says nothing about whether the block exists."""
+
+    hint = "check that the storage peers run and are reachable, then retry"
+
+
 def _base(url: str) -> str:
     return url.rstrip("/")
 
@@ -182,6 +189,7 @@ async def fetch_dag(
             except (BlockNotFound, CorruptBlock):
                 pass
         order = urls[preferred:] + urls[:preferred]
+        lacked = False  # some peer answered that it does not hold the block
         for url in order:
             if url in dead:
                 continue
@@ -191,6 +199,7 @@ async def fetch_dag(
                 dead.add(url)
                 continue
             if r.status_code != 200:
+                lacked = lacked or r.status_code == 404
                 continue
             try:
                 await asyncio.to_thread(store.put_block, cid, r.content)
@@ -201,6 +210,9 @@ async def fetch_dag(
             stats.by_peer[url] += 1
             stats.fetched_bytes += len(r.content)
             return r.content
+        if not lacked:
+            raise PeersUnavailable(f"none of {len(urls)} peer(s) could supply block {cid}: "
+                                   f"{len(dead & set(urls))} unreachable, none answered that it lacks it")
         raise FetchFailed(f"none of {len(urls)} peer(s) could supply block {cid}")
 
     async def worker(index: int) -> None:

@@ -201,14 +201,16 @@ def model_fetcher(home: Path, peers: list[str]) -> Callable[[str], Path] | None:
     """How a verifier gets a model it lacks: by CID from its storage peers into its home (None: it cannot)."""
     if not peers:
         return None
-    from agoranet.core.errors import ModelUnavailable
-    from agoranet.net.storage_client import FetchFailed
+    from agoranet.core.errors import ModelError, ModelUnavailable
+    from agoranet.net.storage_client import FetchFailed, PeersUnavailable
     from agoranet.node.models import materialize_model
 
     def fetch(cid: str) -> Path:
         try:
             return materialize_model(cid, home, peers)[0]
-        except FetchFailed as exc:  # no storage peer has its blocks: nobody serves this model
+        except PeersUnavailable as exc:  # the verifier's own peers are down: its problem, not the provider's
+            raise ModelError(f"cannot fetch model {cid}: {exc}", hint=exc.hint) from None
+        except FetchFailed as exc:  # peers answered and none has its blocks: nobody serves this model
             raise ModelUnavailable(str(exc)) from None
     return fetch
 
