@@ -1,10 +1,12 @@
 """Cost of the public sampling rule per token: v1 (SHAKE-256 noise over the whole vocabulary, full sort for
-top-p; kept here as the anchor, same run) against v2 (`agoranet.verify.rule`: noise for candidates only).
+top-p; kept here as the anchor, same run) against v2 (`agoranet.verify.rule`: noise for V/256 blocks and the
+256 tokens of one block, a top-k grown until the nucleus edge shows).
 
 Logits are synthetic, since no large-vocabulary model is at hand: "peaked" rows (a N(0, 2.5²) bulk with
 20 tokens lifted by 5–15, roughly how a trained model's next-token logits look) and "flat" rows (N(0, 1),
-like an untrained model: v2's worst case, where the nucleus or the cut holds most of the vocabulary).
-One row at a time (`choose_token`, a provider's decoding step for one sequence), one CPU thread.
+like an untrained model: v2's worst case for top_p < 1, where the nucleus holds much of the vocabulary and
+its edge needs a sort, as in v1). One row at a time (`choose_token`, a provider's decoding step for one
+sequence), one CPU thread; medians. "nucleus" is the mean nucleus size, "hashed" the noise values drawn.
 
     python benchmarks/rule.py                 # vocab 260, 32k, 152k
     python benchmarks/rule.py --vocab 152064 --repeat 50
@@ -76,9 +78,27 @@ def per_token_ms(choose, rows: list[torch.Tensor], temperature: float, top_p: fl
     return statistics.median(times) * 1e3
 
 
-def candidates(rows: list[torch.Tensor], temperature: float, top_p: float) -> float:
+def nucleus_size(rows: list[torch.Tensor], temperature: float, top_p: float) -> float:
     return statistics.mean(int(rule.nucleus_mask(rule.scale_logits(r[None], temperature), top_p).sum())
                            for r in rows)
+
+
+def _v2_noise(position: int, vocab: int) -> None:
+    keys = rule.position_keys(position, "bench", [position])
+    rule.noise_at(keys[:, 1:], torch.arange(-(-vocab // rule.BLOCK)))
+    rule.noise_at(keys[:, :1], torch.arange(min(vocab, rule.BLOCK)))
+
+
+def _hashed(vocab: int) -> int:
+    return -(-vocab // rule.BLOCK) + min(vocab, rule.BLOCK)
+
+
+def _timed(fn, n: int = 30) -> float:
+    fn(0)
+    t0 = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return (time.perf_counter() - t0) / n * 1e3
 
 
 def main() -> int:
@@ -87,8 +107,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=30, help="rows (decoding steps) per setting")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"{'vocab':>7} {'logits':>6} {'T':>4} {'top_p':>5} {'cands':>8} {'v1 ms':>7} {'v2 ms':>7} {'v1/v2':>6}")
+    print(f"{'vocab':>7} {'logits':>6} {'T':>4} {'top_p':>5} {'nucleus':>8} {'hashed v1/v2':>13} {'v1 ms':>7} "
+          f"{'v2 ms':>7} {'v1/v2':>6}")
     for vocab in args.vocab or [260, 32000, 152064]:
+        v1_noise_ms = statistics.median(_timed(lambda i: v1_noise(i, "bench", i, vocab)) for _ in range(3))
+        v2_noise_ms = statistics.median(_timed(lambda i: _v2_noise(i, vocab)) for _ in range(3))
+        print(f"{vocab:>7} noise alone: v1 {v1_noise_ms:.3f} ms (SHAKE-256, {vocab} values), v2 {v2_noise_ms:.3f} ms "
+              f"(sha256 + splitmix64, {_hashed(vocab)} values)")
         for shape in ("peaked", "flat"):
             rows = logits_rows(vocab, shape, args.repeat)
             for temperature, top_p in ((0.7, 1.0), (0.7, 0.9), (0.7, 0.5), (1.0, 1.0), (1.0, 0.95)):
@@ -98,8 +123,9 @@ def main() -> int:
                                            position=0)]
                 v1 = per_token_ms(v1_choose, rows, temperature, top_p)
                 v2 = per_token_ms(rule.choose_token, rows, temperature, top_p)
-                print(f"{vocab:>7} {shape:>6} {temperature:>4} {top_p:>5} {candidates(rows, temperature, top_p):>8.0f}"
-                      f" {v1:>7.3f} {v2:>7.3f} {v1 / v2:>6.1f}")
+                hashed = f"{vocab}/{_hashed(vocab)}"
+                print(f"{vocab:>7} {shape:>6} {temperature:>4} {top_p:>5} {nucleus_size(rows, temperature, top_p):>8.0f}"
+                      f" {hashed:>13} {v1:>7.3f} {v2:>7.3f} {v1 / v2:>6.1f}")
     return 0
 
 

@@ -18,15 +18,16 @@ This is Gumbel-max twice — over blocks weighted by their mass, then inside the
 token is an exact draw from softmax(s) restricted to N, as one Gumbel-max over the vocabulary would
 be, but the noise is drawn for V/256 blocks and 256 tokens instead of V tokens: O(√V) hashing (850 at a
 152k vocabulary) and O(V) vector arithmetic (the division, one exp, block sums, and for top_p < 1 a
-top-k doubled until the nucleus edge shows) where v1 drew SHAKE-256 noise for the whole vocabulary
+top-k grown until the nucleus edge shows) where v1 drew SHAKE-256 noise for the whole vocabulary
 and sorted it for every token.
 
 One sha256 per position keeps the key derivation cryptographic and domain-separated; per index a
 counter-based mix is enough because the noise needs no secrecy (anyone recomputes it), only a fixed,
 public, well-spread value per (key, index): splitmix64 (Steele, Lea & Flood 2014; passes BigCrush) is
 five integer operations, exact in int64 on every torch device, where torch's Philox offers no stable
-counter API. Noise goes through float64 `log`, whose last bit may differ between libm implementations
-(CPU vectorised vs CUDA): a score moves by ~1e-7, far inside any verifier tolerance.
+counter API (on the CPU the same integers come from numpy's uint64, which skips torch's per-operation
+overhead). Noise goes through float64 `log`, whose last bit may differ between libm implementations
+(numpy on the CPU vs CUDA): a score moves by ~1e-7, far inside any verifier tolerance.
 Reported logprobs are always the model's own distribution, log_softmax(logits) at T = 1.
 """
 
@@ -36,6 +37,7 @@ import hashlib
 import struct
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["RULE", "BLOCK", "position_keys", "noise_at", "scale_logits", "gumbel_noise", "gumbel_noise_rows",
@@ -76,9 +78,18 @@ def _srl(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def noise_at(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise of `index` under `keys` (int64 tensors that broadcast), as float32.
+    """Standard Gumbel noise of `index` under `keys` (int64 tensors that broadcast), as float32, on index's device.
 
-    splitmix64 in int64 arithmetic: multiplication wraps modulo 2^64 on every torch device."""
+    splitmix64: numpy's uint64 on the CPU (a few microseconds for a block), int64 torch arithmetic elsewhere
+    (multiplication wraps modulo 2^64 on every torch device); the integers are the same bits either way."""
+    if index.device.type == "cpu":
+        with np.errstate(over="ignore"):
+            z = (index.numpy().astype(np.uint64) + np.uint64(1)) * np.uint64(_GAMMA) + keys.cpu().numpy().view(np.uint64)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z ^= z >> np.uint64(31)
+            uniform = ((z >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+            return torch.from_numpy((-np.log(-np.log(uniform))).astype(np.float32))
     z = (index.to(torch.int64) + 1) * _i64(_GAMMA) + keys.to(device=index.device, dtype=torch.int64)
     z = (z ^ _srl(z, 30)) * _i64(0xBF58476D1CE4E5B9)
     z = (z ^ _srl(z, 27)) * _i64(0x94D049BB133111EB)
@@ -110,29 +121,24 @@ def nucleus_edge(scaled: torch.Tensor, top_p: float | Sequence[float] | torch.Te
     is {i : scaled_i ≥ edge}. Found with a top-k grown eightfold until the edge shows (a full sort only for
     nuclei beyond an eighth of the vocabulary)."""
     rows, vocab = scaled.shape
-    p = torch.as_tensor(top_p, dtype=torch.float64, device=scaled.device).expand(rows)
-    edge = torch.full((rows,), float("-inf"), dtype=scaled.dtype, device=scaled.device)
-    todo = (p < 1.0).nonzero()[:, 0]
-    if todo.numel() == 0:
-        return edge
-    sub, p = scaled[todo], p[todo]
+    p = torch.as_tensor(top_p, dtype=torch.float64).to(scaled.device).expand(rows)
+    need = p < 1.0
+    if not bool(need.any()):
+        return torch.full((rows,), float("-inf"), dtype=scaled.dtype, device=scaled.device)
+    sub = scaled if bool(need.all()) else scaled.masked_fill(~need[:, None], 0.0)  # rows at top_p 1 are dropped below
     lse = torch.logsumexp(sub, dim=-1, keepdim=True).double()
     k = min(_FIRST_K, vocab)
     while True:
         values = torch.topk(sub, k, dim=-1).values  # sorted, largest first
         mass = torch.exp(values.double() - lse)
-        before = torch.cumsum(mass, dim=-1) - mass  # mass of the tokens listed before each one
-        # tied tokens share the mass strictly before their group (before its first member)
-        new = torch.ones_like(values, dtype=torch.bool)
-        new[:, 1:] = values[:, 1:] != values[:, :-1]
-        first = torch.where(new, torch.arange(k, device=sub.device), 0).cummax(dim=-1).values
-        inside = before.gather(-1, first) < p[:, None]
-        if k == vocab or not bool(inside.all(dim=-1).any()):
+        # Mass listed before each token. A tied group's first member has exactly the mass strictly better than
+        # the group, so the last token with less than top_p before it closes its group: the edge is its value.
+        inside = (torch.cumsum(mass, dim=-1) - mass < p[:, None]).sum(dim=-1)
+        if k == vocab or bool((inside[need] < k).all()):
             break
         k = vocab if 8 * k > vocab // 8 else 8 * k
-    last = (inside.sum(dim=-1) - 1).clamp(min=0)  # the nucleus is a prefix, and never empty
-    edge[todo] = values.gather(-1, last[:, None])[:, 0]
-    return edge
+    edge = values.gather(-1, (inside - 1).clamp(min=0)[:, None])[:, 0]  # never empty: the best token is inside
+    return torch.where(need, edge, float("-inf"))
 
 
 def nucleus_mask(scaled_logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -145,9 +151,12 @@ def block_log_mass(scaled: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     """[rows, blocks]: log of the softmax mass (unnormalised, float32) of the tokens s ≥ floor in each block."""
     rows, vocab = scaled.shape
     top = scaled.amax(dim=-1, keepdim=True)
-    weight = torch.where(scaled >= floor[:, None], torch.exp(scaled - top), 0.0)
+    weight = torch.exp(scaled - top)
+    if bool((floor > float("-inf")).any()):
+        weight = weight.masked_fill(scaled < floor[:, None], 0.0)
     blocks = -(-vocab // BLOCK)
-    weight = torch.nn.functional.pad(weight, (0, blocks * BLOCK - vocab))
+    if blocks * BLOCK > vocab:
+        weight = torch.nn.functional.pad(weight, (0, blocks * BLOCK - vocab))
     return torch.log(weight.view(rows, blocks, BLOCK).sum(dim=-1)) + top
 
 
