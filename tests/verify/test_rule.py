@@ -134,3 +134,21 @@ def test_noise_for_many_positions_is_the_noise_of_each_position_bit_for_bit():
     assert rows.shape == (4, 260)
     for row, position in zip(rows, [0, 3, 64, 2**40]):
         assert torch.equal(row, gumbel_noise(11, "req-é", position, 260))
+
+
+def test_the_device_path_draws_the_same_noise_as_the_cpu_path():
+    """GPU tensors take the int64 torch arithmetic; run here on the CPU it must give numpy's values bit for bit."""
+    from agoranet.verify.rule import _noise_numpy, _noise_torch, position_keys
+
+    keys = position_keys(2**62, "req-é", [0, 1, 2**40, 2**63 - 1])
+    index = torch.arange(152064)[None, :]
+    for column in (0, 1):
+        assert torch.equal(_noise_numpy(keys[:, column:column + 1], index),
+                           _noise_torch(keys[:, column:column + 1], index))
+    if torch.cuda.is_available():
+        on_gpu = _noise_torch(keys[:, :1].cuda(), index.cuda()).cpu()
+        assert (on_gpu - _noise_numpy(keys[:, :1], index)).abs().max() < 1e-6  # libm may differ in the last bit
+        logits = torch.randn(8, 152064) * 3
+        kw = dict(temperatures=[0.7] * 8, top_ps=[1.0, 0.9, 0.5, 0.95] * 2, seeds=list(range(8)),
+                  request_ids=["r"] * 8, positions=list(range(8)))
+        assert choose_tokens(logits.cuda(), **kw) == choose_tokens(logits, **kw)

@@ -82,14 +82,20 @@ def noise_at(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
     splitmix64: numpy's uint64 on the CPU (a few microseconds for a block), int64 torch arithmetic elsewhere
     (multiplication wraps modulo 2^64 on every torch device); the integers are the same bits either way."""
-    if index.device.type == "cpu":
-        with np.errstate(over="ignore"):
-            z = (index.numpy().astype(np.uint64) + np.uint64(1)) * np.uint64(_GAMMA) + keys.cpu().numpy().view(np.uint64)
-            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            z ^= z >> np.uint64(31)
-            uniform = ((z >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
-            return torch.from_numpy((-np.log(-np.log(uniform))).astype(np.float32))
+    return _noise_numpy(keys, index) if index.device.type == "cpu" else _noise_torch(keys, index)
+
+
+def _noise_numpy(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    with np.errstate(over="ignore"):
+        z = (index.numpy().astype(np.uint64) + np.uint64(1)) * np.uint64(_GAMMA) + keys.cpu().numpy().view(np.uint64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+        uniform = ((z >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))  # in (0, 1)
+        return torch.from_numpy((-np.log(-np.log(uniform))).astype(np.float32))
+
+
+def _noise_torch(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     z = (index.to(torch.int64) + 1) * _i64(_GAMMA) + keys.to(device=index.device, dtype=torch.int64)
     z = (z ^ _srl(z, 30)) * _i64(0xBF58476D1CE4E5B9)
     z = (z ^ _srl(z, 27)) * _i64(0x94D049BB133111EB)
