@@ -304,5 +304,3 @@ def test_a_bf16_provider_ignoring_top_p_is_caught_and_honest_bf16_passes(referen
     print(f"top_p {top_p}: {len(changed)} of {len(cheated)} outputs changed, {len(caught)} caught")
     assert len(changed) >= len(cheated) // 2
     assert len(caught) >= (0.9 if top_p == 0.5 else 0.5) * len(changed)
-    # what escapes still shows: tokens outside the replay's own nucleus, which honest runs rarely have
-    assert all(r.nucleus_edges > 0 for r in verdicts if r.ok)
