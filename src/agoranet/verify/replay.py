@@ -9,8 +9,9 @@ argmax, because honest hardware and precision differences move logits a little. 
 logit units (sampling scores are multiplied back by T), so one τ_tok serves every temperature.
 The top-p nucleus is judged by mass, within bounds that cannot open it to the whole vocabulary: a
 claimed token must be one the provider could have had inside — the replayed mass of the tokens
-surely better than it (by more than τ_tok) must stay below top_p with its log-odds raised by τ_mass/T
-(so never reaching 1); the best score is taken only among tokens surely inside (the same, lowered).
+surely better than it (ahead by more than τ_tok, or above it in the provider's own top-k list) must
+stay below top_p with its log-odds raised by τ_mass/T (so never reaching 1); the best score is taken
+only among tokens surely inside (the same, lowered).
 The claimed logprob and top-k logprobs must be within τ_lp and τ_top of the replayed ones.
 The first failing position and what the replay saw there are returned as evidence.
 """
@@ -75,10 +76,10 @@ class ReplayResult:
     # worst honest drift of the log-odds of the T = 1 mass of the listed best tokens (top 1, top 2, …):
     # how far a nucleus edge can move, measured at every position
     max_mass: float = 0.0
-    flips: int = 0
+    flips: int = 0  # positions where the claimed token is not the replay's best (honest only at near ties)
     # positions accepted within tolerance although the claimed token is outside the replay's own top-p nucleus
     # (honest bf16 on agora-tiny: 0-2 per 64 tokens at T 0.7; input for a per-sequence test)
-    nucleus_edges: int = 0  # positions where the claimed token is not the replay's best (honest only at near ties)
+    nucleus_edges: int = 0
 
 
 def _fail(kind: str, detail: str, position: int = -1, **evidence: Any) -> ReplayResult:
