@@ -12,6 +12,7 @@ shipped tolerances of its claimed class. Attacks claim the honest model CID, pre
   tampered logprob     one logprob (< -0.5) reported 0.5 nat more confident
   wrong temperature    sampled at half the claimed temperature
   ignored seed         sampled with another seed
+  ignored top_p        sampled from the whole distribution where top_p 0.9 or 0.5 was asked (T 0.7)
   dropped prompt       the first half of the prompt text never computed
 
 Targets: 0 false rejections in ≥ 400 honest sequences per class; model swap and output edits ≥ 98%;
@@ -235,7 +236,8 @@ def main() -> int:
 
     for precision in precisions:
         tol = tolerance_for(record.body, precision)
-        print(f"\n== provider precision {precision}: τ_tok {tol.tok:.4g}  τ_lp {tol.lp:.4g}  τ_top {tol.top:.4g} ==")
+        print(f"\n== provider precision {precision}: τ_tok {tol.tok:.4g}  τ_lp {tol.lp:.4g}  τ_top {tol.top:.4g}  "
+              f"τ_mass {tol.mass:.4g} ==")
         honest_reqs = honest_requests(n_honest, seed=9001, model_cid=MODEL_CID, max_tokens=64,
                                       temperatures=ALL_T, top_ps=TOP_PS)
         t = time.perf_counter()
@@ -261,9 +263,12 @@ def main() -> int:
                                       top_ps=TOP_PS)
         sampled_reqs = honest_requests(n_attack, seed=4711, model_cid=MODEL_CID, max_tokens=64, temperatures=SAMPLED,
                                        top_ps=TOP_PS)
+        nucleus_reqs = honest_requests(n_attack, seed=5151, model_cid=MODEL_CID, max_tokens=64, temperatures=(0.7,),
+                                       top_ps=(0.9, 0.5))
         base = run(engine_for(precision), attack_reqs)
         base_sampled = run(engine_for(precision), sampled_reqs)
-        honest_tokens = {r.body.request: r.body.output_tokens for r in base + base_sampled}
+        base_nucleus = run(engine_for(precision), nucleus_reqs)
+        honest_tokens = {r.body.request: r.body.output_tokens for r in base + base_sampled + base_nucleus}
         attacks: dict[str, tuple[list[HonestRun], list[int] | None, str]] = {
             "random-init model": (run(engine_for(precision, random_init), attack_reqs), None, "model swap"),
             "noisy weights 5%": (run(engine_for(precision, noisy(0.05)), attack_reqs), None, "model swap"),
@@ -276,6 +281,7 @@ def main() -> int:
         attacks["tampered logprob"] = ([p[0] for p in pairs], [p[1] for p in pairs], "output edit")
         attacks["wrong temperature"] = (run(engine_for(precision, cheat="temperature"), sampled_reqs), None, "sampling")
         attacks["ignored seed"] = (run(engine_for(precision, cheat="seed"), sampled_reqs), None, "sampling")
+        attacks["ignored top_p"] = (run(engine_for(precision, cheat="top_p"), nucleus_reqs), None, "sampling")
         attacks["dropped prompt"] = (run(engine_for(precision, cheat="prompt"), attack_reqs), None, "prompt")
         for name, (runs, positions, group) in attacks.items():
             res = judge(reference, runs, tol)
@@ -312,8 +318,8 @@ def main() -> int:
         if cls["not_detectable"]:
             print(f"  {precision}: NOT detectable (below 90%): {', '.join(cls['not_detectable'])}.")
     print("  Always undetectable by replay: token swaps between candidates whose scores differ by less than τ_tok,\n"
-          "  logprob edits smaller than τ_lp, and (at bf16/fp16) which tokens sit at the edge of the top-p nucleus,\n"
-          "  since the nucleus is only enforced up to the logprob tolerance. A provider may always run a cheaper model\n"
+          "  logprob edits smaller than τ_lp, and which tokens sit at the edge of the top-p nucleus: within τ_tok of\n"
+          "  it, or where its mass's log-odds is within τ_mass/T. A provider may always run a cheaper model\n"
           "  whose outputs stay within its class's tolerances: bf16/fp16 tolerances accept any deviation of that size.")
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
     if args.json:

@@ -21,6 +21,7 @@ def test_calibrate_signs_confirmed_tolerances_and_merges_classes(tmp_path):
     c = tolerance_for(record.body, "fp32")
     assert (c.sequences, c.confirm_sequences, c.headroom) == (8, 8, 1.5)
     assert c.tok >= 1.5 * c.measured_tok and c.tok >= 1e-3 and c.lp >= c.confirmed_lp
+    assert c.mass >= 1.5 * c.measured_mass and c.mass >= 1e-3
     assert isinstance(record.body, TolerancesBody) and record.body.reference_precision == "fp32"
     assert json.loads(out.read_text())["type"] == "agora/tolerances/1"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ from agoranet.engine.tokenizer import ByteTokenizer
 from agoranet.engine.transformers_engine import TransformersEngine, load_causal_lm
 from agoranet.node.calibration import HonestRun, honest_requests, honest_runs
 from agoranet.verify.replay import MEASURE, STRICT, ReplayJob, Tolerances, check_receipt, check_receipts
-from agoranet.verify.rule import token_scores
+from agoranet.verify.rule import choose_token, token_scores
 from agoranet.verify.tolerances import default_tolerances, tolerance_for
 
 MODEL_DIR = resolve_model("agora-tiny")[0]
@@ -27,9 +28,9 @@ def reference() -> torch.nn.Module:
     return load_causal_lm(MODEL_DIR, "fp32")
 
 
-def run_engine(requests, *, precision: str = "fp32", concurrency: int = 4) -> list[HonestRun]:
-    """Generate through the real built-in engine, several requests sharing each batch."""
-    engine = TransformersEngine(MODEL_DIR, model_cid=MODEL_CID, precision=precision, threads=1)
+def run_engine(requests, *, precision: str = "fp32", concurrency: int = 4, engine=None) -> list[HonestRun]:
+    """Generate through the real built-in engine (or `engine`), several requests sharing each batch."""
+    engine = engine or TransformersEngine(MODEL_DIR, model_cid=MODEL_CID, precision=precision, threads=1)
 
     async def go():
         await engine.start()
@@ -235,3 +236,71 @@ def test_batched_replay_judges_each_receipt_as_it_is_judged_alone(reference, hon
         assert not b.ok or b.max_lp < 1e-3
     assert (together[-3].failure.kind, together[-3].failure.position) in {("token", 5), ("nucleus", 5)}
     assert (together[-1].failure.kind, together[-1].failure.position) == ("logprob", 2)
+
+
+BF16_LIKE = Tolerances(0.468, 0.275, 0.351, mass=0.3)  # the size of honest bf16 drift on agora-tiny
+
+
+@pytest.mark.parametrize("top_p", [0.9, 0.5])
+def test_the_nucleus_is_judged_by_mass_and_bf16_tolerances_do_not_open_it(honest, top_p):
+    """v1 widened top_p by exp(2·τ_lp/T) — at bf16 and T 0.7 that admits every token. Judged by mass, a token
+    whose better tokens clearly hold more than top_p is refused; tokens inside are never refused as outside."""
+    run, t = honest[0], 0.7
+    assert top_p * math.exp(2 * BF16_LIKE.lp / t) > 1.0  # the old slack would have accepted anything here
+    row = [4.0, 3.2, 2.6, 2.0] + torch.linspace(1.0, -3.0, 60).tolist()
+    model = FixedLogits(row)
+    probs = torch.softmax(model.row / t, -1)
+    better = torch.cumsum(probs, 0) - probs  # the row is sorted: mass strictly before each token
+    kinds = {}
+    for token in range(len(row)):
+        failure = check_receipt(model, run.prompt, fake_receipt(run.body, model, token, temperature=t, top_p=top_p),
+                                BF16_LIKE).failure
+        kinds[token] = failure.kind if failure else None
+    inside = [i for i in range(len(row)) if better[i] < top_p]
+    deep = [i for i in range(len(row)) if better[i] > top_p + 0.7 * (1 - top_p)]  # e.g. > 0.97 for 0.9
+    assert inside and deep
+    assert all(kinds[i] != "nucleus" for i in inside)
+    assert all(kinds[i] == "nucleus" for i in deep)
+
+
+def test_an_honest_token_on_the_nucleus_edge_is_not_refused(honest):
+    """The provider's logits drift a little from the replay's: its nucleus holds a token the exact replay
+    would leave out. Within τ_tok and τ_mass that token is accepted; with no tolerance it would not be."""
+    run, t = honest[0], 0.7
+    replay_row = torch.tensor([2.0, 1.9, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0])
+    provider_row = replay_row + torch.tensor([-0.08, 0.08, 0, 0, 0, 0, 0, 0])
+    p_replay, p_provider = (float(torch.softmax(r / t, -1)[0]) for r in (replay_row, provider_row))
+    top_p = (p_replay + p_provider) / 2  # token 1 is inside for the provider (p0 < top_p), outside for the replay
+    b = run.body
+    seed = next(s for s in range(500) if choose_token(provider_row, temperature=t, top_p=top_p, seed=s,
+                                                      request_id=b.request_id, position=len(b.prefix_tokens)) == 1)
+    model = FixedLogits(replay_row.tolist())
+    body = fake_receipt(b, model, 1, temperature=t, top_p=top_p)
+    body = body.model_copy(update={"sampling": body.sampling.model_copy(update={"seed": seed})})
+    result = check_receipt(model, run.prompt, body, Tolerances(0.2, 0.2, 0.2, mass=0.2))
+    assert result.ok, result.failure
+    assert check_receipt(model, run.prompt, body, Tolerances(0.0, 0.2, 0.2, mass=0.0)).failure.kind == "nucleus"
+
+
+@pytest.mark.parametrize("top_p", [0.9, 0.5])
+def test_a_bf16_provider_ignoring_top_p_is_caught_and_honest_bf16_passes(reference, top_p):
+    """At T 0.7 with the shipped bf16 tolerances: every honest bf16 sequence passes, and a provider sampling
+    from the whole distribution is caught where that changed its output — every time at top_p 0.5; at 0.9
+    its tokens often land just past the edge, inside the tolerance, and only most sequences are caught."""
+    from agoranet.node.cheat import CheatingEngine
+
+    requests = honest_requests(12, seed=515, model_cid=MODEL_CID, max_tokens=48, temperatures=(0.7,),
+                               top_ps=(top_p,))
+    tol = tolerance_for(default_tolerances(MODEL_CID).body, "bf16")
+    honest_runs_ = run_engine(requests, precision="bf16")
+    for run in honest_runs_:
+        result = check(reference, run, tol=tol)
+        assert result.ok, result.failure
+    cheat = CheatingEngine(TransformersEngine(MODEL_DIR, model_cid=MODEL_CID, precision="bf16", threads=1), "top_p")
+    cheated = run_engine(requests, engine=cheat)
+    changed = [c for c, h in zip(cheated, honest_runs_) if c.body.output_tokens != h.body.output_tokens]
+    verdicts = [check(reference, c, tol=tol) for c in changed]
+    caught = [r for r in verdicts if r.failure is not None and r.failure.kind == "nucleus"]
+    print(f"top_p {top_p}: {len(changed)} of {len(cheated)} outputs changed, {len(caught)} caught")
+    assert len(changed) >= len(cheated) // 2
+    assert len(caught) >= (0.9 if top_p == 0.5 else 0.5) * len(changed)

@@ -1,6 +1,13 @@
+import hashlib
+import math
+import struct
+
+import pytest
 import torch
 
-from agoranet.verify.rule import choose_token, choose_tokens, gumbel_noise, gumbel_noise_rows, nucleus_mask, token_scores
+from agoranet.verify.rule import (
+    BLOCK, RULE, choose_token, choose_tokens, gumbel_noise, gumbel_noise_rows, nucleus_mask, token_scores,
+)
 
 
 def test_noise_is_a_pure_function_of_seed_request_and_position():
@@ -29,11 +36,40 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     assert nucleus_mask(scaled, 1.0).all()
     scores = token_scores(scaled, temperature=1.0, top_p=0.7, seed=3, request_id="r", position=0)
     assert torch.isinf(scores[2:]).all() and torch.isfinite(scores[:2]).all()
+    # tied tokens are in or out together: both 0.3s have only 0.4 of strictly better mass
+    tied = torch.log(torch.tensor([0.4, 0.3, 0.3]))
+    assert nucleus_mask(tied, 0.5).tolist() == [True, True, True]
+
+
+def test_a_large_nucleus_is_found_beyond_the_first_top_k():
+    logits = torch.zeros(5000)
+    logits[:3] = 4.0  # three likely tokens, then a flat tail of 4997
+    assert int(nucleus_mask(logits, 0.9).sum()) == 5000  # the flat tail ties: all of it or none
+    logits[3:] = -torch.arange(4997.0) * 1e-3
+    mask = nucleus_mask(logits, 0.9)
+    sorted_p = torch.softmax(logits, -1).sort(descending=True).values
+    assert int(mask.sum()) == int(((torch.cumsum(sorted_p, 0) - sorted_p) < 0.9).sum()) > 64
+
+
+def test_sampling_across_blocks_follows_the_softmax():
+    """Two-level Gumbel-max (blocks by mass, then tokens) is an exact draw: frequencies match softmax."""
+    logits = torch.full((700,), -4.0)
+    likely = [3, 255, 256, 300, 699]  # in blocks 0, 0, 1, 1, 2
+    logits[likely] = torch.tensor([1.0, 0.5, 0.8, 0.0, 1.2])
+    probs = torch.softmax(logits, -1)
+    counts = torch.zeros(700)
+    for i in range(6000):
+        counts[choose_token(logits, temperature=1.0, top_p=1.0, seed=i, request_id="r", position=i % 7)] += 1
+    freq = counts / 6000
+    assert torch.allclose(freq[likely], probs[likely], atol=0.025)
+    rest = [i for i in range(700) if i not in likely]
+    assert abs(float(freq[rest].sum()) - float(probs[rest].sum())) < 0.03
 
 
 def test_batched_rule_chooses_what_each_row_gets_alone():
     torch.manual_seed(0)
     logits = torch.randn(48, 260) * 3
+    logits[7, 10:20] = logits[7].max()  # a row with exact ties at the top
     temps = [(0.0, 0.7, 1.0, 1.3)[i % 4] for i in range(48)]
     top_ps = [(1.0, 0.9, 0.5)[i % 3] for i in range(48)]
     seeds, ids, positions = list(range(48)), [f"r{i % 5}" for i in range(48)], [i * 7 for i in range(48)]
@@ -41,26 +77,78 @@ def test_batched_rule_chooses_what_each_row_gets_alone():
                             positions=positions)
     alone = [choose_token(logits[i], temperature=temps[i], top_p=top_ps[i], seed=seeds[i], request_id=ids[i],
                           position=positions[i]) for i in range(48)]
-    assert batched == alone
+    scored = [int(torch.argmax(token_scores(logits[i], temperature=temps[i], top_p=top_ps[i], seed=seeds[i],
+                                            request_id=ids[i], position=positions[i]))) for i in range(48)]
+    assert batched == alone == scored
     assert len(set(batched)) > 10  # the rows really differ, so the comparison means something
 
 
+def _reference_rule(logits: list[float], temperature: float, top_p: float, seed: int, request_id: str,
+                    position: int) -> int:
+    """The published rule written out in plain Python (ints, math), independent of the torch code."""
+    f32 = lambda x: float(torch.tensor(x, dtype=torch.float32))  # noqa: E731
+    scaled = [float(torch.tensor(x, dtype=torch.float32) / torch.tensor(temperature, dtype=torch.float32))
+              for x in logits]
+    top = max(scaled)
+    weights = [math.exp(s - top) for s in scaled]
+    probs = [w / sum(weights) for w in weights]
+    nucleus = [top_p >= 1.0 or sum(p for p, t in zip(probs, scaled) if t > s) < top_p for s in scaled]
+    rid = request_id.encode()
+    d = hashlib.sha256(RULE.encode() + struct.pack(">q", seed) + struct.pack(">I", len(rid)) + rid
+                       + struct.pack(">Q", position)).digest()
+    token_key, block_key = int.from_bytes(d[:8], "big"), int.from_bytes(d[8:16], "big")
+    m64 = (1 << 64) - 1
+
+    def noise(key: int, i: int) -> float:
+        x = (key + (i + 1) * 0x9E3779B97F4A7C15) & m64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m64
+        x ^= x >> 31
+        return f32(-math.log(-math.log(((x >> 11) + 0.5) / 2**53)))
+
+    def argmax(scores: list[tuple[float, int]]) -> int:
+        return max(scores, key=lambda si: (si[0], -si[1]))[1]
+
+    blocks = range(-(-len(logits) // BLOCK))
+    mass = {b: sum(weights[i] for i in range(b * BLOCK, min((b + 1) * BLOCK, len(logits))) if nucleus[i])
+            for b in blocks}
+    block = argmax([(f32(f32(math.log(mass[b]) + top) + noise(block_key, b)) if mass[b] > 0 else -math.inf, b)
+                    for b in blocks])
+    members = [i for i in range(block * BLOCK, min((block + 1) * BLOCK, len(logits))) if nucleus[i]]
+    return argmax([(f32(scaled[i] + noise(token_key, i)), i) for i in members])
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5])
+def test_the_rule_is_the_published_formula(top_p):
+    torch.manual_seed(1)
+    for n in range(30):
+        logits = (torch.randn(600) * (1 + n % 4)).tolist()
+        temperature = (0.5, 0.8, 1.0, 1.3)[n % 4]
+        got = choose_token(torch.tensor(logits), temperature=temperature, top_p=top_p, seed=n, request_id="req-é",
+                           position=n * 1000)
+        assert got == _reference_rule(logits, temperature, top_p, n, "req-é", n * 1000)
+
+
 def test_noise_for_many_positions_is_the_noise_of_each_position_bit_for_bit():
-    """The batched noise is the published formula, position by position (written out here independently)."""
-    import hashlib
-    import struct
-
-    import numpy as np
-
-    def one(seed: int, request_id: str, position: int, vocab: int) -> torch.Tensor:
-        key = hashlib.sha256(b"agora-gumbel-v1" + struct.pack(">q", seed) + struct.pack(">I", len(request_id.encode()))
-                             + request_id.encode() + struct.pack(">Q", position)).digest()
-        words = np.frombuffer(hashlib.shake_256(key).digest(8 * vocab), dtype=">u8")
-        uniform = ((words >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
-        return torch.from_numpy(-np.log(-np.log(uniform))).to(torch.float32)
-
     rows = gumbel_noise_rows(11, "req-é", [0, 3, 64, 2**40], 260)
     assert rows.shape == (4, 260)
     for row, position in zip(rows, [0, 3, 64, 2**40]):
-        assert torch.equal(row, one(11, "req-é", position, 260))
         assert torch.equal(row, gumbel_noise(11, "req-é", position, 260))
+
+
+def test_the_device_path_draws_the_same_noise_as_the_cpu_path():
+    """GPU tensors take the int64 torch arithmetic; run here on the CPU it must give numpy's values bit for bit."""
+    from agoranet.verify.rule import _noise_numpy, _noise_torch, position_keys
+
+    keys = position_keys(2**62, "req-é", [0, 1, 2**40, 2**63 - 1])
+    index = torch.arange(152064)[None, :]
+    for column in (0, 1):
+        assert torch.equal(_noise_numpy(keys[:, column:column + 1], index),
+                           _noise_torch(keys[:, column:column + 1], index))
+    if torch.cuda.is_available():
+        on_gpu = _noise_torch(keys[:, :1].cuda(), index.cuda()).cpu()
+        assert (on_gpu - _noise_numpy(keys[:, :1], index)).abs().max() < 1e-6  # libm may differ in the last bit
+        logits = torch.randn(8, 152064) * 3
+        kw = dict(temperatures=[0.7] * 8, top_ps=[1.0, 0.9, 0.5, 0.95] * 2, seeds=list(range(8)),
+                  request_ids=["r"] * 8, positions=list(range(8)))
+        assert choose_tokens(logits.cuda(), **kw) == choose_tokens(logits, **kw)

@@ -190,9 +190,10 @@ def calibrate(
                                                 headroom=headroom, max_tokens=max_tokens, seed=seed, threads=threads,
                                                 engine=provider_engine))
             classes[p] = c
-            console.print(f"  {p}: τ_tok {c.tok:.4g}  τ_lp {c.lp:.4g}  τ_top {c.top:.4g}   (worst honest: "
-                          f"{c.measured_tok:.3g} / {c.measured_lp:.3g} / {c.measured_top:.3g}; confirmation set "
-                          f"{c.confirmed_tok:.3g} / {c.confirmed_lp:.3g} / {c.confirmed_top:.3g}, all passed)")
+            console.print(f"  {p}: τ_tok {c.tok:.4g}  τ_lp {c.lp:.4g}  τ_top {c.top:.4g}  τ_mass {c.mass:.4g}   "
+                          f"(worst honest: {c.measured_tok:.3g} / {c.measured_lp:.3g} / {c.measured_top:.3g} / "
+                          f"{c.measured_mass:.3g}; confirmation set {c.confirmed_tok:.3g} / {c.confirmed_lp:.3g} / "
+                          f"{c.confirmed_top:.3g} / {c.confirmed_mass:.3g}, all passed)")
         record = tolerances_record(
             identity, cid, list(classes.values()), hardware=hardware_summary(),
             method=f"agora verify calibrate: {max_tokens}-token honest runs (chat+completion, T 0-1.3, top-p 1; confirmation set also top-p 0.8-0.95, "

@@ -116,12 +116,13 @@ def replay_all(reference: torch.nn.Module, tokenizer: Tokenizer, runs: list[Hone
                           decode=tokenizer.decode, eos_token=tokenizer.eos_tokens) for r in runs]
 
 
-def worst(results: list[ReplayResult]) -> tuple[float, float, float]:
-    """Worst honest (token margin, logprob, top-k) deviations. The token figure also takes the worst
-    drift of any logit difference among listed tokens: margins only show at the rare near-tie flips,
-    while that drift, which bounds them, is measured at every position."""
+def worst(results: list[ReplayResult]) -> tuple[float, float, float, float]:
+    """Worst honest (token margin, logprob, top-k, nucleus mass) deviations. The token figure also takes the
+    worst drift of any logit difference among listed tokens: margins only show at the rare near-tie flips,
+    while that drift, which bounds them, is measured at every position; the mass figure likewise is the
+    log-odds drift of every listed best-token set, not only of the sets at a nucleus edge."""
     return (max(max(r.max_tok, r.max_spread) for r in results), max(r.max_lp for r in results),
-            max(r.max_top for r in results))
+            max(r.max_top for r in results), max(r.max_mass for r in results))
 
 
 async def calibrate_precision(
@@ -138,13 +139,13 @@ async def calibrate_precision(
     tokenizer = engine.tokenizer
     await engine.start()
     try:
-        # top-p = 1 here: at the nucleus edge honest margins are meaningless (handled by the lp-derived
-        # nucleus slack); the confirmation set below does use top-p < 1.
+        # top-p = 1 here: at the nucleus edge honest margins are meaningless (the nucleus is judged by mass,
+        # within τ_mass, measured at every position); the confirmation set below does use top-p < 1.
         calib = honest_requests(sequences, seed=seed, model_cid=model_cid, max_tokens=max_tokens, top_ps=(1.0,))
         # mostly batched (padding, other batch sizes) and a share one at a time
         runs = await honest_runs(engine, calib[: sequences // 4], 1) + await honest_runs(engine, calib[sequences // 4:], 16)
         measured = worst(replay_all(reference, tokenizer, runs, MEASURE, model_cid))
-        tol = class_tolerance(precision, measured, (0.0, 0.0, 0.0), sequences=len(runs), confirm_sequences=0,
+        tol = class_tolerance(precision, measured, (0.0, 0.0, 0.0, 0.0), sequences=len(runs), confirm_sequences=0,
                               headroom=headroom, floor=floor)
         check = honest_requests(confirm, seed=seed + 1_000_003, model_cid=model_cid, max_tokens=max_tokens)
         confirm_runs = await honest_runs(engine, check, 8)
@@ -158,5 +159,5 @@ async def calibrate_precision(
                                 f"fail the calibrated tolerances (first: {f.kind} at {f.position}: {f.detail})")
     return tol.model_copy(update={
         "confirm_sequences": len(confirm_runs),
-        **dict(zip(("confirmed_tok", "confirmed_lp", "confirmed_top"), worst(confirmed_results))),
+        **dict(zip(("confirmed_tok", "confirmed_lp", "confirmed_top", "confirmed_mass"), worst(confirmed_results))),
     })

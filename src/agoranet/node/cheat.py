@@ -37,6 +37,7 @@ CHEATS = {
     "logprobs": "report every logprob 1.0 nat more confident than the model's",
     "temperature": "sample at half the requested temperature (0.8 when greedy was asked)",
     "seed": "ignore the requested seed",
+    "top_p": "ignore the requested top_p (sample from the whole distribution)",
     "prompt": "drop the first half of the prompt text (cheaper prefill)",
     # Escapes by declaration: receipts (and offer) declare what no verifier can judge.
     "fp16": "declare precision fp16, for which no tolerance record exists (hoping to be unjudgeable)",
@@ -81,6 +82,8 @@ class CheatingEngine:
             return replace(request, sampling=replace(s, temperature=s.temperature / 2 if s.temperature > 0 else 0.8))
         if self.kind == "seed":
             return replace(request, sampling=replace(s, seed=s.seed ^ 0x5EED))
+        if self.kind == "top_p":
+            return replace(request, sampling=replace(s, top_p=1.0))
         if self.kind == "prompt":
             if request.kind == "chat":
                 msgs = tuple((role, text[len(text) // 2:]) for role, text in request.messages)

@@ -20,12 +20,17 @@ class ClassTolerance(RecordBody):
     tok: float = Field(ge=0.0)  # max (best score − claimed score), in logit units
     lp: float = Field(ge=0.0)  # max |claimed logprob − replayed logprob|
     top: float = Field(ge=0.0)  # max |claimed top-k logprob − replayed logprob|
+    # max drift of the log-odds of the mass of a set of best tokens, logit units (÷T at temperature T): how far
+    # the top-p nucleus edge may honestly move
+    mass: float = Field(ge=0.0)
     measured_tok: float = Field(ge=0.0)  # worst honest deviation seen in calibration (tok: also logit-difference drift)
     measured_lp: float = Field(ge=0.0)
     measured_top: float = Field(ge=0.0)
+    measured_mass: float = Field(ge=0.0)
     confirmed_tok: float = Field(ge=0.0)  # worst honest deviation on the independent confirmation set
     confirmed_lp: float = Field(ge=0.0)
     confirmed_top: float = Field(ge=0.0)
+    confirmed_mass: float = Field(ge=0.0)
     sequences: int = Field(ge=0)
     confirm_sequences: int = Field(ge=0)
     headroom: float = Field(ge=1.0)

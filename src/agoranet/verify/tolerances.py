@@ -30,15 +30,17 @@ class NoTolerances(AgoraError):
 
 
 def class_tolerance(
-    precision: str, measured: tuple[float, float, float], confirmed: tuple[float, float, float], *,
+    precision: str, measured: tuple[float, float, float, float], confirmed: tuple[float, float, float, float], *,
     sequences: int, confirm_sequences: int, headroom: float = HEADROOM, floor: float = MIN_TOLERANCE,
 ) -> ClassTolerance:
-    """Tolerances = headroom × the worst honest deviation of the calibration set (never below `floor`)."""
-    tok, lp, top = (max(headroom * m, floor) for m in measured)
+    """Tolerances = headroom × the worst honest (tok, lp, top, mass) deviation of the calibration set (never
+    below `floor`)."""
+    tok, lp, top, mass = (max(headroom * m, floor) for m in measured)
     return ClassTolerance(
-        precision=precision, tok=tok, lp=lp, top=top, measured_tok=measured[0], measured_lp=measured[1],
-        measured_top=measured[2], confirmed_tok=confirmed[0], confirmed_lp=confirmed[1], confirmed_top=confirmed[2],
-        sequences=sequences, confirm_sequences=confirm_sequences, headroom=headroom,
+        precision=precision, tok=tok, lp=lp, top=top, mass=mass, measured_tok=measured[0], measured_lp=measured[1],
+        measured_top=measured[2], measured_mass=measured[3], confirmed_tok=confirmed[0], confirmed_lp=confirmed[1],
+        confirmed_top=confirmed[2], confirmed_mass=confirmed[3], sequences=sequences,
+        confirm_sequences=confirm_sequences, headroom=headroom,
     )
 
 
