@@ -205,7 +205,7 @@ def test_a_provider_sells_only_what_a_tolerance_record_covers(tmp_path):
         check_sellable(SimpleNamespace(name="transformers", model_cid=UNKNOWN_MODEL, precision="fp32"), tmp_path, [])
     check_sellable(SimpleNamespace(name="upstream", model_cid=UNKNOWN_MODEL, precision="upstream"), tmp_path, [])
     # `agora verify calibrate` writes HOME/tolerances/CID.json: then the class may be sold from that home
-    fp16 = class_tolerance("fp16", (0.5, 0.3, 0.4), (0.5, 0.3, 0.4), sequences=8, confirm_sequences=8)
+    fp16 = class_tolerance("fp16", (0.5, 0.3, 0.4, 0.2), (0.5, 0.3, 0.4, 0.2), sequences=8, confirm_sequences=8)
     record = tolerances_record(Identity.generate(), MODEL_CID, [fp16], hardware="test", method="tests")
     (tmp_path / TOLERANCES_DIR).mkdir()
     (tmp_path / TOLERANCES_DIR / f"{MODEL_CID}.json").write_text(json.dumps(record.to_json()))
