@@ -158,13 +158,20 @@ def test_continuation_from_token_ids_resumes_exactly(vllm_server, real_model):
                                      sampling=Sampling(temperature=0.8, seed=11, max_tokens=20 - cut),
                                      prefix_tokens=tuple(whole.tokens[:cut]))
             tail = [e async for e in engine.generate(rest)][-1]
-            return whole, tail
+            stop = whole.text[len(whole.text) // 2:][:3]  # a stop string from the middle of the answer
+            stopped = GenerationRequest(request_id=req.request_id, kind="chat", messages=req.messages,
+                                        sampling=Sampling(temperature=0.8, seed=11, max_tokens=20, stop=(stop,)))
+            cut_short = [e async for e in engine.generate(stopped)][-1]
+            return whole, tail, stop, cut_short
         finally:
             await engine.stop()
 
-    whole, tail = asyncio.run(run())
+    whole, tail, stop, cut_short = asyncio.run(run())
     assert whole.tokens[7:] == tail.tokens and len(whole.tokens) > 7
     assert tail.top and all(len(t) >= 5 for t in tail.top)
+    # a stop string ends the answer before it, as the built-in engine does (Agora cuts, not vLLM)
+    assert stop and cut_short.finish_reason == "stop" and cut_short.text == whole.text[:whole.text.find(stop)]
+    assert cut_short.tokens == whole.tokens[:len(cut_short.tokens)]
 
 
 
