@@ -167,6 +167,13 @@ def test_continuation_from_token_ids_resumes_exactly(vllm_server, real_model):
             await engine.stop()
 
     whole, tail, stop, cut_short = asyncio.run(run())
+    # a provider whose agoranet has another rule than the server's is refused at admission (HTTP 400)
+    engine = VLLMEngine(vllm_server, real_model, model_cid="x", model_name="x", upstream_model=SERVED)
+    body = engine.request_body(GenerationRequest(request_id="r", kind="completion", prompt="def",
+                                                 sampling=Sampling()), [1, 2, 3])
+    body["vllm_xargs"]["agora_rule"] = "0123456789abcdef"
+    r = httpx.post(f"{vllm_server}/v1/completions", json=body | {"stream": False}, timeout=60)
+    assert r.status_code == 400 and "another version of Agora's sampling rule" in r.text
     assert whole.tokens[7:] == tail.tokens and len(whole.tokens) > 7
     assert tail.top and all(len(t) >= 5 for t in tail.top)
     # a stop string ends the answer before it, as the built-in engine does (Agora cuts, not vLLM)

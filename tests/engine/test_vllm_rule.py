@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agoranet.engine.vllm_rule import RuleArgs, apply_rule, parse_args
+from agoranet.engine.vllm_rule import RULE_DIGEST, RuleArgs, apply_rule, parse_args
 from agoranet.verify.rule import choose_token
 
 
@@ -42,7 +42,12 @@ def test_forced_probe_and_no_args():
     (_args(agora_top_p=0), "agora_top_p"),
     (_args(agora_temperature=-1), "≥ 0"),
     (_args(agora_seed="x"), "integer"),
+    (_args(agora_rule="0123456789abcdef"), "another version of Agora's sampling rule"),
 ])
 def test_malformed_arguments_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         parse_args(bad)
+
+
+def test_the_providers_rule_digest_is_accepted():
+    assert parse_args(_args(agora_rule=RULE_DIGEST)).seed == 7

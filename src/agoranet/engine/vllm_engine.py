@@ -32,6 +32,7 @@ import httpx
 from agoranet.core.errors import EngineError, ModelError, RequestError
 from agoranet.engine.base import Generation, GenerationRequest, TokenEvent, check_context, cut_at_stop
 from agoranet.engine.tokenizer import load_tokenizer
+from agoranet.engine.vllm_rule import RULE_DIGEST
 from agoranet.wire.openai import error_message
 from agoranet.wire.sse import StreamTruncated, sse_payloads
 
@@ -92,14 +93,15 @@ class VLLMEngine:
         for force in (self.vocab_size // 3, self.vocab_size // 3 + 1):
             body = {"model": self.upstream_model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
                     "logprobs": 2, "return_tokens_as_token_ids": True, "return_token_ids": True,
-                    "vllm_xargs": {"agora_force": force}}
+                    "vllm_xargs": {"agora_force": force, "agora_rule": RULE_DIGEST}}
             try:
                 r = await self._client.post("/completions", json=body)
             except httpx.HTTPError as exc:
                 raise EngineError(f"lost the vLLM server at {self.base_url}: {exc}") from exc
             if r.status_code >= 400:
-                raise EngineError(f"the vLLM server at {self.base_url} refused the rule's probe: "
-                                  f"{_message(r)}", hint=_HINT)
+                message = _message(r)
+                raise EngineError(f"the vLLM server at {self.base_url} refused the rule's probe: {message}",
+                                  hint=None if "sampling rule" in message else _HINT)
             choice = r.json()["choices"][0]
             tokens = choice.get("token_ids") or []
             if tokens != [force]:
@@ -134,7 +136,8 @@ class VLLMEngine:
             "return_tokens_as_token_ids": True, "return_token_ids": True,
             "vllm_xargs": {"agora_seed": s.seed, "agora_request_id": request.request_id,
                            "agora_temperature": float(s.temperature), "agora_top_p": float(s.top_p),
-                           "agora_prompt_len": len(prompt), "agora_prefix_len": len(request.prefix_tokens)},
+                           "agora_prompt_len": len(prompt), "agora_prefix_len": len(request.prefix_tokens),
+                           "agora_rule": RULE_DIGEST},
         }
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Generation]:

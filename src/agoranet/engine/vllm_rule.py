@@ -12,6 +12,7 @@ A request opts in with `vllm_xargs` (vLLM's `SamplingParams.extra_args`):
     agora_temperature, agora_top_p the rule's sampling parameters (vLLM itself is asked for T = 0)
     agora_prompt_len               tokens of Agora's rendered prompt
     agora_prefix_len               tokens already generated (a failover continuation) sent after it
+    agora_rule                     optional: RULE_DIGEST of the provider's rule; another one is refused
 
 For every row of such a request, `verify.rule.choose_tokens` picks the token from the row's logits
 (seed, request id, position = agora_prefix_len + tokens generated here), and every other token becomes
@@ -28,11 +29,14 @@ the legacy V1 runner (`apply(logits)`, `update_state`). It imports nothing of ag
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from agoranet.verify import rule as _rule
 from agoranet.verify.rule import choose_tokens
 
 _BASES: tuple[type, ...] = ()
@@ -52,6 +56,10 @@ except ImportError:
 ARGS = ("agora_seed", "agora_request_id", "agora_temperature", "agora_top_p", "agora_prompt_len",
         "agora_prefix_len")
 RULE_VERSION = 1  # bumped when the arguments change meaning
+# The rule's own source, hashed: a provider sends it (`agora_rule`) and the processor refuses requests
+# whose rule differs from the one it runs, so a vLLM environment with another agoranet cannot sign
+# tokens a verifier's replay would reject.
+RULE_DIGEST = hashlib.sha256(Path(_rule.__file__).read_bytes()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,9 @@ class RuleArgs:
 def parse_args(extra: dict[str, Any] | None) -> RuleArgs | None:
     """The rule's arguments from a request's `extra_args`; None when it has none; ValueError when malformed."""
     extra = extra or {}
+    if (digest := extra.get("agora_rule")) is not None and digest != RULE_DIGEST:
+        raise ValueError(f"this vLLM server runs another version of Agora's sampling rule ({RULE_DIGEST}, asked "
+                         f"for {digest}): install the provider's agoranet in vLLM's environment and restart it")
     if "agora_force" in extra and not any(k in extra for k in ARGS):
         force = _int(extra, "agora_force")
         return RuleArgs(seed=0, request_id="", temperature=0.0, top_p=1.0, prompt_len=0, prefix_len=0, force=force)
