@@ -132,8 +132,11 @@ def apply_rule(logits: torch.Tensor, rows: list[tuple[int, RuleArgs, int]]) -> t
     chosen: list[tuple[int, int]] = list(forced)  # type: ignore[arg-type]
     if ruled:
         index = [row for row, _, _ in ruled]
+        # the rule's noise is made on the CPU: bring the rows there (a no-op copy on vLLM's CPU build; on a
+        # GPU, rows × vocab floats per step), and send back only the mask
+        rows_cpu = logits[index].to("cpu", torch.float32)
         tokens = choose_tokens(
-            logits[index], temperatures=[a.temperature for _, a, _ in ruled], top_ps=[a.top_p for _, a, _ in ruled],
+            rows_cpu, temperatures=[a.temperature for _, a, _ in ruled], top_ps=[a.top_p for _, a, _ in ruled],
             seeds=[a.seed for _, a, _ in ruled], request_ids=[a.request_id for _, a, _ in ruled],
             positions=[a.prefix_len + n for _, a, n in ruled],
         )
