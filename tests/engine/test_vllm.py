@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -29,9 +31,11 @@ from agoranet.engine.base import GenerationRequest, Sampling
 from agoranet.engine.models import model_cid
 from agoranet.engine.vllm_engine import PROCESSOR, VLLMEngine
 from agoranet.net.gossip import GossipConfig
+from agoranet.node.calibration import honest_requests, honest_runs
 from agoranet.node.node import ProviderOptions
 from agoranet.node.verifier import ReplayVerifier
 
+from ..realmodel import build_model
 from ..conftest import FAST_GOSSIP, free_port, provider_process, start_gateway, start_provider, wait_for
 
 ENABLE = ("vLLM is not installed. To run this test: python3 -m venv /opt/vllm && "
@@ -53,14 +57,13 @@ MSG = [{"role": "user", "content": "write a function that reverses a list — na
 START_TIMEOUT_S = 900  # vLLM's CPU start on a busy 2-core machine
 
 
-@pytest.fixture(scope="module")
-def vllm_server(real_model, tmp_path_factory):
-    """`python -m vllm.entrypoints.openai.api_server` on the model directory, with Agora's rule loaded."""
+@contextmanager
+def serve(model_dir: Path, log: Path) -> Iterator[str]:
+    """`python -m vllm.entrypoints.openai.api_server` on a model directory, with Agora's rule loaded."""
     port = free_port()
     src = str(Path(agoranet.__file__).resolve().parents[1])
     env = os.environ | {"VLLM_HOST_IP": "127.0.0.1", "PYTHONPATH": src, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    cmd = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(real_model),
+    cmd = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED, "--max-model-len", "256",
            "--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.1",
            "--logits-processors", PROCESSOR]
@@ -89,6 +92,12 @@ def vllm_server(real_model, tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(real_model, tmp_path_factory):
+    with serve(real_model, tmp_path_factory.mktemp("vllm") / "server.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +236,25 @@ def test_vllm_provider_killed_mid_stream_is_continued_without_a_lost_or_repeated
         for p in (a, b):
             p.stop()
         gw_server.stop()
+
+
+def test_a_vllm_serving_other_weights_under_the_models_cid_is_caught(real_model, verifier, tmp_path):
+    """The provider names the model's CID (and holds its tokenizer) but its vLLM serves other weights of the
+    same architecture (another seed): every receipt fails replay."""
+    other = build_model(tmp_path / "other-weights", seed=1)
+    cid = model_cid(real_model)
+
+    async def run(url):
+        engine = VLLMEngine(url, real_model, model_cid=cid, model_name="tiny-bpe-llama", upstream_model=SERVED)
+        await engine.start()
+        try:
+            reqs = honest_requests(4, seed=9, model_cid=cid, max_tokens=12, temperatures=(0.0, 0.8), top_ps=(1.0,))
+            return await honest_runs(engine, reqs, 2)
+        finally:
+            await engine.stop()
+
+    with serve(other, tmp_path / "swap.log") as url:
+        runs = asyncio.run(run(url))
+    for r in runs:
+        judgement = verifier.judge(sign_record(Identity.generate(), r.body), r.request_bytes)
+        assert not judgement.result.ok and judgement.result.failure.kind in ("token", "logprob", "top_logprobs")
