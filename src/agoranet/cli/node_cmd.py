@@ -164,7 +164,10 @@ def serve_node(roles: Sequence[str], *, home: Path | None, host: str, port: int 
     mount_dashboard(node.app, identity=node.identity, url=url, watch=list(watch))
     for line in describe(node, url):
         console.print(line)
-    serve_forever(node.app, sock)
+    try:
+        serve_forever(node.app, sock)
+    except AgoraError as exc:  # a role that could not start (an upstream that does not answer …)
+        raise fail(exc) from None
 
 
 def describe(node: Node, url: str) -> list[str]:

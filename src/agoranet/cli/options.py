@@ -56,10 +56,12 @@ _storage = partial(typer.Option, rich_help_panel="Storage peer")
 ModelOpt = Annotated[str, _provider("--model", help="bundled model name, local model directory, or model CID")]
 StoragePeerOpt = Annotated[Optional[list[str]], _provider(
     "--storage-peer", help="storage peer URL to fetch a model CID from (repeatable)")]
-PrecisionOpt = Annotated[str, _provider("--precision", help="fp32, bf16 or fp16 (the built-in engine; a GGUF "
-                                                           "declares its own)")]
+PrecisionOpt = Annotated[str, _provider("--precision", help="fp32, bf16 or fp16 (the built-in engine; "
+                                                           "--engine vllm: the --dtype vLLM runs; a GGUF declares its own)")]
 EngineOpt = Annotated[str, _provider(
-    "--engine", help="transformers (built-in), llamacpp (--model FILE.gguf, in process) or upstream (--upstream URL)")]
+    "--engine", help="transformers (built-in), llamacpp (--model FILE.gguf, in process), vllm (--upstream URL of a vLLM "
+    "server started with --logits-processors agoranet.engine.vllm_rule:AgoraRule, serving --model DIR) or upstream "
+    "(--upstream URL)")]
 UpstreamOpt = Annotated[Optional[str], _provider(
     "--upstream", help="serve through an OpenAI-compatible server at this URL")]
 UpstreamModelOpt = Annotated[Optional[str], _provider("--upstream-model", help="model name the upstream serves")]

@@ -131,3 +131,16 @@ async def drain(queue: asyncio.Queue[TokenEvent | Generation | BaseException],
                 return
     finally:
         cancelled.set()
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...], *, final: bool) -> tuple[str, str, bool]:
+    """(text to send, text held back, whether a stop string ended it): cut at the first stop string,
+    hold back a tail that could begin one."""
+    stops = tuple(s for s in stops if s)
+    if not stops:
+        return text, "", False
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    if cut >= 0:
+        return text[:cut], "", True
+    hold = 0 if final else max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[: len(text) - hold], text[len(text) - hold:], False

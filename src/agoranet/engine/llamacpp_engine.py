@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from agoranet.core.errors import EngineError, ModelError, RequestError
-from agoranet.engine.base import Generation, GenerationRequest, TokenEvent, check_context, drain
+from agoranet.engine.base import Generation, GenerationRequest, TokenEvent, check_context, cut_at_stop, drain
 from agoranet.verify.rule import choose_token
 
 log = logging.getLogger(__name__)
@@ -327,7 +327,7 @@ class LlamaCppEngine:
             delta = "" if token in m.eos_tokens else decoder.feed(token)
             if finish:
                 delta += decoder.flush()
-            text, pending, stopped = _cut_at_stop(pending + delta, s.stop, final=finish is not None)
+            text, pending, stopped = cut_at_stop(pending + delta, s.stop, final=finish is not None)
             gen.text += text
             emit(TokenEvent(text=text, token=token, logprob=gen.logprobs[-1], top=tuple(top)))
             if stopped or finish:
@@ -337,15 +337,3 @@ class LlamaCppEngine:
                 return
             m.evaluate([token])
 
-
-def _cut_at_stop(text: str, stops: tuple[str, ...], *, final: bool) -> tuple[str, str, bool]:
-    """(text to send, text held back, whether a stop string ended it): cut at the first stop string,
-    hold back a tail that could begin one."""
-    stops = tuple(s for s in stops if s)
-    if not stops:
-        return text, "", False
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    if cut >= 0:
-        return text[:cut], "", True
-    hold = 0 if final else max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-    return text[: len(text) - hold], text[len(text) - hold:], False

@@ -146,7 +146,11 @@ def create_app(roles: list[Role], *, max_request_bytes: int, title: str = "Agora
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             for role in app.state.roles:
-                await role.start()
+                try:
+                    await role.start()
+                except AgoraError as exc:  # e.g. an upstream that does not answer: serve_forever says why
+                    app.state.startup_error = exc
+                    raise
                 stack.push_async_callback(role.stop)
             yield
 

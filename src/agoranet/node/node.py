@@ -63,7 +63,8 @@ def parse_roles(text: str) -> tuple[str, ...]:
 class ProviderOptions:
     model: str = "agora-tiny"
     precision: str = "fp32"
-    engine: str = "transformers"  # or "llamacpp" (a GGUF file), "upstream" (implied by `upstream`)
+    engine: str = "transformers"  # or "llamacpp" (a GGUF file), "vllm" (a vLLM server at `upstream` serving
+    # `model`), "upstream" (implied by `upstream`)
     upstream: str | None = None
     upstream_model: str | None = None
     upstream_api_key: str | None = None
@@ -118,7 +119,7 @@ def make_engine(opts: ProviderOptions, home: Path) -> Engine:
     return engine
 
 
-ENGINES = ("transformers", "llamacpp", "upstream")
+ENGINES = ("transformers", "llamacpp", "vllm", "upstream")
 TOLERANCES_DIR = "tolerances"  # where `agora verify calibrate` writes HOME/tolerances/MODEL_CID.json
 
 
@@ -173,6 +174,23 @@ def _make_engine(opts: ProviderOptions, home: Path) -> Engine:
         gguf = LlamaCppEngine(path, model_cid=model_cid(path), model_name=name, threads=opts.threads)
         check_sellable(gguf, home, opts.tolerance_files)
         return gguf
+    if opts.engine == "vllm":
+        from agoranet.engine.models import model_cid
+        from agoranet.engine.vllm_engine import VLLMEngine
+        from agoranet.node.models import materialize_model
+
+        if not opts.upstream:
+            raise UnknownEngine("--engine vllm needs --upstream URL of a vLLM server started with Agora's logits "
+                                "processor", hint="see `agora provide --help` and README's vLLM section")
+        model_dir, name = materialize_model(opts.model, home, opts.storage_peers, opts.kubo_rpc, opts.fetch_progress)
+        if model_dir.is_file():
+            raise UnknownEngine(f"--engine vllm needs the model directory vLLM serves; {model_dir} is a file",
+                                hint="pass --model DIR (the Hugging Face directory given to vLLM)")
+        served = VLLMEngine(opts.upstream, model_dir, model_cid=model_cid(model_dir), model_name=name,
+                            upstream_model=opts.upstream_model, precision=opts.precision,
+                            api_key=opts.upstream_api_key)
+        check_sellable(served, home, opts.tolerance_files)
+        return served
     if opts.upstream or opts.engine == "upstream":
         if not opts.upstream:
             raise UnknownEngine("--engine upstream needs --upstream URL of an OpenAI-compatible server")

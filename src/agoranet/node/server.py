@@ -11,6 +11,7 @@ headers pass `max_header_bytes` gets 431 and is closed. Idle keep-alive connecti
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -115,8 +116,25 @@ def _config(app: FastAPI, log_level: str, limits: HttpLimits | None = None) -> u
 
 
 def serve_forever(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn installs the handlers and shuts the lifespan down)."""
-    uvicorn.Server(_config(app, log_level)).run(sockets=[sock])
+    """Serve until SIGINT/SIGTERM (uvicorn installs the handlers and shuts the lifespan down).
+
+    A role that cannot start for a reason Agora names (an AgoraError: an upstream that does not answer …)
+    is raised here, for the CLI to print with its hint, instead of uvicorn logging its traceback."""
+    app.state.startup_error = None
+
+    def no_startup_traceback(record: logging.LogRecord) -> bool:
+        return not (app.state.startup_error is not None and str(record.msg).startswith("Traceback"))
+
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addFilter(no_startup_traceback)
+    try:
+        uvicorn.Server(_config(app, log_level)).run(sockets=[sock])
+    except SystemExit:  # uvicorn exits when the lifespan fails to start
+        if app.state.startup_error is not None:
+            raise app.state.startup_error from None
+        raise
+    finally:
+        uvicorn_log.removeFilter(no_startup_traceback)
 
 
 class BackgroundServer:
