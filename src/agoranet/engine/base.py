@@ -107,6 +107,36 @@ class Engine(Protocol):
         ...
 
 
+def prompt_ids(renderer: PromptRenderer, request: GenerationRequest) -> list[int]:
+    """An engine's prompt: the ids the request carries (a continuation's), else its text rendered."""
+    return list(request.prompt_ids) if request.prompt_ids else render_prompt(renderer, request)
+
+
+class PromptRenderer(Protocol):
+    """What renders a request to token ids: a tokenizer with the model's chat template (or llama.cpp's model)."""
+
+    def chat_prompt(self, messages: list[tuple[str, str]]) -> list[int]: ...
+
+    def completion_prompt(self, prompt: str) -> list[int]: ...
+
+
+def render_prompt(renderer: PromptRenderer, request: GenerationRequest) -> list[int]:
+    """The prompt token ids of a request's text: what an engine generates from and what a verifier re-renders
+    to check the ids a receipt binds."""
+    if request.kind == "chat":
+        return renderer.chat_prompt(list(request.messages))
+    return renderer.completion_prompt(request.prompt)
+
+
+def check_request(request: GenerationRequest, prompt: list[int], *, vocab_size: int, context_length: int) -> None:
+    """Refuse (400) what the model cannot take: a continued prefix holding ids outside its vocabulary, or a
+    prompt, prefix and max_tokens beyond its context."""
+    if (bad := next((t for t in request.prefix_tokens if not 0 <= t < vocab_size), None)) is not None:
+        raise RequestError(f"agora.prefix_tokens holds {bad}, not a token id of this model (0 to {vocab_size - 1})",
+                           param="agora.prefix_tokens", code="invalid_token")
+    check_context(context_length, len(prompt), len(request.prefix_tokens), request.sampling.max_tokens)
+
+
 def check_context(context_length: int, prompt: int, prefix: int, max_tokens: int) -> None:
     """Refuse (400) a request whose prompt, continued prefix and max_tokens cannot fit the model's context."""
     if prompt + prefix + max_tokens > context_length:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from agoranet.core.errors import EngineError, ModelError, RequestError
-from agoranet.engine.base import Generation, GenerationRequest, TokenEvent, check_context, cut_at_stop, drain
+from agoranet.engine.base import Generation, GenerationRequest, TokenEvent, check_request, prompt_ids, cut_at_stop, drain
 from agoranet.verify.rule import choose_token
 
 log = logging.getLogger(__name__)
@@ -267,19 +267,11 @@ class LlamaCppEngine:
         return self.model.token_text(token)
 
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
-        if request.prompt_ids:
-            return list(request.prompt_ids)
-        if request.kind == "chat":
-            return self.model.chat_prompt(list(request.messages))
-        return self.model.completion_prompt(request.prompt)
+        return prompt_ids(self.model, request)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Generation]:
-        vocab = self.vocab_size
-        if (bad := next((t for t in request.prefix_tokens if not 0 <= t < vocab), None)) is not None:
-            raise RequestError(f"agora.prefix_tokens holds {bad}, not a token id of this model (0 to {vocab - 1})",
-                               param="agora.prefix_tokens", code="invalid_token")
         prompt = self.prompt_tokens(request)
-        check_context(self.context_length, len(prompt), len(request.prefix_tokens), request.sampling.max_tokens)
+        check_request(request, prompt, vocab_size=self.vocab_size, context_length=self.context_length)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | Generation | BaseException] = asyncio.Queue()
         cancelled = threading.Event()

@@ -24,9 +24,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from agoranet.core.errors import EngineError, ModelError, RequestError
-from agoranet.engine.base import Generation, GenerationRequest, TokenEvent, check_context, drain
-from agoranet.engine.tokenizer import TextDecoder, Tokenizer, load_tokenizer
+from agoranet.core.errors import EngineError, ModelError
+from agoranet.engine.base import Generation, GenerationRequest, TokenEvent, check_request, prompt_ids, drain
+from agoranet.engine.tokenizer import TextDecoder, load_tokenizer
 from agoranet.verify.rule import choose_tokens
 
 log = logging.getLogger(__name__)
@@ -48,13 +48,6 @@ def load_causal_lm(model_dir: Path, precision: str) -> torch.nn.Module:
     except Exception as exc:
         raise ModelError(f"could not load the model in {model_dir}: {exc}") from exc
     return model.eval()
-
-
-def render_prompt(tokenizer: Tokenizer, request: GenerationRequest) -> list[int]:
-    """The prompt token ids of a request: what this engine generates from and what a verifier replays."""
-    if request.kind == "chat":
-        return tokenizer.chat_prompt(list(request.messages))
-    return tokenizer.completion_prompt(request.prompt)
 
 
 @dataclass
@@ -127,17 +120,11 @@ class TransformersEngine:
     # -- requests -------------------------------------------------------------------------------------
 
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
-        if request.prompt_ids:
-            return list(request.prompt_ids)
-        return render_prompt(self.tokenizer, request)
+        return prompt_ids(self.tokenizer, request)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Generation]:
-        vocab = int(self.model.config.vocab_size)
-        if (bad := next((t for t in request.prefix_tokens if not 0 <= t < vocab), None)) is not None:
-            raise RequestError(f"agora.prefix_tokens holds {bad}, not a token id of this model (0 to {vocab - 1})",
-                               param="agora.prefix_tokens", code="invalid_token")
         prompt = self.prompt_tokens(request)
-        check_context(self.context_length, len(prompt), len(request.prefix_tokens), request.sampling.max_tokens)
+        check_request(request, prompt, vocab_size=int(self.model.config.vocab_size), context_length=self.context_length)
         queue: asyncio.Queue[TokenEvent | Generation | BaseException] = asyncio.Queue()
         seq = _Sequence(request=request, prompt=prompt, loop=asyncio.get_running_loop(), queue=queue,
                         decoder=self.tokenizer.stream_decoder())

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from agoranet.core.errors import EngineError, ModelError, RequestError
-from agoranet.engine.base import Generation, GenerationRequest, TokenEvent, check_context, cut_at_stop
+from agoranet.engine.base import Generation, GenerationRequest, TokenEvent, check_request, prompt_ids, cut_at_stop
 from agoranet.engine.tokenizer import load_tokenizer
 from agoranet.engine.vllm_rule import RULE_DIGEST
 from agoranet.wire.openai import error_message
@@ -121,11 +121,7 @@ class VLLMEngine:
         return self.tokenizer.token_text(token)
 
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
-        if request.prompt_ids:
-            return list(request.prompt_ids)
-        if request.kind == "chat":
-            return self.tokenizer.chat_prompt(list(request.messages))
-        return self.tokenizer.completion_prompt(request.prompt)
+        return prompt_ids(self.tokenizer, request)
 
     def request_body(self, request: GenerationRequest, prompt: list[int]) -> dict[str, Any]:
         """What vLLM is asked: the ids, greedy over the processor's single finite logit, raw top-k logprobs."""
@@ -141,13 +137,9 @@ class VLLMEngine:
         }
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Generation]:
-        vocab = self.vocab_size
-        if (bad := next((t for t in request.prefix_tokens if not 0 <= t < vocab), None)) is not None:
-            raise RequestError(f"agora.prefix_tokens holds {bad}, not a token id of this model (0 to {vocab - 1})",
-                               param="agora.prefix_tokens", code="invalid_token")
         prompt = self.prompt_tokens(request)
         s = request.sampling
-        check_context(self.context_length, len(prompt), len(request.prefix_tokens), s.max_tokens)
+        check_request(request, prompt, vocab_size=self.vocab_size, context_length=self.context_length)
         width = max(request.top_logprobs, RECEIPT_TOP_K)
         decoder = self.tokenizer.stream_decoder()
         for token in request.prefix_tokens:  # the text state where the first provider left off
@@ -169,7 +161,7 @@ class VLLMEngine:
                         continue
                     choice = choices[0]
                     for token, logprob, top in _tokens(choice, width):
-                        if not 0 <= token < vocab:
+                        if not 0 <= token < self.vocab_size:
                             raise EngineError(f"vLLM returned token {token}, outside this model's vocabulary")
                         gen.tokens.append(token)
                         gen.logprobs.append(logprob)

@@ -21,7 +21,8 @@ from agoranet.core.records import ReceiptBody, Record, sign_record, verify_recor
 from agoranet.engine.base import GenerationRequest
 from agoranet.engine.models import model_cid, resolve_model
 from agoranet.engine.tokenizer import Tokenizer, load_tokenizer
-from agoranet.engine.transformers_engine import load_causal_lm, render_prompt
+from agoranet.engine.base import render_prompt
+from agoranet.engine.transformers_engine import load_causal_lm
 from agoranet.engine.upstream import UPSTREAM_PRECISION
 from agoranet.verify.records import ClassTolerance, FailureEvidence, FraudProofBody, TolerancesBody, VerdictBody
 from agoranet.verify.replay import (
