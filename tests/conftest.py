@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -111,6 +112,53 @@ def fetch_receipt(agora: dict):
     assert str(receipt.cid) == agora["receipt_cid"]
     check_summary(summary, receipt)
     return receipt
+
+
+@contextmanager
+def killed_mid_stream(tmp_path: Path, extra: list[str], ask: dict, tag: str) -> Iterator[tuple[object, str, str]]:
+    """Two `agora provide` processes (`extra`: engine and model options) behind a gateway; the cheaper one is
+    SIGKILLed once 10 characters of a streamed answer have arrived. Checks that the stream ends with exactly the
+    text of an uninterrupted run on the other (same request id, so the rule draws the same) and that the last
+    receipt binds the tokens it continued from; yields (that receipt, the URL of its provider, the text) while
+    both are still up, for the engine's own replay check."""
+    import openai
+
+    gw_server, gateway = start_gateway(tmp_path / "gw", stall_timeout_s=5.0)
+    a = provider_process(tmp_path / "a", gw_server.url, price_out=100_000, extra=extra)
+    b = provider_process(tmp_path / "b", gw_server.url, price_out=400_000, extra=extra)
+    try:
+        for p in (a, b):
+            p.wait_ready()
+        ids = [httpx.get(f"{p.url}/agora/v1/offer").json()["record"]["signer"] for p in (a, b)]
+        wait_for(lambda: set(ids) <= set(gateway.discovery.members()), what="both providers")
+        direct = openai.OpenAI(base_url=f"{b.url}/v1", api_key="x", max_retries=0, timeout=120)
+        for n in range(20):  # one that does not end early (a random-weight model may sample end-of-turn)
+            rid = {"agora": {"request_id": f"{tag}-{n}"}}
+            whole = direct.chat.completions.create(**ask, extra_body=rid)
+            if whole.usage.completion_tokens == ask["max_tokens"]:
+                break
+        expected = whole.choices[0].message.content
+
+        client = openai.OpenAI(base_url=f"{gw_server.url}/v1", api_key="x", max_retries=0, timeout=120)
+        text, agora = "", None
+        for chunk in client.chat.completions.create(**ask, stream=True,
+                                                  extra_body={"provider": {"sort": "price"}} | rid):
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+                if len(text) >= 10 and a.proc.poll() is None:
+                    a.kill()
+            agora = (chunk.model_extra or {}).get("agora", agora)
+        assert a.proc.poll() is not None, "the stream ended before the kill"
+        assert text == expected
+        last = fetch_receipt(agora["receipts"][-1])  # by CID from the provider that finished it
+        assert agora["provider"] == ids[1] and 0 < len(last.body.prefix_tokens) < ask["max_tokens"]
+        assert list(last.body.prefix_tokens) + list(last.body.output_tokens) == list(
+            fetch_receipt(whole.model_extra["agora"]).body.output_tokens)
+        yield last, b.url, text
+    finally:
+        for p in (a, b):
+            p.stop()
+        gw_server.stop()
 
 
 FULL = {"agora": {"receipt": "full"}}  # a request's opt-in to the full receipt in its answer

@@ -29,7 +29,7 @@ from agoranet.node.verifier import ReplayVerifier  # noqa: E402
 from agoranet.verify.tolerances import tolerances_record  # noqa: E402
 
 from ..conftest import (  # noqa: E402
-    FAST_GOSSIP, fetch_receipt, provider_process, start_gateway, start_provider, wait_for,
+    FAST_GOSSIP, fetch_receipt, killed_mid_stream, start_gateway, start_provider, wait_for,
 )
 from ..realmodel import write_gguf  # noqa: E402
 
@@ -98,7 +98,6 @@ def test_sdk_through_gateway_gets_a_replayable_llamacpp_answer(net, verifier, te
 
 
 async def _audit(verifier, receipt, node):
-    import httpx
 
     async with httpx.AsyncClient() as http:
         r = await http.get(f"{node}/agora/v1/records/{receipt.body.request}",
@@ -129,49 +128,13 @@ def test_llamacpp_provider_killed_mid_stream_is_continued_without_a_lost_or_repe
     last receipt, binding the tokens it continued from, replays."""
     from agoranet.engine.llamacpp_engine import GGUFModel as Tok
 
-    gw_server, gateway = start_gateway(tmp_path / "gw", stall_timeout_s=5.0)
     extra = ["--engine", "llamacpp", "--model", str(ggufs[0]), "--token-delay-ms", "60", "--tolerances", str(tolerances)]
-    a = provider_process(tmp_path / "a", gw_server.url, price_out=100_000, extra=extra)
-    b = provider_process(tmp_path / "b", gw_server.url, price_out=400_000, extra=extra)
-    try:
-        for p in (a, b):
-            p.wait_ready()
-        ids = [httpx.get(f"{p.url}/agora/v1/offer").json()["record"]["signer"] for p in (a, b)]
-        wait_for(lambda: set(ids) <= set(gateway.discovery.members()), what="both providers")
-        # the rule draws from (seed, request id, position): one request id makes both runs comparable; take
-        # the first that does not end early (a random-weight model may sample end-of-turn at 0.8)
-        direct = openai.OpenAI(base_url=f"{b.url}/v1", api_key="x", max_retries=0)
-        ask = dict(model="tiny-q8", messages=MSG, max_tokens=40, temperature=temperature, seed=5)
-        for n in range(20):
-            rid = {"agora": {"request_id": f"llamacpp-failover-{temperature}-{n}"}}
-            whole = direct.chat.completions.create(**ask, extra_body=rid)
-            if whole.usage.completion_tokens == 40:
-                break
-        expected = whole.choices[0].message.content
-
-        client = openai.OpenAI(base_url=f"{gw_server.url}/v1", api_key="x", max_retries=0, timeout=120)
-        text, agora = "", None
-        for chunk in client.chat.completions.create(**ask, stream=True,
-                                                  extra_body={"provider": {"sort": "price"}} | rid):
-            if chunk.choices and chunk.choices[0].delta.content:
-                text += chunk.choices[0].delta.content
-                if len(text) >= 10 and a.proc.poll() is None:
-                    a.kill()
-            agora = (chunk.model_extra or {}).get("agora", agora)
-        assert a.proc.poll() is not None, "the stream ended before the kill"
-        assert text == expected
-        last = fetch_receipt(agora["receipts"][-1])  # by CID from the provider that finished it
-        assert agora["provider"] == ids[1] and 0 < len(last.body.prefix_tokens) < 40
+    ask = dict(model="tiny-q8", messages=MSG, max_tokens=40, temperature=temperature, seed=5)
+    with killed_mid_stream(tmp_path, extra, ask, f"llamacpp-failover-{temperature}") as (last, url, text):
         tok = Tok(ggufs[0], threads=1)
         assert tok.decode(list(last.body.prefix_tokens) + list(last.body.output_tokens)) == text
-        assert list(last.body.prefix_tokens) + list(last.body.output_tokens) == list(
-            fetch_receipt(whole.model_extra["agora"]).body.output_tokens)
-        judgement = asyncio.run(_audit(verifier, last, b.url))
+        judgement = asyncio.run(_audit(verifier, last, url))
         assert judgement.verdict.body.ok, judgement.verdict.body.failure
-    finally:
-        for p in (a, b):
-            p.stop()
-        gw_server.stop()
 
 
 def test_receipts_sharing_a_prompt_replay_together(ggufs, verifier):

@@ -37,7 +37,7 @@ from agoranet.node.verifier import ReplayVerifier
 
 from ..realmodel import build_model
 from ..conftest import (
-    FAST_GOSSIP, fetch_receipt, free_port, provider_process, start_gateway, start_provider, wait_for,
+    FAST_GOSSIP, fetch_receipt, free_port, killed_mid_stream, start_gateway, start_provider, wait_for,
 )
 
 ENABLE = ("vLLM is not installed. To run this test: python3 -m venv /opt/vllm && "
@@ -199,46 +199,12 @@ def test_vllm_provider_killed_mid_stream_is_continued_without_a_lost_or_repeated
     """Two `agora provide --engine vllm` processes on the one vLLM server; the cheap one is SIGKILLed
     mid-stream. The other continues from the token ids (the prompt's, then the prefix's), the stream ends
     with exactly the uninterrupted run's text, and the last receipt, binding that prefix, replays."""
-    gw_server, gateway = start_gateway(tmp_path / "gw", stall_timeout_s=5.0)
     extra = ["--engine", "vllm", "--model", str(real_model), "--upstream", vllm_server, "--upstream-model", SERVED,
              "--token-delay-ms", "60", "--tolerances", str(real_model_tolerances)]
-    a = provider_process(tmp_path / "a", gw_server.url, price_out=100_000, extra=extra)
-    b = provider_process(tmp_path / "b", gw_server.url, price_out=400_000, extra=extra)
-    try:
-        for p in (a, b):
-            p.wait_ready()
-        ids = [httpx.get(f"{p.url}/agora/v1/offer").json()["record"]["signer"] for p in (a, b)]
-        wait_for(lambda: set(ids) <= set(gateway.discovery.members()), what="both providers")
-        direct = openai.OpenAI(base_url=f"{b.url}/v1", api_key="x", max_retries=0, timeout=120)
-        ask = dict(model="tiny-bpe-llama", messages=MSG, max_tokens=40, temperature=0.8, seed=5)
-        for n in range(20):  # one that does not end early (a random-weight model may sample end-of-turn)
-            rid = {"agora": {"request_id": f"vllm-failover-{n}"}}
-            whole = direct.chat.completions.create(**ask, extra_body=rid)
-            if whole.usage.completion_tokens == 40:
-                break
-        expected = whole.choices[0].message.content
-
-        client = openai.OpenAI(base_url=f"{gw_server.url}/v1", api_key="x", max_retries=0, timeout=120)
-        text, agora = "", None
-        for chunk in client.chat.completions.create(**ask, stream=True,
-                                                  extra_body={"provider": {"sort": "price"}} | rid):
-            if chunk.choices and chunk.choices[0].delta.content:
-                text += chunk.choices[0].delta.content
-                if len(text) >= 10 and a.proc.poll() is None:
-                    a.kill()
-            agora = (chunk.model_extra or {}).get("agora", agora)
-        assert a.proc.poll() is not None, "the stream ended before the kill"
-        assert text == expected
-        last = fetch_receipt(agora["receipts"][-1])  # by CID from the provider that finished it
-        assert agora["provider"] == ids[1] and 0 < len(last.body.prefix_tokens) < 40
-        assert list(last.body.prefix_tokens) + list(last.body.output_tokens) == list(
-            fetch_receipt(whole.model_extra["agora"]).body.output_tokens)
-        judgement = asyncio.run(_audit(verifier, last, b.url))
+    ask = dict(model="tiny-bpe-llama", messages=MSG, max_tokens=40, temperature=0.8, seed=5)
+    with killed_mid_stream(tmp_path, extra, ask, "vllm-failover") as (last, url, _):
+        judgement = asyncio.run(_audit(verifier, last, url))
         assert judgement.verdict.body.ok, judgement.verdict.body.failure
-    finally:
-        for p in (a, b):
-            p.stop()
-        gw_server.stop()
 
 
 def test_a_vllm_serving_other_weights_under_the_models_cid_is_caught(real_model, verifier, tmp_path):
