@@ -140,7 +140,8 @@ def calibrate(
     sequences: Annotated[int, typer.Option(help="honest calibration sequences per class")] = 400,
     confirm: Annotated[int, typer.Option(help="independent honest sequences that must all pass")] = 400,
     headroom: Annotated[float, typer.Option(help="tolerance = headroom x worst honest deviation")] = 1.5,
-    max_tokens: int = 64,
+    max_tokens: Annotated[int, typer.Option(help="longest honest output calibrated (receipts with longer outputs "
+                                              "are refused)")] = 256,
     seed: int = 1,
     threads: ThreadsOpt = 1,
     out: Annotated[Optional[Path], typer.Option(help="tolerances file to write (merged with an existing one)")] = None,
@@ -153,7 +154,7 @@ def calibrate(
     from agoranet.engine.transformers_engine import load_causal_lm
     from agoranet.node.calibration import calibrate_precision
     from agoranet.node.provider import hardware_summary
-    from agoranet.verify.tolerances import REFERENCE_PRECISION, load_tolerances, tolerances_record
+    from agoranet.verify.tolerances import REFERENCE_PRECISION, TARGET_FRR, load_tolerances, tolerances_record
 
     if headroom < 1.5:
         raise fail(f"--headroom {headroom} is below the required 1.5")
@@ -188,10 +189,18 @@ def calibrate(
             console.print(f"  {p}: τ_tok {c.tok:.4g}  τ_lp {c.lp:.4g}  τ_top {c.top:.4g}   (worst honest: "
                           f"{c.measured_tok:.3g} / {c.measured_lp:.3g} / {c.measured_top:.3g}; confirmation set "
                           f"{c.confirmed_tok:.3g} / {c.confirmed_lp:.3g} / {c.confirmed_top:.3g}, all passed)")
+            console.print(f"  {p} per sequence: ≤ {c.seq_flips} flips, flip margins ≤ {c.seq_flip_margin:.4g}, mean "
+                          f"|Δlogprob| ≤ {c.seq_lp_mean:.3g} (worst honest {c.measured_flips} / "
+                          f"{c.measured_flip_margin:.3g} / {c.measured_lp_mean:.3g}); covers prompts ≤ "
+                          f"{c.max_prompt_tokens} and outputs ≤ {c.max_output_tokens} tokens")
         record = tolerances_record(
             identity, cid, list(classes.values()), hardware=hardware_summary(),
-            method=f"agora verify calibrate: {max_tokens}-token honest runs (chat+completion, T 0-1.3, top-p 1; confirmation set also top-p 0.8-0.95, "
-                   f"batch 1 and 16 with left padding) replayed at {REFERENCE_PRECISION}; τ = {headroom}× worst",
+            method=f"agora verify calibrate: honest runs replayed at {REFERENCE_PRECISION} (chat+completion, T 0-1.3, "
+                   f"top-p 1; a quarter short prompts/64 tokens, a quarter prompts up to the context/64 tokens, half "
+                   f"prompts up to the context less {max_tokens}/{max_tokens} tokens; batch 1 and 16 with left padding; "
+                   f"confirmation set also top-p 0.8-0.95, batch 8); τ = {headroom}× worst; per-sequence limits "
+                   f"(flips, summed flip margin, mean |Δlogprob|) for FRR {TARGET_FRR:g}/sequence by an exponential "
+                   f"fit to the top tenth of the honest sequences, never below {headroom}× the worst",
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record.to_json(), indent=1))

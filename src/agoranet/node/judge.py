@@ -27,7 +27,7 @@ from agoranet.verify.replay import (
     ReplayJob, ReplayResult, check_receipts, check_request_binding, prompt_binding, request_mismatch,
 )
 from agoranet.verify.tolerances import (
-    REFERENCE_PRECISION, NoTolerances, default_tolerances, load_tolerances, tolerance_for,
+    REFERENCE_PRECISION, NoTolerances, default_tolerances, load_tolerances, outside_calibration, tolerance_for,
 )
 from agoranet.wire.canonical import CanonicalRequest
 
@@ -38,6 +38,10 @@ class UnverifiableReceipt(AgoraError):
 
 class ReceiptTooLong(UnverifiableReceipt):
     hint = "no honest receipt is longer than its model's context; this one is not replayed"
+
+
+class OutsideCalibration(UnverifiableReceipt):
+    hint = "calibrate the class over longer prompts/outputs (`agora verify calibrate --max-tokens N`) to judge it"
 
 
 def now_ms() -> int:
@@ -159,6 +163,8 @@ class ReplayVerifier:
                 request = CanonicalRequest.decode(request_bytes)
                 tol = self.tolerances(body.model, body.precision)
                 self.admissible(receipt)
+                if why := outside_calibration(tol, body):  # no honest-drift measurement to judge it by
+                    raise OutsideCalibration(f"receipt {receipt.cid} is outside the calibrated range: {why}")
                 with self._lock:
                     _, tok = self._model(body.model)
                 if why:  # signed for other sampling than was asked: fraud, whatever the tokens
