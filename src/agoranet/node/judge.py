@@ -102,13 +102,19 @@ class ReplayVerifier:
 
     def admissible(self, receipt: Record[ReceiptBody]) -> None:
         """Refuse, before anything is queued, a receipt whose replay could not be bounded: a model this
-        verifier lacks, or more tokens than the model's context (no honest receipt has that many)."""
+        verifier lacks, or more tokens than the model's context (no honest receipt has that many), or
+        one outside the range its class's tolerances were calibrated over (no honest drift measured there)."""
         body = receipt.body
         context = self.context_length(body.model)
         length = body.prompt_tokens + len(body.prefix_tokens) + len(body.output_tokens)
         if length > context:
             raise ReceiptTooLong(f"receipt {receipt.cid} covers {length} tokens; model {body.model} has a context "
                                  f"of {context}")
+        table = self._tables.get(body.model)
+        tol = next((c for c in table.classes if c.precision == body.precision), None) if table else None
+        if tol is not None and (why := outside_calibration(tol, body)):
+            raise OutsideCalibration(f"receipt {receipt.cid} is outside the range its tolerances were calibrated "
+                                     f"over: {why}")
 
     def _model(self, cid: str) -> tuple[torch.nn.Module, Tokenizer]:
         if cid not in self._loaded:
@@ -163,8 +169,6 @@ class ReplayVerifier:
                 request = CanonicalRequest.decode(request_bytes)
                 tol = self.tolerances(body.model, body.precision)
                 self.admissible(receipt)
-                if why := outside_calibration(tol, body):  # no honest-drift measurement to judge it by
-                    raise OutsideCalibration(f"receipt {receipt.cid} is outside the calibrated range: {why}")
                 with self._lock:
                     _, tok = self._model(body.model)
                 if why:  # signed for other sampling than was asked: fraud, whatever the tokens
