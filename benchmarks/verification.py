@@ -1,27 +1,38 @@
 """Verification attack suite: false rejections, detection per attack, and verification cost, one run.
 
-For each provider precision class the real built-in engine generates honest 64-token sequences (a
-quarter one at a time, the rest 16 to a batch with left padding; prompts and seeds independent of
-the calibration sets) and attacked ones; every receipt is replayed at the fp32 reference with the
-shipped tolerances of its claimed class. Attacks claim the honest model CID, precision and sampling:
+For each provider precision class the real built-in engine generates honest sequences over the range
+the class's tolerances cover (prompts independent of the calibration sets), in three sets:
 
-  random-init model    a different model of the same architecture (untrained)
-  noisy weights 5%/1%  the model with Gaussian noise of 5% / 1% of each tensor's std (another checkpoint)
-  int8 weights         every weight matrix fake-quantized to int8 per output row (cheaper hardware)
-  tampered token       one token replaced by one of the model's own top-5 alternatives, its logprob fixed up
-  tampered logprob     one logprob (< -0.5) reported 0.5 nat more confident
-  wrong temperature    sampled at half the claimed temperature
-  ignored seed         sampled with another seed
-  ignored top_p        sampled from the whole distribution where top_p 0.9 or 0.5 was asked (T 0.7)
-  dropped prompt       the first half of the prompt text never computed
+  short          chat and completion prompts of a few dozen tokens, 64 new tokens
+  long prompt    slices of Python source up to the model's context (less 64), 64 new tokens
+  long output    source slices up to the context less 256, 256 new tokens
 
-Targets: 0 false rejections in ≥ 400 honest sequences per class; model swap and output edits ≥ 98%;
-wrong temperature / ignored seed ≥ 90%; verification ≤ 1/8 of generation for 64 new tokens, both for one
-request and for the receipts of a batch of 8 generated together (replayed together, batched replay).
-Every verdict here comes from batched replay (`check_receipts`, 8 receipts per call).
+each a quarter one at a time and the rest 16 to a batch (left padding). Attacked receipts claim the
+honest model CID, precision and sampling; they are generated for one request set mixing all three
+shapes (and, for the top-p attack, one with top-p < 1):
 
-    python benchmarks/verification.py            # full: 400 honest + 100 per attack, per class
-    python benchmarks/verification.py --quick    # 48 honest + 16 per attack, fp32 and bf16
+  fix-up int8 / int4        generated with int8 (per row) / int4 (groups of 32) weights, then ONE
+                            teacher-forced pass of the real model reports its exact logprobs and top-k
+  fix-up noise 1% / 5%      the same with Gaussian weight noise (another checkpoint)
+  fix-up bf16 as fp32       (fp32 class only) generated at bf16, fixed up at fp32, declared fp32
+  lossy speculative         an int4 draft's token kept whenever the real model's rule score of it is
+                            within 0.45 logit of the rule's choice (exact logprobs: nothing to fix up)
+  ignored top_p             sampled from the whole vocabulary where top_p 0.9 or 0.5 was asked (T 0.7)
+  half temperature          sampled at half the claimed temperature
+  random-init model, int8 weights (no fix-up), tampered token, tampered logprob, ignored seed,
+  dropped prompt            as before
+
+Every receipt is replayed at the fp32 reference with the given tolerances of its claimed class
+(per-position tolerances and the per-sequence test); one outside the calibrated range is refused, not
+judged, and counted apart. Detection is reported among attacked outputs that differ from the honest
+output of the same request, and the share identical to it (nothing a user could see) apart.
+
+Goals: 0 false rejections among honest sequences; attacks whose output differs detected ≥ 95% at
+fp32 and ≥ 90% at bf16; verification ≤ 1/8 of generation for 64 new tokens.
+
+    python benchmarks/verification.py                       # 160 honest per set, 48 per attack, fp32 + bf16
+    python benchmarks/verification.py --quick               # 16 per set, 12 per attack
+    python benchmarks/verification.py --tolerances FILE     # judge with another tolerances record
     python benchmarks/verification.py --engine llamacpp [--quick]   # a GGUF (benchmarks/verification_llamacpp.py)
 """
 
@@ -29,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import random
 import statistics
@@ -41,20 +53,26 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from agoranet.core.records import TopLogprob
+from agoranet.engine.base import Generation
 from agoranet.engine.models import model_cid, resolve_model
 from agoranet.engine.tokenizer import ByteTokenizer
-from agoranet.engine.transformers_engine import TransformersEngine, load_causal_lm
-from agoranet.node.calibration import HonestRun, honest_requests, honest_runs
+from agoranet.engine.transformers_engine import RECEIPT_TOP_K, TransformersEngine, load_causal_lm
+from agoranet.node.calibration import (
+    PROMPT_OVERHEAD, HonestRun, fit_context, honest_requests, honest_runs, long_requests, range_requests, receipt_body,
+)
 from agoranet.node.cheat import CheatingEngine
-from agoranet.verify.replay import ReplayJob, check_receipts
-from agoranet.verify.tolerances import default_tolerances, load_tolerances, tolerance_for
+from agoranet.verify.replay import ReplayJob, ReplayResult, check_receipts
+from agoranet.verify.rule import token_scores
+from agoranet.verify.tolerances import default_tolerances, load_tolerances, outside_calibration, tolerance_for
 
 MODEL_DIR = resolve_model("agora-tiny")[0]
 MODEL_CID = model_cid(MODEL_DIR)
 TOK = ByteTokenizer.from_dir(MODEL_DIR)
+CONTEXT = 1024
 SAMPLED = (0.7, 0.8, 1.0)  # attacks on the sampling rule need sampling
 ALL_T = (0.0, 0.7, 0.8, 1.0)
 TOP_PS = (1.0, 1.0, 0.95, 0.9)
+SPEC_MARGIN = 0.45  # logit: what the lossy speculative decoder lets its draft get away with
 
 
 # -- attacked models ------------------------------------------------------------------------------
@@ -81,6 +99,18 @@ def int8_weights(model: torch.nn.Module) -> None:
                 w = p.float()
                 step = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
                 p.copy_((torch.round(w / step).clamp(-127, 127) * step).to(p.dtype))
+
+
+
+
+def int4_weights(model: torch.nn.Module, group: int = 32) -> None:
+    """Every weight matrix fake-quantized to 4 bits in groups of `group` inputs (as GPTQ/AWQ-style int4 serving)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and p.shape[1] % group == 0:
+                w = p.float().reshape(p.shape[0], -1, group)
+                step = w.abs().amax(dim=2, keepdim=True).clamp(min=1e-12) / 7
+                p.copy_((torch.round(w / step).clamp(-7, 7) * step).reshape(p.shape).to(p.dtype))
 
 
 # -- generation -----------------------------------------------------------------------------------
@@ -135,13 +165,83 @@ def tamper_logprob(runs: list[HonestRun], rng: random.Random) -> list[tuple[Hone
     return out
 
 
+@torch.inference_mode()
+def fixup(runs: list[HonestRun], real: torch.nn.Module) -> list[HonestRun]:
+    """The logprob fix-up: keep the (cheaply generated) tokens, report the real model's logprobs and top-k
+    from one teacher-forced pass — what makes logprob checks blind to the cheap generation."""
+    out = []
+    for r in runs:
+        b = r.body
+        ids = list(r.prompt) + list(b.prefix_tokens) + list(b.output_tokens)
+        logits = real(input_ids=torch.tensor([ids[:-1]])).logits[0].float()
+        lps = torch.log_softmax(logits[len(ids) - 1 - len(b.output_tokens):], dim=-1)
+        k = max(len(t) for t in b.top_logprobs)
+        top_v, top_i = torch.topk(lps, k)
+        chosen = lps.gather(1, torch.tensor(b.output_tokens)[:, None])[:, 0].tolist()
+        tops = [[TopLogprob(token=t, logprob=v) for t, v in zip(ti, tv)] for ti, tv in zip(top_i.tolist(), top_v.tolist())]
+        out.append(replace(r, body=b.model_copy(update={
+            "logprobs": chosen, "top_logprobs": tops})))
+    return out
+
+
+@torch.inference_mode()
+def lossy_speculative(engine, runs_requests, real: torch.nn.Module, draft: torch.nn.Module, margin: float,
+                      tokenizer) -> list[HonestRun]:
+    """Speculative decoding that keeps the draft model's token whenever its rule score is within `margin`
+    logit of the real model's choice (instead of only when equal); logprobs are the real model's."""
+    out = []
+    eos = set(tokenizer.eos_tokens)
+    for req in runs_requests:
+        req = fit_context(engine, req)
+        prompt = list(engine.prompt_tokens(req))
+        req = replace(req, prompt_ids=tuple(prompt))
+        s = req.sampling
+        caches = []
+        logits_pair = []
+        key = "cache" if "cache" in inspect.signature(real.forward).parameters else "past_key_values"
+        for m in (real, draft):
+            o = m(input_ids=torch.tensor([prompt]), use_cache=True)
+            caches.append(o[key])
+            logits_pair.append(o.logits[0, -1].float())
+        tokens, lps, tops = [], [], []
+        finish = "length"
+        for pos in range(s.max_tokens):
+            kw = dict(temperature=s.temperature, top_p=s.top_p, seed=s.seed, request_id=req.request_id, position=pos)
+            real_scores = token_scores(logits_pair[0], **kw)
+            draft_token = int(torch.argmax(token_scores(logits_pair[1], **kw)))
+            best = int(torch.argmax(real_scores))
+            scale = s.temperature if s.temperature > 0 else 1.0
+            gap = float(real_scores[best] - real_scores[draft_token]) * scale
+            token = draft_token if gap <= margin else best
+            lp = torch.log_softmax(logits_pair[0], dim=-1)
+            tv, ti = torch.topk(lp, RECEIPT_TOP_K)
+            tokens.append(token)
+            lps.append(float(lp[token]))
+            tops.append(list(zip(ti.tolist(), tv.tolist())))
+            if token in eos:
+                finish = "stop"
+                break
+            for j, m in enumerate((real, draft)):
+                o = m(input_ids=torch.tensor([[token]]), use_cache=True, **{key: caches[j]})
+                caches[j] = o[key]
+                logits_pair[j] = o.logits[0, -1].float()
+        text = tokenizer.decode([t for t in tokens if t not in eos])
+        gen = Generation(prompt_tokens=len(prompt), tokens=tokens, logprobs=lps, top=tops, text=text,
+                         finish_reason=finish, completion_tokens=len(tokens))
+        body, request_bytes = receipt_body(engine, req, gen)
+        out.append(HonestRun(req, prompt, body, request_bytes))
+    return out
+
+
 # -- judging --------------------------------------------------------------------------------------
 
-def judge(reference, runs: list[HonestRun], tol, batch: int = 8) -> list:
-    """Replay receipts as a verifier does: `batch` of them at a time in padded passes (batched replay)."""
-    results = []
-    for i in range(0, len(runs), batch):
-        jobs = [ReplayJob(r.prompt, r.body, tol, r.request_bytes) for r in runs[i:i + batch]]
+def judge(reference, runs: list[HonestRun], tol, batch: int = 8) -> list[ReplayResult | str]:
+    """Replay receipts as a verifier does: `batch` of them at a time in padded passes (batched replay);
+    a receipt outside the calibrated range is refused (its reason, a str) as the verifier node refuses it."""
+    results: list[ReplayResult | str] = [why for r in runs if (why := outside_calibration(tol, r.body))]
+    inside = [r for r in runs if outside_calibration(tol, r.body) is None]
+    for i in range(0, len(inside), batch):
+        jobs = [ReplayJob(r.prompt, r.body, tol, r.request_bytes) for r in inside[i:i + batch]]
         results += check_receipts(reference, jobs, model_cid=MODEL_CID, decode=TOK.decode, eos_token=TOK.eos)
     return results
 
@@ -205,6 +305,53 @@ def batch_cost_ratio(reference, tol, n: int, batch: int = 8) -> dict[str, float]
             "batch_verification_s": statistics.median(ver_times), "batch_ratio": statistics.median(ratios)}
 
 
+def honest_sets(n: int) -> dict[str, list]:
+    """The three honest request sets (independent of the calibration seeds)."""
+    return {
+        "short": honest_requests(n, seed=9001, model_cid=MODEL_CID, max_tokens=64, temperatures=ALL_T, top_ps=TOP_PS),
+        "long prompt": long_requests(n, seed=9002, model_cid=MODEL_CID, max_tokens=64, temperatures=ALL_T,
+                                     top_ps=TOP_PS, max_prompt_chars=CONTEXT - 64 - PROMPT_OVERHEAD),
+        "long output": long_requests(n, seed=9003, model_cid=MODEL_CID, max_tokens=256, temperatures=ALL_T,
+                                     top_ps=TOP_PS, max_prompt_chars=CONTEXT - 256 - PROMPT_OVERHEAD),
+    }
+
+
+def attack_runs(precision: str, n: int) -> tuple[dict, dict[str, list[int]]]:
+    """Every attack's receipts, and the honest tokens of each request they answer."""
+    reqs = range_requests(n, seed=31337, model_cid=MODEL_CID, context=CONTEXT, max_tokens=256,
+                          top_ps=(1.0, 1.0, 0.95, 0.9))
+    # top-p attacks where rule v2's nucleus check was measured (T 0.7, top_p 0.9 and 0.5)
+    nucleus = range_requests(n, seed=4711, model_cid=MODEL_CID, context=CONTEXT, max_tokens=256, top_ps=(0.9, 0.5))
+    nucleus = [replace(r, sampling=replace(r.sampling, temperature=0.7)) for r in nucleus]
+    base = run(engine_for(precision), reqs)
+    honest_tokens = {r.body.request: r.body.output_tokens for r in base + run(engine_for(precision), nucleus)}
+    real = load_causal_lm(MODEL_DIR, precision)
+    attacks: dict[str, tuple[list[HonestRun], list[int] | None, str]] = {}
+    for name, weights in [("int8", int8_weights), ("int4", int4_weights), ("noise 1%", noisy(0.01)),
+                          ("noise 5%", noisy(0.05))]:
+        attacks[f"fix-up {name}"] = (fixup(run(engine_for(precision, weights), reqs), real), None, "fix-up")
+    if precision == "fp32":
+        cheap = fixup(run(engine_for("bf16"), reqs), real)
+        attacks["fix-up bf16 as fp32"] = ([replace(r, body=r.body.model_copy(update={"precision": "fp32"}))
+                                           for r in cheap], None, "fix-up")
+    draft = load_causal_lm(MODEL_DIR, precision)
+    int4_weights(draft)
+    attacks["lossy speculative"] = (lossy_speculative(engine_for(precision), reqs, real, draft, SPEC_MARGIN, TOK),
+                                    None, "rule")
+    attacks["ignored top_p"] = (run(engine_for(precision, cheat="top_p"), nucleus), None, "rule")
+    attacks["half temperature"] = (run(engine_for(precision, cheat="temperature"), reqs), None, "rule")
+    attacks["ignored seed"] = (run(engine_for(precision, cheat="seed"), reqs), None, "rule")
+    attacks["random-init model"] = (run(engine_for(precision, random_init), reqs), None, "model swap")
+    attacks["int8 weights"] = (run(engine_for(precision, int8_weights), reqs), None, "quantization")
+    rng = random.Random(7)
+    pairs = tamper_token(base, rng)
+    attacks["tampered token"] = ([p[0] for p in pairs], [p[1] for p in pairs], "output edit")
+    pairs = tamper_logprob(base, rng)
+    attacks["tampered logprob"] = ([p[0] for p in pairs], [p[1] for p in pairs], "output edit")
+    attacks["dropped prompt"] = (run(engine_for(precision, cheat="prompt"), reqs), None, "prompt")
+    return attacks, honest_tokens
+
+
 def main() -> int:
     if "--engine" in sys.argv and sys.argv[sys.argv.index("--engine") + 1:][:1] == ["llamacpp"]:
         from verification_llamacpp import main as llamacpp_main  # a GGUF replayed by llama.cpp
@@ -214,22 +361,22 @@ def main() -> int:
     ap.add_argument("--engine", default="transformers", choices=["transformers", "llamacpp"],
                     help="the providers' engine (llamacpp: see benchmarks/verification_llamacpp.py)")
     ap.add_argument("--quick", action="store_true", help="small sets (fp32 and bf16), for a smoke run")
-    ap.add_argument("--precisions", default=None, help="comma-separated provider precision classes")
-    ap.add_argument("--honest", type=int, default=None, help="honest sequences per class (default 400)")
-    ap.add_argument("--attacks", type=int, default=None, help="sequences per attack per class (default 100)")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated provider precision classes")
+    ap.add_argument("--honest", type=int, default=None, help="honest sequences per set per class (default 160)")
+    ap.add_argument("--attacks", type=int, default=None, help="sequences per attack per class (default 48)")
     ap.add_argument("--tolerances", type=Path, default=None, help="tolerances record (default: shipped)")
+    ap.add_argument("--no-cost", action="store_true", help="skip the cost measurement")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
-    precisions = (args.precisions or ("fp32,bf16" if args.quick else "fp32,bf16,fp16")).split(",")
-    n_honest = args.honest or (48 if args.quick else 400)
-    n_attack = args.attacks or (16 if args.quick else 100)
+    precisions = args.precisions.split(",")
+    n_honest = args.honest or (16 if args.quick else 160)
+    n_attack = args.attacks or (12 if args.quick else 48)
     torch.set_num_threads(1)  # one thread: on a shared 2-core box torch's 2 threads are many times slower
     record = load_tolerances(args.tolerances) if args.tolerances else default_tolerances(MODEL_CID)
     if record is None:
         print("no tolerances for agora-tiny: run `agora verify calibrate` first", file=sys.stderr)
         return 1
     reference = load_causal_lm(MODEL_DIR, "fp32")
-    rng = random.Random(7)
     report: dict = {"model": MODEL_CID, "tolerances": str(record.cid), "classes": {}}
     t_start = time.perf_counter()
     print(f"agora-tiny {MODEL_CID}; receipts replayed at fp32 with tolerances record {record.cid}")
@@ -237,93 +384,89 @@ def main() -> int:
     for precision in precisions:
         tol = tolerance_for(record.body, precision)
         print(f"\n== provider precision {precision}: τ_tok {tol.tok:.4g}  τ_lp {tol.lp:.4g}  τ_top {tol.top:.4g}  "
-              f"τ_mass {tol.mass:.4g} ==")
-        honest_reqs = honest_requests(n_honest, seed=9001, model_cid=MODEL_CID, max_tokens=64,
-                                      temperatures=ALL_T, top_ps=TOP_PS)
-        t = time.perf_counter()
-        honest = run(engine_for(precision), honest_reqs, single_share=0.25)
-        gen_s = time.perf_counter() - t
-        t = time.perf_counter()
-        results = judge(reference, honest, tol)
-        rejected = [r for r in results if not r.ok]
-        cls: dict = {"tolerances": {"tok": tol.tok, "lp": tol.lp, "top": tol.top},
-                     "honest": {"sequences": len(honest), "false_rejections": len(rejected),
-                                "frr": len(rejected) / len(honest),
-                                "worst": [max(r.max_tok for r in results), max(r.max_lp for r in results),
-                                          max(r.max_top for r in results)]},
-                     "attacks": {}}
-        print(f"honest: {len(honest)} sequences (batch 1 and 16, left padding), {len(rejected)} rejected "
-              f"(FRR {len(rejected) / len(honest):.2%}); worst honest deviations tok/lp/top "
-              f"{cls['honest']['worst'][0]:.3g}/{cls['honest']['worst'][1]:.3g}/{cls['honest']['worst'][2]:.3g}"
-              f"  [gen {gen_s:.0f}s, verify {time.perf_counter() - t:.0f}s]")
-        for r in rejected[:3]:
-            print(f"   rejected: {r.failure.kind} at {r.failure.position}: {r.failure.detail}")
+              f"τ_mass {tol.mass:.4g}; "
+              f"per sequence ≤ {tol.seq_flips} flips, flip margins ≤ {tol.seq_flip_margin:.3g}, mean |Δlp| ≤ "
+              f"{tol.seq_lp_mean:.3g}; covers prompts ≤ {tol.max_prompt_tokens}, outputs ≤ {tol.max_output_tokens} ==")
+        cls: dict = {"tolerances": tol.model_dump(), "honest": {}, "attacks": {}}
+        for set_name, reqs in honest_sets(n_honest).items():
+            t = time.perf_counter()
+            honest = run(engine_for(precision), reqs, single_share=0.25)
+            results = judge(reference, honest, tol)
+            refused = [r for r in results if isinstance(r, str)]
+            judged = [r for r in results if not isinstance(r, str)]
+            rejected = [r for r in judged if not r.ok]
+            cls["honest"][set_name] = {
+                "sequences": len(honest), "refused": len(refused), "false_rejections": len(rejected),
+                "max_prompt_tokens": max(r.body.prompt_tokens for r in honest),
+                "max_output_tokens": max(len(r.body.output_tokens) for r in honest),
+                "worst": {"tok": max(r.max_tok for r in judged), "lp": max(r.max_lp for r in judged),
+                          "top": max(r.max_top for r in judged), "mass": max(r.max_mass for r in judged),
+                          "flips": max(r.flips for r in judged),
+                          "flip_margin": max(r.flip_margin for r in judged), "lp_mean": max(r.lp_mean for r in judged)},
+            }
+            h = cls["honest"][set_name]
+            w = h["worst"]
+            print(f"honest {set_name:<12} {len(honest)} sequences (prompts ≤ {h['max_prompt_tokens']}, outputs ≤ "
+                  f"{h['max_output_tokens']} tokens; batch 1 and 16): {len(rejected)} rejected, {len(refused)} refused; "
+                  f"worst tok/lp/top/mass {w['tok']:.3g}/{w['lp']:.3g}/{w['top']:.3g}/{w['mass']:.3g}, flips {w['flips']}, flip margins "
+                  f"{w['flip_margin']:.3g}, mean |Δlp| {w['lp_mean']:.3g}  [{time.perf_counter() - t:.0f}s]")
+            for r in rejected[:3]:
+                print(f"   rejected: {r.failure.kind} at {r.failure.position}: {r.failure.detail}")
+            for why in refused[:2]:
+                print(f"   refused: {why}")
 
-        attack_reqs = honest_requests(n_attack, seed=31337, model_cid=MODEL_CID, max_tokens=64, temperatures=ALL_T,
-                                      top_ps=TOP_PS)
-        sampled_reqs = honest_requests(n_attack, seed=4711, model_cid=MODEL_CID, max_tokens=64, temperatures=SAMPLED,
-                                       top_ps=TOP_PS)
-        nucleus_reqs = honest_requests(n_attack, seed=5151, model_cid=MODEL_CID, max_tokens=64, temperatures=(0.7,),
-                                       top_ps=(0.9, 0.5))
-        base = run(engine_for(precision), attack_reqs)
-        base_sampled = run(engine_for(precision), sampled_reqs)
-        base_nucleus = run(engine_for(precision), nucleus_reqs)
-        honest_tokens = {r.body.request: r.body.output_tokens for r in base + base_sampled + base_nucleus}
-        attacks: dict[str, tuple[list[HonestRun], list[int] | None, str]] = {
-            "random-init model": (run(engine_for(precision, random_init), attack_reqs), None, "model swap"),
-            "noisy weights 5%": (run(engine_for(precision, noisy(0.05)), attack_reqs), None, "model swap"),
-            "noisy weights 1%": (run(engine_for(precision, noisy(0.01)), attack_reqs), None, "model swap"),
-            "int8 weights": (run(engine_for(precision, int8_weights), attack_reqs), None, "quantization"),
-        }
-        pairs = tamper_token(base, rng)
-        attacks["tampered token"] = ([p[0] for p in pairs], [p[1] for p in pairs], "output edit")
-        pairs = tamper_logprob(base, rng)
-        attacks["tampered logprob"] = ([p[0] for p in pairs], [p[1] for p in pairs], "output edit")
-        attacks["wrong temperature"] = (run(engine_for(precision, cheat="temperature"), sampled_reqs), None, "sampling")
-        attacks["ignored seed"] = (run(engine_for(precision, cheat="seed"), sampled_reqs), None, "sampling")
-        attacks["ignored top_p"] = (run(engine_for(precision, cheat="top_p"), nucleus_reqs), None, "sampling")
-        attacks["dropped prompt"] = (run(engine_for(precision, cheat="prompt"), attack_reqs), None, "prompt")
+        t = time.perf_counter()
+        attacks, honest_tokens = attack_runs(precision, n_attack)
+        print(f"attacks generated in {time.perf_counter() - t:.0f}s")
         for name, (runs, positions, group) in attacks.items():
             res = judge(reference, runs, tol)
-            detected = sum(not r.ok for r in res)
-            at_position = None if positions is None else sum(
-                (not r.ok) and r.failure.position == p for r, p in zip(res, positions))
+            differs = [r.body.output_tokens != honest_tokens.get(r.body.request) or positions is not None for r in runs]
+            caught = [not isinstance(x, str) and not x.ok for x in res]
+            refused = sum(isinstance(x, str) for x in res)
+            n_diff = sum(differs)
+            det_diff = sum(c for c, d in zip(caught, differs) if d)
+            det_same = sum(c for c, d in zip(caught, differs) if not d)
             kinds: dict[str, int] = {}
-            for r in res:
-                if not r.ok:
-                    kinds[r.failure.kind] = kinds.get(r.failure.kind, 0) + 1
-            # an attack whose tokens came out exactly as the honest run's changed nothing a user sees
-            same = sum(r.body.output_tokens == honest_tokens.get(r.body.request) for r in runs) if positions is None else 0
-            cls["attacks"][name] = {"group": group, "sequences": len(runs), "detected": detected,
-                                    "rate": detected / len(runs), "at_edited_position": at_position,
-                                    "same_tokens_as_honest": same, "kinds": kinds}
-            where = "" if at_position is None else f", {at_position} at the edited position"
-            print(f"  {name:<18} detected {detected:>4}/{len(runs):<4} {detected / len(runs):7.1%}{where}"
-                  f"  [{same} produced the honest tokens exactly]  {kinds}")
-        cls["not_detectable"] = [name for name, a in cls["attacks"].items() if a["rate"] < 0.9]
+            for x in res:
+                if not isinstance(x, str) and not x.ok:
+                    kinds[x.failure.kind] = kinds.get(x.failure.kind, 0) + 1
+            rate = det_diff / n_diff if n_diff else None
+            cls["attacks"][name] = {"group": group, "sequences": len(runs), "differing": n_diff,
+                                    "detected_differing": det_diff, "rate_differing": rate,
+                                    "identical_to_honest": len(runs) - n_diff, "detected_identical": det_same,
+                                    "refused": refused, "kinds": kinds}
+            shown = "   n/a" if rate is None else f"{rate:6.1%}"
+            print(f"  {name:<20} detected {det_diff:>3}/{n_diff:<3} differing {shown}; identical to honest "
+                  f"{len(runs) - n_diff}/{len(runs)} ({det_same} of those flagged); refused {refused}  {kinds}")
+        goal = 0.95 if precision == "fp32" else 0.90
+        cls["below_goal"] = [n for n, a in cls["attacks"].items()
+                             if a["rate_differing"] is not None and a["rate_differing"] < goal]
         report["classes"][precision] = cls
 
-    cost = cost_ratio(reference, tolerance_for(record.body, "fp32"), 8 if args.quick else 24)
-    report["cost"] = cost
-    print(f"\ncost: generating {cost['tokens']:.0f} new tokens (batch 1, fp32) takes {cost['generation_s'] * 1000:.0f} ms, "
-          f"verifying them {cost['verification_s'] * 1000:.1f} ms: ratio {cost['ratio']:.3f} (goal ≤ 0.125)")
-    print(f"cost, batch of {cost['batch']}: generating them concurrently takes {cost['batch_generation_s'] * 1000:.0f} ms, "
-          f"replaying their receipts together {cost['batch_verification_s'] * 1000:.1f} ms: median ratio "
-          f"{cost['batch_ratio']:.3f} (goal ≤ {1 / cost['batch']:.3f})")
+    if not args.no_cost:
+        cost = cost_ratio(reference, tolerance_for(record.body, "fp32"), 8 if args.quick else 24)
+        report["cost"] = cost
+        print(f"\ncost: generating {cost['tokens']:.0f} new tokens (batch 1, fp32) takes {cost['generation_s'] * 1000:.0f} ms, "
+              f"verifying them {cost['verification_s'] * 1000:.1f} ms: ratio {cost['ratio']:.3f} (goal ≤ 0.125)")
+        print(f"cost, batch of {cost['batch']}: generating them concurrently takes {cost['batch_generation_s'] * 1000:.0f} ms, "
+              f"replaying their receipts together {cost['batch_verification_s'] * 1000:.1f} ms: median ratio "
+              f"{cost['batch_ratio']:.3f} (goal ≤ {1 / cost['batch']:.3f})")
 
     print("\nwhat this shows:")
     for precision, cls in report["classes"].items():
-        frr = cls["honest"]
-        print(f"  {precision}: {frr['false_rejections']} false rejections in {frr['sequences']} honest sequences.")
-        if cls["not_detectable"]:
-            print(f"  {precision}: NOT detectable (below 90%): {', '.join(cls['not_detectable'])}.")
-    print("  Always undetectable by replay: token swaps between candidates whose scores differ by less than τ_tok,\n"
-          "  logprob edits smaller than τ_lp, and which tokens sit at the edge of the top-p nucleus: within τ_tok of\n"
-          "  it, or where its mass's log-odds is within τ_mass/T. A provider may always run a cheaper model\n"
-          "  whose outputs stay within its class's tolerances: bf16/fp16 tolerances accept any deviation of that size.")
+        n = sum(h["sequences"] for h in cls["honest"].values())
+        fr = sum(h["false_rejections"] for h in cls["honest"].values())
+        print(f"  {precision}: {fr} false rejections in {n} honest sequences (goal 0).")
+        goal = "95%" if precision == "fp32" else "90%"
+        if cls["below_goal"]:
+            print(f"  {precision}: below {goal} among differing outputs: {', '.join(cls['below_goal'])}.")
+    print("  Never detectable by replay: a token swap whose margin stays within the class's flip allowance,\n"
+          "  logprob edits smaller than τ_lp, which tokens sit at the edge of the top-p nucleus (within τ_tok of\n"
+          "  it, or where its mass's log-odds is within τ_mass/T), or a cheaper model whose outputs drift no more\n"
+          "  than honest hardware of the class does.")
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        args.json.write_text(json.dumps(report, indent=1, default=str))
     return 0
 
 

@@ -231,3 +231,23 @@ def test_receipts_judged_together_get_the_verdicts_they_get_one_by_one(verifier,
         a, b = alone.verdict.body, j.verdict.body
         assert a.ok == b.ok and (a.failure is None) == (b.failure is None)
         assert a.failure is None or (a.failure.kind, a.failure.position) == (b.failure.kind, b.failure.position)
+
+
+def test_receipts_outside_the_calibrated_range_are_refused_not_judged(tmp_path, honest):
+    """Tolerances calibrated on outputs of at most 16 tokens say nothing about a 24-token receipt: the
+    verifier refuses it with the reason (no verdict, no fraud proof) instead of judging it."""
+    import json
+
+    from agoranet.node.judge import OutsideCalibration
+    from agoranet.verify.tolerances import SequenceStats, class_tolerance, tolerances_record
+
+    stats = SequenceStats(flips=[0], flip_margins=[0.0], lp_means=[0.0], max_prompt_tokens=1024,
+                          max_output_tokens=16, batch_sizes=(1,))
+    tol = class_tolerance("fp32", (0.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0), sequences=1, confirm_sequences=1, stats=stats)
+    path = tmp_path / "short.json"
+    path.write_text(json.dumps(tolerances_record(Identity.generate(), MODEL_CID, [tol], hardware="test",
+                                                 method="test").to_json()))
+    short = ReplayVerifier(Identity.generate(), tolerance_files=[path])
+    run = next(r for r in honest if len(r.body.output_tokens) > 16)
+    with pytest.raises(OutsideCalibration, match="output tokens exceed the 16"):
+        short.judge(signed(run), run.request_bytes)

@@ -194,7 +194,7 @@ def test_a_provider_sells_only_what_a_tolerance_record_covers(tmp_path):
     from types import SimpleNamespace
 
     from agoranet.node.node import TOLERANCES_DIR, NotSellable, check_sellable
-    from agoranet.verify.tolerances import class_tolerance, tolerances_record
+    from agoranet.verify.tolerances import SequenceStats, class_tolerance, tolerances_record
 
     engine = SimpleNamespace(name="transformers", model_cid=MODEL_CID, precision="fp16")
     check_sellable(SimpleNamespace(name="transformers", model_cid=MODEL_CID, precision="bf16"), tmp_path, [])  # shipped
@@ -205,7 +205,10 @@ def test_a_provider_sells_only_what_a_tolerance_record_covers(tmp_path):
         check_sellable(SimpleNamespace(name="transformers", model_cid=UNKNOWN_MODEL, precision="fp32"), tmp_path, [])
     check_sellable(SimpleNamespace(name="upstream", model_cid=UNKNOWN_MODEL, precision="upstream"), tmp_path, [])
     # `agora verify calibrate` writes HOME/tolerances/CID.json: then the class may be sold from that home
-    fp16 = class_tolerance("fp16", (0.5, 0.3, 0.4, 0.2), (0.5, 0.3, 0.4, 0.2), sequences=8, confirm_sequences=8)
+    stats = SequenceStats(flips=[0], flip_margins=[0.0], lp_means=[0.0], max_prompt_tokens=1024,
+                          max_output_tokens=64, batch_sizes=(1,))
+    fp16 = class_tolerance("fp16", (0.5, 0.3, 0.4, 0.2), (0.5, 0.3, 0.4, 0.2), sequences=8, confirm_sequences=8,
+                           stats=stats)
     record = tolerances_record(Identity.generate(), MODEL_CID, [fp16], hardware="test", method="tests")
     (tmp_path / TOLERANCES_DIR).mkdir()
     (tmp_path / TOLERANCES_DIR / f"{MODEL_CID}.json").write_text(json.dumps(record.to_json()))

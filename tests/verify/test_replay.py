@@ -285,8 +285,11 @@ def test_an_honest_token_on_the_nucleus_edge_is_not_refused(honest):
 @pytest.mark.parametrize("top_p", [0.9, 0.5])
 def test_a_bf16_provider_ignoring_top_p_is_caught_and_honest_bf16_passes(reference, top_p):
     """At T 0.7 with the shipped bf16 tolerances: every honest bf16 sequence passes, and a provider sampling
-    from the whole distribution is caught where that changed its output — every time at top_p 0.5; at 0.9
-    its tokens often land just past the edge, inside the tolerance, and only most sequences are caught."""
+    from the whole distribution is caught where that changed its output — nearly every time at top_p 0.5; at
+    0.9 its tokens often land just past the edge, inside the tolerance. The shipped bf16 τ_mass (1.28) covers
+    prompts up to 960 tokens, where honest bf16 moves a nucleus mass's log-odds ~3× more than on the short
+    prompts here (τ_mass was 0.39 when calibrated on 64-token runs: 28/31 caught at 0.9), so at 0.9 only
+    a minority is caught now (3 of 10 changed outputs)."""
     from agoranet.node.cheat import CheatingEngine
 
     requests = honest_requests(12, seed=515, model_cid=MODEL_CID, max_tokens=48, temperatures=(0.7,),
@@ -303,4 +306,51 @@ def test_a_bf16_provider_ignoring_top_p_is_caught_and_honest_bf16_passes(referen
     caught = [r for r in verdicts if r.failure is not None and r.failure.kind == "nucleus"]
     print(f"top_p {top_p}: {len(changed)} of {len(cheated)} outputs changed, {len(caught)} caught")
     assert len(changed) >= len(cheated) // 2
-    assert len(caught) >= (0.9 if top_p == 0.5 else 0.5) * len(changed)
+    assert len(caught) >= (0.9 if top_p == 0.5 else 0.2) * len(changed)
+
+
+def runner_up_at_last(reference, run):
+    """The body with its last token replaced by the rule's second choice there, and that choice's margin."""
+    b = run.body
+    n = len(b.output_tokens)
+    with torch.no_grad():
+        logits = reference(input_ids=torch.tensor([run.prompt + b.output_tokens[:-1]])).logits[0, -1]
+    s = b.sampling
+    scores = token_scores(logits, temperature=s.temperature, top_p=s.top_p, seed=s.seed, request_id=b.request_id,
+                          position=n - 1)
+    top2 = torch.topk(scores, 2)
+    token = int(top2.indices[1])
+    margin = float(top2.values[0] - top2.values[1]) * (s.temperature if s.temperature > 0 else 1.0)
+    lp = float(torch.log_softmax(logits, -1)[token])
+    tokens, logprobs = [*b.output_tokens[:-1], token], [*b.logprobs[:-1], lp]
+    return edited(b, output_tokens=tokens, logprobs=logprobs, output_text=TOK.decode(tokens)), margin
+
+
+def test_sequence_test_rejects_flips_beyond_the_class_allowance_with_re_checkable_evidence(reference, honest):
+    """Per-position tolerances wide open (as a near tie is at bf16): one flip passes an allowance of one
+    flip, fails an allowance of none, and fails a summed-margin limit below its margin; the evidence
+    names the position, tokens and margin, and replaying again gives the same verdict."""
+    run = next(r for r in honest if r.body.finish_reason == "length" and TOK.eos not in r.body.output_tokens
+               and r.body.sampling.top_p == 1.0)
+    body, margin = runner_up_at_last(reference, run)
+    assert 1e-3 < margin < 50
+    wide = dict(tok=100.0, lp=100.0, top=100.0)
+    n = len(body.output_tokens)
+    result = check(reference, run, body, tol=Tolerances(**wide, seq_flips=1, seq_flip_margin=100.0, seq_lp_mean=1.0))
+    assert result.ok and result.flips == 1 and result.flip_margin == pytest.approx(margin, rel=1e-3)
+    for tol in (Tolerances(**wide, seq_flips=0, seq_flip_margin=100.0, seq_lp_mean=1.0),
+                Tolerances(**wide, seq_flips=1, seq_flip_margin=margin * 0.9, seq_lp_mean=1.0)):
+        result = check(reference, run, body, tol=tol)
+        f = result.failure
+        assert not result.ok and (f.kind, f.position, f.claimed_token) == ("sequence", n - 1, body.output_tokens[-1])
+        assert f.best_token == run.body.output_tokens[-1] and f.margin == pytest.approx(margin, rel=1e-3)
+        assert check(reference, run, body, tol=tol).failure == f  # a third party's replay sees the same
+
+
+def test_sequence_test_bounds_the_mean_logprob_deviation(reference, honest):
+    run = honest[1]
+    body = edited(run.body, logprobs=[lp - 0.05 for lp in run.body.logprobs])
+    loose = Tolerances(1e-3, 0.1, 0.1, seq_lp_mean=0.06)
+    assert check(reference, run, body, tol=loose).ok
+    result = check(reference, run, body, tol=Tolerances(1e-3, 0.1, 0.1, seq_lp_mean=0.04))
+    assert (result.failure.kind, result.failure.position) == ("sequence", -1)

@@ -10,23 +10,61 @@ from agoranet.core.records import sign_record, verify_record
 from agoranet.engine.models import model_cid, resolve_model
 from agoranet.verify.records import FailureEvidence, FraudProofBody, TolerancesBody, VerdictBody
 from agoranet.verify.tolerances import (
-    NoTolerances, class_tolerance, default_tolerances, tolerance_for, tolerances_record,
+    NoTolerances, SequenceStats, class_tolerance, default_tolerances, outside_calibration, tail_limit, tolerance_for,
+    tolerances_record,
 )
 
 ID = Identity.generate()
+STATS = SequenceStats(flips=[0, 1, 2], flip_margins=[0.0, 0.05, 0.1], lp_means=[0.01, 0.02, 0.02],
+                      max_prompt_tokens=900, max_output_tokens=256, batch_sizes=(1, 16))
 
 
 def test_tolerances_get_headroom_and_a_floor_and_round_trip():
-    c = class_tolerance("bf16", (0.1, 0.2, 0.3, 0.04), (0.05, 0.1, 0.1, 0.02), sequences=400, confirm_sequences=400)
+    c = class_tolerance("bf16", (0.1, 0.2, 0.3, 0.04), (0.05, 0.1, 0.1, 0.02), sequences=400, confirm_sequences=400,
+                        stats=STATS)
     assert (c.tok, c.lp, c.top, c.mass) == pytest.approx((0.15, 0.3, 0.45, 0.06))
     assert (c.measured_mass, c.confirmed_mass) == (0.04, 0.02)
     tiny = class_tolerance("fp32", (0.0, 2e-5, 3e-5, 1e-5), (0.0, 1e-5, 1e-5, 0.0), sequences=400,
-                           confirm_sequences=400)
+                           confirm_sequences=400, stats=STATS)
     assert tiny.tok == tiny.lp == tiny.top == tiny.mass == 1e-3
     record = tolerances_record(ID, "bafymodel", [c, tiny], hardware="cpu", method="test")
     for wire in (record.encode(), record.to_json()):
         back = verify_record(wire, TolerancesBody)
         assert back == record and tolerance_for(back.body, "bf16") == c
+
+
+def test_sequence_limits_come_from_a_fitted_tail_never_below_headroom_over_the_worst():
+    # an exponential sample (scale 1): the fitted 1e-4 quantile lands near ln(1e4) ≈ 9.2, far above its max
+    import math
+    import random
+
+    rng = random.Random(3)
+    sample = [rng.expovariate(1.0) for _ in range(2000)]
+    assert 7.5 < tail_limit(sample, 1e-4, 1.0) < 11.5
+    assert tail_limit([0.0] * 50 + [1.0], 1e-4, 1.5) >= 1.5  # a lone outlier still gets headroom
+    assert tail_limit([], 1e-4, 1.5) == 0.0
+    c = class_tolerance("bf16", (0.1, 0.2, 0.3, 0.1), (0, 0, 0, 0), sequences=3, confirm_sequences=0, stats=STATS)
+    assert c.seq_flips >= 3 and c.seq_flip_margin >= 0.15 and c.seq_lp_mean >= 0.03
+    assert (c.max_prompt_tokens, c.max_output_tokens, c.batch_sizes, c.target_frr) == (900, 256, [1, 16], 1e-4)
+    assert not math.isinf(c.seq_flip_margin)
+
+
+def test_receipts_outside_the_calibrated_range_are_named_not_judged():
+    from agoranet.core.records import PriceCharged, ReceiptBody, SamplingParams
+
+    c = class_tolerance("bf16", (0.1, 0.2, 0.3, 0.1), (0, 0, 0, 0), sequences=3, confirm_sequences=0, stats=STATS)
+
+    def body(prompt: int, out: int) -> ReceiptBody:
+        return ReceiptBody(model="bafym", precision="bf16", request="bafyr", request_id="r", prompt_tokens=prompt,
+                           completion_tokens=out, prefix_tokens=[], output_tokens=[1] * out, output_text="",
+                           logprobs=[0.0] * out, top_logprobs=[[]] * out,
+                           sampling=SamplingParams(temperature=0.0, top_p=1.0, seed=0, max_tokens=out, stop=[]),
+                           finish_reason="length", price=PriceCharged(input_per_mtok=0, output_per_mtok=0, charged=0),
+                           started_ms=0, finished_ms=0)
+
+    assert outside_calibration(c, body(900, 256)) is None
+    assert "901 prompt tokens exceed the 900" in outside_calibration(c, body(901, 10))
+    assert "257 output tokens exceed the 256" in outside_calibration(c, body(10, 257))
 
 
 def test_shipped_defaults_cover_the_calibrated_classes_with_headroom():
@@ -40,6 +78,9 @@ def test_shipped_defaults_cover_the_calibrated_classes_with_headroom():
         assert c.tok >= 1.5 * c.confirmed_tok and c.lp >= 1.5 * c.confirmed_lp and c.top >= 1.5 * c.confirmed_top
         # the nucleus is judged by a calibrated mass tolerance, not by a slack derived from τ_lp
         assert c.mass >= 1.5 * c.measured_mass and c.mass >= 1.5 * c.confirmed_mass and c.mass >= 1e-3
+        # per-sequence limits and the range they were calibrated over: prompts to the context, long outputs
+        assert c.target_frr <= 1e-4 and c.seq_flip_margin >= 1.5 * c.measured_flip_margin
+        assert c.max_prompt_tokens >= 900 and c.max_output_tokens >= 256 and {1, 16} <= set(c.batch_sizes)
     # fp16 is not shipped: one honest fp16 sequence in 400 deviated by 0.83 logits (see README)
     with pytest.raises(NoTolerances, match="fp16"):
         tolerance_for(record.body, "fp16")
@@ -48,7 +89,7 @@ def test_shipped_defaults_cover_the_calibrated_classes_with_headroom():
 
 def test_verdict_and_fraud_proof_records_round_trip_and_reject_tampering():
     ev = FailureEvidence(kind="token", position=3, detail="x", claimed_token=5, best_token=6, margin=2.5)
-    tol = class_tolerance("fp32", (0, 0, 0, 0), (0, 0, 0, 0), sequences=1, confirm_sequences=1)
+    tol = class_tolerance("fp32", (0, 0, 0, 0), (0, 0, 0, 0), sequences=1, confirm_sequences=1, stats=STATS)
     verdict = sign_record(ID, VerdictBody(receipt="bafyr", provider="12D3", model="bafym", precision="fp32", ok=False,
                                           checked_positions=4, failure=ev, fraud_proof="bafyp", tolerances=tol,
                                           verified_ms=1))

@@ -145,7 +145,8 @@ def calibrate(
     sequences: Annotated[int, typer.Option(help="honest calibration sequences per class")] = 400,
     confirm: Annotated[int, typer.Option(help="independent honest sequences that must all pass")] = 400,
     headroom: Annotated[float, typer.Option(help="tolerance = headroom x worst honest deviation")] = 1.5,
-    max_tokens: int = 64,
+    max_tokens: Annotated[int, typer.Option(help="longest honest output calibrated (receipts with longer outputs "
+                                              "are refused)")] = 256,
     seed: int = 1,
     threads: ThreadsOpt = 1,
     out: Annotated[Optional[Path], typer.Option(help="tolerances file to write (merged with an existing one)")] = None,
@@ -158,7 +159,8 @@ def calibrate(
     from agoranet.engine.transformers_engine import load_causal_lm
     from agoranet.node.calibration import calibrate_precision
     from agoranet.node.provider import hardware_summary
-    from agoranet.verify.tolerances import REFERENCE_PRECISION, load_tolerances, tolerances_record
+    from agoranet.verify.rule import RULE
+    from agoranet.verify.tolerances import REFERENCE_PRECISION, TARGET_FRR, load_tolerances, tolerances_record
 
     if headroom < 1.5:
         raise fail(f"--headroom {headroom} is below the required 1.5")
@@ -194,12 +196,21 @@ def calibrate(
                           f"(worst honest: {c.measured_tok:.3g} / {c.measured_lp:.3g} / {c.measured_top:.3g} / "
                           f"{c.measured_mass:.3g}; confirmation set {c.confirmed_tok:.3g} / {c.confirmed_lp:.3g} / "
                           f"{c.confirmed_top:.3g} / {c.confirmed_mass:.3g}, all passed)")
+            console.print(f"  {p} per sequence: ≤ {c.seq_flips} flips, flip margins ≤ {c.seq_flip_margin:.4g}, mean "
+                          f"|Δlogprob| ≤ {c.seq_lp_mean:.3g} (worst honest {c.measured_flips} / "
+                          f"{c.measured_flip_margin:.3g} / {c.measured_lp_mean:.3g}); covers prompts ≤ "
+                          f"{c.max_prompt_tokens} and outputs ≤ {c.max_output_tokens} tokens")
         record = tolerances_record(
             identity, cid, list(classes.values()), hardware=hardware_summary(),
-            method=f"agora verify calibrate: {max_tokens}-token honest runs (chat+completion, T 0-1.3, top-p 1; confirmation set also top-p 0.8-0.95, "
-                   + ("one at a time through llama.cpp) replayed by llama.cpp with the same GGUF, in one batched pass"
-                      if engine == "llamacpp" else f"batch 1 and 16 with left padding) replayed at {REFERENCE_PRECISION}")
-                   + f"; τ = {headroom}× worst",
+            method=f"agora verify calibrate ({RULE}): {sequences} honest runs per class, replayed "
+                   + ("by llama.cpp with the same GGUF, in one batched pass (generated one at a time through llama.cpp; "
+                      if engine == "llamacpp" else f"at {REFERENCE_PRECISION} (batch 1 and 16 with left padding; ")
+                   + f"chat+completion, T 0-1.3, top-p 1; a quarter short prompts/64 tokens, a quarter prompts up to "
+                   f"the context/64 tokens, half prompts up to the context less {max_tokens}/{max_tokens} tokens); "
+                   f"{confirm} confirmation runs (other prompts and seeds, also top-p 0.8-0.95, batch 8) all pass; "
+                   f"τ = {headroom}× worst (τ_mass: log-odds drift of every listed best-token set's mass); "
+                   f"per-sequence limits (flips, summed flip margin, mean |Δlogprob|) for FRR {TARGET_FRR:g}/sequence "
+                   f"by an exponential fit to the top tenth of the honest sequences, never below {headroom}× the worst",
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record.to_json(), indent=1))

@@ -1,14 +1,16 @@
 """Calibrating replay tolerances: honest generations through the real engine, replayed at fp32.
 
 A calibration set (many prompts, temperatures, top-p values, seeds, batch sizes, so sequences are
-left-padded in batches as a busy provider pads them) gives the worst honest deviations; tolerances
-are those × headroom; an independent confirmation set (other prompts and seeds) must then pass them all.
+left-padded in batches as a busy provider pads them; prompts up to the context, long outputs) gives the
+worst honest deviations; tolerances are those × headroom, per-sequence limits come from the honest
+sequences' tail; an independent confirmation set (other prompts and seeds) must then pass them all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import sysconfig
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from agoranet.engine.transformers_engine import TransformersEngine
 from agoranet.node.provider import derived_request_id, receipt_body as provider_receipt_body
 from agoranet.verify.records import ClassTolerance
 from agoranet.verify.replay import MEASURE, ReplayResult, ToleranceLike, check_receipt
-from agoranet.verify.tolerances import HEADROOM, MIN_TOLERANCE, class_tolerance
+from agoranet.verify.tolerances import HEADROOM, MIN_TOLERANCE, TARGET_FRR, SequenceStats, class_tolerance
 
 TASKS = [
     "add two numbers", "reverse a list", "sort a dictionary by value", "read a file line by line",
@@ -74,6 +76,42 @@ def honest_requests(count: int, *, seed: int, model_cid: str, max_tokens: int = 
     return out
 
 
+def _corpus() -> list[str]:
+    """Python source text for long prompts: the running interpreter's standard library (in the bundled
+    model's training distribution; another Python version gives other, equally valid prompts)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = []
+    for path in sorted(root.glob("*.py"))[:80]:
+        try:
+            texts.append(path.read_text(encoding="utf-8", errors="replace"))
+        except OSError:
+            continue
+    return [t for t in texts if len(t) > 4000] or ["def f(x):\n    return x\n" * 400]
+
+
+def long_requests(count: int, *, seed: int, model_cid: str, max_prompt_chars: int, max_tokens: int,
+                  min_prompt_chars: int = 16, temperatures: tuple[float, ...] = (0.0, 0.6, 0.8, 1.0, 1.3),
+                  top_ps: tuple[float, ...] = (1.0,)) -> list[GenerationRequest]:
+    """Requests whose prompts are slices of real source text, lengths uniform in [min, max] characters (a
+    third of them chat, the text as the user's message): calibration and benchmarks over the whole context."""
+    rng = random.Random(seed)
+    corpus = _corpus()
+    out = []
+    for _ in range(count):
+        text = rng.choice(corpus)
+        n = rng.randint(min_prompt_chars, max_prompt_chars)
+        start = rng.randrange(max(1, len(text) - n))
+        piece = text[start:start + n].encode("ascii", "replace").decode()
+        sampling = Sampling(temperature=rng.choice(temperatures), top_p=rng.choice(top_ps),
+                            seed=rng.randrange(2**62), max_tokens=max_tokens)
+        if rng.random() < 1 / 3:
+            req = GenerationRequest(request_id="", kind="chat", sampling=sampling, messages=(("user", piece),))
+        else:
+            req = GenerationRequest(request_id="", kind="completion", sampling=sampling, prompt=piece)
+        out.append(replace(req, request_id=derived_request_id(req, model_cid)))
+    return out
+
+
 async def generate_all(engine: TransformersEngine, requests: list[GenerationRequest],
                        concurrency: int) -> list[Generation]:
     """Run requests through the engine, `concurrency` at a time (so they share batches and padding)."""
@@ -99,8 +137,26 @@ def receipt_body(engine: TransformersEngine, req: GenerationRequest, gen: Genera
     return body, request_bytes
 
 
+def fit_context(engine: TransformersEngine, request: GenerationRequest) -> GenerationRequest:
+    """`request` with its prompt text cut from the front until prompt + max_tokens fit the engine's context
+    (a chat template adds tokens the character budget of `long_requests` cannot know)."""
+    context = int(getattr(engine, "context_length", 0)) or None
+    while context is not None:
+        over = len(engine.prompt_tokens(request)) + request.sampling.max_tokens - context
+        if over <= 0:
+            break
+        if request.kind == "chat":
+            role, text = request.messages[-1]
+            request = replace(request, messages=(*request.messages[:-1], (role, text[over:])))
+        else:
+            request = replace(request, prompt=request.prompt[over:])
+        request = replace(request, request_id=derived_request_id(request, engine.model_cid))
+    return request
+
+
 async def honest_runs(engine: TransformersEngine, requests: list[GenerationRequest],
                       concurrency: int) -> list[HonestRun]:
+    requests = [fit_context(engine, r) for r in requests]
     requests = [replace(r, prompt_ids=tuple(engine.prompt_tokens(r))) for r in requests]  # as a provider binds them
     gens = await generate_all(engine, requests, concurrency)
     runs = []
@@ -125,29 +181,62 @@ def worst(results: list[ReplayResult]) -> tuple[float, float, float, float]:
             max(r.max_top for r in results), max(r.max_mass for r in results))
 
 
+def range_requests(count: int, *, seed: int, model_cid: str, context: int, max_tokens: int,
+                   top_ps: tuple[float, ...] = (1.0,)) -> list[GenerationRequest]:
+    """Honest requests over the whole range a class is calibrated for, shuffled: a quarter short chat and
+    completion prompts (`honest_requests`, 64 tokens), a quarter long prompts up to the context (64 tokens),
+    half long outputs (`max_tokens`) after prompts up to what the context leaves."""
+    short_out = min(64, max_tokens)
+    quarter = count // 4
+    reqs = honest_requests(quarter, seed=seed, model_cid=model_cid, max_tokens=short_out, top_ps=top_ps)
+    reqs += long_requests(quarter, seed=seed + 1, model_cid=model_cid, max_tokens=short_out, top_ps=top_ps,
+                          max_prompt_chars=max(16, context - short_out - PROMPT_OVERHEAD))
+    reqs += long_requests(count - 2 * quarter, seed=seed + 2, model_cid=model_cid, max_tokens=max_tokens,
+                          top_ps=top_ps, max_prompt_chars=max(16, context - max_tokens - PROMPT_OVERHEAD))
+    random.Random(seed).shuffle(reqs)
+    return reqs
+
+
+PROMPT_OVERHEAD = 48  # tokens a chat template may add around a message (and a byte tokenizer's BOS)
+
+
+def sequence_stats(runs: list[HonestRun], results: list[ReplayResult], batch_sizes: tuple[int, ...]) -> SequenceStats:
+    return SequenceStats(
+        flips=[r.flips for r in results], flip_margins=[r.flip_margin for r in results],
+        lp_means=[r.lp_mean for r in results],
+        max_prompt_tokens=max(r.body.prompt_tokens + len(r.body.prefix_tokens) for r in runs),
+        max_output_tokens=max(len(r.body.output_tokens) for r in runs), batch_sizes=batch_sizes,
+    )
+
+
 async def calibrate_precision(
     model_dir: Path, model_cid: str, precision: str, reference: torch.nn.Module, *, sequences: int = 400,
-    confirm: int = 400, headroom: float = HEADROOM, floor: float = MIN_TOLERANCE, max_tokens: int = 64,
-    seed: int = 1, threads: int | None = None, engine: Engine | None = None,
+    confirm: int = 400, headroom: float = HEADROOM, floor: float = MIN_TOLERANCE, max_tokens: int = 256,
+    seed: int = 1, threads: int | None = None, engine: Engine | None = None, target_frr: float = TARGET_FRR,
 ) -> ClassTolerance:
-    """Measure one precision class against the reference, set τ, and confirm on an independent set.
+    """Measure one precision class against the reference, set τ and the per-sequence limits, and confirm
+    on an independent set; the record states the range covered (prompt lengths up to the context,
+    outputs up to `max_tokens`, batch 1 and 16 — the confirmation set at batch 8).
 
     `engine` (default: the built-in engine at `precision`) is the provider's engine; `reference` is what
     verifiers replay with (the fp32 model, or for a GGUF the same file through llama.cpp)."""
     engine = engine or TransformersEngine(model_dir, model_cid=model_cid, precision=precision, max_batch=16,
                                           threads=threads)
     tokenizer = engine.tokenizer
+    context = int(getattr(engine, "context_length", 1024))
     await engine.start()
     try:
         # top-p = 1 here: at the nucleus edge honest margins are meaningless (the nucleus is judged by mass,
         # within τ_mass, measured at every position); the confirmation set below does use top-p < 1.
-        calib = honest_requests(sequences, seed=seed, model_cid=model_cid, max_tokens=max_tokens, top_ps=(1.0,))
+        calib = range_requests(sequences, seed=seed, model_cid=model_cid, context=context, max_tokens=max_tokens)
         # mostly batched (padding, other batch sizes) and a share one at a time
         runs = await honest_runs(engine, calib[: sequences // 4], 1) + await honest_runs(engine, calib[sequences // 4:], 16)
-        measured = worst(replay_all(reference, tokenizer, runs, MEASURE, model_cid))
-        tol = class_tolerance(precision, measured, (0.0, 0.0, 0.0, 0.0), sequences=len(runs), confirm_sequences=0,
-                              headroom=headroom, floor=floor)
-        check = honest_requests(confirm, seed=seed + 1_000_003, model_cid=model_cid, max_tokens=max_tokens)
+        calib_results = replay_all(reference, tokenizer, runs, MEASURE, model_cid)
+        tol = class_tolerance(precision, worst(calib_results), (0.0, 0.0, 0.0, 0.0), sequences=len(runs),
+                              confirm_sequences=0, headroom=headroom, floor=floor, target_frr=target_frr,
+                              stats=sequence_stats(runs, calib_results, (1, 16)))
+        check = range_requests(confirm, seed=seed + 1_000_003, model_cid=model_cid, context=context,
+                               max_tokens=max_tokens, top_ps=(1.0, 1.0, 0.95, 0.8))
         confirm_runs = await honest_runs(engine, check, 8)
     finally:
         await engine.stop()
@@ -158,6 +247,6 @@ async def calibrate_precision(
         raise CalibrationFailed(f"{len(rejected)} of {len(confirm_runs)} honest {precision} confirmation sequences "
                                 f"fail the calibrated tolerances (first: {f.kind} at {f.position}: {f.detail})")
     return tol.model_copy(update={
-        "confirm_sequences": len(confirm_runs),
+        "confirm_sequences": len(confirm_runs), "batch_sizes": [1, 8, 16],
         **dict(zip(("confirmed_tok", "confirmed_lp", "confirmed_top", "confirmed_mass"), worst(confirmed_results))),
     })

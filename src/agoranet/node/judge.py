@@ -29,7 +29,7 @@ from agoranet.verify.replay import (
     ReplayJob, ReplayResult, check_receipts, check_request_binding, prompt_binding, request_mismatch,
 )
 from agoranet.verify.tolerances import (
-    REFERENCE_PRECISION, NoTolerances, default_tolerances, load_tolerances, tolerance_for,
+    REFERENCE_PRECISION, NoTolerances, default_tolerances, load_tolerances, outside_calibration, tolerance_for,
 )
 from agoranet.wire.canonical import CanonicalRequest
 
@@ -54,6 +54,10 @@ class Violation(AgoraError):
 
 
 ModelFetcher = Callable[[str], Path]  # a model CID -> its directory; raises ModelUnavailable when nobody serves it
+
+
+class OutsideCalibration(UnverifiableReceipt):
+    hint = "calibrate the class over longer prompts/outputs (`agora verify calibrate --max-tokens N`) to judge it"
 
 
 def now_ms() -> int:
@@ -156,19 +160,33 @@ class ReplayVerifier:
     def admissible(self, receipt: Record[ReceiptBody]) -> None:
         """Before anything is queued, bound the replay: a receipt declaring what may not be sold, or more
         tokens than the model's context (no honest receipt has that many), is a Violation (judged without
-        replay); a model this verifier cannot read is UnverifiableReceipt."""
+        replay); a model this verifier cannot read, or a receipt outside the range its class's tolerances
+        were calibrated over (no honest drift measured there), is UnverifiableReceipt: refused, not judged."""
         body = receipt.body
         self.declared(receipt)
         if body.precision == UPSTREAM_PRECISION:
             raise UnverifiableReceipt(f"receipt {receipt.cid} was served by an upstream engine, which reports no "
                                       "token ids: there is nothing to replay")
         if body.model not in self._dirs and self._fetch is not None:
+            self.calibrated(receipt)
             return  # fetched when it is replayed (not here, on a request's path), and bounded there
         context = self.context_length(body.model)
         length = body.prompt_tokens + len(body.prefix_tokens) + len(body.output_tokens)
         if length > context:
             raise Violation(f"receipt {receipt.cid} covers {length} tokens; model {body.model} has a context "
                             f"of {context}: no honest receipt is that long", kind="length")
+        self.calibrated(receipt)  # after the context: longer than any honest receipt stays a Violation
+
+    def calibrated(self, receipt: Record[ReceiptBody]) -> None:
+        """Raise OutsideCalibration when the receipt lies outside the prompt/output range its class's tolerances
+        were calibrated over: no honest drift was measured there, so it is refused, never judged (no verdict,
+        no fraud proof). Cheap: no model is loaded."""
+        body = receipt.body
+        table = self._tables.get(body.model)
+        tol = next((c for c in table.classes if c.precision == body.precision), None) if table else None
+        if tol is not None and (why := outside_calibration(tol, body)):
+            raise OutsideCalibration(f"receipt {receipt.cid} is outside the range its tolerances were calibrated "
+                                     f"over: {why}")
 
     def _model(self, cid: str) -> tuple[torch.nn.Module, Tokenizer]:
         if cid not in self._loaded:

@@ -34,6 +34,18 @@ class ClassTolerance(RecordBody):
     sequences: int = Field(ge=0)
     confirm_sequences: int = Field(ge=0)
     headroom: float = Field(ge=1.0)
+    # the per-sequence test (see verify.replay): limits per sequence and the false-rejection rate they target
+    seq_flips: int = Field(ge=-1)  # most positions not holding the rule's choice (−1: unlimited)
+    seq_flip_margin: float = Field(ge=0.0)  # most summed margin over those positions, logit units
+    seq_lp_mean: float = Field(ge=0.0)  # most mean |claimed − replayed logprob| over a sequence
+    measured_flips: int = Field(ge=0)  # worst honest sequence of the calibration set, for each
+    measured_flip_margin: float = Field(ge=0.0)
+    measured_lp_mean: float = Field(ge=0.0)
+    target_frr: float = Field(ge=0.0, le=1.0)  # false rejections per honest sequence the limits aim at
+    # the range the calibration covered: receipts outside it are refused, not judged
+    max_prompt_tokens: int = Field(ge=0)  # prompt + prefix tokens
+    max_output_tokens: int = Field(ge=0)
+    batch_sizes: list[int]  # provider batch sizes the honest sets were generated at (not checkable per receipt)
 
 
 @register("agora/tolerances/1")
@@ -51,7 +63,7 @@ class TolerancesBody(RecordBody):
 class FailureEvidence(RecordBody):
     """What the replay saw at the first failing position (scores in logit units)."""
 
-    kind: str  # token | logprob | top_logprobs | nucleus | structure | request | model | text
+    kind: str  # token | logprob | top_logprobs | nucleus | sequence | structure | request | model | text
     position: int  # index into output_tokens (−1: not tied to one token)
     detail: str
     claimed_token: int = -1

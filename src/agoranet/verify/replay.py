@@ -14,6 +14,12 @@ stay below top_p with its log-odds raised by τ_mass/T (so never reaching 1); th
 only among tokens surely inside (the same, lowered).
 The claimed logprob and top-k logprobs must be within τ_lp and τ_top of the replayed ones.
 The first failing position and what the replay saw there are returned as evidence.
+
+Per-position tolerances alone let a provider choose freely among near ties (τ_tok at bf16 is ~0.5
+logit), so each sequence is also judged as a whole (`_sequence_failure`): how many positions hold a token
+that is not the rule's choice ("flips", margin > FLIP_EPS), the sum of their margins, and the mean
+|Δlogprob|. Honest drift flips only rare exact near ties by a little; a provider choosing within τ_tok
+or generating with other weights flips many. The limits are calibrated per (model, precision class).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import copy
 import inspect
 import math
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -39,6 +45,7 @@ __all__ = ["Tolerances", "ReplayResult", "ReplayJob", "check_receipt", "check_re
            "request_mismatch", "MIN_TOP_LOGPROBS", "STRICT", "MEASURE"]
 
 MIN_TOP_LOGPROBS = 5  # receipts carry at least this many alternatives per position
+FLIP_EPS = 1e-3  # a margin above this is a flip (below it, fp32 summation order alone could decide)
 REPLAY_TOKEN_BUDGET = 8192  # rows × padded width of one batched replay pass (bounds its activations)
 
 
@@ -47,6 +54,9 @@ class ToleranceLike(Protocol):
     lp: float
     top: float
     mass: float
+    seq_flips: int  # most flips one sequence may hold (−1: unlimited)
+    seq_flip_margin: float  # most summed flip margin per sequence (logit units)
+    seq_lp_mean: float  # most mean |claimed − replayed logprob| over a sequence's positions
 
 
 @dataclass(frozen=True)
@@ -55,9 +65,12 @@ class Tolerances:
     lp: float
     top: float
     mass: float = MIN_TOLERANCE  # log-odds drift of a best-token set's mass, logit units (÷T when sampling)
+    seq_flips: int = -1
+    seq_flip_margin: float = math.inf
+    seq_lp_mean: float = math.inf
 
 
-STRICT = Tolerances(0.0, 0.0, 0.0, 0.0)
+STRICT = Tolerances(0.0, 0.0, 0.0, 0.0, 0, 0.0, 0.0)
 MEASURE = Tolerances(math.inf, math.inf, math.inf, math.inf)  # accept everything, just measure deviations
 
 
@@ -76,9 +89,12 @@ class ReplayResult:
     # worst honest drift of the log-odds of the T = 1 mass of the listed best tokens (top 1, top 2, …):
     # how far a nucleus edge can move, measured at every position
     max_mass: float = 0.0
-    flips: int = 0  # positions where the claimed token is not the replay's best (honest only at near ties)
+    flips: int = 0  # positions where the claimed token is not the replay's best by > FLIP_EPS
+    flip_margin: float = 0.0  # sum of the margins at those positions (logit units)
+    lp_mean: float = 0.0  # mean |claimed − replayed logprob| over the positions
+    flip_margins: list[float] = field(default_factory=list)  # each flip's margin, in position order
     # positions accepted within tolerance although the claimed token is outside the replay's own top-p nucleus
-    # (honest bf16 on agora-tiny: 0-2 per 64 tokens at T 0.7; input for a per-sequence test)
+    # (honest bf16 on agora-tiny: 0-2 per 64 tokens at T 0.7; measured, not judged)
     nucleus_edges: int = 0
 
 
@@ -371,13 +387,17 @@ def _judge(logits: torch.Tensor, body: ReceiptBody, tol: ToleranceLike) -> Repla
     mass_drift = _mass_drift(body, replayed_top)
 
     bad = (margins > tol.tok) | ~in_loose | (lp_dev > tol.lp) | (top_dev > tol.top)
+    flipped = (margins > FLIP_EPS) & in_loose
     result = ReplayResult(
         ok=not bool(bad.any()), checked_positions=n, max_tok=float(margins.masked_fill(~in_loose, 0.0).max()),
         max_lp=float(lp_dev.max()), max_top=float(top_dev.max()), max_spread=float(spread.max()),
-        max_mass=float(mass_drift.max()), flips=int((margins > 0).sum()),
+        max_mass=float(mass_drift.max()), flips=int(flipped.sum()), flip_margin=float(margins[flipped].sum()),
+        lp_mean=float(lp_dev.mean()), flip_margins=margins[flipped].tolist(),
         nucleus_edges=int(edge_claims.sum()) if temperature > 0.0 else 0,
     )
     if result.ok:
+        result.failure = _sequence_failure(result, margins, flipped, body, best_tokens, tol)
+        result.ok = result.failure is None
         return result
     i = int(bad.nonzero()[0])
     common = dict(position=i, claimed_token=int(out[i]), best_token=int(best_tokens[i]), margin=float(margins[i]),
@@ -452,3 +472,30 @@ def _mass_drift(body: ReceiptBody, replayed_top: torch.Tensor) -> torch.Tensor:
     log_odds = lambda m: m.log() - (-m).log1p()  # noqa: E731
     drift = (log_odds(mine.clamp(1e-3, 1 - 1e-3)) - log_odds(theirs.clamp(1e-3, 1 - 1e-3))).abs()
     return drift.masked_fill(~usable, 0.0).amax(dim=1).float()
+
+
+def _sequence_failure(result: ReplayResult, margins: torch.Tensor, flipped: torch.Tensor, body: ReceiptBody,
+                      best_tokens: torch.Tensor, tol: ToleranceLike) -> FailureEvidence | None:
+    """The per-sequence test: too many flips, too much summed flip margin, or too large a mean logprob
+    deviation for honest drift of this class. Evidence names the flip positions so anyone can re-check."""
+    where = flipped.nonzero()[:, 0].tolist()
+    listed = ", ".join(f"{i} (margin {float(margins[i]):.3g})" for i in where[:16]) + (" …" if len(where) > 16 else "")
+    if 0 <= tol.seq_flips < result.flips:
+        i = where[tol.seq_flips]  # the first flip beyond the limit
+        why = f"{result.flips} positions hold a token that is not the rule's choice (at most {tol.seq_flips} " \
+              f"for honest drift of this class): {listed}"
+        limit = float(tol.seq_flips)
+    elif result.flip_margin > tol.seq_flip_margin:
+        i = where[-1]
+        why = f"flip margins sum to {result.flip_margin:.4g} logit (at most {tol.seq_flip_margin:.3g} for honest " \
+              f"drift of this class): {listed}"
+        limit = tol.seq_flip_margin
+    elif result.lp_mean > tol.seq_lp_mean:
+        return FailureEvidence(kind="sequence", position=-1, tolerance=float(tol.seq_lp_mean),
+                               detail=f"claimed logprobs deviate by {result.lp_mean:.4g} on average over "
+                                      f"{result.checked_positions} positions (at most {tol.seq_lp_mean:.3g})")
+    else:
+        return None
+    return FailureEvidence(kind="sequence", position=i, detail=why, claimed_token=int(body.output_tokens[i]),
+                           best_token=int(best_tokens[i]), margin=float(margins[i]), tolerance=limit,
+                           claimed_logprob=float(body.logprobs[i]))
