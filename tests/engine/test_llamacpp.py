@@ -41,7 +41,7 @@ def tolerances(ggufs, tmp_path_factory):
     cid = model_cid(path)
     engine = LlamaCppEngine(path, model_cid=cid, model_name="tiny-q8", threads=1)
     tol = asyncio.run(calibrate_precision(path, cid, engine.precision, GGUFModel(path, threads=1, all_logits=True),
-                                          sequences=8, confirm=8, max_tokens=16, engine=engine))
+                                          sequences=8, confirm=8, max_tokens=24, engine=engine))
     out = tmp_path_factory.mktemp("gguf-tol") / "tol.json"
     out.write_text(json.dumps(tolerances_record(Identity.generate(), cid, [tol], hardware="test",
                                                 method="tests").to_json()))
