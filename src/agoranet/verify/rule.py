@@ -49,6 +49,7 @@ _DOMAIN = RULE.encode()
 BLOCK = 256
 _GAMMA = 0x9E3779B97F4A7C15
 _FIRST_K = 64  # first top-k tried when looking for the nucleus edge (grown eightfold until found)
+_SORT_ALL = 4096  # on the CPU, vocabularies up to this size are sorted whole for the nucleus edge (numpy)
 
 
 def _i64(value: int) -> int:
@@ -125,7 +126,9 @@ def nucleus_edge(scaled: torch.Tensor, top_p: float | Sequence[float] | torch.Te
 
     The nucleus is every token whose strictly better tokens hold less than top_p of softmax(scaled), so it
     is {i : scaled_i ≥ edge}. Found with a top-k grown eightfold until the edge shows (a full sort only for
-    nuclei beyond an eighth of the vocabulary)."""
+    nuclei beyond an eighth of the vocabulary). On the CPU a whole-row sort is numpy's (SIMD, ~20× torch's
+    topk: 0.1 ms for 64 rows of 1024), so vocabularies up to _SORT_ALL are sorted whole at once, and larger
+    ones whose nucleus outgrows the first top-k go straight to it; the values are the same either way."""
     rows, vocab = scaled.shape
     p = torch.as_tensor(top_p, dtype=torch.float64).to(scaled.device).expand(rows)
     need = p < 1.0
@@ -133,18 +136,27 @@ def nucleus_edge(scaled: torch.Tensor, top_p: float | Sequence[float] | torch.Te
         return torch.full((rows,), float("-inf"), dtype=scaled.dtype, device=scaled.device)
     sub = scaled if bool(need.all()) else scaled.masked_fill(~need[:, None], 0.0)  # rows at top_p 1 are dropped below
     lse = torch.logsumexp(sub, dim=-1, keepdim=True).double()
-    k = min(_FIRST_K, vocab)
+    cpu = sub.device.type == "cpu"
+    k = vocab if cpu and vocab <= _SORT_ALL else min(_FIRST_K, vocab)
     while True:
-        values = torch.topk(sub, k, dim=-1).values  # sorted, largest first
+        values = _top_values(sub, k)  # sorted, largest first
         mass = torch.exp(values.double() - lse)
         # Mass listed before each token. A tied group's first member has exactly the mass strictly better than
         # the group, so the last token with less than top_p before it closes its group: the edge is its value.
         inside = (torch.cumsum(mass, dim=-1) - mass < p[:, None]).sum(dim=-1)
         if k == vocab or bool((inside[need] < k).all()):
             break
-        k = vocab if 8 * k > vocab // 8 else 8 * k
+        k = vocab if cpu or 8 * k > vocab // 8 else 8 * k
     edge = values.gather(-1, (inside - 1).clamp(min=0)[:, None])[:, 0]  # never empty: the best token is inside
     return torch.where(need, edge, float("-inf"))
+
+
+def _top_values(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest values of each row, largest first: exactly torch.topk's values (a whole float32 CPU row
+    without NaN is sorted by numpy instead, which orders the same values the same way, many times faster)."""
+    if k == x.shape[-1] and x.device.type == "cpu" and x.dtype == torch.float32 and not bool(torch.isnan(x).any()):
+        return torch.from_numpy(np.ascontiguousarray(np.sort(x.detach().numpy(), axis=-1)[:, ::-1]))
+    return torch.topk(x, k, dim=-1).values
 
 
 def nucleus_mask(scaled_logits: torch.Tensor, top_p: float) -> torch.Tensor:
