@@ -6,7 +6,8 @@ right after each generation the verifier judges the signed receipts exactly as a
 (`ReplayVerifier.judge`, or `judge_many` for the eight: signature, request binding, prompt re-rendering,
 batched teacher-forced replay, the rule's checks, signed verdicts). Generation and verification alternate,
 so both see the same machine load; the figure is the median of the per-group ratios verification /
-generation. Goals (issues #15 and #19): ≤ 1/8 for one request, and for the receipts of a batch of 8.
+generation. "forward passes alone" times the replay's bare forward passes over the same rows (same packing)
+once more: the part of verification no change to the judging can remove (fp32, compute-bound). Goals (issues #15 and #19): ≤ 1/8 for one request, and for the receipts of a batch of 8.
 
 Models:
   agora-tiny   the bundled model (3.2M parameters, byte vocabulary 260), shipped tolerances
@@ -45,7 +46,7 @@ from agoranet.engine.models import model_cid, resolve_model  # noqa: E402
 from agoranet.engine.transformers_engine import TransformersEngine, load_causal_lm  # noqa: E402
 from agoranet.node.calibration import HonestRun, honest_requests, honest_runs  # noqa: E402
 from agoranet.node.judge import ReplayVerifier  # noqa: E402
-from agoranet.verify.replay import MEASURE, ReplayJob, check_receipts  # noqa: E402
+from agoranet.verify.replay import MEASURE, REPLAY_TOKEN_BUDGET, ReplayJob, _replay_logits, check_receipts  # noqa: E402
 from agoranet.verify.tolerances import class_tolerance, tolerances_record  # noqa: E402
 
 NEW_TOKENS = 64
@@ -121,7 +122,7 @@ def measure(name: str, model_dir: Path, groups: int, tmp: Path, profile: Path | 
                 for batch in (1, 8):
                     count = groups * (1 if batch == 8 else 2) * batch
                     reqs = requests_for(cid, count, 1000 * batch + int(10 * temperature), temperature, top_p)
-                    gen, ver, ratios, tokens, rejected = [], [], [], [], 0
+                    gen, ver, fwd, ratios, tokens, rejected = [], [], [], [], [], 0
                     for i in range(0, len(reqs), batch):
                         t = time.perf_counter()
                         runs = await honest_runs(engine, reqs[i:i + batch], batch)
@@ -136,6 +137,12 @@ def measure(name: str, model_dir: Path, groups: int, tmp: Path, profile: Path | 
                         if prof:
                             prof.disable()
                             prof.dump_stats(str(profile.with_suffix(f".T{temperature}.prof")))
+                        # the bare forward passes of that replay (same rows and packing): the floor of its cost
+                        t = time.perf_counter()
+                        _replay_logits(verifier._model(cid)[0], [(r.prompt + list(r.body.prefix_tokens),
+                                                                   list(r.body.output_tokens)) for r in runs],
+                                       REPLAY_TOKEN_BUDGET)
+                        fwd.append(time.perf_counter() - t)
                         rejected += sum(not j.verdict.body.ok for j in judged)
                         gen.append(g)
                         ver.append(v)
@@ -144,11 +151,14 @@ def measure(name: str, model_dir: Path, groups: int, tmp: Path, profile: Path | 
                     cell = {"batch": batch, "temperature": temperature, "top_p": top_p, "groups": len(gen),
                             "tokens_median": statistics.median(tokens), "generation_s": statistics.median(gen),
                             "verification_s": statistics.median(ver), "ratio": statistics.median(ratios),
+                            "forward_s": statistics.median(fwd),
+                            "forward_ratio": statistics.median(f / g for f, g in zip(fwd, gen)),
                             "rejected": rejected}
                     report["cells"][f"T{temperature}_b{batch}"] = cell
                     ok = "meets" if cell["ratio"] <= GOAL else "MISSES"
                     print(f"   T {temperature} batch {batch}: generation {cell['generation_s'] * 1e3:7.1f} ms, "
                           f"verification {cell['verification_s'] * 1e3:6.1f} ms, ratio {cell['ratio']:.3f} "
+                          f"(forward passes alone {cell['forward_ratio']:.3f}) "
                           f"({ok} ≤ {GOAL:.3f}; {len(gen)} groups, median {cell['tokens_median']:g} tokens"
                           f"{f', {rejected} REJECTED' if rejected else ''})")
         finally:

@@ -191,6 +191,12 @@ def _choose(scaled: torch.Tensor, floor: torch.Tensor, keys: torch.Tensor) -> tu
     keys = keys.to(scaled.device)
     mass = block_log_mass(scaled, floor)
     block = torch.argmax(mass + noise_at(keys[:, 1:], torch.arange(mass.shape[-1], device=scaled.device)), dim=-1)
+    return _choose_in(scaled, floor, keys, block)
+
+
+def _choose_in(scaled: torch.Tensor, floor: torch.Tensor, keys: torch.Tensor,
+               block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_choose` once each row's block is chosen."""
     ids, valid, values = _block_tokens(scaled, block)
     scores = torch.where(valid & (values >= floor[:, None]), values + noise_at(keys[:, :1], ids), float("-inf"))
     return ids.gather(-1, torch.argmax(scores, dim=-1, keepdim=True))[:, 0], scores
@@ -213,7 +219,12 @@ def claim_margins(scaled: torch.Tensor, claimed: torch.Tensor, keys: torch.Tenso
     claimed_score = scaled.gather(-1, claimed[:, None])[:, 0] + noise_at(keys[:, 0], claimed)
     token_gap = sure.amax(dim=-1) - claimed_score
     margins = torch.maximum(block_gap, token_gap).nan_to_num(nan=0.0, neginf=0.0).clamp(min=0.0)
-    return margins, _choose(scaled, surely, keys)[0]
+    # The rule's choice among the sure tokens (what `_choose` gives), from the block masses, noise and token scores
+    # computed above: the chosen block is nearly always the claimed one, whose sure scores are `sure`.
+    block = torch.argmax(sure_mass + block_noise, dim=-1)
+    if bool((block == claimed_block).all()):
+        return margins, ids.gather(-1, torch.argmax(sure, dim=-1, keepdim=True))[:, 0]
+    return margins, _choose_in(scaled, surely, keys, block)[0]
 
 
 def token_scores(
