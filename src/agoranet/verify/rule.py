@@ -128,7 +128,7 @@ def nucleus_edge(scaled: torch.Tensor, top_p: float | Sequence[float] | torch.Te
     is {i : scaled_i ≥ edge}. Found with a top-k grown eightfold until the edge shows (a full sort only for
     nuclei beyond an eighth of the vocabulary). On the CPU a whole-row sort is numpy's (SIMD, ~20× torch's
     topk: 0.1 ms for 64 rows of 1024), so vocabularies up to _SORT_ALL are sorted whole at once, and larger
-    ones whose nucleus outgrows the first top-k go straight to it; the values are the same either way."""
+    ones use it when the top-k grows to the whole row; the values are the same either way."""
     rows, vocab = scaled.shape
     p = torch.as_tensor(top_p, dtype=torch.float64).to(scaled.device).expand(rows)
     need = p < 1.0
@@ -146,7 +146,7 @@ def nucleus_edge(scaled: torch.Tensor, top_p: float | Sequence[float] | torch.Te
         inside = (torch.cumsum(mass, dim=-1) - mass < p[:, None]).sum(dim=-1)
         if k == vocab or bool((inside[need] < k).all()):
             break
-        k = vocab if cpu or 8 * k > vocab // 8 else 8 * k
+        k = vocab if 8 * k > vocab // 8 else 8 * k
     edge = values.gather(-1, (inside - 1).clamp(min=0)[:, None])[:, 0]  # never empty: the best token is inside
     return torch.where(need, edge, float("-inf"))
 
