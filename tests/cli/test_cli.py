@@ -104,6 +104,15 @@ def test_demo_runs_twice_and_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the demo keeps its state in a temporary directory
 
 
+@pytest.mark.slow
+def test_demo_cheater_is_caught_proven_and_cut_off(tmp_path):
+    r = agora("demo", "--cheater", "--max-tokens", "24", home=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "served by the cheater after" in r.stdout and "fraud proof bafyrei" in r.stdout
+    assert "re-checked by a third party" in r.stdout and "holds" in r.stdout
+    assert "the cheater gets no more traffic" in r.stdout, r.stdout
+
+
 @pytest.mark.parametrize("flag", ["--price-in", "--price-out"])
 def test_a_negative_price_is_refused_before_anything_starts(tmp_path, flag):
     r = agora("provide", flag, "-5", "--port", "1", home=tmp_path)

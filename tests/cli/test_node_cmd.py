@@ -99,12 +99,13 @@ def test_unknown_roles_and_options_of_roles_not_run_are_one_clear_line(tmp_path)
 
 
 @pytest.mark.parametrize("engine", ["vllm", "upstream"])
-def test_provide_with_an_upstream_that_does_not_answer_says_so_without_a_traceback(tmp_path, real_model, engine):
+def test_provide_with_an_upstream_that_does_not_answer_says_so_without_a_traceback(tmp_path, real_model,
+                                                                                    real_model_tolerances, engine):
     """An engine that cannot start (nothing listens at --upstream) ends `agora provide` with one error line
     naming the fix, not uvicorn's traceback."""
     url = f"http://127.0.0.1:{free_port()}"
     r = agora("provide", "--engine", engine, "--model", str(real_model), "--upstream", url, "--upstream-model", "m",
-              "--port", str(free_port()), home=tmp_path)
+              "--tolerances", str(real_model_tolerances), "--port", str(free_port()), home=tmp_path)
     assert r.returncode == 1, r.stderr
     out = r.stdout + r.stderr
     assert "does not answer GET /models" in out and "start it first" in out

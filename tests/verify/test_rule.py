@@ -152,3 +152,28 @@ def test_the_device_path_draws_the_same_noise_as_the_cpu_path():
         kw = dict(temperatures=[0.7] * 8, top_ps=[1.0, 0.9, 0.5, 0.95] * 2, seeds=list(range(8)),
                   request_ids=["r"] * 8, positions=list(range(8)))
         assert choose_tokens(logits.cuda(), **kw) == choose_tokens(logits, **kw)
+
+
+def test_the_cpu_sort_finds_the_nucleus_edge_torchs_top_k_finds():
+    """On the CPU the nucleus edge comes from numpy's sort of whole rows (far faster than torch's topk): the same
+    edge as torch.topk's values give, with ties, −inf and NaN rows, for small and large vocabularies."""
+    import agoranet.verify.rule as rule
+
+    def by_topk(x: torch.Tensor, p: float) -> torch.Tensor:
+        values = torch.topk(x, x.shape[-1], dim=-1).values
+        mass = torch.exp(values.double() - torch.logsumexp(x, dim=-1, keepdim=True).double())
+        inside = (torch.cumsum(mass, dim=-1) - mass < p).sum(dim=-1)
+        return values.gather(-1, (inside - 1).clamp(min=0)[:, None])[:, 0]
+
+    g = torch.Generator().manual_seed(3)
+    for vocab in (5, 260, 1024, 9000):
+        x = torch.randn(9, vocab, generator=g) * 4
+        x[0] = 1.0
+        x[1, : vocab // 2] = 2.0
+        x[2, 3] = float("-inf")
+        x[3] = torch.round(x[3])
+        x[4, 1] = float("nan")
+        assert torch.equal(rule._top_values(x[:4], vocab), torch.topk(x[:4], vocab, dim=-1).values)
+        for p in (0.2, 0.9, 0.999):
+            got, want = rule.nucleus_edge(x, p), by_topk(x, p)
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])

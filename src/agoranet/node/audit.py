@@ -12,6 +12,7 @@ import httpx
 
 from agoranet.core.records import OfferBody, ReceiptBody, Record
 from agoranet.core.tasks import cancel_and_wait
+from agoranet.engine.upstream import UPSTREAM_PRECISION
 from agoranet.net.agora_client import AgoraClient, NodeError, NodeRefused
 from agoranet.wire.agora import VerifyRequest
 
@@ -36,6 +37,7 @@ class VerifierLink:
         self.submitted = 0
         # (model CID, precision) pairs some verifier answering holds tolerances for; None until one answers
         self.classes: set[tuple[str, str]] | None = None
+        self._held: dict[str, set[tuple[str, str]]] = {}  # verifier URL -> the classes it said it holds
         self._http = httpx.AsyncClient(timeout=timeout_s)
         self._clients = [AgoraClient(url, self._http, timeout=timeout_s) for url in self.verifiers]
         self._outbox: asyncio.Queue[tuple[Record[ReceiptBody], str, Record[OfferBody] | None]] = \
@@ -64,6 +66,15 @@ class VerifierLink:
         """Whether a verifier can judge receipts of this model and precision (True while none has said)."""
         return self.classes is None or (model, precision) in self.classes
 
+    def _holds(self, url: str, receipt: Record[ReceiptBody]) -> bool:
+        """Whether to hand `receipt` to the verifier at `url`: one that lacks tolerances for its (model,
+        precision) would sign it a violation, though another verifier sells that class. The gateway relays only
+        receipts declaring what their offer sells (`Gateway._receipt_part`) and routes only to classes some
+        verifier holds, so what is withheld here is judged there. Upstream receipts go to all (refused there)."""
+        held = self._held.get(url)
+        body = receipt.body
+        return held is None or body.precision == UPSTREAM_PRECISION or (body.model, body.precision) in held
+
     def fee_payee(self) -> str | None:
         """The verifier that verification fees go to: the first configured one whose peer id is known."""
         return next((self.peer_ids[url] for url in self.verifiers if url in self.peer_ids), None)
@@ -88,7 +99,8 @@ class VerifierLink:
             if answer.verifier is not None:
                 self.peer_ids[node.url] = answer.verifier
             if answer.classes is not None:
-                classes = (classes or set()) | {(m, p) for m, ps in answer.classes.items() for p in ps}
+                self._held[node.url] = {(m, p) for m, ps in answer.classes.items() for p in ps}
+                classes = (classes or set()) | self._held[node.url]
             for peer, row in answer.providers.items():
                 s = merged.setdefault(peer, ProviderStanding())
                 s.verified += row.verified
@@ -114,6 +126,8 @@ class VerifierLink:
             receipt, node_url, offer = await self._outbox.get()
             item = VerifyRequest(receipt=receipt.to_json(), node=node_url, offer=offer.to_json() if offer else None)
             for node in self._clients:
+                if not self._holds(node.url, receipt):
+                    continue
                 try:
                     await node.submit_receipt(item)
                     self.submitted += 1
