@@ -64,6 +64,7 @@ from agoranet.node.cheat import CheatingEngine
 from agoranet.verify.replay import ReplayJob, ReplayResult, check_receipts
 from agoranet.verify.rule import token_scores
 from agoranet.verify.tolerances import default_tolerances, load_tolerances, outside_calibration, tolerance_for
+from tampering import tamper_logprob, tamper_token  # benchmarks/tampering.py
 
 MODEL_DIR = resolve_model("agora-tiny")[0]
 MODEL_CID = model_cid(MODEL_DIR)
@@ -131,38 +132,6 @@ def run(engine, requests, single_share: float = 0.0) -> list[HonestRun]:
         finally:
             await engine.stop()
     return asyncio.run(go())
-
-
-def tamper_token(runs: list[HonestRun], rng: random.Random) -> list[tuple[HonestRun, int]]:
-    out = []
-    for r in runs:
-        b = r.body
-        i = rng.randrange(len(b.output_tokens) - 1)  # never the final token (keep finish_reason consistent)
-        alternatives = [t for t in b.top_logprobs[i] if t.token != b.output_tokens[i] and t.token != TOK.eos]
-        new = rng.choice(alternatives)
-        tokens, logprobs = list(b.output_tokens), list(b.logprobs)
-        tokens[i], logprobs[i] = new.token, new.logprob
-        body = b.model_copy(update={"output_tokens": tokens, "logprobs": logprobs,
-                                    "output_text": TOK.decode([t for t in tokens if t != TOK.eos])})
-        out.append((replace(r, body=body), i))
-    return out
-
-
-def tamper_logprob(runs: list[HonestRun], rng: random.Random) -> list[tuple[HonestRun, int]]:
-    out = []
-    for r in runs:
-        b = r.body
-        candidates = [i for i, lp in enumerate(b.logprobs) if lp < -0.5]
-        if not candidates:
-            continue
-        i = rng.choice(candidates)
-        logprobs = list(b.logprobs)
-        logprobs[i] += 0.5
-        tops = [list(t) for t in b.top_logprobs]  # keep the top-k list consistent with the lie
-        tops[i] = [TopLogprob(token=t.token, logprob=logprobs[i]) if t.token == b.output_tokens[i] else t
-                   for t in tops[i]]
-        out.append((replace(r, body=b.model_copy(update={"logprobs": logprobs, "top_logprobs": tops})), i))
-    return out
 
 
 @torch.inference_mode()
@@ -344,7 +313,7 @@ def attack_runs(precision: str, n: int) -> tuple[dict, dict[str, list[int]]]:
     attacks["random-init model"] = (run(engine_for(precision, random_init), reqs), None, "model swap")
     attacks["int8 weights"] = (run(engine_for(precision, int8_weights), reqs), None, "quantization")
     rng = random.Random(7)
-    pairs = tamper_token(base, rng)
+    pairs = tamper_token(base, {TOK.eos}, TOK.decode, rng)
     attacks["tampered token"] = ([p[0] for p in pairs], [p[1] for p in pairs], "output edit")
     pairs = tamper_logprob(base, rng)
     attacks["tampered logprob"] = ([p[0] for p in pairs], [p[1] for p in pairs], "output edit")

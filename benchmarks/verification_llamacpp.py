@@ -42,12 +42,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/realmodel.py builds the model
 
-from agoranet.core.records import TopLogprob  # noqa: E402
 from agoranet.engine.llamacpp_engine import GGUFModel, LlamaCppEngine  # noqa: E402
 from agoranet.engine.models import model_cid  # noqa: E402
 from agoranet.node.calibration import HonestRun, calibrate_precision, honest_requests, honest_runs  # noqa: E402
 from agoranet.node.cheat import CheatingEngine  # noqa: E402
 from agoranet.verify.replay import ReplayJob, check_receipts  # noqa: E402
+from tampering import tamper_logprob, tamper_token  # noqa: E402  (benchmarks/tampering.py)
 from tests.realmodel import build_model, write_gguf  # noqa: E402
 
 SAMPLED = (0.7, 0.8, 1.0)
@@ -74,42 +74,6 @@ def noisy_copy(model_dir: Path, out: Path, scale: float) -> Path:
 
 def run(engine, requests: list) -> list[HonestRun]:
     return asyncio.run(honest_runs(engine, requests, 1))
-
-
-def tamper_token(runs: list[HonestRun], eos: frozenset[int], decode, rng: random.Random):
-    out = []
-    for r in runs:
-        b = r.body
-        if len(b.output_tokens) < 2:
-            continue
-        i = rng.randrange(len(b.output_tokens) - 1)  # never the final token (keep finish_reason consistent)
-        alternatives = [t for t in b.top_logprobs[i] if t.token != b.output_tokens[i] and t.token not in eos]
-        if not alternatives:
-            continue
-        new = rng.choice(alternatives)
-        tokens, logprobs = list(b.output_tokens), list(b.logprobs)
-        tokens[i], logprobs[i] = new.token, new.logprob
-        body = b.model_copy(update={"output_tokens": tokens, "logprobs": logprobs,
-                                    "output_text": decode([t for t in tokens if t not in eos])})
-        out.append((replace(r, body=body), i))
-    return out
-
-
-def tamper_logprob(runs: list[HonestRun], rng: random.Random):
-    out = []
-    for r in runs:
-        b = r.body
-        candidates = [i for i, lp in enumerate(b.logprobs) if lp < -0.5]
-        if not candidates:
-            continue
-        i = rng.choice(candidates)
-        logprobs = list(b.logprobs)
-        logprobs[i] += 0.5
-        tops = [list(t) for t in b.top_logprobs]
-        tops[i] = [TopLogprob(token=t.token, logprob=logprobs[i]) if t.token == b.output_tokens[i] else t
-                   for t in tops[i]]
-        out.append((replace(r, body=b.model_copy(update={"logprobs": logprobs, "top_logprobs": tops})), i))
-    return out
 
 
 def judge(reference: GGUFModel, cid: str, runs: list[HonestRun], tol, batch: int = 8) -> list:

@@ -43,8 +43,8 @@ from agoranet.engine.models import model_cid  # noqa: E402
 from agoranet.engine.transformers_engine import TransformersEngine, load_causal_lm  # noqa: E402
 from agoranet.engine.vllm_engine import PROCESSOR, VLLMEngine  # noqa: E402
 from agoranet.node.calibration import calibrate_precision, honest_requests, honest_runs  # noqa: E402
-from agoranet.node.calibration import HonestRun  # noqa: E402
 from agoranet.verify.replay import ReplayJob, check_receipts  # noqa: E402
+from tampering import tamper_token  # noqa: E402  (benchmarks/tampering.py)
 from tests.realmodel import build_model  # noqa: E402
 
 SERVED = "tiny-bpe"
@@ -112,30 +112,12 @@ async def replay_figures(url: str, model_dir: Path, sequences: int, max_tokens: 
     await builtin.stop()
     same = sum(a.body.output_tokens == b.body.output_tokens for a, b in zip(runs, mine))
     print(f"identical token sequences, vLLM vs the built-in engine: {same}/{len(runs)}")
-    tampered = tamper_token(runs, engine.tokenizer.eos_tokens, engine.tokenizer.decode, random.Random(7))
+    tampered = [run for run, _ in tamper_token(runs, engine.tokenizer.eos_tokens, engine.tokenizer.decode,
+                                                 random.Random(7))]
     judged = check_receipts(reference, [ReplayJob(r.prompt, r.body, tol, r.request_bytes) for r in tampered],
                             model_cid=cid, decode=engine.tokenizer.decode, eos_token=engine.tokenizer.eos_tokens)
     print(f"attack: one token replaced by a top-5 alternative: caught {sum(not j.ok for j in judged)}/{len(judged)}")
     return tol, reference, engine.tokenizer
-
-
-def tamper_token(runs: list[HonestRun], eos: frozenset[int], decode, rng: random.Random) -> list[HonestRun]:
-    out = []
-    for r in runs:
-        b = r.body
-        if len(b.output_tokens) < 2:
-            continue
-        i = rng.randrange(len(b.output_tokens) - 1)  # never the final token (keep finish_reason consistent)
-        alternatives = [t for t in b.top_logprobs[i] if t.token != b.output_tokens[i] and t.token not in eos]
-        if not alternatives:
-            continue
-        new = rng.choice(alternatives)
-        tokens, logprobs = list(b.output_tokens), list(b.logprobs)
-        tokens[i], logprobs[i] = new.token, new.logprob
-        out.append(HonestRun(r.request, r.prompt, b.model_copy(update={
-            "output_tokens": tokens, "logprobs": logprobs, "output_text": decode([t for t in tokens if t not in eos])}),
-            r.request_bytes))
-    return out
 
 
 async def model_swap(args: argparse.Namespace, model_dir: Path, tmp: Path, tol, reference, tokenizer) -> None:
