@@ -154,22 +154,29 @@ class VerifierRole:
             self._ranges[(offer.signer, m.cid, offer.body.precision)] = (m.max_prompt_tokens, m.max_output_tokens)
 
     def _not_here(self, receipt: Record[ReceiptBody]) -> str | None:
-        """Why this verifier does not judge a receipt, for reasons that are not its provider's: a class it holds
-        no tolerance record for (another verifier may), or one outside its record's range that the provider's
-        signed offer states a wider range for (its record is narrower than the provider's). A violation its
-        provider chose (an undeclared class, an unknown rule) is judged whatever this verifier holds."""
+        """Why this verifier does not judge a receipt, for reasons that are not shown to be its provider's: a class
+        it holds no tolerance record for (another verifier may), or one outside its record's range unless the
+        provider's signed offer (handed by a gateway, or served by its feed or the node named) states a range that
+        does not cover it either — the provider then ignored its own range (a violation); when the offer is
+        unknown, or covers it (this verifier's record is the narrower), it is refused, not judged, so no stranger
+        can turn an honest provider's long answers into violations at a verifier with a narrower record. A
+        violation its provider chose (an undeclared class, an unknown rule) is judged whatever this one holds."""
         if self._violation(receipt, chose_only=True) is not None:
             return None
         body = receipt.body
         if not self.verifier.holds(body):
             return (f"this verifier holds no tolerance record for model {body.model} at precision "
                     f"{body.precision!r}: another verifier may judge it")
-        if (why := self.verifier.outside(body)) is not None:
-            stated = self._ranges.get((receipt.signer, body.model, body.precision))
-            if stated is not None and all(stated) and body.prompt_tokens + len(body.prefix_tokens) <= stated[0] \
-                    and len(body.output_tokens) <= stated[1]:
-                return (f"{why}, and its provider's signed offer states a range of {stated[0]} prompt and "
-                        f"{stated[1]} output tokens: this verifier's record is the narrower one")
+        if (why := self.verifier.outside(body)) is None:
+            return None
+        stated = self._ranges.get((receipt.signer, body.model, body.precision))
+        if stated is None:
+            return (f"{why}; no signed offer of its provider is known here, so whether it ignored its own range "
+                    "cannot be told (submit it with the provider's offer or node)")
+        if all(stated) and body.prompt_tokens + len(body.prefix_tokens) <= stated[0] and \
+                len(body.output_tokens) <= stated[1]:
+            return (f"{why}; its provider's signed offer states a range of {stated[0]} prompt and {stated[1]} "
+                    "output tokens: this verifier's record is the narrower one")
         return None
 
     def offer(self, receipt: Record[ReceiptBody], *, node: str | None, request_bytes: bytes | None = None) -> bool:
