@@ -24,7 +24,7 @@ from agoranet.core.records import (
     OfferBody, OfferedModel, PriceCharged, ReceiptBody, ReceiptSummaryBody, Record, SamplingParams, TopLogprob,
     decode_canonical, sign_record, token_charge,
 )
-from agoranet.engine.base import Engine, Generation, GenerationRequest, Sampling, TokenEvent
+from agoranet.engine.base import Engine, Generation, GenerationRequest, Sampling, TokenEvent, check_context
 from agoranet.engine.upstream import UPSTREAM_ENGINE, UPSTREAM_RULE
 from agoranet.net.signed_request import HEADER as SIGNED, request_signer
 from agoranet.node.log_role import LogRole
@@ -144,23 +144,27 @@ class Provider:
         if req.max_tokens is not None and req.max_tokens > self.config.max_tokens:
             raise RequestError(f"max_tokens is {req.max_tokens}; this provider allows at most {self.config.max_tokens}",
                                param="max_tokens", code="max_tokens_too_large")
-        if (most := self.config.max_output_tokens) and req.max_tokens is not None and req.max_tokens > most:
-            raise RequestError(f"max_tokens is {req.max_tokens}, above the calibrated range of this provider's "
-                               f"{e.precision} class of {e.model_name!r} ({most} output tokens): verifiers could not "
-                               f"judge a longer answer; ask for at most {most}", param="max_tokens",
-                               code="max_tokens_above_calibrated_range")
 
-    def _check_prompt(self, req: GenerationRequest) -> None:
-        """Refuse a prompt (with any continued prefix) longer than the calibrated range: its answer could not be
-        verified (the check needs the rendered prompt, so it runs once the engine has rendered it)."""
+    def _check_range(self, req: GenerationRequest) -> None:
+        """Refuse a prompt (with any continued prefix) or max_tokens beyond the calibrated range of the tolerance
+        record this provider sells under: verifiers would not judge the answer. After the context check (a
+        request the model cannot take at all says so first), once the engine has rendered the prompt."""
+        c, e = self.config, self.engine
+        if not (c.max_prompt_tokens or c.max_output_tokens):
+            return
         prompt = len(req.prompt_ids) + len(req.prefix_tokens)
-        if (most := self.config.max_prompt_tokens) and prompt > most:
-            e = self.engine
+        check_context(e.context_length, len(req.prompt_ids), len(req.prefix_tokens), req.sampling.max_tokens)
+        if c.max_prompt_tokens and prompt > c.max_prompt_tokens:
             raise RequestError(f"the prompt is {prompt} tokens, above the calibrated range of this provider's "
-                               f"{e.precision} class of {e.model_name!r} ({most} prompt tokens): verifiers could not "
-                               f"judge its answer; shorten it to at most {most} tokens",
-                               param="messages" if req.kind == "chat" else "prompt",
+                               f"{e.precision} class of {e.model_name!r} ({c.max_prompt_tokens} prompt tokens): "
+                               f"verifiers could not judge its answer; shorten it to at most {c.max_prompt_tokens} "
+                               "tokens", param="messages" if req.kind == "chat" else "prompt",
                                code="prompt_above_calibrated_range")
+        if c.max_output_tokens and req.sampling.max_tokens > c.max_output_tokens:
+            raise RequestError(f"max_tokens is {req.sampling.max_tokens}, above the calibrated range of this "
+                               f"provider's {e.precision} class of {e.model_name!r} ({c.max_output_tokens} output "
+                               f"tokens): verifiers could not judge a longer answer; ask for at most "
+                               f"{c.max_output_tokens}", param="max_tokens", code="max_tokens_above_calibrated_range")
 
     @property
     def default_max_tokens(self) -> int:
@@ -175,7 +179,7 @@ class Provider:
                                status=429, code="rate_limited", type="rate_limit_error")
         gen_req = generation_request(kind, req, self.default_max_tokens, self.engine.model_cid)
         gen_req = replace(gen_req, prompt_ids=tuple(self.engine.prompt_tokens(gen_req)))  # receipts bind them
-        self._check_prompt(gen_req)
+        self._check_range(gen_req)
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         request_bytes = gen_req.canonical(self.engine.model_cid).encode()
         request_cid = str(self.state.put(request_bytes, "request"))
