@@ -63,7 +63,7 @@ def test_a_verifier_following_a_feed_judges_only_the_classes_it_holds(nodes, tmp
         assert r.status_code == 200, r.text
         answers.append(r.json()["agora"])
     assert verify_record(answers[0]["receipt"], ReceiptBody).body.precision == "bf16"
-    wait_for(lambda: role.not_held >= 2, what="the feed's receipts, skipped")
+    wait_for(lambda: role.not_judged >= 2, what="the feed's receipts, skipped")
     assert (role.audited, role.violations) == (0, 0) and peer not in role.reputation.providers
     for path, extra in (("receipts", {}), ("verify", {"request": answers[1]["request"]})):
         r = httpx.post(f"{v.url}/agora/v1/{path}", json={"receipt": answers[1]["receipt"]} | extra)

@@ -57,10 +57,6 @@ class Violation(AgoraError):
 ModelFetcher = Callable[[str], Path]  # a model CID -> its directory; raises ModelUnavailable when nobody serves it
 
 
-class OutsideCalibration(UnverifiableReceipt):
-    hint = "calibrate the class over longer prompts/outputs (`agora verify calibrate --max-tokens N`) to judge it"
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -201,8 +197,8 @@ class ReplayVerifier:
         """Raise Violation when the receipt lies outside the prompt/output range its class's tolerances were
         calibrated over: no honest drift was measured there, so it is never replayed (no fraud proof), and
         since a provider refuses requests beyond its record's range up front, only one that ignored it signs
-        such a receipt. (The verifier role first refuses, as OutsideCalibration, a receipt that the provider's
-        signed offer states a wider range for: then this verifier's record is the narrower one.) Cheap."""
+        such a receipt. (The verifier role first refuses one whose provider's signed offer states a wider range,
+        this verifier's record being the narrower, or is not known to it: `VerifierRole._not_here`.) Cheap."""
         body = receipt.body
         if (why := self.outside(body)) is not None:
             raise Violation(f"receipt {receipt.cid} is outside the range its tolerances were calibrated over, which "

@@ -48,7 +48,8 @@ class ProviderConfig:
     max_tokens: int = 512  # the most a request may ask for
     default_max_tokens: int = 64
     # The range the tolerance record of what it sells was calibrated over (0: none, e.g. an upstream engine):
-    # verifiers refuse to judge receipts beyond it, so requests beyond it are refused here, up front.
+    # verifiers never replay a receipt beyond it and count one against its provider, so such requests are
+    # refused here, up front (offers state the range; gateways route by it).
     max_prompt_tokens: int = 0  # prompt + continued prefix tokens
     max_output_tokens: int = 0
     offer_ttl_s: int = 600

@@ -60,7 +60,9 @@ class VerifierRole:
         self.audit_batches = 0  # replays of one or more receipts together (audit_many calls with any to replay)
         self.refused = 0  # receipts refused at submission (a model this verifier cannot read, unvouched node)
         self.violations = 0  # receipts judged violations: unjudgeable for a reason their provider controls
-        self.not_held = 0  # receipts not judged here: a class it holds no tolerance record for (another may)
+        # feed receipts not judged here: a class it holds no tolerance record for (another may), or beyond its
+        # record's range without an offer showing that their provider ignored its own (see _not_here)
+        self.not_judged = 0
         self._offers: dict[str, str] = {}  # provider peer id -> the URL its latest signed offer names
         # provider peer id -> every (model CID, precision) its signed offers seen here named
         self._offered: dict[str, set[tuple[str, str]]] = {}
@@ -128,7 +130,7 @@ class VerifierRole:
             try:
                 receipt = verify_record(item.record, ReceiptBody)
                 if (why := self._not_here(receipt)) is not None:
-                    self.not_held += 1
+                    self.not_judged += 1
                     log.info("not judging receipt %s from %s: %s", receipt.cid, source, why)
                     continue
                 with contextlib.suppress(Violation):  # judged, without replay, once queued
@@ -271,7 +273,7 @@ class VerifierRole:
     def metrics(self) -> dict[str, float]:
         return {"verifier_audits_total": self.audited, "verifier_audit_errors_total": self.audit_errors,
                 "verifier_audit_batches_total": self.audit_batches,
-                "verifier_violations_total": self.violations, "verifier_not_held_total": self.not_held,
+                "verifier_violations_total": self.violations, "verifier_not_judged_total": self.not_judged,
                 "verifier_receipts_refused_total": self.refused, "verifier_skipped_total": self.skipped,
                 "verifier_queue": self._queue.qsize() if self._queue is not None else 0}
 
