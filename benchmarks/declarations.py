@@ -8,12 +8,15 @@ key declaring what no verifier can judge, the ways a provider could hope to dodg
   unknown model        a random model CID no verifier holds and nobody stores
   malformed request    a chat request without messages, bound by CID under the provider's signature
   beyond the context   more tokens than the model's context
+  beyond the range     a prompt longer than the class's calibrated range (within the context), which an
+                       honest provider refuses up front
+  another rule         a sampling rule no verifier judges (the retired agora-gumbel-v1, a made-up one, none)
 
 and the shipped verifier (`ReplayVerifier` with its default tolerances) judges every receipt. Goal:
 100% of the declarations counted as signed violation verdicts (failed, excluding the provider), 0
 violations and 0 failures among the honest receipts; a violation costs no replay.
 
-    python benchmarks/declarations.py            # 64 honest sequences, each re-declared 5 ways
+    python benchmarks/declarations.py            # 64 honest sequences, each re-declared 7 ways
     python benchmarks/declarations.py --quick    # 16
 """
 
@@ -39,6 +42,8 @@ from agoranet.node.reputation import Reputation
 from agoranet.wire.canonical import CanonicalRequest
 
 MADE_UP = ["fp8-e4m3", "FP32 ", "", "int4", "bf16-fast", "fp32\x00", "q4_k_m", "tf32"]
+OTHER_RULES = ["agora-gumbel-v1", "agora-gumbel-v3", "", "AGORA-GUMBEL-V2", "greedy"]
+CONTEXT = 1024  # agora-tiny's
 
 
 def declarations(run, rng: random.Random) -> dict[str, tuple]:
@@ -54,6 +59,10 @@ def declarations(run, rng: random.Random) -> dict[str, tuple]:
                           run.request_bytes),
         "malformed request": (body.model_copy(update={"request": str(cid_of(chat, DAG_CBOR))}), chat),
         "beyond the context": (body.model_copy(update={"prompt_tokens": n}), run.request_bytes),
+        # the shipped range holds prompts up to 960 tokens; 1024 - 32 still fits the context with 32 outputs
+        "beyond the range": (body.model_copy(update={"prompt_tokens": CONTEXT - len(body.output_tokens)}),
+                             run.request_bytes),
+        "another rule": (body.model_copy(update={"rule": rng.choice(OTHER_RULES)}), run.request_bytes),
     }
 
 

@@ -51,6 +51,7 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
     from agoranet.core.records import OfferBody, OfferedModel, sign_record
     from agoranet.net.gossip import GossipConfig, GossipDiscovery
     from agoranet.node.network import NetworkRole
+    from agoranet.verify.rules import RULE
 
     identity = Identity.load_or_create(home / "identity.key")
     url = f"http://127.0.0.1:{port}"
@@ -94,7 +95,7 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
         record = sign_record(identity, OfferBody(
             url=url, models=[OfferedModel(cid=model, name=model[-8:], input_per_mtok=1, output_per_mtok=1,
                                           context_length=64)],
-            precision="fp32", max_concurrency=1, hardware="bench", engine="none", issued_ms=now,
+            precision="fp32", rule=RULE, max_concurrency=1, hardware="bench", engine="none", issued_ms=now,
             expires_ms=now + 3_600_000, nonce=secrets.token_hex(4)))
         t = time.time()
         d.announce(lambda: record)

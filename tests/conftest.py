@@ -287,3 +287,20 @@ def real_model_tolerances(real_model, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("real-model-tol") / f"{cid}.json"
     path.write_text(json.dumps(record.to_json()))
     return path
+
+
+def tolerance_file(path: Path, changes: dict[str, dict] | None = None, *, model: str = "agora-tiny") -> Path:
+    """A signed tolerance record for `model` made of the shipped classes named in `changes`, each with its
+    fields changed as given (say {"fp32": {"max_output_tokens": 16}}); all shipped classes when None."""
+    import json
+
+    from agoranet.engine.models import model_cid, resolve_model
+    from agoranet.verify.tolerances import default_tolerances, tolerances_record
+
+    cid = model_cid(resolve_model(model)[0])
+    shipped = default_tolerances(cid).body
+    classes = [c.model_copy(update=(changes or {}).get(c.precision, {})) for c in shipped.classes
+               if changes is None or c.precision in changes]
+    record = tolerances_record(Identity.generate(), cid, classes, hardware="test", method="tests: shipped, changed")
+    path.write_text(json.dumps(record.to_json()))
+    return path

@@ -11,6 +11,7 @@ from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, OfferedModel, sign_record
 from agoranet.engine.stub import StubEngine
 from agoranet.net.gossip import GossipConfig
+from agoranet.verify.rules import RULE
 
 from ..conftest import FAST_GOSSIP, start_gateway, start_provider, wait_for
 
@@ -21,7 +22,7 @@ def forged_offers(n: int) -> list[dict]:
     """Offers a stranger signs with fresh keys: valid signatures, a day's lifetime, never a heartbeat."""
     now = int(time.time() * 1000)
     return [sign_record(Identity.generate(), OfferBody(
-        url=f"http://127.0.0.1:{1 + i % 1000}", precision="fp32", max_concurrency=1, hardware="cpu", engine="stub",
+        url=f"http://127.0.0.1:{1 + i % 1000}", precision="fp32", rule=RULE, max_concurrency=1, hardware="cpu", engine="stub",
         models=[OfferedModel(cid="bafy-flood", name="agora-tiny", input_per_mtok=0, output_per_mtok=0,
                              context_length=64)],
         issued_ms=now, expires_ms=now + DAY_MS - 1000, nonce=f"{i}")).to_json() for i in range(n)]

@@ -17,6 +17,7 @@ from agoranet.node.node import build_verifier_node
 from agoranet.node.server import BackgroundServer, bind
 from agoranet.node.verifier import VerifierConfig
 from agoranet.web import mount_dashboard
+from agoranet.verify.rules import RULE
 
 from ..conftest import wait_for
 
@@ -62,7 +63,7 @@ def dead_offer(key: Identity, url: str, model: str) -> dict:
     now = int(time.time() * 1000)
     return sign_record(key, OfferBody(url=url, models=[OfferedModel(cid=model, name="x", input_per_mtok=0,
                                                                     output_per_mtok=0, context_length=1)],
-                                      precision="fp32", max_concurrency=1, hardware="cpu", engine="x", issued_ms=now,
+                                      precision="fp32", rule=RULE, max_concurrency=1, hardware="cpu", engine="x", issued_ms=now,
                                       expires_ms=now + 600_000, nonce="n")).to_json()
 
 

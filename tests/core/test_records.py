@@ -8,13 +8,15 @@ from agoranet.core.records import (
     OfferBody, OfferedModel, ReceiptBody, SamplingParams, TopLogprob, PriceCharged,
     decode_record, encode_canonical, sign_record, verify_record,
 )
+from agoranet.verify.rules import RULE, RULE_DIGEST
 
 IDENT = Identity.generate()
 
 
 def receipt_body(**over) -> ReceiptBody:
     fields = dict(
-        model="bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku", precision="fp32",
+        model="bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku", precision="fp32", rule=RULE,
+        rule_digest=RULE_DIGEST,
         request="bafyreigbtj4x7ip5legnfznufuopl4sg4knzc2cof6duas4b3q2fy6swua", request_id="req-1",
         prompt_tokens=5, output_tokens=[1, 2, 3], output_text="abc", logprobs=[-0.5, -1.25, -0.01],
         top_logprobs=[[TopLogprob(token=1, logprob=-0.5)]] * 3,
@@ -82,7 +84,7 @@ def test_non_canonical_encoding_is_rejected():
 def test_offer_record_round_trip():
     body = OfferBody(
         url="http://127.0.0.1:1", models=[OfferedModel(cid="bafy", name="agora-tiny", input_per_mtok=1,
-        output_per_mtok=2, context_length=1024)], precision="fp32", max_concurrency=8, hardware="cpu",
+        output_per_mtok=2, context_length=1024)], precision="fp32", rule=RULE, max_concurrency=8, hardware="cpu",
         engine="transformers", issued_ms=1, expires_ms=2, nonce="n",
     )
     assert verify_record(sign_record(IDENT, body).encode(), OfferBody).body == body

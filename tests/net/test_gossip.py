@@ -7,13 +7,14 @@ import asyncio
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, OfferedModel, sign_record
 from agoranet.net.gossip import GossipConfig, GossipDiscovery, HeartbeatBody
+from agoranet.verify.rules import RULE
 
 NOW = 1_700_000_000_000
 
 
 def offer(identity: Identity, *, issued: int = NOW, ttl: int = 600_000) -> dict:
     body = OfferBody(url="http://127.0.0.1:9", models=[OfferedModel(cid="bafy-x", name="m", input_per_mtok=1,
-                     output_per_mtok=2, context_length=64)], precision="fp32", max_concurrency=1, hardware="cpu",
+                     output_per_mtok=2, context_length=64)], precision="fp32", rule=RULE, max_concurrency=1, hardware="cpu",
                      engine="stub", issued_ms=issued, expires_ms=issued + ttl, nonce="n")
     return sign_record(identity, body).to_json()
 

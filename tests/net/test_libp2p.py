@@ -13,6 +13,7 @@ from agoranet.core.records import OfferBody, OfferedModel, Record, sign_record
 from agoranet.net.gossip import GossipConfig
 from agoranet.net.libp2p import GLOBAL_TOPIC, LibP2PDiscovery, P2PConfig
 from agoranet.net.p2pd import DaemonOptions, P2PDaemon, P2PDaemonMissing, find_p2pd
+from agoranet.verify.rules import RULE
 
 try:
     find_p2pd()
@@ -30,7 +31,7 @@ def make_offer(identity: Identity, *, url: str = "http://127.0.0.1:9", model_cid
     return sign_record(identity, OfferBody(
         url=url, models=[OfferedModel(cid=model_cid, name=name, input_per_mtok=1, output_per_mtok=2,
                                       context_length=64)],
-        precision="fp32", max_concurrency=1, hardware="cpu", engine="stub", issued_ms=issued,
+        precision="fp32", rule=RULE, max_concurrency=1, hardware="cpu", engine="stub", issued_ms=issued,
         expires_ms=issued + ttl_ms, nonce="n"))
 
 

@@ -206,7 +206,7 @@ async def test_disconnecting_client_frees_its_slot(provider):
     url, prov = provider
     async with httpx.AsyncClient() as client:
         async with client.stream("POST", f"{url}/v1/chat/completions", json={
-            "model": "agora-tiny", "messages": MSG, "max_tokens": 400, "stream": True}) as r:
+            "model": "agora-tiny", "messages": MSG, "max_tokens": 256, "stream": True}) as r:
             async for line in r.aiter_lines():
                 if line.startswith("data:"):
                     break

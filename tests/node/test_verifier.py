@@ -233,12 +233,12 @@ def test_receipts_judged_together_get_the_verdicts_they_get_one_by_one(verifier,
         assert a.failure is None or (a.failure.kind, a.failure.position) == (b.failure.kind, b.failure.position)
 
 
-def test_receipts_outside_the_calibrated_range_are_refused_not_judged(tmp_path, honest):
-    """Tolerances calibrated on outputs of at most 16 tokens say nothing about a 24-token receipt: the
-    verifier refuses it with the reason (no verdict, no fraud proof) instead of judging it."""
+def test_receipts_outside_the_calibrated_range_are_violations_not_replayed(tmp_path, honest):
+    """Tolerances calibrated on outputs of at most 16 tokens say nothing about a 24-token receipt, so it is never
+    replayed (no fraud proof); a provider refuses such requests up front, so signing one is its own doing: a
+    signed violation that counts against it."""
     import json
 
-    from agoranet.node.judge import OutsideCalibration
     from agoranet.verify.tolerances import SequenceStats, class_tolerance, tolerances_record
 
     stats = SequenceStats(flips=[0], flip_margins=[0.0], lp_means=[0.0], max_prompt_tokens=1024,
@@ -249,5 +249,7 @@ def test_receipts_outside_the_calibrated_range_are_refused_not_judged(tmp_path, 
                                                  method="test").to_json()))
     short = ReplayVerifier(Identity.generate(), tolerance_files=[path])
     run = next(r for r in honest if len(r.body.output_tokens) > 16)
-    with pytest.raises(OutsideCalibration, match="output tokens exceed the 16"):
-        short.judge(signed(run), run.request_bytes)
+    j = short.judge(signed(run), run.request_bytes)
+    v = verify_record(j.verdict.encode()).body
+    assert (v.ok, v.failure.kind, v.checked_positions, j.proof) == (False, "violation", 0, None)
+    assert v.failure.detail.startswith("range: ") and "output tokens exceed the 16" in v.failure.detail

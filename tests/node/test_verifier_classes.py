@@ -39,3 +39,34 @@ def test_a_verifier_is_handed_only_the_classes_it_holds(tmp_path, real_model, re
     finally:
         server.stop()
         gw.stop()
+
+
+def test_a_verifier_following_a_feed_judges_only_the_classes_it_holds(nodes, tmp_path) -> None:
+    """Not through a gateway: a verifier that calibrated agora-tiny at fp32 only, following an honest bf16
+    provider's feed (the shipped record covers bf16, another verifier may hold it), skips its receipts and
+    counts them; it used to sign each a 'not calibrated' violation that excluded the provider. A stranger
+    posting those receipts to it is refused the same way, instead of getting them signed as violations."""
+    from agoranet.core.records import ReceiptBody, verify_record
+
+    from ..conftest import FULL, tolerance_file
+
+    fp32_only = tolerance_file(tmp_path / "fp32.json", {"fp32": {}})
+    p, prov = nodes.provider(opts=ProviderOptions(threads=1, precision="bf16"))
+    peer = str(prov.identity.peer_id)
+    v, role = nodes.verifier(config=VerifierConfig(audit_fraction=1.0, seed=0, sources=(p.url,), poll_interval_s=0.2),
+                             tolerance_files=[fp32_only])
+    answers = []
+    for seed in range(2):
+        r = httpx.post(f"{p.url}/v1/chat/completions", timeout=60, json={
+            "model": "agora-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "seed": seed}
+            | FULL)
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["agora"])
+    assert verify_record(answers[0]["receipt"], ReceiptBody).body.precision == "bf16"
+    wait_for(lambda: role.not_judged >= 2, what="the feed's receipts, skipped")
+    assert (role.audited, role.violations) == (0, 0) and peer not in role.reputation.providers
+    for path, extra in (("receipts", {}), ("verify", {"request": answers[1]["request"]})):
+        r = httpx.post(f"{v.url}/agora/v1/{path}", json={"receipt": answers[1]["receipt"]} | extra)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "receipt_not_replayable", r.text
+        assert "holds no tolerance record for model" in r.json()["error"]["message"]
+    assert (role.audited, role.violations) == (0, 0)

@@ -1,4 +1,5 @@
-"""No escape by declaration: a receipt its provider made unjudgeable is a signed violation that excludes it."""
+"""No escape by declaration: a receipt its provider made unjudgeable is a signed violation that excludes it; a
+verifier signs such violations only for what its provider chose, never for a class it merely does not hold."""
 
 from __future__ import annotations
 
@@ -14,23 +15,25 @@ from agoranet.core.identity import Identity
 from agoranet.core.records import ReceiptBody, Record, sign_record, verify_record
 from agoranet.engine.models import model_cid, resolve_model
 from agoranet.net.gossip import GossipConfig
-from agoranet.node.cheat import DECLARED_PRECISION, UNKNOWN_MODEL
+from agoranet.node.cheat import DECLARED_RULE, UNKNOWN_MODEL
 from agoranet.node.judge import ReplayVerifier, UnverifiableReceipt, Violation
 from agoranet.node.node import ProviderOptions, build_verifier_node
 from agoranet.node.server import BackgroundServer, bind, url_of
 from agoranet.node.verifier import VerifierConfig
 from agoranet.wire.canonical import CanonicalRequest
+from agoranet.verify.rules import RULE, RULE_DIGEST
 
 from ..conftest import FAST_GOSSIP, start_gateway, start_provider, wait_for
 
 MSG = [{"role": "user", "content": "add two numbers"}]
-ESCAPES = ("fp16", "precision", "unknown_model")
+UNHELD = ("fp16", "precision", "unknown_model")  # classes no verifier here holds: gateways route none to them
+ESCAPES = (*UNHELD, "rule")
 
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     """A gateway following one verifier that pulls every provider's receipts: one honest provider, and one
-    per escape (declared fp16, a made-up precision, a model CID nobody stores)."""
+    per escape (declared fp16, a made-up precision, a model CID nobody stores, a retired sampling rule)."""
     root = tmp_path_factory.mktemp("violations")
     servers = []
     v_sock = bind()  # its URL first: the gateway follows it
@@ -57,25 +60,32 @@ def net(tmp_path_factory):
 def test_gateway_routes_no_request_to_what_no_verifier_can_judge(net):
     gw_url, gateway, _, _, providers = net
     wait_for(lambda: gateway.verifiers.classes, what="the verifier's calibrated classes")
-    wait_for(lambda: len(asyncio.run(gateway.discovery.find_offers("agora-tiny"))) == 4, what="4 agora-tiny offers")
+    wait_for(lambda: len(asyncio.run(gateway.discovery.find_offers("agora-tiny"))) == 5, what="5 agora-tiny offers")
     assert not gateway.verifiers.judgeable(model_cid(resolve_model("agora-tiny")[0]), "fp16")
     client = openai.OpenAI(base_url=f"{gw_url}/v1", api_key="x", max_retries=0)
-    for name in ("fp16", "precision"):
+    for name, why in (("fp16", "no verifier holds tolerances"), ("precision", "no verifier holds tolerances"),
+                      ("rule", "applying a sampling rule no verifier judges")):
         with pytest.raises(openai.NotFoundError) as err:
             client.chat.completions.create(model="agora-tiny", messages=MSG, max_tokens=4,
                                            extra_body={"provider": {"only": [providers[name][0]]}})
-        assert "no verifier holds tolerances" in str(err.value)
+        assert why in str(err.value)
     served = {client.chat.completions.create(model="agora-tiny", messages=MSG, max_tokens=4, seed=i)
               .model_extra["agora"]["provider"] for i in range(4)}
     assert served == {providers["honest"][1]}
     states = {row["peer"]: row["state"] for row in gateway.routing_table(
         asyncio.run(gateway.discovery.find_offers("agora-tiny")))["providers"]}
     assert states[providers["honest"][1]] == "ok"
-    for name in ESCAPES:
+    for name in UNHELD:
         assert states[providers[name][1]].startswith("no traffic: no verifier holds tolerances"), states
+    assert states[providers["rule"][1]] == f"no traffic: it applies sampling rule {DECLARED_RULE!r}, which no " \
+                                          "verifier judges"
 
 
-def test_declaring_what_no_verifier_can_judge_is_a_violation_that_excludes(net, tmp_path):
+def test_a_feed_follower_signs_what_its_provider_chose_and_skips_classes_it_does_not_hold(net, tmp_path):
+    """A retired rule is its provider's choice: a violation that excludes it. A class this verifier holds no
+    tolerance record for (fp16, a made-up precision, a model it never calibrated) may be another verifier's:
+    skipped and counted, never signed (it used to be a violation, which pushed honest providers of classes
+    other verifiers hold out of every gateway following this one)."""
     _, gateway, verifier_url, role, providers = net
     receipts = {}
     for name, (url, _) in providers.items():
@@ -86,37 +96,36 @@ def test_declaring_what_no_verifier_can_judge_is_a_violation_that_excludes(net, 
 
     def judged():
         rep = httpx.get(f"{verifier_url}/agora/v1/reputation").json()["providers"]
-        return rep if all(rep.get(peer, {}).get("verified") for _, peer in providers.values()) else None
+        done = all(rep.get(providers[n][1], {}).get("verified") for n in ("honest", "rule"))
+        return rep if done and role.not_judged >= len(UNHELD) else None
 
-    rep = wait_for(judged, timeout=120, what="a verdict on every provider")
+    rep = wait_for(judged, timeout=120, what="a verdict on the honest and the rule-declaring provider")
     honest = rep[providers["honest"][1]]
     assert honest["passed"] >= 1 and (honest["failed"], honest["excluded"], honest["violations"]) == (0, False, [])
-    for name in ESCAPES:
-        row = rep[providers[name][1]]
-        # counted exactly like a failed verdict: failed, score 0, excluded
-        assert (row["failed"], row["excluded"], row["score"]) == (1, True, 0.0), name
-        assert row["violations"] == [receipts[name]] and row["fraud_proofs"] == []
+    row = rep[providers["rule"][1]]
+    assert (row["failed"], row["excluded"], row["score"]) == (1, True, 0.0)  # counted exactly like a failed verdict
+    assert row["violations"] == [receipts["rule"]] and row["fraud_proofs"] == []
+    for name in UNHELD:
+        assert providers[name][1] not in rep, name
     verdicts = [verify_record(v["record"]).body
                 for v in httpx.get(f"{verifier_url}/agora/v1/verdicts").json()["verdicts"]]
     bad = {v.receipt: v for v in verdicts if not v.ok}
-    assert set(bad) == {receipts[n] for n in ESCAPES}
-    assert all(v.failure.kind == "violation" for v in bad.values())
-    assert "precision: " in bad[receipts["fp16"]].failure.detail and "'fp16'" in bad[receipts["fp16"]].failure.detail
-    assert bad[receipts["unknown_model"]].failure.detail.startswith("model: ")
-    assert bad[receipts["fp16"]].precision == DECLARED_PRECISION["fp16"]
-    assert bad[receipts["unknown_model"]].model == UNKNOWN_MODEL
-    assert role.metrics()["verifier_violations_total"] == 3
-    # the gateway following this verifier shuts them out as it does a cheater with a fraud proof
-    wait_for(lambda: all(gateway.verifiers.excluded(providers[n][1]) for n in ESCAPES), what="the exclusions")
-    assert not gateway.verifiers.excluded(providers["honest"][1])
+    assert set(bad) == {receipts["rule"]} and not {receipts[n] for n in UNHELD} & {v.receipt for v in verdicts}
+    f = bad[receipts["rule"]].failure
+    assert f.kind == "violation" and f.detail.startswith("rule: ") and DECLARED_RULE in f.detail
+    assert role.metrics()["verifier_violations_total"] == 1
+    assert role.metrics()["verifier_not_judged_total"] == len(UNHELD)
+    # the gateway following this verifier shuts the rule-declaring one out as it does a cheater with a fraud proof
+    wait_for(lambda: gateway.verifiers.excluded(providers["rule"][1]), what="the exclusion")
+    assert not any(gateway.verifiers.excluded(providers[n][1]) for n in ("honest", *UNHELD))
 
     # and `agora verify` says so, with the judged-bad exit code
     from typer.testing import CliRunner
 
     from agoranet.cli.verify_cmd import verify_app
 
-    url = providers["precision"][0]
-    out = CliRunner().invoke(verify_app, [receipts["precision"], "--node", url, "--home", str(tmp_path)])
+    url = providers["rule"][0]
+    out = CliRunner().invoke(verify_app, [receipts["rule"], "--node", url, "--home", str(tmp_path)])
     assert out.exit_code == 3 and "VIOLATION" in out.output, out.output
 
 
@@ -133,7 +142,7 @@ def receipt(kind: str = "completion", **changes) -> tuple[Record[ReceiptBody], b
     data = request.encode()
     from agoranet.core.cid import DAG_CBOR, cid_of
 
-    body = ReceiptBody(model=MODEL_CID, precision="fp32", request=str(cid_of(data, DAG_CBOR)), request_id="req-1",
+    body = ReceiptBody(model=MODEL_CID, precision="fp32", rule=RULE, rule_digest=RULE_DIGEST, request=str(cid_of(data, DAG_CBOR)), request_id="req-1",
                        prompt_tokens=6, output_tokens=[], output_text="", logprobs=[], top_logprobs=[],
                        sampling={"temperature": 0.0, "top_p": 1.0, "seed": 1, "max_tokens": 4, "stop": []},
                        finish_reason="length", price={"input_per_mtok": 0, "output_per_mtok": 0, "charged": 0},
@@ -149,6 +158,8 @@ def judge():
 @pytest.mark.parametrize("changes, kind", [
     ({"precision": "fp16"}, "precision"), ({"precision": "FP32 "}, "precision"), ({"precision": ""}, "precision"),
     ({"model": UNKNOWN_MODEL}, "model"), ({"prompt_tokens": 1 << 20}, "length"),
+    ({"prompt_tokens": 1000}, "range"),  # within agora-tiny's 1,024-token context, beyond the 960 calibrated
+    ({"rule": "agora-gumbel-v1"}, "rule"), ({"rule": "agora-gumbel-v9"}, "rule"), ({"rule": "upstream"}, "rule"),
 ])
 def test_each_unjudgeable_declaration_is_a_signed_violation(judge, changes, kind):
     rec, request = receipt(**changes)

@@ -13,6 +13,7 @@ from agoranet.verify.tolerances import (
     NoTolerances, SequenceStats, class_tolerance, default_tolerances, outside_calibration, tail_limit, tolerance_for,
     tolerances_record,
 )
+from agoranet.verify.rules import RULE, RULE_DIGEST
 
 ID = Identity.generate()
 STATS = SequenceStats(flips=[0, 1, 2], flip_margins=[0.0, 0.05, 0.1], lp_means=[0.01, 0.02, 0.02],
@@ -55,7 +56,7 @@ def test_receipts_outside_the_calibrated_range_are_named_not_judged():
     c = class_tolerance("bf16", (0.1, 0.2, 0.3, 0.1), (0, 0, 0, 0), sequences=3, confirm_sequences=0, stats=STATS)
 
     def body(prompt: int, out: int) -> ReceiptBody:
-        return ReceiptBody(model="bafym", precision="bf16", request="bafyr", request_id="r", prompt_tokens=prompt,
+        return ReceiptBody(model="bafym", precision="bf16", rule=RULE, rule_digest=RULE_DIGEST, request="bafyr", request_id="r", prompt_tokens=prompt,
                            completion_tokens=out, prefix_tokens=[], output_tokens=[1] * out, output_text="",
                            logprobs=[0.0] * out, top_logprobs=[[]] * out,
                            sampling=SamplingParams(temperature=0.0, top_p=1.0, seed=0, max_tokens=out, stop=[]),

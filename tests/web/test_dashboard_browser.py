@@ -22,6 +22,7 @@ from agoranet.node.app import create_app
 from agoranet.node.log_role import LogRole
 from agoranet.node.server import BackgroundServer, bind, url_of
 from agoranet.web import mount_dashboard
+from agoranet.verify.rules import RULE
 
 from .conftest import ARTIFACTS
 
@@ -168,7 +169,7 @@ class CrowdStandIn:
             offer = sign_record(ident, OfferBody(
                 url=url, models=[OfferedModel(cid=f"bafybeimodel{i:04d}", name=f"model-{i % 7}", input_per_mtok=1000 + i,
                                               output_per_mtok=2000 + i, context_length=2048)],
-                precision=("fp32", "bf16")[i % 2], max_concurrency=8, hardware="cpu:test", engine="transformers",
+                precision=("fp32", "bf16")[i % 2], rule=RULE, max_concurrency=8, hardware="cpu:test", engine="transformers",
                 issued_ms=0, expires_ms=4_000_000_000_000, nonce=f"{i}"))
             self.rows.append({
                 "url": url, "peer_id": str(ident.peer_id), "roles": ["log", "provider"], "health": "ok",

@@ -15,7 +15,7 @@ from functools import cached_property
 from typing import Any, ClassVar, Generic, TypeVar
 
 import libipld
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agoranet.core.cid import CID, DAG_CBOR, cid_of
 from agoranet.core.errors import BadSignature, InvalidPeerId, MalformedRecord, UnknownRecordType
@@ -209,10 +209,15 @@ def token_charge(prompt_tokens: int, completion_tokens: int, input_per_mtok: int
 
 @register("agora/receipt/1")
 class ReceiptBody(RecordBody):
-    """What a provider served: binds model, request, output, sampling and price under its key."""
+    """What a provider served: binds model, request, output, sampling (and the rule it sampled by) and price."""
 
     model: str
     precision: str
+    # The sampling rule the tokens were chosen by (verify.rules: judged by this name) and the digest of the
+    # implementation that chose them (recorded, not judged). Receipts signed before these fields existed
+    # are refused: they came from rule agora-gumbel-v1 or -v2 unstated, and cannot be told apart.
+    rule: str
+    rule_digest: str
     request: str  # CID of the canonical request
     request_id: str
     prompt_tokens: int = NonNegInt
@@ -228,6 +233,15 @@ class ReceiptBody(RecordBody):
     price: PriceCharged
     started_ms: int = NonNegInt
     finished_ms: int = NonNegInt
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_its_rule(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "rule" not in data:
+            raise ValueError("the receipt names no sampling rule: it was signed before receipts bound their rule "
+                             "(agora-gumbel-v1 until 2026-12-02, then -v2, unstated), so no verifier can tell which "
+                             "rule to judge it by; the provider must upgrade agoranet")
+        return data
 
 
 @register("agora/receipt-summary/1")
@@ -266,6 +280,10 @@ class OfferedModel(RecordBody):
     output_per_mtok: int = NonNegInt
     context_length: int = NonNegInt
     vocab_size: int = Field(default=0, ge=0)  # token ids are below it (0: the engine reports none); gateways check prefixes
+    # The range its tolerance record was calibrated over, which the provider serves within (prompt + prefix
+    # tokens, output tokens; 0: no range stated, e.g. an upstream engine, whose receipts are never replayed).
+    max_prompt_tokens: int = Field(default=0, ge=0)
+    max_output_tokens: int = Field(default=0, ge=0)
 
 
 @register("agora/offer/1")
@@ -275,6 +293,7 @@ class OfferBody(RecordBody):
     url: str
     models: list[OfferedModel]
     precision: str
+    rule: str  # the sampling rule its receipts are chosen by (verify.rules); gateways route only to one they know
     max_concurrency: int = Field(ge=1)
     hardware: str
     engine: str

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 UPSTREAM_ENGINE = "upstream"  # the engine its offers name
 UPSTREAM_PRECISION = "upstream"  # the precision class its offers and receipts name: no replayable numerics
+UPSTREAM_RULE = "upstream"  # the sampling rule its offers and receipts name: the upstream server's own
 
 
 class UpstreamEngine:

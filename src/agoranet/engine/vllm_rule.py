@@ -29,15 +29,13 @@ the legacy V1 runner (`apply(logits)`, `update_state`). It imports nothing of ag
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from agoranet.verify import rule as _rule
 from agoranet.verify.rule import choose_tokens
+from agoranet.verify.rules import RULE_DIGEST
 
 _BASES: tuple[type, ...] = ()
 try:  # Model Runner V2's interface (vLLM 0.3x)
@@ -56,10 +54,9 @@ except ImportError:
 ARGS = ("agora_seed", "agora_request_id", "agora_temperature", "agora_top_p", "agora_prompt_len",
         "agora_prefix_len")
 RULE_VERSION = 1  # bumped when the arguments change meaning
-# The rule's own source, hashed: a provider sends it (`agora_rule`) and the processor refuses requests
-# whose rule differs from the one it runs, so a vLLM environment with another agoranet cannot sign
-# tokens a verifier's replay would reject.
-RULE_DIGEST = hashlib.sha256(Path(_rule.__file__).read_bytes()).hexdigest()[:16]
+# RULE_DIGEST, the rule's own source hashed: a provider sends it (`agora_rule`) and the processor refuses
+# requests whose rule differs from the one it runs, so a vLLM environment with another agoranet cannot sign
+# tokens a verifier's replay would reject. Receipts record it beside the rule's name.
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from agoranet.core.records import OfferBody, OfferedModel, sign_record
 
 from agoranet.engine.base import Generation, GenerationRequest, TokenEvent
 from agoranet.engine.transformers_engine import TransformersEngine
+from agoranet.verify.rules import RULE
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,11 @@ CHEATS = {
     "fp16": "declare precision fp16, for which no tolerance record exists (hoping to be unjudgeable)",
     "precision": "declare a made-up precision class",
     "unknown_model": "name a model CID nobody stores (hoping no verifier can replay it)",
+    "rule": "name the retired sampling rule agora-gumbel-v1 in receipts and offer (hoping to be judged by its slack)",
 }
 DECLARED_PRECISION = {"fp16": "fp16", "precision": "fp-whatever"}
 UNKNOWN_MODEL = str(cid_of(b"agora: a model nobody stores", DAG_PB))
+DECLARED_RULE = "agora-gumbel-v1"
 TAMPERED_INDEX = 2
 
 
@@ -60,6 +63,8 @@ class CheatingEngine:
             self.precision = DECLARED_PRECISION[kind]
         if kind == "unknown_model":
             self.model_cid = UNKNOWN_MODEL
+        if kind == "rule":
+            self.rule = DECLARED_RULE  # what provider.engine_rule reads: its receipts and offer name it
         log.warning("CHEATING PROVIDER (test/demo facility): %s", CHEATS[kind])
         if kind == "model":
             gen = torch.Generator().manual_seed(0)
@@ -122,7 +127,7 @@ def sybil_records(identity: Identity, url: str, model: OfferedModel, *, ttl_s: f
 
     now = now_ms()
     offer = sign_record(identity, OfferBody(
-        url=url, models=[model], precision="fp32", max_concurrency=16, hardware="cpu:sybil", engine="sybil",
+        url=url, models=[model], precision="fp32", rule=RULE, max_concurrency=16, hardware="cpu:sybil", engine="sybil",
         issued_ms=now, expires_ms=now + 3_600_000, nonce=secrets.token_hex(8)))
     beat = sign_record(identity, HeartbeatBody(url=url, roles=["provider"], offer=str(offer.cid), seq=seq,
                                                issued_ms=now, expires_ms=now + int(ttl_s * 1000)))

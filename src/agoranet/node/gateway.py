@@ -42,6 +42,7 @@ from agoranet.node.credits_role import CreditsRole, Escrow, PriceBound, max_pric
 from agoranet.node.gateway_metrics import GatewayMetrics, PartOutcome
 from agoranet.node.keys import ApiKey, KeyStore
 from agoranet.node.provider import CUT, generation_request, request_mismatch
+from agoranet.verify.rules import RULES
 from agoranet.wire.openai import (
     Answer, ChatCompletionRequest, ChunkWriter, CompletionRequest, ProviderPreferences, ReceiptPart, error_chunk,
     gateway_summary,
@@ -177,6 +178,9 @@ class Router:
         if self.exclusions:
             candidates = keep([c for c in candidates if not any(excluded(c.peer) for excluded in self.exclusions)],
                               "shut out (transparency log forked)")
+        # Receipts under a rule no verifier judges would go unaudited (upstream offers apply none: never replayed).
+        candidates = keep([c for c in candidates if c.offer.body.precision == UPSTREAM_PRECISION
+                           or c.offer.body.rule in RULES], "applying a sampling rule no verifier judges")
         if self.verifiers is not None:  # a proven fraud shuts a provider out, whatever the user asked
             candidates = keep([c for c in candidates if not self.verifiers.excluded(c.peer)],
                               "shut out by a fraud proof or violation")
@@ -374,6 +378,12 @@ class Gateway:
             if len(plan) < len(candidates):
                 why.append(f"{len(candidates) - len(plan)} cannot return logprobs (upstream engine; "
                            "provider.require_parameters)")
+        if req.max_tokens is not None:  # a provider refuses more than its tolerance record's range: ask none that must
+            fits = [c for c in plan if not c.model.max_output_tokens or req.max_tokens <= c.model.max_output_tokens]
+            if len(fits) < len(plan):
+                why.append(f"{len(plan) - len(fits)} calibrated for fewer output tokens than max_tokens "
+                           f"{req.max_tokens} (their answers could not be verified)")
+            plan = fits
         plan = self.routing.plan(plan, prefs, why)
         if not plan:
             n = len(candidates)
@@ -381,7 +391,9 @@ class Gateway:
                                f"none is left to route to: {'; '.join(why)}", status=404, code="no_provider_matches",
                                param="provider")
         body = req.model_dump(mode="json", exclude_none=True, exclude={"provider", "agora", "stream_options"})
-        max_tokens = req.max_tokens or self.config.default_max_tokens
+        # unasked, as many as every provider planned can serve within its calibrated range
+        max_tokens = req.max_tokens or min([self.config.default_max_tokens,
+                                            *(c.model.max_output_tokens for c in plan if c.model.max_output_tokens)])
         body.pop("max_completion_tokens", None)
         body.pop("stream", None)
         body |= {"seed": req.seed if req.seed is not None else secrets.randbits(63), "max_tokens": max_tokens}
@@ -499,6 +511,8 @@ class Gateway:
             # sold as one class, declared as another (say, bf16's looser tolerances under an fp32 price)
             why = (f"a receipt declaring model {receipt.body.model} at {receipt.body.precision!r}, not the "
                    f"{cand.offer.body.precision!r} {cand.model.cid} its offer sells")
+        elif receipt.body.rule != cand.offer.body.rule:
+            why = f"a receipt naming sampling rule {receipt.body.rule[:80]!r}, not the {cand.offer.body.rule!r} its offer applies"
         elif (allowed := overcharged(receipt.body, cand.model)) is not None:
             why = f"a receipt charging {receipt.body.price.charged}, more than its offer allows ({allowed})"
         elif str(cid_of(request_bytes, DAG_CBOR)) != receipt.body.request:
@@ -876,6 +890,8 @@ class Gateway:
                 state = "excluded: a verifier holds a fraud proof or violation"
             elif any(excluded(peer) for excluded in self.routing.exclusions):
                 state = "excluded: its transparency log forked"
+            elif b.precision != UPSTREAM_PRECISION and b.rule not in RULES:
+                state = f"no traffic: it applies sampling rule {b.rule[:80]!r}, which no verifier judges"
             elif b.precision != UPSTREAM_PRECISION and not any(self.verifiers.judgeable(m.cid, b.precision)
                                                                   for m in b.models):
                 state = f"no traffic: no verifier holds tolerances for its model at {b.precision}"

@@ -28,6 +28,7 @@ from agoranet.verify.records import ClassTolerance, FailureEvidence, FraudProofB
 from agoranet.verify.replay import (
     ReplayJob, ReplayResult, check_receipts, check_request_binding, prompt_binding, request_mismatch,
 )
+from agoranet.verify.rules import RETIRED, RULES
 from agoranet.verify.tolerances import (
     REFERENCE_PRECISION, NoTolerances, default_tolerances, load_tolerances, outside_calibration, tolerance_for,
 )
@@ -50,14 +51,10 @@ class Violation(AgoraError):
 
     def __init__(self, message: str, *, kind: str) -> None:
         super().__init__(message)
-        self.kind = kind  # precision | model | offer | request | length
+        self.kind = kind  # precision | model | offer | rule | request | length | range
 
 
 ModelFetcher = Callable[[str], Path]  # a model CID -> its directory; raises ModelUnavailable when nobody serves it
-
-
-class OutsideCalibration(UnverifiableReceipt):
-    hint = "calibrate the class over longer prompts/outputs (`agora verify calibrate --max-tokens N`) to judge it"
 
 
 def now_ms() -> int:
@@ -108,14 +105,33 @@ class ReplayVerifier:
         """The precision classes this verifier holds tolerances for, by model CID: what may be sold."""
         return {cid: sorted(c.precision for c in table.classes) for cid, table in self._tables.items()}
 
-    def declared(self, receipt: Record[ReceiptBody], offered: set[tuple[str, str]] | None = None) -> None:
-        """Raise Violation when the receipt declares what its provider may not sell: a (model, precision)
-        its known offers do not name, or one this verifier holds no tolerance record for. Cheap: no model
-        is loaded, so every receipt seen can be checked, not just the audited share."""
+    def holds(self, body: ReceiptBody) -> bool:
+        """Whether this verifier holds a tolerance record for the receipt's (model, precision): the classes it
+        judges (upstream receipts are a class of their own, refused later)."""
+        table = self._tables.get(body.model)
+        return body.precision == UPSTREAM_PRECISION or (
+            table is not None and any(c.precision == body.precision for c in table.classes))
+
+    def chose(self, receipt: Record[ReceiptBody], offered: set[tuple[str, str]] | None = None) -> None:
+        """Raise Violation for what the provider chose and no verifier may judge, whatever classes this verifier
+        holds: a (model, precision) its known offers do not name, or a sampling rule not judged here (a rule
+        this verifier does not know is never judged as another: that would be a false fraud proof)."""
         body = receipt.body
         if offered is not None and (body.model, body.precision) not in offered:
             raise Violation(f"receipt {receipt.cid} declares model {body.model} at precision {body.precision!r}, "
                             "which no signed offer of its provider names", kind="offer")
+        if body.precision != UPSTREAM_PRECISION and body.rule not in RULES:
+            why = RETIRED.get(body.rule, "no verifier here knows it")
+            raise Violation(f"receipt {receipt.cid} names sampling rule {body.rule[:80]!r}, which is not judged "
+                            f"(judged: {', '.join(sorted(RULES))}): {why}", kind="rule")
+
+    def declared(self, receipt: Record[ReceiptBody], offered: set[tuple[str, str]] | None = None) -> None:
+        """Raise Violation when the receipt declares what its provider may not sell (`chose`), or a (model,
+        precision) this verifier holds no tolerance record for. Cheap: no model is loaded, so every receipt
+        seen can be checked, not just the audited share. The verifier role judges only classes it holds
+        (`holds`), so there the second kind is never signed: another verifier may hold that class."""
+        body = receipt.body
+        self.chose(receipt, offered)
         if body.precision == UPSTREAM_PRECISION:
             return  # a declared class of its own: never replayed (see replay_many), not a violation
         table = self._tables.get(body.model)
@@ -158,10 +174,10 @@ class ReplayVerifier:
             raise UnverifiableReceipt(f"cannot read the context length of model {cid}: {exc}") from exc
 
     def admissible(self, receipt: Record[ReceiptBody]) -> None:
-        """Before anything is queued, bound the replay: a receipt declaring what may not be sold, or more
-        tokens than the model's context (no honest receipt has that many), is a Violation (judged without
-        replay); a model this verifier cannot read, or a receipt outside the range its class's tolerances
-        were calibrated over (no honest drift measured there), is UnverifiableReceipt: refused, not judged."""
+        """Before anything is queued, bound the replay: a receipt declaring what may not be sold, more tokens
+        than the model's context (no honest receipt has that many), or lying outside the range its class's
+        tolerances were calibrated over (which providers refuse up front) is a Violation (judged without
+        replay); a model this verifier cannot read is UnverifiableReceipt: refused, not judged."""
         body = receipt.body
         self.declared(receipt)
         if body.precision == UPSTREAM_PRECISION:
@@ -178,15 +194,21 @@ class ReplayVerifier:
         self.calibrated(receipt)  # after the context: longer than any honest receipt stays a Violation
 
     def calibrated(self, receipt: Record[ReceiptBody]) -> None:
-        """Raise OutsideCalibration when the receipt lies outside the prompt/output range its class's tolerances
-        were calibrated over: no honest drift was measured there, so it is refused, never judged (no verdict,
-        no fraud proof). Cheap: no model is loaded."""
+        """Raise Violation when the receipt lies outside the prompt/output range its class's tolerances were
+        calibrated over: no honest drift was measured there, so it is never replayed (no fraud proof), and
+        since a provider refuses requests beyond its record's range up front, only one that ignored it signs
+        such a receipt. (The verifier role first refuses one whose provider's signed offer states a wider range,
+        this verifier's record being the narrower, or is not known to it: `VerifierRole._not_here`.) Cheap."""
         body = receipt.body
+        if (why := self.outside(body)) is not None:
+            raise Violation(f"receipt {receipt.cid} is outside the range its tolerances were calibrated over, which "
+                            f"its provider must refuse up front: {why}", kind="range")
+
+    def outside(self, body: ReceiptBody) -> str | None:
+        """Why the receipt lies outside the range this verifier's record for its class covers, or None."""
         table = self._tables.get(body.model)
         tol = next((c for c in table.classes if c.precision == body.precision), None) if table else None
-        if tol is not None and (why := outside_calibration(tol, body)):
-            raise OutsideCalibration(f"receipt {receipt.cid} is outside the range its tolerances were calibrated "
-                                     f"over: {why}")
+        return outside_calibration(tol, body) if tol is not None else None
 
     def _model(self, cid: str) -> tuple[torch.nn.Module, Tokenizer]:
         if cid not in self._loaded:

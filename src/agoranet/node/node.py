@@ -129,7 +129,7 @@ class NotSellable(AgoraError):
 
 def tolerance_records(home: Path, files: Sequence[Path], model: str) -> list[TolerancesBody]:
     """The tolerance tables known for `model`: the shipped one, this home's calibration, the files given."""
-    paths = [*files, home / TOLERANCES_DIR / f"{model}.json"]
+    paths = [home / TOLERANCES_DIR / f"{model}.json", *files]  # later ones win, as in a verifier
     records = [default_tolerances(model)] + [load_tolerances(p) for p in paths if p.exists()]
     return [r.body for r in records if r is not None and r.body.model == model]
 
@@ -151,6 +151,16 @@ def check_sellable(engine: Engine, home: Path, files: Sequence[Path]) -> None:
              f"same file with --tolerances), pass --tolerances FILE, or serve a calibrated precision"
              + (f" ({', '.join(have)})" if have else ""))
 
+
+def calibrated_range(engine: Engine, home: Path, files: Sequence[Path]) -> tuple[int, int]:
+    """(prompt, output) tokens the tolerance record of what `engine` sells was calibrated over, which the provider
+    serves within: the last record listing its class wins (the files given over this home's over the shipped
+    one, as a verifier loads them); (0, 0) when none does (an upstream engine, or a class nobody calibrated)."""
+    if engine.name == UPSTREAM_ENGINE:
+        return 0, 0
+    classes = [c for t in tolerance_records(home, files, engine.model_cid) for c in t.classes
+               if c.precision == engine.precision]
+    return (classes[-1].max_prompt_tokens, classes[-1].max_output_tokens) if classes else (0, 0)
 
 
 class UnknownEngine(AgoraError):
@@ -298,7 +308,10 @@ def build_node(home: Path, public_url: str, roles: Iterable[str], *, peers: Sequ
         # A gateway that requires keys would be pointless if its provider served anyone under /provider:
         # that provider then serves only requests its own gateway signed with the node's identity.
         keyed = "gateway" in names and (gateway.require_keys or gateway.charge_credits)
-        config = ProviderConfig(public_url=public_url, path=path, **(provider or ProviderOptions()).pricing,
+        opts = provider or ProviderOptions()
+        max_prompt, max_output = calibrated_range(engine, home, opts.tolerance_files)
+        config = ProviderConfig(public_url=public_url, path=path, **{"max_prompt_tokens": max_prompt,
+                                                                     "max_output_tokens": max_output, **opts.pricing},
                                 callers=frozenset({str(identity.peer_id)}) if keyed else None)
         provider_role = Provider(identity, engine, state, config, log_role)
         started.append(provider_role)

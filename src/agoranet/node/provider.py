@@ -24,13 +24,14 @@ from agoranet.core.records import (
     OfferBody, OfferedModel, PriceCharged, ReceiptBody, ReceiptSummaryBody, Record, SamplingParams, TopLogprob,
     decode_canonical, sign_record, token_charge,
 )
-from agoranet.engine.base import Engine, Generation, GenerationRequest, Sampling, TokenEvent
-from agoranet.engine.upstream import UPSTREAM_ENGINE
+from agoranet.engine.base import Engine, Generation, GenerationRequest, Sampling, TokenEvent, check_context
+from agoranet.engine.upstream import UPSTREAM_ENGINE, UPSTREAM_RULE
 from agoranet.net.signed_request import HEADER as SIGNED, request_signer
 from agoranet.node.log_role import LogRole
 from agoranet.node.app import Cursor, PageSize
 from agoranet.node.records_api import records_router
 from agoranet.node.state import NodeState
+from agoranet.verify.rules import RULE, RULE_DIGEST
 from agoranet.wire.openai import (
     ChatCompletionRequest, ChunkWriter, CompletionRequest, ReceiptPart, chat_logprob_content, chat_response,
     completion_logprobs, completion_response, error_body, error_chunk,
@@ -46,6 +47,11 @@ class ProviderConfig:
     max_concurrency: int = 32  # at least the default --max-batch (32): a full batch must be admissible
     max_tokens: int = 512  # the most a request may ask for
     default_max_tokens: int = 64
+    # The range the tolerance record of what it sells was calibrated over (0: none, e.g. an upstream engine):
+    # verifiers never replay a receipt beyond it and count one against its provider, so such requests are
+    # refused here, up front (offers state the range; gateways route by it).
+    max_prompt_tokens: int = 0  # prompt + continued prefix tokens
+    max_output_tokens: int = 0
     offer_ttl_s: int = 600
     # Where under the node's URL the provider's whole API is served: the root when it runs alone,
     # "/provider" beside a gateway (which owns /v1 there). Its offers name public_url + path.
@@ -117,8 +123,10 @@ class Provider:
                 url=self.config.url,
                 models=[OfferedModel(cid=e.model_cid, name=e.model_name, input_per_mtok=self.config.input_per_mtok,
                                      output_per_mtok=self.config.output_per_mtok, context_length=e.context_length,
-                                     vocab_size=e.vocab_size)],
-                precision=e.precision, max_concurrency=self.config.max_concurrency, hardware=hardware_summary(),
+                                     vocab_size=e.vocab_size, max_prompt_tokens=self.config.max_prompt_tokens,
+                                     max_output_tokens=self.config.max_output_tokens)],
+                precision=e.precision, rule=engine_rule(e)[0], max_concurrency=self.config.max_concurrency,
+                hardware=hardware_summary(),
                 engine=e.name, issued_ms=now, expires_ms=now + ttl, nonce=secrets.token_hex(8),
             )
             offer = sign_record(self.identity, body)
@@ -138,13 +146,41 @@ class Provider:
             raise RequestError(f"max_tokens is {req.max_tokens}; this provider allows at most {self.config.max_tokens}",
                                param="max_tokens", code="max_tokens_too_large")
 
+    def _check_range(self, req: GenerationRequest) -> None:
+        """Refuse a prompt (with any continued prefix) or max_tokens beyond the calibrated range of the tolerance
+        record this provider sells under: verifiers would not judge the answer. After the context check (a
+        request the model cannot take at all says so first), once the engine has rendered the prompt."""
+        c, e = self.config, self.engine
+        if not (c.max_prompt_tokens or c.max_output_tokens):
+            return
+        prompt = len(req.prompt_ids) + len(req.prefix_tokens)
+        check_context(e.context_length, len(req.prompt_ids), len(req.prefix_tokens), req.sampling.max_tokens)
+        if c.max_prompt_tokens and prompt > c.max_prompt_tokens:
+            raise RequestError(f"the prompt is {prompt} tokens, above the calibrated range of this provider's "
+                               f"{e.precision} class of {e.model_name!r} ({c.max_prompt_tokens} prompt tokens): "
+                               f"verifiers could not judge its answer; shorten it to at most {c.max_prompt_tokens} "
+                               "tokens", param="messages" if req.kind == "chat" else "prompt",
+                               code="prompt_above_calibrated_range")
+        if c.max_output_tokens and req.sampling.max_tokens > c.max_output_tokens:
+            raise RequestError(f"max_tokens is {req.sampling.max_tokens}, above the calibrated range of this "
+                               f"provider's {e.precision} class of {e.model_name!r} ({c.max_output_tokens} output "
+                               f"tokens): verifiers could not judge a longer answer; ask for at most "
+                               f"{c.max_output_tokens}", param="max_tokens", code="max_tokens_above_calibrated_range")
+
+    @property
+    def default_max_tokens(self) -> int:
+        """max_tokens when a request names none: the configured default, within the calibrated range."""
+        c = self.config
+        return min(c.default_max_tokens, c.max_output_tokens) if c.max_output_tokens else c.default_max_tokens
+
     async def serve(self, kind: Literal["chat", "completion"], req: ChatCompletionRequest | CompletionRequest) -> Response:
         self._check(req)
         if self.active >= self.config.max_concurrency:
             raise RequestError(f"this provider is busy ({self.active} requests in flight); retry shortly",
                                status=429, code="rate_limited", type="rate_limit_error")
-        gen_req = generation_request(kind, req, self.config.default_max_tokens, self.engine.model_cid)
+        gen_req = generation_request(kind, req, self.default_max_tokens, self.engine.model_cid)
         gen_req = replace(gen_req, prompt_ids=tuple(self.engine.prompt_tokens(gen_req)))  # receipts bind them
+        self._check_range(gen_req)
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         request_bytes = gen_req.canonical(self.engine.model_cid).encode()
         request_cid = str(self.state.put(request_bytes, "request"))
@@ -389,8 +425,9 @@ def receipt_body(engine: Engine, req: GenerationRequest, request_cid: str, gen: 
                  started_ms: int, finished_ms: int) -> ReceiptBody:
     """What a provider signs for `gen`: the one place receipt bodies are built (calibration uses it too)."""
     s = req.sampling
+    rule, digest = engine_rule(engine)
     return ReceiptBody(
-        model=engine.model_cid, precision=engine.precision, request=request_cid,
+        model=engine.model_cid, precision=engine.precision, rule=rule, rule_digest=digest, request=request_cid,
         request_id=req.request_id, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
         prefix_tokens=list(req.prefix_tokens),
         output_tokens=gen.tokens, output_text=gen.text, logprobs=gen.logprobs,
@@ -399,6 +436,15 @@ def receipt_body(engine: Engine, req: GenerationRequest, request_cid: str, gen: 
                                 stop=list(s.stop)),
         finish_reason=gen.finish_reason, price=price, started_ms=started_ms, finished_ms=finished_ms,
     )
+
+
+def engine_rule(engine: Engine) -> tuple[str, str]:
+    """The sampling rule an engine's tokens are chosen by, and its implementation's digest: Agora's rule for
+    every engine that reports token ids, the upstream server's own sampling (never replayed) otherwise (and
+    whatever rule a cheating test engine declares as its `rule`)."""
+    if engine.name == UPSTREAM_ENGINE:
+        return UPSTREAM_RULE, ""
+    return getattr(engine, "rule", None) or RULE, RULE_DIGEST
 
 
 def generation_request(kind: Literal["chat", "completion"], req: ChatCompletionRequest | CompletionRequest,

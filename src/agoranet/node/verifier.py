@@ -60,9 +60,14 @@ class VerifierRole:
         self.audit_batches = 0  # replays of one or more receipts together (audit_many calls with any to replay)
         self.refused = 0  # receipts refused at submission (a model this verifier cannot read, unvouched node)
         self.violations = 0  # receipts judged violations: unjudgeable for a reason their provider controls
+        # feed receipts not judged here: a class it holds no tolerance record for (another may), or beyond its
+        # record's range without an offer showing that their provider ignored its own (see _not_here)
+        self.not_judged = 0
         self._offers: dict[str, str] = {}  # provider peer id -> the URL its latest signed offer names
         # provider peer id -> every (model CID, precision) its signed offers seen here named
         self._offered: dict[str, set[tuple[str, str]]] = {}
+        # (provider, model CID, precision) -> the (prompt, output) range its latest signed offer states
+        self._ranges: dict[tuple[str, str, str], tuple[int, int]] = {}
         self._rng = random.Random(config.seed)
         self._queue: asyncio.Queue[Audit] | None = None
         self._seen: set[str] = set()
@@ -119,15 +124,62 @@ class VerifierRole:
         except NodeError as exc:
             log.warning("cannot pull receipts from %s: %s", source, exc)
             return
+        if feed.items:
+            await self._learn_range(source)
         for item in feed.items:
             try:
                 receipt = verify_record(item.record, ReceiptBody)
+                if (why := self._not_here(receipt)) is not None:
+                    self.not_judged += 1
+                    log.info("not judging receipt %s from %s: %s", receipt.cid, source, why)
+                    continue
                 with contextlib.suppress(Violation):  # judged, without replay, once queued
                     self.verifier.admissible(receipt)
                 self.offer(receipt, node=source)
             except AgoraError as exc:
                 log.warning("skipping a bad receipt from %s: %s", source, exc)
         self._cursors[source] = feed.next
+
+    async def _learn_range(self, source: str) -> None:
+        """The calibrated range a source's own offer states (a provider's; a gateway serves none): only the
+        range is taken from it, never what it sells, so its older receipts of another class stay unjudged
+        rather than becoming offer violations."""
+        try:
+            record = verify_record((await self._node(source).offer(max_bytes=MAX_RECORD_BYTES)).record, OfferBody)
+        except (NodeError, RecordError):
+            return
+        if record.body.url.rstrip("/") == source.rstrip("/") and record.body.expires_ms > now_ms():
+            self._remember_ranges(record)
+
+    def _remember_ranges(self, offer: Record[OfferBody]) -> None:
+        for m in offer.body.models:
+            self._ranges[(offer.signer, m.cid, offer.body.precision)] = (m.max_prompt_tokens, m.max_output_tokens)
+
+    def _not_here(self, receipt: Record[ReceiptBody]) -> str | None:
+        """Why this verifier does not judge a receipt, for reasons that are not shown to be its provider's: a class
+        it holds no tolerance record for (another verifier may), or one outside its record's range unless the
+        provider's signed offer (handed by a gateway, or served by its feed or the node named) states a range that
+        does not cover it either — the provider then ignored its own range (a violation); when the offer is
+        unknown, or covers it (this verifier's record is the narrower), it is refused, not judged, so no stranger
+        can turn an honest provider's long answers into violations at a verifier with a narrower record. A
+        violation its provider chose (an undeclared class, an unknown rule) is judged whatever this one holds."""
+        if self._violation(receipt, chose_only=True) is not None:
+            return None
+        body = receipt.body
+        if not self.verifier.holds(body):
+            return (f"this verifier holds no tolerance record for model {body.model} at precision "
+                    f"{body.precision!r}: another verifier may judge it")
+        if (why := self.verifier.outside(body)) is None:
+            return None
+        stated = self._ranges.get((receipt.signer, body.model, body.precision))
+        if stated is None:
+            return (f"{why}; no signed offer of its provider is known here, so whether it ignored its own range "
+                    "cannot be told (submit it with the provider's offer or node)")
+        if all(stated) and body.prompt_tokens + len(body.prefix_tokens) <= stated[0] and \
+                len(body.output_tokens) <= stated[1]:
+            return (f"{why}; its provider's signed offer states a range of {stated[0]} prompt and {stated[1]} "
+                    "output tokens: this verifier's record is the narrower one")
+        return None
 
     def offer(self, receipt: Record[ReceiptBody], *, node: str | None, request_bytes: bytes | None = None) -> bool:
         """A receipt seen on the network: queue it for audit with probability audit_fraction, and always when
@@ -143,9 +195,10 @@ class VerifierRole:
         self._queue.put_nowait((receipt, node, request_bytes))
         return True
 
-    def _violation(self, receipt: Record[ReceiptBody]) -> Violation | None:
+    def _violation(self, receipt: Record[ReceiptBody], *, chose_only: bool = False) -> Violation | None:
+        check = self.verifier.chose if chose_only else self.verifier.declared
         try:
-            self.verifier.declared(receipt, self._offered.get(receipt.signer))
+            check(receipt, self._offered.get(receipt.signer))
         except Violation as why:
             return why
         return None
@@ -220,7 +273,7 @@ class VerifierRole:
     def metrics(self) -> dict[str, float]:
         return {"verifier_audits_total": self.audited, "verifier_audit_errors_total": self.audit_errors,
                 "verifier_audit_batches_total": self.audit_batches,
-                "verifier_violations_total": self.violations,
+                "verifier_violations_total": self.violations, "verifier_not_judged_total": self.not_judged,
                 "verifier_receipts_refused_total": self.refused, "verifier_skipped_total": self.skipped,
                 "verifier_queue": self._queue.qsize() if self._queue is not None else 0}
 
@@ -258,6 +311,7 @@ class VerifierRole:
         self._offers[record.signer] = node
         self._offered.setdefault(record.signer, set()).update((m.cid, record.body.precision)
                                                               for m in record.body.models)
+        self._remember_ranges(record)
         return node, record.signer
 
     def _node(self, url: str) -> AgoraClient:
@@ -303,9 +357,10 @@ class VerifierRole:
             if req.receipt is None:
                 raise RequestError("give the `receipt` record", param="receipt")
             receipt = verify_record(req.receipt, ReceiptBody)
-            self._admit(receipt)
             request = _hex(req.request) if req.request else None
+            # vouched first: the offer it names states the provider's classes and calibrated range
             node = (await self._vouched(req.node, receipt.signer, req.offer))[0] if req.node and not request else None
+            self._admit(receipt)
             queued = self.offer(receipt, node=node, request_bytes=request)
             return {"receipt_cid": str(receipt.cid), "queued": queued}
 
@@ -334,7 +389,14 @@ class VerifierRole:
         return r
 
     def _admit(self, receipt: Record[ReceiptBody]) -> None:
-        """Refuse a receipt this verifier cannot replay for its own reasons; a Violation is admitted (and signed)."""
+        """Refuse a receipt this verifier cannot replay for its own reasons (a class it does not hold, a range
+        its record does not cover but the provider's offer does, a model it cannot read); a Violation is
+        admitted (and signed). Anyone may submit any receipt: judging only what it holds keeps a stranger from
+        turning an honest provider's receipts of another class into violations here."""
+        if (why := self._not_here(receipt)) is not None:
+            self.refused += 1
+            raise RequestError(f"receipt {receipt.cid} is not judged here: {why}", param="receipt",
+                               code="receipt_not_replayable")
         try:
             self.verifier.admissible(receipt)
         except Violation:

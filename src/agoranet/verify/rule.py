@@ -40,11 +40,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from agoranet.verify.rules import RULE
+
 __all__ = ["RULE", "BLOCK", "position_keys", "noise_at", "scale_logits", "gumbel_noise", "gumbel_noise_rows",
            "nucleus_edge", "nucleus_mask", "block_log_mass", "claim_margins", "token_scores", "choose_token",
            "choose_tokens"]
 
-RULE = "agora-gumbel-v2"
 _DOMAIN = RULE.encode()
 BLOCK = 256
 _GAMMA = 0x9E3779B97F4A7C15
