@@ -43,7 +43,6 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
     import secrets
     from contextlib import asynccontextmanager
 
-    import uvicorn
     from fastapi import FastAPI
 
     from agoranet.core.cid import RAW, cid_of
@@ -51,6 +50,7 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
     from agoranet.core.records import OfferBody, OfferedModel, sign_record
     from agoranet.net.gossip import GossipConfig, GossipDiscovery
     from agoranet.node.network import NetworkRole
+    from agoranet.node.server import bind, serve_forever
 
     identity = Identity.load_or_create(home / "identity.key")
     url = f"http://127.0.0.1:{port}"
@@ -68,10 +68,11 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
 
     def noting(checked: list, source: str) -> int:  # instrumentation: when each offer arrives
         kept = admit(checked, source)
-        if kept:
+        if kept:  # only the offers of this batch that were kept: idle CPU must not include the bench's own work
             now = time.time()
-            for record in list(d.table.records()):
-                if record.type == OfferBody.record_type:
+            for record in checked:
+                if not isinstance(record, str) and record.type == OfferBody.record_type \
+                        and (held := d.table.get((record.signer, record.type))) is not None and held.cid == record.cid:
                     seen.setdefault(str(record.cid), now)
         return kept
 
@@ -114,7 +115,7 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
         found = await d.daemon.client.find_providers(model_key(model), timeout_s=10)  # type: ignore[attr-defined]
         return {"s": time.perf_counter() - t, "found": len(found)}
 
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    serve_forever(app, bind("127.0.0.1", port), log_level="warning")  # served as `agora node` serves
 
 
 # -- the run ----------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +83,10 @@ async def test_daemon_runs_under_the_node_identity_and_its_key_file_is_private(t
         assert peer == identity.peer_id and str(peer).startswith("12D3KooW")
         assert addrs and all(a.startswith("/ip4/127.0.0.1/tcp/") for a in addrs)
         assert not (daemon.dir / "identity.p2p.key").exists()  # read by the daemon, then removed
+        assert daemon._process is not None
+        environ = Path(f"/proc/{daemon._process.pid}/environ").read_bytes().split(b"\0")
+        expected = os.environ.get("GOMAXPROCS", "1")  # one Go thread at a time unless the operator says otherwise
+        assert f"GOMAXPROCS={expected}".encode() in environ
     finally:
         await daemon.stop()
     identity.save_libp2p_key(tmp_path / "k")
