@@ -42,7 +42,8 @@ from agoranet.net.gossip_table import (
 )
 from agoranet.net.peer import PeerClient, PeerError, PeerRefused, PeerUnreachable
 
-__all__ = ["GOSSIPED", "GossipConfig", "GossipDiscovery", "GossipKind", "HeartbeatBody", "RateLimiter", "now_ms"]
+__all__ = ["GOSSIPED", "GossipConfig", "GossipDiscovery", "GossipKind", "HeartbeatBody", "RateLimiter", "now_ms",
+           "verify_all"]
 
 log = logging.getLogger(__name__)
 

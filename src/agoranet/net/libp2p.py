@@ -40,7 +40,7 @@ from agoranet.core.identity import Identity, PeerId
 from agoranet.core.records import OfferBody, Record, decode_record
 from agoranet.core.tasks import cancel_and_wait
 from agoranet.net.discovery import OfferSource
-from agoranet.net.gossip import GossipConfig, GossipDiscovery, HeartbeatBody, now_ms
+from agoranet.net.gossip import GossipConfig, GossipDiscovery, HeartbeatBody, now_ms, verify_all
 from agoranet.net.p2pd import DaemonOptions, P2PDaemon, P2PError, read_delimited, write_delimited
 
 log = logging.getLogger(__name__)
@@ -281,17 +281,21 @@ class LibP2PDiscovery(GossipDiscovery):
         super()._reject(reason)
 
     def _admit(self, sender: str, data: bytes) -> bool:
-        try:
-            record = decode_record(data)  # unverified: the signer and type, before a signature is checked
-        except RecordError:
-            self._reject("malformed")
+        """HTTP gossip's admission rule for one record, charged to its sender: within the sender's
+        verification budget, decoded and its signature checked once, then held if it is current."""
+        fresh = self._unseen([data], sender)
+        if not fresh:
+            return False
+        record = verify_all(fresh)[0]
+        if isinstance(record, str):
+            self._reject(record)
             return False
         if record.signer != sender:  # each node publishes its own records; a relay is GossipSub's job
             self._reject("foreign")
             return False
-        if not self.ingest([data], sender):  # the same admission rule as HTTP gossip, charged to the sender
+        if not self._admit_all([record], sender):
             return False
-        if record.type == HeartbeatBody.record_type:  # the bytes just verified, so their content is the signer's
+        if record.type == HeartbeatBody.record_type:
             self.table.prove(sender)  # it reached us over an authenticated connection as itself: it is live
             self._check_offer(record)
         return True
