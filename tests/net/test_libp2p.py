@@ -93,6 +93,14 @@ async def test_daemon_runs_under_the_node_identity_and_its_key_file_is_private(t
     assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
 
 
+def test_agora_p2pd_names_the_binary_and_a_wrong_one_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGORA_P2PD", str(find_p2pd()))
+    assert find_p2pd() == find_p2pd(Path(os.environ["AGORA_P2PD"]))
+    monkeypatch.setenv("AGORA_P2PD", str(tmp_path / "nothing"))
+    with pytest.raises(P2PDaemonMissing, match="is not an executable p2pd binary"):
+        find_p2pd()
+
+
 async def test_a_signed_offer_published_by_one_node_reaches_the_others(net):
     provider = Identity.generate()
     offer = make_offer(provider)

@@ -56,7 +56,10 @@ def _pb() -> Any:
 
 
 def find_p2pd(explicit: Path | None = None) -> Path:
-    """The p2pd binary: the one given, else the one in an installed hivemind wheel (not imported)."""
+    """The p2pd binary: the one given, else `$AGORA_P2PD`, else the one in an installed hivemind wheel
+    (not imported), else a `p2pd` on the PATH."""
+    if explicit is None and os.environ.get("AGORA_P2PD"):
+        explicit = Path(os.environ["AGORA_P2PD"])
     if explicit is not None:
         if not os.access(explicit, os.X_OK):
             raise P2PDaemonMissing(f"{explicit} is not an executable p2pd binary")
