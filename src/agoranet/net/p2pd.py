@@ -344,7 +344,7 @@ class DaemonOptions:
     gossipsub_heartbeat_ms: int = 0  # GossipSub's mesh heartbeat; 0: the daemon's (1 s)
     # Go threads running at once (GOMAXPROCS; a GOMAXPROCS in the environment wins; 0: one per core).
     # One: discovery's traffic is small, and with one a daemon's idle wake-ups hand work between fewer
-    # threads (~13 % less idle CPU measured at 10 nodes); it also bounds what a flood can take from the node.
+    # threads (10-14 % less idle CPU for p2pd, two runs at 10-12 nodes); it also bounds what a flood can take.
     go_max_procs: int = 1
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
