@@ -7,14 +7,16 @@ libp2p node also runs its own go-libp2p daemon. Node 0 is everyone's seed (HTTP)
 - offer propagation: 6 publishers each sign a fresh offer for a new model; the delay until each
   other node holds it (p50/p95 over offers × nodes, and the worst time-to-all);
 - DHT lookup (libp2p): findProviders for those models from 10 nodes (p50/p95, misses);
-- idle CPU and RSS per node (the node's process plus its daemon) over --idle seconds;
+- idle CPU and RSS per node (the node's process plus its daemon) over --idle seconds, from --settle
+  seconds after membership converged (past each node's start-up: its first DHT announcements, the
+  second one 10 s after it started, and its connections), so that only heartbeats run;
 - a killed provider (SIGKILL): time until no node lists it (it is routed to no more), in heartbeat
   intervals; then restarted with the same identity: time until every node lists it again, counted
   from when its new process answers (its start-up, imports and daemon, is printed apart).
 Goals (libp2p, N = 30): p95 propagation ≤ 100 ms, idle CPU ≤ 0.5 % per node, a killed provider
 unrouted within 3 heartbeat intervals.
 
-    python benchmarks/discovery.py [--nodes 10 30] [--impl http libp2p] [--interval 2.0] [--idle 20]
+    python benchmarks/discovery.py [--nodes 10 30] [--impl http libp2p] [--interval 2.0] [--idle 20] [--settle 12]
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
     import secrets
     from contextlib import asynccontextmanager
 
-    import uvicorn
     from fastapi import FastAPI
 
     from agoranet.core.cid import RAW, cid_of
@@ -51,6 +52,7 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
     from agoranet.core.records import OfferBody, OfferedModel, sign_record
     from agoranet.net.gossip import GossipConfig, GossipDiscovery
     from agoranet.node.network import NetworkRole
+    from agoranet.node.server import bind, serve_forever
     from agoranet.verify.rules import RULE
 
     identity = Identity.load_or_create(home / "identity.key")
@@ -69,10 +71,11 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
 
     def noting(checked: list, source: str) -> int:  # instrumentation: when each offer arrives
         kept = admit(checked, source)
-        if kept:
+        if kept:  # only the offers of this batch that were kept: idle CPU must not include the bench's own work
             now = time.time()
-            for record in list(d.table.records()):
-                if record.type == OfferBody.record_type:
+            for record in checked:
+                if not isinstance(record, str) and record.type == OfferBody.record_type \
+                        and (held := d.table.get((record.signer, record.type))) is not None and held.cid == record.cid:
                     seen.setdefault(str(record.cid), now)
         return kept
 
@@ -89,7 +92,7 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
     app.include_router(network.router)
 
     @app.post("/bench/offer")
-    def offer() -> dict:
+    async def offer() -> dict:  # on the event loop, as discovery is used (announce is not thread-safe)
         now = int(time.time() * 1000)
         model = str(cid_of(secrets.token_bytes(16), RAW))
         record = sign_record(identity, OfferBody(
@@ -102,12 +105,20 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
         return {"cid": str(record.cid), "model": model, "t": t}
 
     @app.get("/bench/seen")
-    def seen_offers() -> dict:
+    async def seen_offers() -> dict:
         return seen
 
     @app.get("/bench/members")
-    def members() -> list[str]:
+    async def members() -> list[str]:
         return sorted(d.members())
+
+    @app.get("/bench/peers")
+    async def peers() -> dict:  # libp2p: connections, and peers subscribed to the global topic
+        from agoranet.net.libp2p import GLOBAL_TOPIC
+
+        client = d.daemon.client  # type: ignore[attr-defined]
+        return {"connected": len({p.peer for p in await client.list_peers()}),  # one entry per connection
+                "topic": len(await client.topic_peers(GLOBAL_TOPIC))}
 
     @app.get("/bench/lookup")
     async def lookup(model: str) -> dict:
@@ -115,7 +126,7 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
         found = await d.daemon.client.find_providers(model_key(model), timeout_s=10)  # type: ignore[attr-defined]
         return {"s": time.perf_counter() - t, "found": len(found)}
 
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    serve_forever(app, bind("127.0.0.1", port), log_level="warning")  # served as `agora node` serves
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -208,7 +219,7 @@ async def all_members(client: httpx.AsyncClient, nodes: list[Node]) -> list[set[
     return [set(a.json()) if isinstance(a, httpx.Response) else set() for a in answers]
 
 
-async def measure(impl: str, n: int, interval: float, idle_s: float, root: Path) -> dict:
+async def measure(impl: str, n: int, interval: float, idle_s: float, settle_s: float, root: Path) -> dict:
     load0 = os.getloadavg()[0]
     result: dict = {"impl": impl, "n": n}
     first = Node(impl, root / "n0", interval, [])
@@ -234,7 +245,7 @@ async def measure(impl: str, n: int, interval: float, idle_s: float, root: Path)
                 await asyncio.sleep(0.5)
             result["converged_s"] = time.monotonic() - t0
 
-            await asyncio.sleep(3)  # idle: nothing but heartbeats
+            await asyncio.sleep(settle_s)  # idle: nothing but heartbeats
             pids = [n_.pids() for n_ in nodes]
             before = [sum(cpu_seconds(p) for p in ps) for ps in pids]
             python_before = [cpu_seconds(ps[0]) for ps in pids]
@@ -272,7 +283,10 @@ async def measure(impl: str, n: int, interval: float, idle_s: float, root: Path)
             result.update(prop_p50=pct(delays, 0.5), prop_p95=pct(delays, 0.95), prop_all_max=max(to_all),
                           prop_missing=missing)
 
-            if impl == "libp2p":
+            if impl == "libp2p":  # flood publishing reaches a publisher's connected topic peers in one hop
+                peers = [(await client.get(f"{n_.url}/bench/peers")).json() for n_ in nodes]
+                result.update(connected=statistics.mean(p_["connected"] for p_ in peers),
+                              connected_min=min(p_["connected"] for p_ in peers))
                 askers = random.sample([n_ for n_ in nodes if n_ not in publishers], min(10, n - PUBLISHERS))
                 lookups = await asyncio.gather(*(client.get(f"{a.url}/bench/lookup", params={"model": o["model"]})
                                                  for a in askers for _, o in published))
@@ -317,6 +331,8 @@ def main() -> None:
     ap.add_argument("--impl", nargs="+", default=["http", "libp2p"], choices=["http", "libp2p"])
     ap.add_argument("--interval", type=float, default=2.0, help="heartbeat / gossip interval, seconds (CLI default)")
     ap.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU measurement")
+    ap.add_argument("--settle", type=float, default=12.0,
+                    help="seconds from convergence to the idle measurement (start-up DHT announcements end)")
     args = ap.parse_args()
     print(f"discovery benchmark: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, "
           f"interval {args.interval} s, {PUBLISHERS} publishers")
@@ -326,14 +342,15 @@ def main() -> None:
         for impl in args.impl:
             with tempfile.TemporaryDirectory(prefix=f"agora-bench-{impl}-") as tmp:
                 try:
-                    r = asyncio.run(measure(impl, n, args.interval, args.idle, Path(tmp)))
+                    r = asyncio.run(measure(impl, n, args.interval, args.idle, args.settle, Path(tmp)))
                 except TimeoutError as exc:  # a figure in itself: say so and go on with the other implementation
                     print(f"{impl:7} N={n:3}: {exc} (load {os.getloadavg()[0]:.1f})", flush=True)
                     continue
             by_impl[impl] = r
             rows.append(r)
             dht = (f"; DHT lookup p50 {r['dht_p50'] * 1000:.0f} ms / p95 {r['dht_p95'] * 1000:.0f} ms, "
-                   f"{r['dht_miss']}/{r['dht_n']} missed") if "dht_p50" in r else ""
+                   f"{r['dht_miss']}/{r['dht_n']} missed; connected to {r['connected']:.1f} peers per node "
+                   f"(fewest {r['connected_min']})") if "dht_p50" in r else ""
             print(f"{impl:7} N={n:3}: propagation p50 {r['prop_p50'] * 1000:.0f} ms / p95 {r['prop_p95'] * 1000:.0f} ms "
                   f"(all nodes within {r['prop_all_max'] * 1000:.0f} ms, {r['prop_missing']} missing){dht}; "
                   f"idle CPU {r['cpu_pct']:.2f} %/node ({r['cpu_python_pct']:.2f} the Python process), RSS {r['rss_mib']:.0f} MiB/node; killed provider unrouted "

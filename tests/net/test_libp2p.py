@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
@@ -82,10 +84,22 @@ async def test_daemon_runs_under_the_node_identity_and_its_key_file_is_private(t
         assert peer == identity.peer_id and str(peer).startswith("12D3KooW")
         assert addrs and all(a.startswith("/ip4/127.0.0.1/tcp/") for a in addrs)
         assert not (daemon.dir / "identity.p2p.key").exists()  # read by the daemon, then removed
+        assert daemon._process is not None
+        environ = Path(f"/proc/{daemon._process.pid}/environ").read_bytes().split(b"\0")
+        expected = os.environ.get("GOMAXPROCS", "1")  # one Go thread at a time unless the operator says otherwise
+        assert f"GOMAXPROCS={expected}".encode() in environ
     finally:
         await daemon.stop()
     identity.save_libp2p_key(tmp_path / "k")
     assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
+
+
+def test_agora_p2pd_names_the_binary_and_a_wrong_one_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGORA_P2PD", str(find_p2pd()))
+    assert find_p2pd() == find_p2pd(Path(os.environ["AGORA_P2PD"]))
+    monkeypatch.setenv("AGORA_P2PD", str(tmp_path / "nothing"))
+    with pytest.raises(P2PDaemonMissing, match="is not an executable p2pd binary"):
+        find_p2pd()
 
 
 async def test_a_signed_offer_published_by_one_node_reaches_the_others(net):

@@ -42,7 +42,8 @@ from agoranet.net.gossip_table import (
 )
 from agoranet.net.peer import PeerClient, PeerError, PeerRefused, PeerUnreachable
 
-__all__ = ["GOSSIPED", "GossipConfig", "GossipDiscovery", "GossipKind", "HeartbeatBody", "RateLimiter", "now_ms"]
+__all__ = ["GOSSIPED", "GossipConfig", "GossipDiscovery", "GossipKind", "HeartbeatBody", "RateLimiter", "now_ms",
+           "verify_all"]
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ class GossipDiscovery:
 
     def _admit_all(self, checked: list[Record[Any] | str], source: str) -> int:
         kept = 0
+        joined = False
         for record in checked:
             if isinstance(record, str):
                 self._reject(record)
@@ -213,9 +215,13 @@ class GossipDiscovery:
             if reason is None:
                 self.accepted += 1
                 kept += 1
+                joined = joined or (record.type == HeartbeatBody.record_type and record.signer not in self._live)
             elif reason != "held":
                 self._reject(reason)
-        if kept:
+        # A new member is told to watchers at once; the rest (lapsed peers, expired records) is swept by
+        # every round and before every read (members, find_offers), not at each record: with libp2p each
+        # record comes alone, and a sweep per record is a walk of the whole table per heartbeat heard.
+        if joined:
             self._sweep()
         return kept
 

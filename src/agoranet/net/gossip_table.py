@@ -188,7 +188,8 @@ class GossipTable:
         key = (record.signer, record.type)
         held = self.held.get(key)
         issued = self.issued(record)
-        if held is not None and (self.issued(held.record), str(held.record.cid)) >= (issued, str(record.cid)):
+        if held is not None and ((held_issued := self.issued(held.record)) > issued or (  # CIDs only break ties:
+                held_issued == issued and str(held.record.cid) >= str(record.cid))):  # hashing costs ~30 µs a record
             return "held"
         if held is None and issued < self._newest.get(key, -1):
             # Older than one held and evicted: a replay. The same record again is no rollback

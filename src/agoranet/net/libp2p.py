@@ -40,7 +40,7 @@ from agoranet.core.identity import Identity, PeerId
 from agoranet.core.records import OfferBody, Record, decode_record
 from agoranet.core.tasks import cancel_and_wait
 from agoranet.net.discovery import OfferSource
-from agoranet.net.gossip import GossipConfig, GossipDiscovery, HeartbeatBody, now_ms
+from agoranet.net.gossip import GossipConfig, GossipDiscovery, HeartbeatBody, now_ms, verify_all
 from agoranet.net.p2pd import DaemonOptions, P2PDaemon, P2PError, read_delimited, write_delimited
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,8 @@ class LibP2PDiscovery(GossipDiscovery):
         self.p2p = p2p
         self.daemon = P2PDaemon(identity, self.p2p.daemon, log_dir=self.p2p.log_dir)
         self.received = 0
+        self._me = str(identity.peer_id)
+        self._faults = 0  # rejections that were the sender's fault, ever (see FAULTS)
         self.lookups = 0
         self.fetches = 0
         self._invalid: collections.Counter[str] = collections.Counter()  # author -> invalid records sent
@@ -256,7 +258,7 @@ class LibP2PDiscovery(GossipDiscovery):
         """A record `author` published: kept if it passes every check; an author whose records keep
         failing them is ignored for a while and disconnected."""
         sender = str(author)
-        if sender == str(self.identity.peer_id):
+        if sender == self._me:
             return False
         if (until := self._ignored.get(sender)) is not None:
             if time.monotonic() < until:
@@ -265,29 +267,36 @@ class LibP2PDiscovery(GossipDiscovery):
             del self._ignored[sender]
             self._invalid.pop(sender, None)
         self.received += 1
-        before = self.rejected.copy()
+        before = self._faults
         kept = self._admit(sender, data)
-        faults = sum((self.rejected - before)[reason] for reason in FAULTS)
-        if faults:
+        if faults := self._faults - before:
             self._invalid[sender] += faults
             if self._invalid[sender] >= self.p2p.max_invalid:
                 self._ignore(author)
         return kept
 
+    def _reject(self, reason: str) -> None:
+        if reason in FAULTS:
+            self._faults += 1
+        super()._reject(reason)
+
     def _admit(self, sender: str, data: bytes) -> bool:
-        try:
-            signer = decode_record(data).signer
-        except RecordError:
-            self._reject("malformed")
+        """HTTP gossip's admission rule for one record, charged to its sender: within the sender's
+        verification budget, decoded and its signature checked once, then held if it is current."""
+        fresh = self._unseen([data], sender)
+        if not fresh:
             return False
-        if signer != sender:  # each node publishes its own records; a relay is GossipSub's job
+        record = verify_all(fresh)[0]
+        if isinstance(record, str):
+            self._reject(record)
+            return False
+        if record.signer != sender:  # each node publishes its own records; a relay is GossipSub's job
             self._reject("foreign")
             return False
-        if not self.ingest([data], sender):  # the same admission rule as HTTP gossip, charged to the sender
+        if not self._admit_all([record], sender):
             return False
-        record = decode_record(data)
         if record.type == HeartbeatBody.record_type:
-            self.table.prove(signer)  # it reached us over an authenticated connection as itself: it is live
+            self.table.prove(sender)  # it reached us over an authenticated connection as itself: it is live
             self._check_offer(record)
         return True
 
@@ -329,9 +338,8 @@ class LibP2PDiscovery(GossipDiscovery):
                 return
             await asyncio.wait_for(client.read_stream_info(reader), self.p2p.fetch_timeout_s)
             self._publish_own()
-            me = str(self.identity.peer_id)
             for record in list(self.table.records()):
-                if record.signer == me:
+                if record.signer == self._me:
                     await write_delimited(writer, record.encode())
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, P2PError) as exc:
             log.debug("serving a records stream failed: %s", exc)

@@ -6,11 +6,16 @@ holds a socket and grows the node without bound. `GuardedHttp` adds both limits:
 headers are not complete within `header_timeout_s` is closed (408), and one whose request line and
 headers pass `max_header_bytes` gets 431 and is closed. Idle keep-alive connections close after
 `keep_alive_s`, and beyond `max_concurrency` connections and requests in flight new requests get 503.
+
+`QuietServer` is uvicorn's server with a main loop that wakes once a second instead of ten times
+(uvicorn's ticks only refresh the date header, once a second, and look for an exit request): an idle
+node's process otherwise spends most of its CPU on those wake-ups. An exit request wakes it at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -89,6 +94,42 @@ class GuardedHttp(HttpToolsProtocol):
             self.transport.close()
 
 
+class QuietServer(uvicorn.Server):
+    """`uvicorn.Server` ticking once a second (uvicorn: ten times), and at once when told to exit.
+
+    uvicorn's tick refreshes the date header every tenth tick and checks `should_exit` (set by its
+    signal handlers, or by another thread in `BackgroundServer.stop`); here each tick counts as ten,
+    so the header is refreshed on every tick, and setting `should_exit` wakes the loop."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._exit = asyncio.Event()
+        self._should_exit = False
+        super().__init__(config)
+
+    @property
+    def should_exit(self) -> bool:
+        return self._should_exit
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        self._should_exit = value
+        if value and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing left to wake
+                self._loop.call_soon_threadsafe(self._exit.set)
+
+    async def main_loop(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 10) % 864000  # on_tick refreshes the date header when counter % 10 == 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._exit.wait()
+            should_exit = await self.on_tick(counter)
+
+
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A listening socket; port 0 lets the OS pick a free port, so nothing ever clashes."""
     # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says TCP,
@@ -128,7 +169,7 @@ def serve_forever(app: FastAPI, sock: socket.socket, log_level: str = "info") ->
     uvicorn_log = logging.getLogger("uvicorn.error")
     uvicorn_log.addFilter(no_startup_traceback)
     try:
-        uvicorn.Server(_config(app, log_level)).run(sockets=[sock])
+        QuietServer(_config(app, log_level)).run(sockets=[sock])
     except SystemExit:  # uvicorn exits when the lifespan fails to start
         if app.state.startup_error is not None:
             raise app.state.startup_error from None
@@ -144,7 +185,7 @@ class BackgroundServer:
                  limits: HttpLimits | None = None) -> None:
         self.sock = sock or bind()
         self.url = url_of(self.sock)
-        self.server = uvicorn.Server(_config(app, log_level, limits))
+        self.server = QuietServer(_config(app, log_level, limits))
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # main thread owns them
         self._thread = threading.Thread(target=self._run, name=f"agora-node {self.url}", daemon=True)
         self._error: BaseException | None = None
