@@ -96,10 +96,15 @@ def _noise_numpy(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _gumbel_np(keys: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """splitmix64 → Gumbel noise in numpy: int64 keys and indices that broadcast, float32 out (in place where
-    it can be: the same operations, fewer temporaries)."""
+    """splitmix64 → Gumbel noise in numpy: int64 keys and indices that broadcast, float32 out."""
+    return np.negative(_log_log(keys, (index.astype(np.uint64) + np.uint64(1)) * np.uint64(_GAMMA)))
+
+
+def _log_log(keys: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """log(−log u) as float32, the Gumbel noise negated (IEEE negation is exact, so s + g = s − this), given
+    spread = (index + 1)·γ mod 2^64; in place where it can be (the same operations, fewer temporaries)."""
     with np.errstate(over="ignore"):
-        z = (index.astype(np.uint64) + np.uint64(1)) * np.uint64(_GAMMA) + keys.view(np.uint64)
+        z = spread + keys.view(np.uint64)
         z ^= z >> np.uint64(30)
         z *= np.uint64(0xBF58476D1CE4E5B9)
         z ^= z >> np.uint64(27)
@@ -111,8 +116,18 @@ def _gumbel_np(keys: np.ndarray, index: np.ndarray) -> np.ndarray:
         np.log(uniform, out=uniform)
         np.negative(uniform, out=uniform)
         np.log(uniform, out=uniform)
-        np.negative(uniform, out=uniform)
         return uniform.astype(np.float32)
+
+
+_SPREADS: dict[int, np.ndarray] = {}  # n → (arange(n) + 1)·γ mod 2^64: the block indices' part of their noise
+
+
+def _spread(n: int) -> np.ndarray:
+    if (spread := _SPREADS.get(n)) is None:
+        with np.errstate(over="ignore"):
+            spread = _SPREADS[n] = (np.arange(n, dtype=np.uint64) + np.uint64(1)) * np.uint64(_GAMMA)
+        spread.flags.writeable = False
+    return spread
 
 
 def _noise_torch(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -333,16 +348,18 @@ def _choose_cpu(x: np.ndarray, temperatures: list[float], top_p: list[float], ke
         mass = torch.exp(torch.from_numpy(np.subtract(values, lse, dtype=np.float64, order="C"))).numpy()
         k = min(_PREFIX, vocab)
         cum = np.cumsum(mass[:, :k], axis=-1)
-        if k < vocab and not bool((cum[need, -1] >= p[need] + 1e-9).all()):
+        if k < vocab and not bool((cum[:, -1] >= p + 1e-9)[need].all()):
             k, cum = vocab, np.cumsum(mass, axis=-1)
         inside = (cum - mass[:, :k] < p[:, None]).sum(axis=-1)
-        edge = np.where(need, values[np.arange(rows), np.maximum(inside - 1, 0)], edge)
+        edge = values[np.arange(rows), np.maximum(inside - 1, 0)]
+        if not need.all():
+            edge = np.where(need, edge, np.float32(-np.inf))
         weight = np.where(s < edge[:, None], np.float32(0.0), weight)
     blocks = -(-vocab // BLOCK)
     if blocks * BLOCK > vocab:
         weight = np.pad(weight, ((0, 0), (0, blocks * BLOCK - vocab)))
     block_mass = torch.log(torch.from_numpy(weight).view(rows, blocks, BLOCK).sum(dim=-1)).numpy() + top
-    block = np.argmax(block_mass + _gumbel_np(keys[:, 1:], np.arange(blocks)), axis=-1)
+    block = np.argmax(block_mass - _log_log(keys[:, 1:], _spread(blocks)), axis=-1)
     ids = block[:, None] * BLOCK + np.arange(BLOCK)
     if vocab % BLOCK == 0:
         values_b = s.reshape(rows, blocks, BLOCK)[np.arange(rows), block]
@@ -350,5 +367,5 @@ def _choose_cpu(x: np.ndarray, temperatures: list[float], top_p: list[float], ke
     else:
         values_b = np.take_along_axis(s, np.minimum(ids, vocab - 1), axis=-1)
         keep = (ids < vocab) & (values_b >= edge[:, None])
-    scores = np.where(keep, values_b + _gumbel_np(keys[:, :1], ids), np.float32(-np.inf))
+    scores = np.where(keep, values_b - _log_log(keys[:, :1], _spread(vocab + BLOCK)[ids]), np.float32(-np.inf))
     return (block * BLOCK + np.argmax(scores, axis=-1)).tolist()
