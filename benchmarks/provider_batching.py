@@ -12,20 +12,25 @@ The machine may be shared: the load average is printed before and after; ratios 
     python benchmarks/provider_batching.py [--concurrency 1 8 32] [--max-tokens 64] [--repeats 3]
 
 `--engine vllm` measures instead what Agora's rule costs vLLM (issue 14: the logits processor ≤ 10% of vLLM's
-throughput at 8 concurrent). Per model, two vLLM-CPU OpenAI servers on the same weights (fp32,
---enforce-eager, --gpu-memory-utilization 0.1, vLLM's default CPU binding), both started before measuring:
-  vllm       plain vLLM, no logits processor: vLLM samples at T 0.8, top-p 0.95 itself
-  vllm+rule  --logits-processors agoranet.engine.vllm_rule:AgoraRule, asked exactly what `VLLMEngine` asks
-             (greedy over the processor's single finite logit, the rule at T 0.8, top-p 0.95)
+throughput at 8 concurrent). Per model, a vLLM-CPU OpenAI server (fp32, --enforce-eager,
+--gpu-memory-utilization 0.1, vLLM's default CPU binding) with --logits-processors
+agoranet.engine.vllm_rule:AgoraRule, and two arms:
+  vllm       plain vLLM: requests without the rule's arguments (the processor leaves them alone), vLLM
+             samples at T 0.8, top-p 0.95 itself
+  vllm+rule  asked exactly what `VLLMEngine` asks (greedy over the processor's single finite logit, the rule
+             at T 0.8, top-p 0.95)
+--servers two puts the plain arm on a second server started without the processor instead; on this 2-core
+machine two servers side by side gave bimodal throughput (the same arm at ~400 or ~1,800 tok/s, run after
+run) that neither engine's step times showed, so one server is the default.
 Both arms: c requests at once, each its own chat prompt as token ids, --max-tokens new tokens with
 `ignore_eos`, 5 raw logprobs and the token ids (what a receipt needs), not streamed; arms alternate in order
 each repeat; medians of --repeats; the ratio vllm+rule / vllm of the medians and the median of each repeat's
 ratio (its two arms ran back to back), and the load average per concurrency.
 Models, built locally (nothing downloaded): tiny-bpe (tests/realmodel.py: 2 layers, hidden 128, vocab 1024)
 and llama-58m (benchmarks/verification_cost.py: 8 layers, hidden 768, vocab 1024). --time-apply also clocks
-the engine's steps from inside both servers (benchmarks/vllm_timed_rule.py: the rule's server runs the
-processor with a stopwatch, the plain one a processor that only reads the clock) and prints, per batch size,
-both servers' median step and the processor's share: the rule's cost without the HTTP noise of a shared machine.
+the engine's steps from inside (benchmarks/vllm_timed_rule.py: the processor with a stopwatch; with --servers two
+the plain server gets a processor that only reads the clock) and prints, per batch size, both arms' median step
+and the processor's share: the rule's cost without the HTTP noise of a shared machine.
 First, the processor alone (`apply_rule` called directly) at --alone-vocab vocabularies.
 
     python benchmarks/provider_batching.py --engine vllm --vllm-python /work/vllm-venv/bin/python \
@@ -284,12 +289,15 @@ async def rule_arm(http: httpx.AsyncClient, url: str, bodies: list[dict]) -> flo
     return tokens / (time.perf_counter() - t0)
 
 
-def step_times(path: Path) -> dict[int, tuple[float, float, int]]:
-    """rows → (median apply µs, median step period µs, steps) from a stopwatch's file (vllm_timed_rule.py)."""
+def step_times(path: Path, ruled: bool | None = None) -> dict[int, tuple[float, float, int]]:
+    """rows → (median apply µs, median step period µs, steps) from a stopwatch's file (vllm_timed_rule.py), of the
+    steps with a row under the rule (ruled True), without (False) or all (None)."""
     by: dict[int, tuple[list[float], list[float]]] = {}
     if path.exists():
         for line in path.read_text().splitlines():
-            rows, took, period = line.split()
+            rows, took, period, flag = line.split()
+            if ruled is not None and bool(int(flag)) != ruled:
+                continue
             a, g = by.setdefault(int(rows), ([], []))
             a.append(float(took))
             if float(period) >= 0:
@@ -336,19 +344,21 @@ async def vllm_main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for name, model_dir in build_models(args.models, tmp):
-            times = {"vllm": tmp / f"{name}-plain-steps.txt", "vllm+rule": tmp / f"{name}-rule-steps.txt"}
+            two = args.servers == "two"
+            times = {"vllm": tmp / f"{name}-plain-steps.txt" if two else tmp / f"{name}-steps.txt",
+                     "vllm+rule": tmp / f"{name}-rule-steps.txt" if two else tmp / f"{name}-steps.txt"}
             timed = args.time_apply
+            rule_server = RuleServer(args.vllm_python, model_dir, args.vllm_port + 1, tmp / f"{name}-rule.log",
+                                     "vllm_timed_rule:TimedAgoraRule" if timed else PROCESSOR, times["vllm+rule"])
             servers = {"vllm": RuleServer(args.vllm_python, model_dir, args.vllm_port, tmp / f"{name}-plain.log",
-                                          "vllm_timed_rule:TimedNoop" if timed else None, times["vllm"]),
-                       "vllm+rule": RuleServer(args.vllm_python, model_dir, args.vllm_port + 1,
-                                               tmp / f"{name}-rule.log",
-                                               "vllm_timed_rule:TimedAgoraRule" if timed else PROCESSOR,
-                                               times["vllm+rule"])}
+                                          "vllm_timed_rule:TimedNoop" if timed else None, times["vllm"])
+                       if two else rule_server, "vllm+rule": rule_server}
             try:
                 t0 = time.monotonic()
-                for server in servers.values():
+                for server in set(servers.values()):
                     await server.ready()
-                print(f"\n{name}: both vLLM servers ready in {time.monotonic() - t0:.0f} s")
+                print(f"\n{name}: {'both vLLM servers' if two else 'the vLLM server'} ready in "
+                      f"{time.monotonic() - t0:.0f} s")
                 engine = VLLMEngine(servers["vllm+rule"].url, model_dir, model_cid="bench", model_name="bench")
                 await engine.start()  # the provider's probe: the processor really runs in the rule's server
                 prompts = [engine.tokenizer.chat_prompt([(m["role"], m["content"]) for m in messages(i)])
@@ -368,7 +378,7 @@ async def vllm_main(args: argparse.Namespace) -> None:
                             loads.setdefault(c, []).append(os.getloadavg()[0])
                 await engine.stop()
             finally:
-                for server in servers.values():
+                for server in set(servers.values()):
                     server.stop()
             med = {k: statistics.median(v) for k, v in results.items()}
             print(f"{name}: {args.max_tokens} new tokens per request (ignore_eos), T 0.8 top-p 0.95, 5 logprobs, "
@@ -386,7 +396,7 @@ async def vllm_main(args: argparse.Namespace) -> None:
                 print(f"  runs {arm}: " + "; ".join(f"{c}: {[round(x) for x in results[(arm, c)]]}"
                                                    for c in args.concurrency))
             if timed:
-                plain, rule = step_times(times["vllm"]), step_times(times["vllm+rule"])
+                plain, rule = step_times(times["vllm"], False), step_times(times["vllm+rule"], True)
                 print("  inside the engine (stopwatch processors), steps of c rows, medians: plain vLLM's step, the "
                       "rule's step, the processor's apply; step ratio = plain / rule")
                 for c in args.concurrency:
@@ -414,6 +424,9 @@ if __name__ == "__main__":
     ap.add_argument("--vllm-python", default=os.environ.get("AGORA_VLLM_PYTHON", "/work/vllm-venv/bin/python"))
     ap.add_argument("--vllm-port", type=int, default=18731)
     ap.add_argument("--models", nargs="+", default=["tiny-bpe", "llama-58m"], help="--engine vllm: models to build")
+    ap.add_argument("--servers", choices=["one", "two"], default="one",
+                    help="--engine vllm: both arms on one server with the processor loaded (plain requests leave it "
+                         "idle), or a second server without it")
     ap.add_argument("--alone-vocab", type=int, nargs="*", default=[1024],
                     help="--engine vllm: vocabularies to time the processor alone at (e.g. 1024 32000 152064)")
     ap.add_argument("--time-apply", action="store_true",

@@ -317,7 +317,7 @@ _PREFIX = 64  # nucleus masses summed first; the rest only for rows whose nucleu
 
 def _choose_cpu(x: np.ndarray, temperatures: list[float], top_p: list[float], keys: np.ndarray) -> list[int] | None:
     """The rule's tokens for float32 CPU rows (`x`, [rows, vocab], all at T > 0), bit-identical to
-    `_choose(scale_logits(x), nucleus_edge(…), keys)` and three times faster at batch 8 × vocab 1024.
+    `_choose(scale_logits(x), nucleus_edge(…), keys)`, about twice as fast at batch 8 × vocab 1024.
 
     Steps that are exact in IEEE arithmetic — division, comparisons, sorting, gathers, float32 and float64
     additions and subtractions, cumulative sums, argmax (first maximum) — run in numpy, ~1 µs an operation where
