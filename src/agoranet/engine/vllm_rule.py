@@ -121,27 +121,35 @@ def _float(extra: dict[str, Any], key: str) -> float:
 
 
 def apply_rule(logits: torch.Tensor, rows: list[tuple[int, RuleArgs, int]]) -> torch.Tensor:
-    """For each (row, args, generated-so-far): the rule's token gets 0, every other token −inf (in place)."""
+    """For each (row, args, generated-so-far): the rule's token gets 0, every other token −inf (in place).
+
+    One `choose_tokens` call for all the rule's rows of the step (the rule is row-wise, so a row gets the token
+    it would get alone; on the CPU it runs mostly in numpy, see `verify.rule._choose_cpu`), then two in-place
+    writes for the mask. benchmarks/provider_batching.py --engine vllm measures what it costs vLLM."""
     if not rows:
         return logits
-    forced = [(row, a.force) for row, a, _ in rows if a.force is not None]
-    ruled = [(row, a, n) for row, a, n in rows if a.force is None]
-    chosen: list[tuple[int, int]] = list(forced)  # type: ignore[arg-type]
+    index = [row for row, _, _ in rows]
+    tokens = [a.force for _, a, _ in rows]
+    ruled = [i for i, (_, a, _) in enumerate(rows) if a.force is None]
     if ruled:
-        index = [row for row, _, _ in ruled]
-        # the rule's noise is made on the CPU: bring the rows there (a no-op copy on vLLM's CPU build; on a
-        # GPU, rows × vocab floats per step), and send back only the mask
-        rows_cpu = logits[index].to("cpu", torch.float32)
-        tokens = choose_tokens(
-            rows_cpu, temperatures=[a.temperature for _, a, _ in ruled], top_ps=[a.top_p for _, a, _ in ruled],
-            seeds=[a.seed for _, a, _ in ruled], request_ids=[a.request_id for _, a, _ in ruled],
-            positions=[a.prefix_len + n for _, a, n in ruled],
-        )
-        chosen += list(zip(index, tokens))
-    rows_t = torch.tensor([row for row, _ in chosen], dtype=torch.long, device=logits.device)
-    tokens_t = torch.tensor([token for _, token in chosen], dtype=torch.long, device=logits.device)
-    logits[rows_t] = float("-inf")
-    logits[rows_t, tokens_t] = 0.0
+        picked = [index[i] for i in ruled]
+        whole = picked == list(range(logits.shape[0]))
+        # the rule's noise is made on the CPU: bring the rows there (nothing is copied on vLLM's CPU build, where
+        # a step's rows are usually all the batch; on a GPU, rows × vocab floats per step), send back the mask
+        sub = (logits if whole else logits[picked]).to("cpu", torch.float32)
+        args = [rows[i][1] for i in ruled]
+        chosen = choose_tokens(sub, temperatures=[a.temperature for a in args], top_ps=[a.top_p for a in args],
+                               seeds=[a.seed for a in args], request_ids=[a.request_id for a in args],
+                               positions=[a.prefix_len + rows[i][2] for a, i in zip(args, ruled)])
+        for i, token in zip(ruled, chosen):
+            tokens[i] = token
+    tokens_t = torch.tensor(tokens, dtype=torch.long, device=logits.device)[:, None]
+    if index == list(range(logits.shape[0])):  # every row of the step (the usual case): two whole-tensor writes
+        logits.fill_(float("-inf")).scatter_(1, tokens_t, 0.0)
+    else:
+        rows_t = torch.tensor(index, dtype=torch.long, device=logits.device)
+        logits.index_fill_(0, rows_t, float("-inf"))
+        logits[rows_t, tokens_t[:, 0]] = 0.0
     return logits
 
 
