@@ -148,7 +148,7 @@ def calibrate(
     max_tokens: Annotated[int, typer.Option(help="longest honest output calibrated (receipts with longer outputs "
                                               "are refused)")] = 256,
     buckets: Annotated[str, typer.Option(help="prompt lengths (tokens, comma-separated) at which a new length "
-                                              "bucket with its own limits starts")] = "128,512",
+                                              "bucket with its own limits starts; none: one bucket)")] = "128,512",
     seed: int = 1,
     threads: ThreadsOpt = 1,
     out: Annotated[Optional[Path], typer.Option(help="tolerances file to write (merged with an existing one)")] = None,
@@ -167,7 +167,7 @@ def calibrate(
     if headroom < 1.5:
         raise fail(f"--headroom {headroom} is below the required 1.5")
     try:
-        edges = tuple(sorted({int(e) for e in buckets.split(",") if e.strip()}))
+        edges = () if buckets.strip() in ("", "none") else tuple(sorted({int(e) for e in buckets.split(",")}))
     except ValueError:
         raise fail(f"--buckets {buckets!r}: give prompt lengths in tokens, comma-separated (e.g. 128,512)") from None
     if any(e < 1 for e in edges):
