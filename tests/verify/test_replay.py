@@ -287,10 +287,10 @@ def test_an_honest_token_on_the_nucleus_edge_is_not_refused(honest):
 def test_a_bf16_provider_ignoring_top_p_is_caught_and_honest_bf16_passes(reference, top_p):
     """At T 0.7 with the shipped bf16 tolerances: every honest bf16 sequence passes, and a provider sampling
     from the whole distribution is caught where that changed its output — nearly every time at top_p 0.5; at
-    0.9 its tokens often land just past the edge, inside the tolerance. The shipped bf16 τ_mass (1.28) covers
-    prompts up to 960 tokens, where honest bf16 moves a nucleus mass's log-odds ~3× more than on the short
-    prompts here (τ_mass was 0.39 when calibrated on 64-token runs: 28/31 caught at 0.9), so at 0.9 only
-    a minority is caught now (3 of 10 changed outputs)."""
+    0.9 its tokens often land just past the edge, inside the tolerance. These short prompts are judged by the
+    shipped record's ≤ 128-token bucket, τ_mass 0.84 (whole range 1.63; 0.39 when calibrated on 64-token
+    short-prompt runs only: 28/31 caught at 0.9), so at 0.9 only a minority is caught (4 of 10 changed
+    outputs; 3 of 10 under the single-bucket τ_mass 1.28)."""
     from agoranet.node.cheat import CheatingEngine
 
     requests = honest_requests(12, seed=515, model_cid=MODEL_CID, max_tokens=48, temperatures=(0.7,),
