@@ -241,7 +241,8 @@ def bucket_stats(runs: list[HonestRun], results: list[ReplayResult], edges: list
                 if lo < run.body.prompt_tokens + len(run.body.prefix_tokens) <= hi]
         if len(edges) > 1 and len(mine) < MIN_BUCKET_SEQUENCES:
             raise CalibrationFailed(f"only {len(mine)} calibration sequences have prompts of {lo + 1}-{hi} tokens "
-                                    f"(at least {MIN_BUCKET_SEQUENCES} per bucket)")
+                                    f"(at least {MIN_BUCKET_SEQUENCES} per bucket): calibrate with more --sequences "
+                                    "or fewer --buckets")
         rs = [r for _, r in mine]
         out.append(BucketStats(max_prompt_tokens=hi, measured=worst(rs), flips=[r.flips for r in rs],
                                flip_margins=[r.flip_margin for r in rs], lp_means=[r.lp_mean for r in rs],
@@ -265,10 +266,11 @@ async def calibrate_precision(
     model_dir: Path, model_cid: str, precision: str, reference: torch.nn.Module, *, sequences: int = 400,
     confirm: int = 400, headroom: float = HEADROOM, floor: float = MIN_TOLERANCE, max_tokens: int = 256,
     seed: int = 1, threads: int | None = None, engine: Engine | None = None, target_frr: float = TARGET_FRR,
-    edges: tuple[int, ...] = BUCKET_EDGES,
+    edges: tuple[int, ...] = (),
 ) -> BucketedClass:
     """Measure one precision class against the reference, set τ and the per-sequence limits per prompt-length
-    bucket (and over the whole range), and confirm on an independent set; the record states the range covered
+    bucket (new buckets at `edges`, e.g. BUCKET_EDGES as `agora verify calibrate` does; none: one bucket, for
+    small sets) and over the whole range, and confirm on an independent set; the record states the range covered
     (prompt lengths up to the context, outputs up to `max_tokens`, batch 1 and 16 — the confirmation set at
     batch 8).
 
