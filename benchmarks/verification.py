@@ -33,6 +33,7 @@ fp32 and ≥ 90% at bf16; verification ≤ 1/8 of generation for 64 new tokens.
     python benchmarks/verification.py                       # 160 honest per set, 48 per attack, fp32 + bf16
     python benchmarks/verification.py --quick               # 16 per set, 12 per attack
     python benchmarks/verification.py --tolerances FILE     # judge with another tolerances record
+    python benchmarks/verification.py --compare OLD.json    # and every receipt also with OLD (before/after)
     python benchmarks/verification.py --engine llamacpp [--quick]   # a GGUF (benchmarks/verification_llamacpp.py)
 """
 
@@ -334,6 +335,9 @@ def main() -> int:
     ap.add_argument("--honest", type=int, default=None, help="honest sequences per set per class (default 160)")
     ap.add_argument("--attacks", type=int, default=None, help="sequences per attack per class (default 48)")
     ap.add_argument("--tolerances", type=Path, default=None, help="tolerances record (default: shipped)")
+    ap.add_argument("--compare", type=Path, default=None,
+                    help="also judge every receipt with this tolerances record (e.g. the previous one): before/after "
+                         "on the very same sequences")
     ap.add_argument("--no-cost", action="store_true", help="skip the cost measurement")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
@@ -350,13 +354,27 @@ def main() -> int:
     t_start = time.perf_counter()
     print(f"agora-tiny {MODEL_CID}; receipts replayed at fp32 with tolerances record {record.cid}")
 
+    compare = load_tolerances(args.compare) if args.compare else None
+    if compare is not None:
+        report["compare"] = {"tolerances": str(compare.cid), "classes": {}}
+        print(f"every receipt also judged with tolerances record {compare.cid} ({compare.type}): figures after "
+              "'vs' (the same sequences)")
     for precision in precisions:
         tol = tolerance_for(record.body, precision)
+        other = tolerance_for(compare.body, precision) if compare is not None else None
         print(f"\n== provider precision {precision}: τ_tok {tol.tok:.4g}  τ_lp {tol.lp:.4g}  τ_top {tol.top:.4g}  "
               f"τ_mass {tol.mass:.4g}; "
               f"per sequence ≤ {tol.seq_flips} flips, flip margins ≤ {tol.seq_flip_margin:.3g}, mean |Δlp| ≤ "
               f"{tol.seq_lp_mean:.3g}; covers prompts ≤ {tol.max_prompt_tokens}, outputs ≤ {tol.max_output_tokens} ==")
+        lo = 0
+        for b in tol.buckets:
+            print(f"   prompts {lo}-{b.max_prompt_tokens}: τ_tok {b.tok:.4g}  τ_lp {b.lp:.4g}  τ_top {b.top:.4g}  "
+                  f"τ_mass {b.mass:.4g}; flips ≤ {b.flips_base:.3g} + {b.flips_per_token:.3g}·n, flip margins ≤ "
+                  f"{b.margin_base:.3g} + {b.margin_per_token:.3g}·n, mean |Δlp| ≤ {b.lp_mean:.3g} "
+                  f"({b.sequences}+{b.confirm_sequences} calibration sequences)")
+            lo = b.max_prompt_tokens + 1
         cls: dict = {"tolerances": tol.model_dump(), "honest": {}, "attacks": {}}
+        alt: dict = {"honest": {}, "attacks": {}}
         for set_name, reqs in honest_sets(n_honest).items():
             t = time.perf_counter()
             honest = run(engine_for(precision), reqs, single_share=0.25)
@@ -375,10 +393,17 @@ def main() -> int:
             }
             h = cls["honest"][set_name]
             w = h["worst"]
+            versus = ""
+            if other is not None:
+                res2 = judge(reference, honest, other)
+                alt["honest"][set_name] = {"sequences": len(honest), "refused": sum(isinstance(r, str) for r in res2),
+                                           "false_rejections": sum(not isinstance(r, str) and not r.ok for r in res2)}
+                versus = f" (vs {alt['honest'][set_name]['false_rejections']} rejected)"
             print(f"honest {set_name:<12} {len(honest)} sequences (prompts ≤ {h['max_prompt_tokens']}, outputs ≤ "
-                  f"{h['max_output_tokens']} tokens; batch 1 and 16): {len(rejected)} rejected, {len(refused)} refused; "
-                  f"worst tok/lp/top/mass {w['tok']:.3g}/{w['lp']:.3g}/{w['top']:.3g}/{w['mass']:.3g}, flips {w['flips']}, flip margins "
-                  f"{w['flip_margin']:.3g}, mean |Δlp| {w['lp_mean']:.3g}  [{time.perf_counter() - t:.0f}s]")
+                  f"{h['max_output_tokens']} tokens; batch 1 and 16): {len(rejected)} rejected{versus}, {len(refused)} "
+                  f"refused; worst tok/lp/top/mass {w['tok']:.3g}/{w['lp']:.3g}/{w['top']:.3g}/{w['mass']:.3g}, flips "
+                  f"{w['flips']}, flip margins {w['flip_margin']:.3g}, mean |Δlp| {w['lp_mean']:.3g}  "
+                  f"[{time.perf_counter() - t:.0f}s]")
             for r in rejected[:3]:
                 print(f"   rejected: {r.failure.kind} at {r.failure.position}: {r.failure.detail}")
             for why in refused[:2]:
@@ -388,29 +413,39 @@ def main() -> int:
         attacks, honest_tokens = attack_runs(precision, n_attack)
         print(f"attacks generated in {time.perf_counter() - t:.0f}s")
         for name, (runs, positions, group) in attacks.items():
-            res = judge(reference, runs, tol)
             differs = [r.body.output_tokens != honest_tokens.get(r.body.request) or positions is not None for r in runs]
-            caught = [not isinstance(x, str) and not x.ok for x in res]
-            refused = sum(isinstance(x, str) for x in res)
-            n_diff = sum(differs)
-            det_diff = sum(c for c, d in zip(caught, differs) if d)
-            det_same = sum(c for c, d in zip(caught, differs) if not d)
-            kinds: dict[str, int] = {}
-            for x in res:
-                if not isinstance(x, str) and not x.ok:
-                    kinds[x.failure.kind] = kinds.get(x.failure.kind, 0) + 1
-            rate = det_diff / n_diff if n_diff else None
-            cls["attacks"][name] = {"group": group, "sequences": len(runs), "differing": n_diff,
-                                    "detected_differing": det_diff, "rate_differing": rate,
-                                    "identical_to_honest": len(runs) - n_diff, "detected_identical": det_same,
-                                    "refused": refused, "kinds": kinds}
-            shown = "   n/a" if rate is None else f"{rate:6.1%}"
-            print(f"  {name:<20} detected {det_diff:>3}/{n_diff:<3} differing {shown}; identical to honest "
-                  f"{len(runs) - n_diff}/{len(runs)} ({det_same} of those flagged); refused {refused}  {kinds}")
+            for target, limits in [(cls, tol), (alt, other)]:
+                if limits is None:
+                    continue
+                res = judge(reference, runs, limits)
+                caught = [not isinstance(x, str) and not x.ok for x in res]
+                refused = sum(isinstance(x, str) for x in res)
+                n_diff = sum(differs)
+                det_diff = sum(c for c, d in zip(caught, differs) if d)
+                det_same = sum(c for c, d in zip(caught, differs) if not d)
+                kinds: dict[str, int] = {}
+                for x in res:
+                    if not isinstance(x, str) and not x.ok:
+                        kinds[x.failure.kind] = kinds.get(x.failure.kind, 0) + 1
+                rate = det_diff / n_diff if n_diff else None
+                target["attacks"][name] = {"group": group, "sequences": len(runs), "differing": n_diff,
+                                           "detected_differing": det_diff, "rate_differing": rate,
+                                           "identical_to_honest": len(runs) - n_diff, "detected_identical": det_same,
+                                           "refused": refused, "kinds": kinds}
+            a = cls["attacks"][name]
+            shown = "   n/a" if a["rate_differing"] is None else f"{a['rate_differing']:6.1%}"
+            versus = ""
+            if other is not None and (b := alt["attacks"][name])["rate_differing"] is not None:
+                versus = f" (vs {b['detected_differing']}/{b['differing']} {b['rate_differing']:.1%})"
+            print(f"  {name:<20} detected {a['detected_differing']:>3}/{a['differing']:<3} differing {shown}{versus}; "
+                  f"identical to honest {a['identical_to_honest']}/{a['sequences']} ({a['detected_identical']} of those "
+                  f"flagged); refused {a['refused']}  {a['kinds']}")
         goal = 0.95 if precision == "fp32" else 0.90
         cls["below_goal"] = [n for n, a in cls["attacks"].items()
                              if a["rate_differing"] is not None and a["rate_differing"] < goal]
         report["classes"][precision] = cls
+        if compare is not None:
+            report["compare"]["classes"][precision] = alt
 
     if not args.no_cost:
         cost = cost_ratio(reference, tolerance_for(record.body, "fp32"), 8 if args.quick else 24)

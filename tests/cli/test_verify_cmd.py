@@ -14,7 +14,7 @@ from agoranet.verify.tolerances import load_tolerances, tolerance_for
 def test_calibrate_signs_confirmed_tolerances_and_merges_classes(tmp_path):
     out, home = tmp_path / "tol.json", str(tmp_path / "home")
     args = ["calibrate", "--precision", "fp32", "--sequences", "8", "--confirm", "8", "--max-tokens", "12",
-            "--out", str(out), "--home", home]
+            "--buckets", "none", "--out", str(out), "--home", home]
     result = CliRunner().invoke(verify_app, args)
     assert result.exit_code == 0, result.output
     record = load_tolerances(out)
@@ -23,7 +23,8 @@ def test_calibrate_signs_confirmed_tolerances_and_merges_classes(tmp_path):
     assert c.tok >= 1.5 * c.measured_tok and c.tok >= 1e-3 and c.lp >= c.confirmed_lp
     assert c.mass >= 1.5 * c.measured_mass and c.mass >= 1e-3
     assert isinstance(record.body, TolerancesBody) and record.body.reference_precision == "fp32"
-    assert json.loads(out.read_text())["type"] == "agora/tolerances/1"
+    assert json.loads(out.read_text())["type"] == "agora/tolerances/2"
+    assert [b.max_prompt_tokens for b in c.buckets] == [c.max_prompt_tokens]  # --buckets none: one bucket
 
 
 def test_calibrate_refuses_headroom_below_one_and_a_half(tmp_path):

@@ -82,6 +82,10 @@ def test_honest_receipts_get_a_passing_signed_verdict(verifier, honest):
         j = verifier.judge(signed(run), run.request_bytes)
         assert j.verdict.body.ok and j.proof is None, j.verdict.body.failure
         assert j.verdict.signer == str(verifier.identity.peer_id) and j.verdict.body.provider == str(PROVIDER.peer_id)
+        # the verdict names the limits applied: the shipped record's short-prompt bucket, not the whole range
+        whole, applied = verifier.tolerances(MODEL_CID, "fp32"), j.verdict.body.tolerances
+        assert len(run.prompt) <= 128 and applied.max_prompt_tokens == whole.buckets[0].max_prompt_tokens == 128
+        assert applied.sequences == whole.buckets[0].sequences < whole.sequences
 
 
 @pytest.mark.parametrize("cheat", ["model", "token", "logprobs", "temperature", "seed", "prompt"])

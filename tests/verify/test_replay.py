@@ -16,6 +16,7 @@ from agoranet.engine.transformers_engine import TransformersEngine, load_causal_
 from agoranet.node.calibration import HonestRun, honest_requests, honest_runs
 from agoranet.verify.replay import MEASURE, STRICT, ReplayJob, Tolerances, check_receipt, check_receipts
 from agoranet.verify.rule import choose_token, token_scores
+from agoranet.verify.records import LengthBucket
 from agoranet.verify.tolerances import default_tolerances, tolerance_for
 
 MODEL_DIR = resolve_model("agora-tiny")[0]
@@ -286,10 +287,10 @@ def test_an_honest_token_on_the_nucleus_edge_is_not_refused(honest):
 def test_a_bf16_provider_ignoring_top_p_is_caught_and_honest_bf16_passes(reference, top_p):
     """At T 0.7 with the shipped bf16 tolerances: every honest bf16 sequence passes, and a provider sampling
     from the whole distribution is caught where that changed its output — nearly every time at top_p 0.5; at
-    0.9 its tokens often land just past the edge, inside the tolerance. The shipped bf16 τ_mass (1.28) covers
-    prompts up to 960 tokens, where honest bf16 moves a nucleus mass's log-odds ~3× more than on the short
-    prompts here (τ_mass was 0.39 when calibrated on 64-token runs: 28/31 caught at 0.9), so at 0.9 only
-    a minority is caught now (3 of 10 changed outputs)."""
+    0.9 its tokens often land just past the edge, inside the tolerance. These short prompts are judged by the
+    shipped record's ≤ 128-token bucket, τ_mass 0.84 (whole range 1.63; 0.39 when calibrated on 64-token
+    short-prompt runs only: 28/31 caught at 0.9), so at 0.9 only a minority is caught (4 of 10 changed
+    outputs; 3 of 10 under the single-bucket τ_mass 1.28)."""
     from agoranet.node.cheat import CheatingEngine
 
     requests = honest_requests(12, seed=515, model_cid=MODEL_CID, max_tokens=48, temperatures=(0.7,),
@@ -354,3 +355,44 @@ def test_sequence_test_bounds_the_mean_logprob_deviation(reference, honest):
     assert check(reference, run, body, tol=loose).ok
     result = check(reference, run, body, tol=Tolerances(1e-3, 0.1, 0.1, seq_lp_mean=0.04))
     assert (result.failure.kind, result.failure.position) == ("sequence", -1)
+
+
+def bucket(max_prompt: int, *, tok: float, flips_base: float, margin_base: float) -> LengthBucket:
+    return LengthBucket(max_prompt_tokens=max_prompt, tok=tok, lp=100.0, top=100.0, mass=100.0, flips_base=flips_base,
+                        flips_per_token=0.0, margin_base=margin_base, margin_per_token=0.0, lp_mean=1.0,
+                        measured_tok=0.0, measured_lp=0.0, measured_top=0.0, measured_mass=0.0, measured_flips=0,
+                        measured_flip_margin=0.0, measured_lp_mean=0.0, sequences=100, confirm_sequences=100)
+
+
+def test_a_short_prompt_receipt_is_judged_by_the_short_bucket_not_the_long_one(reference, honest):
+    """One flip (the last token swapped for the rule's runner-up) passes the long-prompt bucket's limits, which
+    allow the flips honest drift makes over long prompts, and fails the short bucket's, which allow none: a
+    short-prompt receipt is judged by the short bucket, chosen from the prompt the verifier renders from the
+    request; claiming a longer prompt to reach the long bucket's limits fails the structure check instead."""
+    from agoranet.verify.tolerances import SequenceStats, bucketed, class_tolerance, limits_for
+
+    run = next(r for r in honest if r.body.finish_reason == "length" and TOK.eos not in r.body.output_tokens
+               and r.body.sampling.top_p == 1.0)
+    assert len(run.prompt) <= 128
+    body, margin = runner_up_at_last(reference, run)
+    assert 1e-3 < margin < 50
+    stats = SequenceStats(flips=[0], flip_margins=[0.0], lp_means=[0.0], max_prompt_tokens=960,
+                          max_output_tokens=256, batch_sizes=(1, 16))
+    whole = class_tolerance("bf16", (40.0, 40.0, 40.0, 40.0), (0, 0, 0, 0), sequences=200, confirm_sequences=200,
+                            stats=stats, headroom=2.5).model_copy(update={"seq_flips": 3, "seq_flip_margin": 100.0})
+    short = bucket(128, tok=margin * 2, flips_base=0.0, margin_base=1e-3)
+    long = bucket(960, tok=100.0, flips_base=3.0, margin_base=margin * 3)
+    tol = bucketed(whole, [short, long])
+
+    result = check(reference, run, body, tol=tol)
+    assert not result.ok and (result.failure.kind, result.failure.position) == ("sequence", len(body.output_tokens) - 1)
+    assert result.tolerances.max_prompt_tokens == 128 and result.tolerances.seq_flips == 0  # the bucket it was judged by
+    assert check(reference, run, tol=tol).ok  # the honest receipt passes the short bucket
+    # the same deviation passes the long bucket's limits, and the class's whole-range ones
+    long_limits = limits_for(tol, 900, len(body.output_tokens))
+    assert long_limits.seq_flips == 3 and check(reference, run, body, tol=long_limits).ok
+    assert check(reference, run, body, tol=whole).ok
+    # the bucket comes from the rendered prompt, not from a count the provider signs: claiming 900 prompt tokens
+    # does not buy the long bucket
+    padded = edited(body, prompt_tokens=900)
+    assert check(reference, run, padded, tol=tol).failure.kind == "structure"

@@ -8,10 +8,10 @@ from agoranet.core.errors import BadSignature
 from agoranet.core.identity import Identity
 from agoranet.core.records import sign_record, verify_record
 from agoranet.engine.models import model_cid, resolve_model
-from agoranet.verify.records import FailureEvidence, FraudProofBody, TolerancesBody, VerdictBody
+from agoranet.verify.records import FailureEvidence, FraudProofBody, TolerancesBody, TolerancesBodyV1, VerdictBody
 from agoranet.verify.tolerances import (
-    NoTolerances, SequenceStats, class_tolerance, default_tolerances, outside_calibration, tail_limit, tolerance_for,
-    tolerances_record,
+    BucketStats, NoTolerances, SequenceStats, bucketed, class_tolerance, default_tolerances, length_bucket,
+    limits_for, load_tolerances, outside_calibration, tail_limit, tolerance_for, tolerances_record,
 )
 from agoranet.verify.rules import RULE, RULE_DIGEST
 
@@ -31,7 +31,58 @@ def test_tolerances_get_headroom_and_a_floor_and_round_trip():
     record = tolerances_record(ID, "bafymodel", [c, tiny], hardware="cpu", method="test")
     for wire in (record.encode(), record.to_json()):
         back = verify_record(wire, TolerancesBody)
-        assert back == record and tolerance_for(back.body, "bf16") == c
+        assert back == record and tolerance_for(back.body, "bf16") == bucketed(c)
+        assert limits_for(tolerance_for(back.body, "bf16"), 10, 64) == c  # no buckets: the class's own limits
+
+
+BUCKETS = [
+    BucketStats(max_prompt_tokens=128, measured=(0.1, 0.05, 0.1, 0.05), flips=[0, 1, 0, 2] * 10,
+                flip_margins=[0.0, 0.02, 0.0, 0.05] * 10, lp_means=[0.01] * 40, lengths=[64, 64, 256, 256] * 10),
+    BucketStats(max_prompt_tokens=900, measured=(1.0, 0.4, 1.0, 0.5), flips=[3, 8, 5, 11] * 10,
+                flip_margins=[0.2, 0.5, 0.3, 0.6] * 10, lp_means=[0.03] * 40, lengths=[64, 64, 256, 256] * 10),
+]
+
+
+def test_a_version_2_record_carries_length_buckets_and_a_receipt_gets_its_bucket_at_its_length():
+    whole = class_tolerance("bf16", (1.0, 0.4, 1.0, 0.5), (0, 0, 0, 0), sequences=80, confirm_sequences=0,
+                            stats=STATS)
+    short, long = (length_bucket(b, headroom=2.0) for b in BUCKETS)
+    assert (short.tok, long.tok) == pytest.approx((0.2, 2.0))
+    # flips: the bucket's mean rate per output token, plus the fitted tail of each sequence's excess over it
+    assert short.flips_per_token == pytest.approx(30 / 6400) and short.flips_base >= 2.0 * (2 - 256 * 30 / 6400)
+    c = bucketed(whole, [long, short])
+    assert [b.max_prompt_tokens for b in c.buckets] == [128, 900]
+    record = tolerances_record(ID, "bafymodel", [c], hardware="cpu", method="test")
+    assert record.type == "agora/tolerances/2"
+    back = verify_record(record.to_json(), TolerancesBody)
+    got = tolerance_for(back.body, "bf16")
+    assert got == c
+    at64, at256 = limits_for(got, 100, 64), limits_for(got, 100, 256)
+    assert (at64.tok, at64.max_prompt_tokens, at64.sequences) == (short.tok, 128, 40)
+    assert at64.seq_flips == int(short.flips_base + short.flips_per_token * 64) < at256.seq_flips
+    assert at256.seq_flip_margin == pytest.approx(short.margin_base + short.margin_per_token * 256)
+    assert limits_for(got, 129, 64).tok == long.tok and limits_for(got, 900, 64).tok == long.tok
+    assert limits_for(got, 901, 64) == whole  # beyond the buckets (refused before replay): whole-range limits
+    with pytest.raises(ValueError, match="buckets end at 128"):
+        bucketed(whole, [short])
+
+
+def test_a_version_1_record_still_loads_as_one_bucket_per_class(tmp_path):
+    import json
+
+    c = class_tolerance("bf16", (0.1, 0.2, 0.3, 0.04), (0, 0, 0, 0), sequences=3, confirm_sequences=0, stats=STATS)
+    v1 = sign_record(ID, TolerancesBodyV1(model="bafymodel", reference_precision="fp32", classes=[c], hardware="cpu",
+                                          method="old", created_ms=1))
+    assert v1.type == "agora/tolerances/1"
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(v1.to_json()))
+    loaded = load_tolerances(path)
+    assert loaded == v1 and tolerance_for(loaded.body, "bf16").buckets == []
+    assert limits_for(tolerance_for(loaded.body, "bf16"), 10, 5) == c
+    path.write_text(json.dumps(sign_record(ID, VerdictBody(receipt="r", provider="p", model="m", precision="fp32",
+                                                           ok=True, checked_positions=0, verified_ms=1)).to_json()))
+    with pytest.raises(NoTolerances, match="agora/verdict/1 record, not tolerances this version reads"):
+        load_tolerances(path)
 
 
 def test_sequence_limits_come_from_a_fitted_tail_never_below_headroom_over_the_worst():

@@ -147,6 +147,8 @@ def calibrate(
     headroom: Annotated[float, typer.Option(help="tolerance = headroom x worst honest deviation")] = 1.5,
     max_tokens: Annotated[int, typer.Option(help="longest honest output calibrated (receipts with longer outputs "
                                               "are refused)")] = 256,
+    buckets: Annotated[str, typer.Option(help="prompt lengths (tokens, comma-separated) at which a new length "
+                                              "bucket with its own limits starts; none: one bucket)")] = "128,512",
     seed: int = 1,
     threads: ThreadsOpt = 1,
     out: Annotated[Optional[Path], typer.Option(help="tolerances file to write (merged with an existing one)")] = None,
@@ -164,6 +166,12 @@ def calibrate(
 
     if headroom < 1.5:
         raise fail(f"--headroom {headroom} is below the required 1.5")
+    try:
+        edges = () if buckets.strip() in ("", "none") else tuple(sorted({int(e) for e in buckets.split(",")}))
+    except ValueError:
+        raise fail(f"--buckets {buckets!r}: give prompt lengths in tokens, comma-separated (e.g. 128,512)") from None
+    if any(e < 1 for e in edges):
+        raise fail(f"--buckets {buckets!r}: bucket edges must be positive token counts")
     try:
         identity = Identity.load_or_create(home_dir(home) / "identity.key")
         model_dir, _ = resolve_model(model)
@@ -190,7 +198,7 @@ def calibrate(
             console.print(f"calibrating [bold]{p}[/] on {sequences} honest sequences, confirming on {confirm} …")
             c = asyncio.run(calibrate_precision(model_dir, cid, p, reference, sequences=sequences, confirm=confirm,
                                                 headroom=headroom, max_tokens=max_tokens, seed=seed, threads=threads,
-                                                engine=provider_engine))
+                                                engine=provider_engine, edges=edges))
             classes[p] = c
             console.print(f"  {p}: τ_tok {c.tok:.4g}  τ_lp {c.lp:.4g}  τ_top {c.top:.4g}  τ_mass {c.mass:.4g}   "
                           f"(worst honest: {c.measured_tok:.3g} / {c.measured_lp:.3g} / {c.measured_top:.3g} / "
@@ -200,17 +208,28 @@ def calibrate(
                           f"|Δlogprob| ≤ {c.seq_lp_mean:.3g} (worst honest {c.measured_flips} / "
                           f"{c.measured_flip_margin:.3g} / {c.measured_lp_mean:.3g}); covers prompts ≤ "
                           f"{c.max_prompt_tokens} and outputs ≤ {c.max_output_tokens} tokens")
+            lo = 0
+            for b in c.buckets:
+                console.print(f"    prompts {lo}-{b.max_prompt_tokens} ({b.sequences}+{b.confirm_sequences} sequences): "
+                              f"τ_tok {b.tok:.4g}  τ_lp {b.lp:.4g}  τ_top {b.top:.4g}  τ_mass {b.mass:.4g}; flips ≤ "
+                              f"{b.flips_base:.3g} + {b.flips_per_token:.3g}·n, flip margins ≤ {b.margin_base:.3g} + "
+                              f"{b.margin_per_token:.3g}·n, mean |Δlogprob| ≤ {b.lp_mean:.3g}")
+                lo = b.max_prompt_tokens + 1
         record = tolerances_record(
             identity, cid, list(classes.values()), hardware=hardware_summary(),
             method=f"agora verify calibrate ({RULE}): {sequences} honest runs per class, replayed "
                    + ("by llama.cpp with the same GGUF, in one batched pass (generated one at a time through llama.cpp; "
                       if engine == "llamacpp" else f"at {REFERENCE_PRECISION} (batch 1 and 16 with left padding; ")
-                   + f"chat+completion, T 0-1.3, top-p 1; a quarter short prompts/64 tokens, a quarter prompts up to "
-                   f"the context/64 tokens, half prompts up to the context less {max_tokens}/{max_tokens} tokens); "
-                   f"{confirm} confirmation runs (other prompts and seeds, also top-p 0.8-0.95, batch 8) all pass; "
-                   f"τ = {headroom}× worst (τ_mass: log-odds drift of every listed best-token set's mass); "
-                   f"per-sequence limits (flips, summed flip margin, mean |Δlogprob|) for FRR {TARGET_FRR:g}/sequence "
-                   f"by an exponential fit to the top tenth of the honest sequences, never below {headroom}× the worst",
+                   + f"chat+completion, T 0-1.3, top-p 1; prompts spread evenly over the length buckets (new bucket at "
+                   f"{', '.join(map(str, edges))} tokens, the last up to the context), in each half 64 new tokens and "
+                   f"half {max_tokens} (prompts up to the context less {max_tokens}); {confirm} confirmation runs "
+                   f"(other prompts and seeds, also top-p 0.8-0.95, batch 8) all pass, then every limit is widened to "
+                   f"{headroom}× their worst where that is higher; per bucket and over the whole "
+                   f"range: τ = {headroom}× worst (τ_mass: log-odds drift of every listed best-token set's mass); "
+                   f"per-sequence limits for FRR {TARGET_FRR:g}/sequence by an exponential fit to the top tenth of the "
+                   f"honest sequences, never below {headroom}× the worst: flips and summed flip margin as base + "
+                   f"rate·n (rate: the bucket's mean per output token; base: the fit to each sequence's excess over "
+                   f"it), mean |Δlogprob| as one limit",
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record.to_json(), indent=1))

@@ -24,13 +24,15 @@ from agoranet.engine.tokenizer import Tokenizer, load_tokenizer
 from agoranet.engine.base import render_prompt
 from agoranet.engine.transformers_engine import load_causal_lm
 from agoranet.engine.upstream import UPSTREAM_PRECISION
-from agoranet.verify.records import ClassTolerance, FailureEvidence, FraudProofBody, TolerancesBody, VerdictBody
+from agoranet.verify.records import ClassTolerance, FailureEvidence, FraudProofBody, VerdictBody
 from agoranet.verify.replay import (
     ReplayJob, ReplayResult, check_receipts, check_request_binding, prompt_binding, request_mismatch,
 )
 from agoranet.verify.rules import RETIRED, RULES
 from agoranet.verify.tolerances import (
-    REFERENCE_PRECISION, NoTolerances, default_tolerances, load_tolerances, outside_calibration, tolerance_for,
+    REFERENCE_PRECISION, AnyTolerances, NoTolerances, default_tolerances, limits_for, load_tolerances,
+    outside_calibration,
+    tolerance_for,
 )
 from agoranet.wire.canonical import CanonicalRequest
 
@@ -88,7 +90,7 @@ class ReplayVerifier:
         for spec in models or ["agora-tiny"]:
             model_dir, _ = resolve_model(spec)
             self._dirs[model_cid(model_dir)] = model_dir
-        self._tables: dict[str, TolerancesBody] = {}
+        self._tables: dict[str, AnyTolerances] = {}
         for cid in self._dirs:
             if (record := default_tolerances(cid)) is not None:
                 self._tables[cid] = record.body
@@ -274,7 +276,8 @@ class ReplayVerifier:
                 with self._lock:
                     _, tok = self._model(body.model)
                 if why:  # signed for other sampling than was asked: fraud, whatever the tokens
-                    out[i] = (request_mismatch(why), tol)
+                    out[i] = (request_mismatch(why), limits_for(tol, body.prompt_tokens + len(body.prefix_tokens),
+                                                                len(body.output_tokens)))
                     continue
                 prompt = prompt_ids(tok, request)
                 if len(prompt) + len(body.prefix_tokens) + len(body.output_tokens) > self.context_length(body.model):
@@ -283,7 +286,8 @@ class ReplayVerifier:
                                     "context", kind="length")
                 if why := prompt_binding(request, prompt):  # the provider signed for a prompt it did not render
                     out[i] = (ReplayResult(ok=False, checked_positions=0,
-                                           failure=FailureEvidence(kind="prompt", position=-1, detail=why)), tol)
+                                           failure=FailureEvidence(kind="prompt", position=-1, detail=why)),
+                              limits_for(tol, len(prompt) + len(body.prefix_tokens), len(body.output_tokens)))
                     continue
                 # Signature and binding are checked above, so the bare body is replayed.
                 by_model.setdefault(body.model, []).append((i, ReplayJob(prompt, body, tol)))
@@ -295,7 +299,12 @@ class ReplayVerifier:
                 results = check_receipts(model, [job for _, job in jobs], model_cid=cid, decode=tok.decode,
                                          eos_token=tok.eos_tokens)
             for (i, job), result in zip(jobs, results):
-                out[i] = (result, job.tolerances)  # type: ignore[assignment]
+                # the limits of the receipt's prompt-length bucket at its output length (replay picked them from
+                # the prompt it rendered); a receipt stopped before replay states those the same way
+                applied = result.tolerances if isinstance(result.tolerances, ClassTolerance) else limits_for(
+                    job.tolerances, len(job.prompt_ids) + len(job.receipt.prefix_tokens),  # type: ignore[arg-type,union-attr]
+                    len(job.receipt.output_tokens))  # type: ignore[union-attr]
+                out[i] = (result, applied)
         return out  # type: ignore[return-value]
 
     def judge(self, receipt: Record[ReceiptBody], request_bytes: bytes) -> Judgement:

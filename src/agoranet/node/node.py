@@ -30,8 +30,7 @@ from agoranet.node.records_api import records_router
 from agoranet.node.state import NodeState
 from agoranet.node.storage_role import StorageRole
 from agoranet.node.witness_role import WitnessRole
-from agoranet.verify.records import TolerancesBody
-from agoranet.verify.tolerances import default_tolerances, load_tolerances
+from agoranet.verify.tolerances import AnyTolerances, default_tolerances, load_tolerances
 
 if TYPE_CHECKING:  # the verifier imports torch, which a gateway must not load
     from agoranet.net.libp2p import P2PConfig
@@ -127,7 +126,7 @@ class NotSellable(AgoraError):
     """A provider asked to sell a (model, precision class) that no tolerance record covers: nobody could judge it."""
 
 
-def tolerance_records(home: Path, files: Sequence[Path], model: str) -> list[TolerancesBody]:
+def tolerance_records(home: Path, files: Sequence[Path], model: str) -> list[AnyTolerances]:
     """The tolerance tables known for `model`: the shipped one, this home's calibration, the files given."""
     paths = [home / TOLERANCES_DIR / f"{model}.json", *files]  # later ones win, as in a verifier
     records = [default_tolerances(model)] + [load_tolerances(p) for p in paths if p.exists()]

@@ -10,7 +10,8 @@ from pydantic import Field
 
 from agoranet.core.records import RecordBody, register
 
-__all__ = ["ClassTolerance", "TolerancesBody", "FailureEvidence", "VerdictBody", "FraudProofBody"]
+__all__ = ["ClassTolerance", "LengthBucket", "BucketedClass", "TolerancesBody", "TolerancesBodyV1", "FailureEvidence",
+           "VerdictBody", "FraudProofBody"]
 
 
 class ClassTolerance(RecordBody):
@@ -48,12 +49,63 @@ class ClassTolerance(RecordBody):
     batch_sizes: list[int]  # provider batch sizes the honest sets were generated at (not checkable per receipt)
 
 
-@register("agora/tolerances/1")
+class LengthBucket(RecordBody):
+    """Limits of one class for receipts whose prompt (+ prefix) length lies in this bucket: above the previous
+    bucket's `max_prompt_tokens`, up to this one's. Honest drift grows with the prompt (attention over more
+    positions) and per-sequence counts grow with the output, so one limit for the whole range is loose for short
+    receipts. Per-sequence flips and summed flip margins are limited by `base + per_token × output tokens`."""
+
+    max_prompt_tokens: int = Field(ge=0)
+    tok: float = Field(ge=0.0)
+    lp: float = Field(ge=0.0)
+    top: float = Field(ge=0.0)
+    mass: float = Field(ge=0.0)
+    # per-sequence limits for n output tokens: floor(flips_base + flips_per_token × n) flips, summed flip margin
+    # ≤ margin_base + margin_per_token × n (per_token: the bucket's mean honest rate; base: the tail of the excess
+    # over it, for the class's target false-rejection rate), mean |Δlogprob| ≤ lp_mean
+    flips_base: float = Field(ge=0.0)
+    flips_per_token: float = Field(ge=0.0)
+    margin_base: float = Field(ge=0.0)
+    margin_per_token: float = Field(ge=0.0)
+    lp_mean: float = Field(ge=0.0)
+    measured_tok: float = Field(ge=0.0)  # worst honest figures of the bucket's calibration sequences
+    measured_lp: float = Field(ge=0.0)
+    measured_top: float = Field(ge=0.0)
+    measured_mass: float = Field(ge=0.0)
+    measured_flips: int = Field(ge=0)
+    measured_flip_margin: float = Field(ge=0.0)
+    measured_lp_mean: float = Field(ge=0.0)
+    sequences: int = Field(ge=0)  # calibration sequences in the bucket
+    confirm_sequences: int = Field(ge=0)  # confirmation sequences in the bucket (all passed)
+
+
+class BucketedClass(ClassTolerance):
+    """A class's whole-range tolerances (what a record without buckets judges by) and its length buckets, in
+    increasing `max_prompt_tokens`, the last one the class's `max_prompt_tokens`. A receipt is judged by the
+    bucket of its prompt length (`verify.tolerances.limits_for`), a ClassTolerance made concrete for it."""
+
+    buckets: list[LengthBucket]
+
+
+@register("agora/tolerances/2")
 class TolerancesBody(RecordBody):
-    """Calibrated replay tolerances of one model, per precision class, and how they were measured."""
+    """Calibrated replay tolerances of one model, per precision class and prompt-length bucket, and how they
+    were measured. Version 2: classes carry length buckets (version 1 records load as one bucket per class)."""
 
     model: str  # model CID
     reference_precision: str  # the precision verifiers replay at
+    classes: list[BucketedClass]
+    hardware: str
+    method: str
+    created_ms: int = Field(ge=0)
+
+
+@register("agora/tolerances/1")
+class TolerancesBodyV1(RecordBody):
+    """Version 1 of the tolerances record: one set of limits per class over its whole range (no buckets)."""
+
+    model: str
+    reference_precision: str
     classes: list[ClassTolerance]
     hardware: str
     method: str

@@ -36,10 +36,10 @@ import torch
 from agoranet.core.cid import DAG_CBOR, cid_of
 from agoranet.core.errors import RecordError
 from agoranet.core.records import ReceiptBody, Record, verify_record
-from agoranet.verify.records import FailureEvidence
+from agoranet.verify.records import ClassTolerance, FailureEvidence
 from agoranet.wire.canonical import CanonicalRequest
 from agoranet.verify.rule import claim_margins, nucleus_edge, position_keys, scale_logits
-from agoranet.verify.tolerances import MIN_TOLERANCE
+from agoranet.verify.tolerances import MIN_TOLERANCE, limits_for
 
 __all__ = ["Tolerances", "ReplayResult", "ReplayJob", "check_receipt", "check_receipts", "check_request_binding",
            "request_mismatch", "MIN_TOP_LOGPROBS", "STRICT", "MEASURE"]
@@ -96,6 +96,9 @@ class ReplayResult:
     # positions accepted within tolerance although the claimed token is outside the replay's own top-p nucleus
     # (honest bf16 on agora-tiny: 0-2 per 64 tokens at T 0.7; measured, not judged)
     nucleus_edges: int = 0
+    # the limits this receipt was judged by: for a class record, those of its prompt-length bucket with the
+    # per-sequence limits at its output length (`verify.tolerances.limits_for`)
+    tolerances: ToleranceLike | None = None
 
 
 def _fail(kind: str, detail: str, position: int = -1, **evidence: Any) -> ReplayResult:
@@ -174,13 +177,21 @@ def check_receipts(
         else:
             todo.append((i, admitted, list(job.prompt_ids) + list(admitted.prefix_tokens)))
     sequences = [(context, list(body.output_tokens)) for _, body, context in todo]
-    for (i, body, _), logits in zip(todo, _replay_logits(model, sequences, token_budget)):
-        results[i] = _judge(logits, body, jobs[i].tolerances)
+    for (i, body, context), logits in zip(todo, _replay_logits(model, sequences, token_budget)):
+        tol = _applied(jobs[i].tolerances, len(context), len(body.output_tokens))
+        results[i] = _judge(logits, body, tol)
+        results[i].tolerances = tol  # type: ignore[union-attr]
     for i, result in enumerate(results):
         body = _body(jobs[i].receipt)
         if result.ok and decode is not None and (why := _text(body, decode, eos)) is not None:
             result.ok, result.failure = False, FailureEvidence(kind="text", position=-1, detail=why)
     return results  # type: ignore[return-value]
+
+
+def _applied(tol: ToleranceLike, prompt_tokens: int, output_tokens: int) -> ToleranceLike:
+    """A class record's limits for this receipt: its bucket by the prompt + prefix length replayed here (the
+    request's own prompt as this verifier renders it, never a count the provider states)."""
+    return limits_for(tol, prompt_tokens, output_tokens) if isinstance(tol, ClassTolerance) else tol
 
 
 def _body(receipt: ReceiptBody | Record) -> ReceiptBody:
