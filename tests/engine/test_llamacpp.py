@@ -48,7 +48,11 @@ def tolerances(ggufs, tmp_path_factory):
     cid = model_cid(path)
     engine = LlamaCppEngine(path, model_cid=cid, model_name="tiny-q8", threads=1)
     tol = asyncio.run(calibrate_precision(path, cid, engine.precision, GGUFModel(path, threads=1, all_logits=True),
-                                          sequences=8, confirm=8, max_tokens=40, engine=engine))  # the failover test asks 40
+                                          sequences=8, confirm=8, max_tokens=40, engine=engine,  # the failover test asks 40
+                                          # 8 sequences miss llama.cpp's heavy tail (most replay bit-identical, a few
+                                          # deviate by up to ~0.07): the floor is what 200 calibration sequences give
+                                          # (benchmarks/verification.py --engine llamacpp: τ_lp 0.13, τ_top 0.15)
+                                          floor=0.15))
     out = tmp_path_factory.mktemp("gguf-tol") / "tol.json"
     out.write_text(json.dumps(tolerances_record(Identity.generate(), cid, [tol], hardware="test",
                                                 method="tests").to_json()))
