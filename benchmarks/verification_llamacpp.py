@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         precision = reference.precision
         t = time.perf_counter()
         tol = asyncio.run(calibrate_precision(q8, cid, precision, reference, sequences=n_cal, confirm=n_cal,
-                                              max_tokens=MAX_TOKENS, seed=1, engine=engine()))
+                                              max_tokens=MAX_TOKENS, seed=1, engine=engine(),
+                                              headroom=2.25))  # llama.cpp's honest tail is heavy, like bf16's
         print(f"{q8.name} ({q8.stat().st_size // 1024} KiB, {cid}); class {precision}; llama-cpp-python "
               f"{__import__('llama_cpp').__version__}")
         print(f"calibrated on {tol.sequences} + confirmed on {tol.confirm_sequences} sequences of {MAX_TOKENS} tokens "
