@@ -34,24 +34,28 @@ UPSTREAM_PRECISION = "upstream"  # the precision class its offers and receipts n
 UPSTREAM_RULE = "upstream"  # the sampling rule its offers and receipts name: the upstream server's own
 
 
+def openai_client(base_url: str, api_key: str | None, timeout: float) -> tuple[str, httpx.AsyncClient]:
+    """An OpenAI-compatible server's `/v1` base URL (added when `base_url` lacks it) and a client for it, with the
+    bearer key when there is one: `timeout` bounds each read (a long answer), connecting takes at most 10 s."""
+    url = base_url.rstrip("/")
+    url = url if url.endswith("/v1") else url + "/v1"
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    return url, httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
+
+
 class UpstreamEngine:
     name = UPSTREAM_ENGINE
     precision = UPSTREAM_PRECISION
 
     def __init__(self, base_url: str, *, model: str, api_key: str | None = None, model_cid: str | None = None,
                  context_length: int = 4096, timeout: float = 300.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        if not self.base_url.endswith("/v1"):
-            self.base_url += "/v1"
+        self.base_url, self._client = openai_client(base_url, api_key, timeout)
         self.model_name = model
         self.model_cid = model_cid or _name_cid(model)
         self.context_length = context_length
         self.vocab_size = 0  # the upstream reports text, not token ids
         # Whether the upstream's streams end with a usage chunk; found out by start()'s probe.
         self.usage_in_stream = True
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
-                                         timeout=httpx.Timeout(timeout, connect=10.0))
 
     async def start(self) -> None:
         try:

@@ -32,7 +32,8 @@ import httpx
 from agoranet.core.errors import EngineError, ModelError, RequestError
 from agoranet.engine.base import Generation, GenerationRequest, TokenEvent, check_request, prompt_ids, cut_at_stop
 from agoranet.engine.tokenizer import load_tokenizer
-from agoranet.engine.vllm_rule import RULE_DIGEST
+from agoranet.engine.upstream import openai_client
+from agoranet.verify.rules import RULE_DIGEST
 from agoranet.wire.openai import error_message
 from agoranet.wire.sse import StreamTruncated, sse_payloads
 
@@ -53,9 +54,6 @@ class VLLMEngine:
         if not (model_dir / "config.json").exists():
             raise ModelError(f"{model_dir} holds no model (config.json missing)",
                              hint="pass --model with the model directory (or CID) vLLM serves")
-        self.base_url = base_url.rstrip("/")
-        if not self.base_url.endswith("/v1"):
-            self.base_url += "/v1"
         self.model_dir = model_dir
         self.model_cid = model_cid
         self.model_name = model_name
@@ -66,9 +64,7 @@ class VLLMEngine:
         self.context_length = int(config.get("max_position_embeddings", 2048))  # and vLLM's max_model_len
         self.tokenizer = load_tokenizer(model_dir)
         self._eos = self.tokenizer.eos_tokens
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
-                                         timeout=httpx.Timeout(timeout, connect=10.0))
+        self.base_url, self._client = openai_client(base_url, api_key, timeout)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
