@@ -114,6 +114,48 @@ def fetch_receipt(agora: dict):
     return receipt
 
 
+MSG = [{"role": "user", "content": "write a function that reverses a list — naïve 🐍"}]  # the engine tests' ask
+
+
+def audit(verifier, receipt, node: str):
+    """`verifier` judges `receipt` with the canonical request fetched from the provider at `node`."""
+    r = httpx.get(f"{node}/agora/v1/records/{receipt.body.request}",
+                  headers={"accept": "application/vnd.ipld.dag-cbor"}, timeout=30)
+    return verifier.judge(receipt, r.content)
+
+
+def check_sdk_answer_replays(net, verifier, *, model: str, engine: str, precision: str, max_tokens: int,
+                             temperature: float, timeout: float | None = None):
+    """Through a gateway (`net`: gateway URL, provider URL, provider) the official SDK gets an answer whose receipt
+    names `engine` and `precision`, binds the text, and passes `verifier`'s replay; the same seed streamed with
+    logprobs gives the same text; the receipt with one output token changed and re-signed fails at that position.
+    Returns the receipt."""
+    import openai
+
+    from agoranet.core.records import sign_record
+
+    url, provider_url, prov = net
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0,
+                           **({"timeout": timeout} if timeout else {}))
+    ask = {"model": model, "messages": MSG, "max_tokens": max_tokens, "temperature": temperature, "seed": 3}
+    r = client.chat.completions.create(**ask)
+    receipt = fetch_receipt(r.model_extra["agora"])  # by CID from the provider, checked against its summary
+    assert prov.offer().body.engine == engine and receipt.body.precision == precision
+    assert receipt.body.output_text == r.choices[0].message.content and len(receipt.body.output_tokens) > 0
+    judgement = audit(verifier, receipt, provider_url)
+    assert judgement.verdict.body.ok, judgement.verdict.body.failure
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        **ask, stream=True, logprobs=True, top_logprobs=3) if c.choices)
+    assert streamed == r.choices[0].message.content  # same seed, same answer: streamed or not, logprobs or not
+
+    tokens = list(receipt.body.output_tokens)
+    tokens[1] = 300 if tokens[1] != 300 else 301  # an ordinary BPE merge, not an end token
+    forged = sign_record(prov.identity, receipt.body.model_copy(update={"output_tokens": tokens}))
+    bad = audit(verifier, forged, provider_url)
+    assert not bad.verdict.body.ok and bad.verdict.body.failure.position == 1
+    return receipt
+
+
 @contextmanager
 def killed_mid_stream(tmp_path: Path, extra: list[str], ask: dict, tag: str) -> Iterator[tuple[object, str, str]]:
     """Two `agora provide` processes (`extra`: engine and model options) behind a gateway; the cheaper one is

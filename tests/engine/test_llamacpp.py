@@ -9,8 +9,6 @@ import json
 import os
 from dataclasses import replace
 
-import httpx
-import openai
 import pytest
 
 pytest.importorskip("llama_cpp", reason=os.environ.get("AGORA_LLAMACPP_SKIP_REASON") or
@@ -29,11 +27,9 @@ from agoranet.node.verifier import ReplayVerifier  # noqa: E402
 from agoranet.verify.tolerances import tolerances_record  # noqa: E402
 
 from ..conftest import (  # noqa: E402
-    FAST_GOSSIP, fetch_receipt, killed_mid_stream, start_gateway, start_provider, wait_for,
+    FAST_GOSSIP, MSG, audit, check_sdk_answer_replays, killed_mid_stream, start_gateway, start_provider, wait_for,
 )
 from ..realmodel import write_gguf  # noqa: E402
-
-MSG = [{"role": "user", "content": "write a function that reverses a list — naïve 🐍"}]
 
 
 @pytest.fixture(scope="module")
@@ -81,32 +77,8 @@ def net(tmp_path_factory, ggufs, tolerances):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_sdk_through_gateway_gets_a_replayable_llamacpp_answer(net, verifier, temperature):
-    url, provider_url, prov = net
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-    r = client.chat.completions.create(model="tiny-q8", messages=MSG, max_tokens=20, temperature=temperature, seed=3)
-    receipt = fetch_receipt(r.model_extra["agora"])
-    assert receipt.body.precision == "gguf-q8_0" and prov.offer().body.engine == "llamacpp"
-    assert receipt.body.output_text == r.choices[0].message.content and len(receipt.body.output_tokens) > 0
-    judgement = asyncio.run(_audit(verifier, receipt, provider_url))
-    assert judgement.verdict.body.ok, judgement.verdict.body.failure
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="tiny-q8", messages=MSG, max_tokens=20, temperature=temperature, seed=3, stream=True, logprobs=True,
-        top_logprobs=3) if c.choices)
-    assert streamed == r.choices[0].message.content  # same seed, same answer: streamed or not, logprobs or not
-
-    tokens = list(receipt.body.output_tokens)
-    tokens[1] = 300 if tokens[1] != 300 else 301  # an ordinary BPE merge, not end-of-sequence
-    forged = sign_record(prov.identity, receipt.body.model_copy(update={"output_tokens": tokens}))
-    bad = asyncio.run(_audit(verifier, forged, provider_url))
-    assert not bad.verdict.body.ok and bad.verdict.body.failure.position == 1
-
-
-async def _audit(verifier, receipt, node):
-
-    async with httpx.AsyncClient() as http:
-        r = await http.get(f"{node}/agora/v1/records/{receipt.body.request}",
-                           headers={"accept": "application/vnd.ipld.dag-cbor"})
-    return verifier.judge(receipt, r.content)
+    check_sdk_answer_replays(net, verifier, model="tiny-q8", engine="llamacpp", precision="gguf-q8_0", max_tokens=20,
+                             temperature=temperature)
 
 
 def test_another_quantization_under_the_files_cid_is_caught(ggufs, verifier):
@@ -137,7 +109,7 @@ def test_llamacpp_provider_killed_mid_stream_is_continued_without_a_lost_or_repe
     with killed_mid_stream(tmp_path, extra, ask, f"llamacpp-failover-{temperature}") as (last, url, text):
         tok = Tok(ggufs[0], threads=1)
         assert tok.decode(list(last.body.prefix_tokens) + list(last.body.output_tokens)) == text
-        judgement = asyncio.run(_audit(verifier, last, url))
+        judgement = audit(verifier, last, url)
         assert judgement.verdict.body.ok, judgement.verdict.body.failure
 
 

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 import agoranet
@@ -38,7 +37,8 @@ from agoranet.node.verifier import ReplayVerifier
 
 from ..realmodel import build_model
 from ..conftest import (
-    FAST_GOSSIP, fetch_receipt, free_port, killed_mid_stream, start_gateway, start_provider, wait_for,
+    FAST_GOSSIP, MSG, audit, check_sdk_answer_replays, free_port, killed_mid_stream, start_gateway, start_provider,
+    wait_for,
 )
 
 ENABLE = ("vLLM is not installed. To run this test: python3 -m venv /opt/vllm && "
@@ -57,7 +57,6 @@ VLLM_PYTHON = _vllm_python()
 pytestmark = pytest.mark.skipif(VLLM_PYTHON is None, reason=os.environ.get("AGORA_VLLM_SKIP_REASON") or ENABLE)
 
 SERVED = "tiny-bpe"
-MSG = [{"role": "user", "content": "write a function that reverses a list — naïve 🐍"}]
 START_TIMEOUT_S = 900  # vLLM's CPU start on a busy 2-core machine
 
 
@@ -124,35 +123,11 @@ def net(tmp_path_factory, real_model, vllm_server, real_model_tolerances):
         gw_server.stop()
 
 
-async def _audit(verifier, receipt, node):
-    async with httpx.AsyncClient() as http:
-        r = await http.get(f"{node}/agora/v1/records/{receipt.body.request}",
-                           headers={"accept": "application/vnd.ipld.dag-cbor"})
-    return verifier.judge(receipt, r.content)
-
-
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_sdk_through_gateway_gets_a_replayable_vllm_answer(net, verifier, real_model, temperature):
-    url, provider_url, prov = net
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
-    r = client.chat.completions.create(model="tiny-bpe-llama", messages=MSG, max_tokens=24, temperature=temperature,
-                                       seed=3)
-    receipt = fetch_receipt(r.model_extra["agora"])  # by CID from the provider, checked against its summary
-    assert prov.offer().body.engine == "vllm" and receipt.body.precision == "fp32"
+    receipt = check_sdk_answer_replays(net, verifier, model="tiny-bpe-llama", engine="vllm", precision="fp32",
+                                       max_tokens=24, temperature=temperature, timeout=300)
     assert receipt.body.model == model_cid(real_model)
-    assert receipt.body.output_text == r.choices[0].message.content and len(receipt.body.output_tokens) > 0
-    judgement = asyncio.run(_audit(verifier, receipt, provider_url))
-    assert judgement.verdict.body.ok, judgement.verdict.body.failure
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="tiny-bpe-llama", messages=MSG, max_tokens=24, temperature=temperature, seed=3, stream=True,
-        logprobs=True, top_logprobs=3) if c.choices)
-    assert streamed == r.choices[0].message.content  # same seed, same answer: streamed or not, logprobs or not
-
-    tokens = list(receipt.body.output_tokens)
-    tokens[1] = 300 if tokens[1] != 300 else 301  # an ordinary BPE merge, not end-of-turn
-    forged = sign_record(prov.identity, receipt.body.model_copy(update={"output_tokens": tokens}))
-    bad = asyncio.run(_audit(verifier, forged, provider_url))
-    assert not bad.verdict.body.ok and bad.verdict.body.failure.position == 1
 
 
 def test_continuation_from_token_ids_resumes_exactly(vllm_server, real_model):
@@ -205,7 +180,7 @@ def test_vllm_provider_killed_mid_stream_is_continued_without_a_lost_or_repeated
              "--token-delay-ms", "60", "--tolerances", str(real_model_tolerances)]
     ask = dict(model="tiny-bpe-llama", messages=MSG, max_tokens=40, temperature=0.8, seed=5)
     with killed_mid_stream(tmp_path, extra, ask, "vllm-failover") as (last, url, _):
-        judgement = asyncio.run(_audit(verifier, last, url))
+        judgement = audit(verifier, last, url)
         assert judgement.verdict.body.ok, judgement.verdict.body.failure
 
 
