@@ -6,12 +6,14 @@ bytes, so the proof carries the provider's own signature untouched and its CID c
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any
+
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from agoranet.core.records import RecordBody, register
 
-__all__ = ["ClassTolerance", "LengthBucket", "BucketedClass", "TolerancesBody", "TolerancesBodyV1", "FailureEvidence",
-           "VerdictBody", "FraudProofBody"]
+__all__ = ["ClassTolerance", "LengthBucket", "WindowTest", "BucketedClass", "TolerancesBody", "TolerancesBodyV1", "FailureEvidence",
+           "VerdictBody", "FraudProofBody", "WindowProofBody"]
 
 
 class ClassTolerance(RecordBody):
@@ -79,12 +81,38 @@ class LengthBucket(RecordBody):
     confirm_sequences: int = Field(ge=0)  # confirmation sequences in the bucket (all passed)
 
 
+class WindowTest(RecordBody):
+    """The per-provider window test of a class (see verify.window): over `size` judged receipts of one provider,
+    the sum of each receipt's flip excess (Σ max(margin − floor, 0) over its flips, at most `clip`, less
+    `per_token[bucket]` × its output tokens) must stay ≤ `limit`, set by bootstrap of honest windows for `far` false alarms per window."""
+
+    size: int = Field(ge=1)  # receipts per window
+    floor: float = Field(ge=0.0)  # logit: the part of a flip's margin below this counts nothing
+    clip: float = Field(gt=0.0)  # logit: the most one receipt's Σ max(margin − floor, 0) counts
+    per_token: list[float]  # mean honest clipped score per output token, per length bucket (in bucket order)
+    limit: float  # most summed excess a window of `size` honest receipts reaches (at false-alarm rate `far`)
+    far: float = Field(ge=0.0, le=1.0)  # false alarms per honest window the limit is set for
+    sequences: int = Field(ge=0)  # honest sequences the bootstrap drew from
+    method: str  # how the limit was estimated
+
+
 class BucketedClass(ClassTolerance):
     """A class's whole-range tolerances (what a record without buckets judges by) and its length buckets, in
     increasing `max_prompt_tokens`, the last one the class's `max_prompt_tokens`. A receipt is judged by the
-    bucket of its prompt length (`verify.tolerances.limits_for`), a ClassTolerance made concrete for it."""
+    bucket of its prompt length (`verify.tolerances.limits_for`), a ClassTolerance made concrete for it.
+
+    `window`: the class's per-provider window test, when calibrated (bf16); absent from older records (and from
+    their bytes: the field is left out when None, so records signed before it existed still verify)."""
 
     buckets: list[LengthBucket]
+    window: WindowTest | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_window(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("window", 0) is None:
+            del data["window"]
+        return data
 
 
 @register("agora/tolerances/2")
@@ -152,5 +180,25 @@ class FraudProofBody(RecordBody):
     provider: str
     evidence: FailureEvidence
     tolerances: ClassTolerance
+    reference_precision: str
+    created_ms: int = Field(ge=0)
+
+
+@register("agora/window-proof/1")
+class WindowProofBody(RecordBody):
+    """A failed per-provider window test (verify.window): `size` receipts of one provider, (model, class), that
+    each passed the per-sequence test but whose flips, summed, exceed what honest drift of the class reaches (at
+    false-alarm rate `window.far` per window). Self-contained like a fraud proof: the receipts and requests are
+    embedded, so anyone holding the model and the same tolerance record recomputes every score by replay."""
+
+    provider: str
+    model: str  # model CID
+    precision: str
+    receipt_cids: list[str]  # in the order judged
+    receipts: list[str]  # hex of each receipt record's canonical DAG-CBOR bytes (provider signature inside)
+    requests: list[str]  # hex of each canonical request's DAG-CBOR bytes
+    scores: list[float]  # each receipt's flip excess (verify.window.flip_score)
+    total: float  # their sum, above window.limit
+    window: WindowTest  # the class's window test the receipts were judged by
     reference_precision: str
     created_ms: int = Field(ge=0)
