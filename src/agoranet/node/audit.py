@@ -26,6 +26,7 @@ class ProviderStanding:
     excluded: bool = False
     fraud_proofs: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)  # receipts signed for what it may not sell
+    window_proofs: list[str] = field(default_factory=list)  # failed window tests (verify.window)
 
 
 class VerifierLink:
@@ -108,10 +109,11 @@ class VerifierLink:
                 s.excluded = s.excluded or row.excluded
                 s.fraud_proofs += [p for p in row.fraud_proofs if p not in s.fraud_proofs]
                 s.violations += [r for r in row.violations if r not in s.violations]
+                s.window_proofs += [p for p in row.window_proofs if p not in s.window_proofs]
         for peer, s in merged.items():
             if s.excluded and not self.excluded(peer):
-                log.warning("provider %s excluded: fraud proof %s, violation by receipt %s", peer,
-                            s.fraud_proofs[:1], s.violations[:1])
+                log.warning("provider %s excluded: fraud proof %s, violation by receipt %s, window proof %s", peer,
+                            s.fraud_proofs[:1], s.violations[:1], s.window_proofs[:1])
         self.standing = merged
         if classes is not None:  # a round with no answer keeps what was known
             self.classes = classes

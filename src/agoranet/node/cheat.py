@@ -40,6 +40,8 @@ CHEATS = {
     "seed": "ignore the requested seed",
     "top_p": "ignore the requested top_p (sample from the whole distribution)",
     "prompt": "drop the first half of the prompt text (cheaper prefill)",
+    "near_ties": "at greedy requests, take the runner-up token where it trails the best by 0.04-0.12 logit, at most "
+                 "3 times (0.2 logit in all) per answer: steering within bf16's per-sequence flip allowance",
     # Escapes by declaration: receipts (and offer) declare what no verifier can judge.
     "fp16": "declare precision fp16, for which no tolerance record exists (hoping to be unjudgeable)",
     "precision": "declare a made-up precision class",
@@ -50,6 +52,8 @@ DECLARED_PRECISION = {"fp16": "fp16", "precision": "fp-whatever"}
 UNKNOWN_MODEL = str(cid_of(b"agora: a model nobody stores", DAG_PB))
 DECLARED_RULE = "agora-gumbel-v1"
 TAMPERED_INDEX = 2
+NEAR_TIE_GAP = (0.04, 0.12)  # logit: the runner-up gaps the near_ties cheat takes
+NEAR_TIE_FLIPS, NEAR_TIE_BUDGET = 3, 0.2  # per answer: flips and summed gap (bf16's short-prompt limit is ~0.29)
 
 
 class CheatingEngine:
@@ -66,6 +70,25 @@ class CheatingEngine:
         if kind == "rule":
             self.rule = DECLARED_RULE  # what provider.engine_rule reads: its receipts and offer name it
         log.warning("CHEATING PROVIDER (test/demo facility): %s", CHEATS[kind])
+        if kind == "near_ties":
+            honest_accept = inner._accept
+            spent: dict[int, tuple[int, float]] = {}  # id(sequence) -> (flips taken, their summed gap)
+
+            def steer(seqs: list[Any], logits: torch.Tensor) -> None:
+                logits = logits.float().clone()
+                for row, seq in enumerate(seqs):
+                    taken, gaps = spent.get(id(seq), (0, 0.0)) if seq.tokens else (0, 0.0)
+                    if seq.request.sampling.temperature > 0.0 or taken >= NEAR_TIE_FLIPS:
+                        continue
+                    top = logits[row].topk(2)
+                    gap = float(top.values[0] - top.values[1])
+                    if NEAR_TIE_GAP[0] <= gap <= NEAR_TIE_GAP[1] and gaps + gap <= NEAR_TIE_BUDGET:
+                        # swap the two best logits: the runner-up is chosen and reported with the best's logprob
+                        logits[row, top.indices[0]], logits[row, top.indices[1]] = top.values[1], top.values[0]
+                        spent[id(seq)] = (taken + 1, gaps + gap)
+                honest_accept(seqs, logits)
+
+            inner._accept = steer  # type: ignore[method-assign]
         if kind == "model":
             gen = torch.Generator().manual_seed(0)
             with torch.no_grad():

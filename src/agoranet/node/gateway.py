@@ -887,7 +887,7 @@ class Gateway:
             h, t = self.routing.of(peer), self.stats.of(peer)
             standing = self.verifiers.standing.get(peer)
             if standing is not None and standing.excluded or self.verifiers.excluded(peer):
-                state = "excluded: a verifier holds a fraud proof or violation"
+                state = "excluded: a verifier holds a fraud proof, window proof or violation"
             elif any(excluded(peer) for excluded in self.routing.exclusions):
                 state = "excluded: its transparency log forked"
             elif b.precision != UPSTREAM_PRECISION and b.rule not in RULES:

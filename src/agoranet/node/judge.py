@@ -24,7 +24,9 @@ from agoranet.engine.tokenizer import Tokenizer, load_tokenizer
 from agoranet.engine.base import render_prompt
 from agoranet.engine.transformers_engine import load_causal_lm
 from agoranet.engine.upstream import UPSTREAM_PRECISION
-from agoranet.verify.records import ClassTolerance, FailureEvidence, FraudProofBody, VerdictBody
+from agoranet.verify.records import (
+    ClassTolerance, FailureEvidence, FraudProofBody, VerdictBody, WindowProofBody, WindowTest,
+)
 from agoranet.verify.replay import (
     ReplayJob, ReplayResult, check_receipts, check_request_binding, prompt_binding, request_mismatch,
 )
@@ -34,6 +36,7 @@ from agoranet.verify.tolerances import (
     outside_calibration,
     tolerance_for,
 )
+from agoranet.verify.window import bucket_index, flip_score, window_test
 from agoranet.wire.canonical import CanonicalRequest
 
 
@@ -68,6 +71,8 @@ class Judgement:
     verdict: Record[VerdictBody]
     proof: Record[FraudProofBody] | None
     result: ReplayResult
+    # the receipt's term of its provider's window sum (verify.window), when it passed and its class has a window test
+    window_score: float | None = None
 
 
 @dataclass
@@ -76,7 +81,7 @@ class Recheck:
     provider: str
     issuer: str  # the verifier that signed the proof
     detail: str
-    result: ReplayResult
+    result: ReplayResult | None  # the replay of the proof's receipt (None for a window proof: several receipts)
 
 
 class ReplayVerifier:
@@ -335,7 +340,75 @@ class ReplayVerifier:
             ok=result.ok, checked_positions=result.checked_positions, failure=result.failure,
             fraud_proof=str(proof.cid) if proof else None, tolerances=tol, verified_ms=now_ms(),
         ))
-        return Judgement(verdict, proof, result)
+        test = self.window_test(body.model, body.precision)
+        score = self._window_score(body, result, tol, test) if result.ok and test is not None else None
+        return Judgement(verdict, proof, result, score)
+
+    # -- the per-provider window test (verify.window) -------------------------------------------------
+
+    def window_test(self, cid: str, precision: str) -> WindowTest | None:
+        """The window test of this verifier's record for (model, class), or None (no record, or none in it)."""
+        try:
+            return window_test(self.tolerances(cid, precision))
+        except NoTolerances:
+            return None
+
+    def _window_score(self, body: ReceiptBody, result: ReplayResult, applied: ClassTolerance, test: WindowTest) -> float:
+        # `applied` holds the receipt's bucket (its max_prompt_tokens), picked from the prompt the replay rendered
+        bucket = bucket_index(self.tolerances(body.model, body.precision), applied.max_prompt_tokens)
+        return flip_score(test, bucket, len(body.output_tokens), result.flip_margins)
+
+    def window_proof(self, entries: list[tuple[Record[ReceiptBody], bytes, float]]) -> Record[WindowProofBody]:
+        """Sign a failed window: its receipts (each with its request and score), all of one provider and class."""
+        first = entries[0][0]
+        test = self.window_test(first.body.model, first.body.precision)
+        assert test is not None, "a window proof needs the class's window test"
+        scores = [score for _, _, score in entries]
+        return sign_record(self.identity, WindowProofBody(
+            provider=first.signer, model=first.body.model, precision=first.body.precision,
+            receipt_cids=[str(r.cid) for r, _, _ in entries], receipts=[r.encode().hex() for r, _, _ in entries],
+            requests=[req.hex() for _, req, _ in entries], scores=scores, total=sum(scores), window=test,
+            reference_precision=REFERENCE_PRECISION, created_ms=now_ms()))
+
+    def recheck_window(self, proof: Record[WindowProofBody]) -> Recheck:
+        """Independently replay every receipt of a window proof with this verifier's record: do their flip
+        excesses really sum above the class's window limit? Raises when it cannot be re-checked here (another
+        window test than this verifier's record holds, or a malformed proof)."""
+        proof = verify_record(proof.encode(), WindowProofBody)
+        p = proof.body
+        n = len(p.receipt_cids)
+        if not n == len(p.receipts) == len(p.requests) == len(p.scores) == p.window.size or len(set(p.receipt_cids)) < n:
+            raise RecordError(f"window proof {proof.cid} must embed {p.window.size} distinct receipts, each with its "
+                              "request and score")
+        test = self.window_test(p.model, p.precision)
+        if test != p.window:
+            raise UnverifiableReceipt(
+                f"window proof {proof.cid} was judged by a window test this verifier's record for model {p.model} at "
+                f"precision {p.precision!r} does not hold: it cannot be re-checked here",
+                hint="re-check it with the tolerance record it was judged by (pass --tolerances FILE)")
+        items = []
+        for cid, receipt_hex, request_hex in zip(p.receipt_cids, p.receipts, p.requests):
+            try:
+                receipt = verify_record(bytes.fromhex(receipt_hex), ReceiptBody)
+                request_bytes = bytes.fromhex(request_hex)
+            except ValueError as exc:
+                raise RecordError(f"window proof {proof.cid} embeds undecodable bytes: {exc}") from exc
+            b = receipt.body
+            if str(receipt.cid) != cid or receipt.signer != p.provider or (b.model, b.precision) != (p.model, p.precision):
+                raise RecordError(f"window proof {proof.cid} embeds receipt {receipt.cid}, which is not the receipt it "
+                                  "names or not its provider's receipt of that model and class")
+            items.append((receipt, request_bytes))
+        scores = []
+        for (receipt, _), judged in zip(items, self.replay_many(items)):
+            if isinstance(judged, AgoraError):
+                raise judged
+            result, applied = judged
+            scores.append(self._window_score(receipt.body, result, applied, test))
+        total = sum(scores)
+        holds = total > test.limit
+        detail = (f"{n} receipts' flip excesses sum to {total:.4g} ({'above' if holds else 'within'} the window limit "
+                  f"{test.limit:.4g}, false alarms {test.far:g} per honest window); the proof claimed {p.total:.4g}")
+        return Recheck(holds=holds, provider=p.provider, issuer=proof.signer, detail=detail, result=None)
 
     def recheck(self, proof: Record[FraudProofBody]) -> Recheck:
         """Independently replay the receipt inside a fraud proof: does it really break the rule?"""

@@ -30,7 +30,27 @@ class NodeState:
             "CREATE TABLE IF NOT EXISTS blocks (cid TEXT PRIMARY KEY, kind TEXT NOT NULL, data BLOB NOT NULL,"
             " created_ms INTEGER NOT NULL)"
         )
+        # the per-provider window test's open windows (verify.window): receipts judged, not yet in a closed window
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS windows (provider TEXT NOT NULL, model TEXT NOT NULL, precision TEXT NOT NULL,"
+            " receipt TEXT NOT NULL, score REAL NOT NULL, PRIMARY KEY (provider, model, precision, receipt))"
+        )
         self._lock = threading.Lock()
+
+    def window_add(self, key: tuple[str, str, str], receipt: str, score: float, size: int) -> list[tuple[str, float]]:
+        """Add a judged receipt's score to the open window of (provider, model, precision); once it holds `size`
+        receipts, close it: remove and return them (receipt CID, score) in the order added, else return []."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO windows (provider, model, precision, receipt, score) "
+                             "VALUES (?, ?, ?, ?, ?)", (*key, receipt, score))
+            rows = self._db.execute("SELECT rowid, receipt, score FROM windows WHERE provider = ? AND model = ? AND "
+                                    "precision = ? ORDER BY rowid LIMIT ?", (*key, size)).fetchall()
+            if len(rows) < size:
+                return []
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM windows WHERE rowid = ?", [(row[0],) for row in rows])
+            self._db.execute("COMMIT")
+        return [(str(r), float(x)) for _, r, x in rows]
 
     def put(self, data: bytes, kind: str, codec: str = DAG_CBOR) -> CID:
         cid = cid_of(data, codec)

@@ -30,7 +30,7 @@ from agoranet.node.judge import Judgement, Recheck, ReplayVerifier, Unverifiable
 from agoranet.node.records_api import records_router
 from agoranet.node.reputation import Reputation
 from agoranet.node.state import NodeState
-from agoranet.verify.records import FraudProofBody
+from agoranet.verify.records import FraudProofBody, WindowProofBody
 from agoranet.wire.agora import ProofSubmission, VerifyRequest
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class VerifierRole:
         self.audit_batches = 0  # replays of one or more receipts together (audit_many calls with any to replay)
         self.refused = 0  # receipts refused at submission (a model this verifier cannot read, unvouched node)
         self.violations = 0  # receipts judged violations: unjudgeable for a reason their provider controls
+        self.window_proofs = 0  # failed per-provider windows signed here (verify.window)
         # feed receipts not judged here: a class it holds no tolerance record for (another may), or beyond its
         # record's range without an offer showing that their provider ignored its own (see _not_here)
         self.not_judged = 0
@@ -71,6 +72,9 @@ class VerifierRole:
         self._rng = random.Random(config.seed)
         self._queue: asyncio.Queue[Audit] | None = None
         self._seen: set[str] = set()
+        # receipts queued from the operator's sources (feeds read in order, sampled by this verifier's own draw):
+        # the only ones whose scores enter a provider's window (see _keep)
+        self._from_sources: set[str] = set()
         self._cursors: dict[str, int] = {}
         self._task: asyncio.Task | None = None
         self._http: httpx.AsyncClient | None = None
@@ -79,6 +83,8 @@ class VerifierRole:
     async def start(self) -> None:
         for _, _, data in self.state.since("verdict", 0, 1 << 30):  # reputation survives restarts
             self.reputation.add_verdict(decode_record(data).body)
+        for _, cid, data in self.state.since("window-proof", 0, 1 << 30):
+            self.reputation.add_window_proof(decode_record(data).body.provider, cid)
         self._queue = asyncio.Queue()
         self._http = httpx.AsyncClient(timeout=30)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="agora-verifier")
@@ -135,7 +141,8 @@ class VerifierRole:
                     continue
                 with contextlib.suppress(Violation):  # judged, without replay, once queued
                     self.verifier.admissible(receipt)
-                self.offer(receipt, node=source)
+                if self.offer(receipt, node=source):
+                    self._from_sources.add(str(receipt.cid))
             except AgoraError as exc:
                 log.warning("skipping a bad receipt from %s: %s", source, exc)
         self._cursors[source] = feed.next
@@ -260,9 +267,50 @@ class VerifierRole:
             self.state.put(judgement.proof.encode(), "fraud-proof")
             log.warning("fraud proof %s: provider %s, receipt %s: %s", judgement.proof.cid, receipt.signer,
                         receipt.cid, judgement.result.failure.detail)
+        first = str(receipt.cid) not in self.reputation.judged
         self.reputation.add_verdict(judgement.verdict.body)
         self.audited += 1
+        # Only receipts pulled from the operator's sources enter windows, each once: a stranger submitting receipts
+        # (or one again and again) could otherwise fill an honest provider's window with its worst ones.
+        if first and judgement.window_score is not None and str(receipt.cid) in self._from_sources:
+            self._window(receipt, judgement.window_score)
+        self._from_sources.discard(str(receipt.cid))
         return judgement
+
+    def _window(self, receipt: Record[ReceiptBody], score: float) -> None:
+        """Add a passed receipt to its provider's open window of its (model, class) (kept in SQLite, so it
+        survives restarts); a window that fills is closed, and when its flip excesses sum above the class's
+        limit a window proof naming its receipts is signed, stored and counted: the provider is excluded."""
+        body = receipt.body
+        test = self.verifier.window_test(body.model, body.precision)
+        if test is None:
+            return
+        closed = self.state.window_add((receipt.signer, body.model, body.precision), str(receipt.cid), score, test.size)
+        total = sum(score for _, score in closed)
+        if not closed or total <= test.limit:
+            return
+        entries = []
+        for cid, score in closed:  # each was stored with its request before its score was added
+            stored = self.state.get(cid)
+            r = verify_record(stored[1], ReceiptBody) if stored is not None else None
+            request = self.state.get(r.body.request) if r is not None else None
+            if r is None or request is None:
+                log.warning("window of provider %s: receipt %s or its request is gone; no window proof",
+                            receipt.signer, cid)
+                return
+            entries.append((r, request[1], score))
+        proof = self.verifier.window_proof(entries)
+        self.state.put(proof.encode(), "window-proof")
+        self.reputation.add_window_proof(receipt.signer, str(proof.cid))
+        self.window_proofs += 1
+        log.warning("window proof %s: provider %s, %d receipts of %s at %s: flip excess %.4g above the limit %.4g",
+                    proof.cid, receipt.signer, len(entries), body.model, body.precision, total, test.limit)
+
+    async def check_window_proof(self, proof: Record[WindowProofBody]) -> Recheck:
+        recheck = await asyncio.to_thread(self.verifier.recheck_window, proof)
+        self.state.put(proof.encode(), "window-proof" if recheck.holds else "false-window-proof")
+        self.reputation.add_recheck(str(proof.cid), recheck, window=True)
+        return recheck
 
     async def check_proof(self, proof: Record[FraudProofBody]) -> Recheck:
         recheck = await asyncio.to_thread(self.verifier.recheck, proof)
@@ -273,7 +321,7 @@ class VerifierRole:
     def metrics(self) -> dict[str, float]:
         return {"verifier_audits_total": self.audited, "verifier_audit_errors_total": self.audit_errors,
                 "verifier_audit_batches_total": self.audit_batches,
-                "verifier_violations_total": self.violations, "verifier_not_judged_total": self.not_judged,
+                "verifier_violations_total": self.violations, "verifier_window_proofs_total": self.window_proofs, "verifier_not_judged_total": self.not_judged,
                 "verifier_receipts_refused_total": self.refused, "verifier_skipped_total": self.skipped,
                 "verifier_queue": self._queue.qsize() if self._queue is not None else 0}
 
@@ -374,6 +422,20 @@ class VerifierRole:
         @r.get("/agora/v1/fraud-proofs")
         async def proofs(after: Cursor = 0, limit: PageSize = 100) -> dict[str, Any]:
             return self.state.feed("fraud-proof", after, limit, "fraud_proofs")
+
+        @r.post("/agora/v1/window-proofs")
+        async def submit_window_proof(sub: ProofSubmission) -> dict[str, Any]:
+            proof = verify_record(sub.record, WindowProofBody)
+            try:
+                rc = await self.check_window_proof(proof)
+            except UnverifiableReceipt as exc:
+                raise RequestError(str(exc), param="record", code="proof_not_checkable") from None
+            return {"window_proof_cid": str(proof.cid), "holds": rc.holds, "provider": rc.provider,
+                    "issuer": rc.issuer, "detail": rc.detail}
+
+        @r.get("/agora/v1/window-proofs")
+        async def window_proofs(after: Cursor = 0, limit: PageSize = 100) -> dict[str, Any]:
+            return self.state.feed("window-proof", after, limit, "window_proofs")
 
         @r.get("/agora/v1/verdicts")
         async def verdicts(after: Cursor = 0, limit: PageSize = 100) -> dict[str, Any]:

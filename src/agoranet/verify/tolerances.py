@@ -148,11 +148,12 @@ def bucketed(whole: ClassTolerance, buckets: Sequence[LengthBucket] = ()) -> Buc
     """A class record: its whole-range tolerances and its buckets (none: judged by the whole-range ones)."""
     fields = whole.model_dump()
     fields.pop("buckets", None)
+    window = fields.pop("window", None)
     ordered = sorted(buckets, key=lambda b: b.max_prompt_tokens)
     if ordered and ordered[-1].max_prompt_tokens < whole.max_prompt_tokens:
         raise ValueError(f"buckets end at {ordered[-1].max_prompt_tokens} prompt tokens, the class covers "
                          f"{whole.max_prompt_tokens}")
-    return BucketedClass(**fields, buckets=ordered)
+    return BucketedClass(**fields, buckets=ordered, window=window)
 
 
 def limits_for(tol: ClassTolerance, prompt_tokens: int, output_tokens: int) -> ClassTolerance:
@@ -163,6 +164,7 @@ def limits_for(tol: ClassTolerance, prompt_tokens: int, output_tokens: int) -> C
     limits. The result is a plain ClassTolerance: what a verdict or fraud proof names as applied."""
     fields = tol.model_dump()
     fields.pop("buckets", None)
+    fields.pop("window", None)  # the class's window test (verify.window) spans receipts: not a per-receipt limit
     buckets: list[LengthBucket] = getattr(tol, "buckets", [])
     bucket = next((b for b in buckets if prompt_tokens <= b.max_prompt_tokens), None)
     if bucket is None:

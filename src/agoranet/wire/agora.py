@@ -89,6 +89,7 @@ class ProviderStanding(_Answer):
     excluded: bool = False
     fraud_proofs: list[str] = Field(default_factory=list)
     violations: list[str] = Field(default_factory=list)  # CIDs of receipts judged violations (node/judge.py)
+    window_proofs: list[str] = Field(default_factory=list)  # CIDs of failed window tests (verify.window)
 
 
 class ReputationTable(_Answer):
