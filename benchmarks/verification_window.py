@@ -104,6 +104,44 @@ def collect(n_honest: int, n_attack: int, tol, reference) -> dict:
     return data
 
 
+def confirm_sets(n: int) -> dict[str, list]:
+    """Honest request sets shaped as verification.honest_sets but with other seeds: an independent confirmation."""
+    return {
+        "short": v.honest_requests(n, seed=19001, model_cid=v.MODEL_CID, max_tokens=64, temperatures=v.ALL_T,
+                                   top_ps=v.TOP_PS),
+        "long prompt": v.long_requests(n, seed=19002, model_cid=v.MODEL_CID, max_tokens=64, temperatures=v.ALL_T,
+                                       top_ps=v.TOP_PS, max_prompt_chars=v.CONTEXT - 64 - v.PROMPT_OVERHEAD),
+        "long output": v.long_requests(n, seed=19003, model_cid=v.MODEL_CID, max_tokens=256, temperatures=v.ALL_T,
+                                       top_ps=v.TOP_PS, max_prompt_chars=v.CONTEXT - 256 - v.PROMPT_OVERHEAD),
+    }
+
+
+def confirm(n: int, tol, reference, trials: int) -> dict:
+    """Honest sequences independent of the record's window calibration, judged with the record's window test:
+    how many pass per sequence, their real windows (consecutive, in generation order) and bootstrap windows
+    over the limit."""
+    test = tol.window
+    assert test is not None, "the tolerances record has no bf16 window test to confirm"
+    rows: list[dict] = []
+    for set_name, reqs in confirm_sets(n).items():
+        runs = v.run(v.engine_for("bf16"), reqs, single_share=0.25)
+        rows += [row(r, x, tol) | {"set": set_name} for r, x in zip(runs, v.judge(reference, runs, tol))]
+    rows = [r for r in rows if "refused" not in r]
+    s = scores(rows, test)
+    rng = random.Random(17)
+    order = list(range(len(s)))
+    rng.shuffle(order)  # a provider's windows mix the three shapes
+    real = [sum(s[i] for i in order[k:k + test.size]) for k in range(0, len(order) - test.size + 1, test.size)]
+    boot = exceedance(s, test.limit, test.size, rng, trials)
+    out = {"sequences": len(rows), "rejected": sum(not r["ok"] for r in rows), "windows": len(real),
+           "windows_over": sum(x > test.limit for x in real), "worst_window": max(real, default=0.0),
+           "bootstrap_far": boot, "bootstrap_windows": trials, "limit": test.limit, "size": test.size}
+    print(f"\nconfirmation: {len(rows)} honest bf16 sequences (other seeds), {out['rejected']} rejected per sequence; "
+          f"{len(real)} windows of {test.size} (shuffled): {out['windows_over']} over the limit {test.limit:.3g} "
+          f"(worst {out['worst_window']:.3g}); bootstrap windows over it: {boot:.2g} of {trials}")
+    return out
+
+
 def scores(rows: list[dict], test) -> list[float]:
     return [flip_score(test, r["bucket"], r["output_tokens"], r["flip_margins"]) for r in rows]
 
@@ -183,6 +221,9 @@ def main() -> int:
     ap.add_argument("--floor", type=float, default=WINDOW_FLOOR, help="part of a flip's margin that counts nothing")
     ap.add_argument("--clip", type=float, default=WINDOW_CLIP, help="most one receipt's summed margins count")
     ap.add_argument("--trials", type=int, default=20000, help="bootstrap windows per attack")
+    ap.add_argument("--confirm", type=int, default=0,
+                    help="also generate this many honest sequences per set with other seeds and judge them with the "
+                         "record's window test (its false alarms on sequences it was not fitted on)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--write-record", type=Path, default=None,
                     help="write the tolerances record with bf16's window test (W = the first of --windows, fitted on "
@@ -199,7 +240,11 @@ def main() -> int:
         data = collect(args.honest, args.attacks, tol, load_causal_lm(v.MODEL_DIR, "fp32"))
         if args.dump:
             args.dump.write_text(json.dumps(data))
+    if args.confirm:
+        confirmed = confirm(args.confirm, tol, load_causal_lm(v.MODEL_DIR, "fp32"), args.trials * 20)
     report = analyse(data, tol, [int(w) for w in args.windows.split(",")], args.far, args.floor, args.clip, args.trials)
+    if args.confirm:
+        report["confirm"] = confirmed
     if args.write_record:
         honest = [r for r in data["honest"] if "refused" not in r]
         test = fit(honest, tol, int(args.windows.split(",")[0]), args.far, args.floor, args.clip)

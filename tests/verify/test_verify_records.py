@@ -153,3 +153,29 @@ def test_verdict_and_fraud_proof_records_round_trip_and_reject_tampering():
     forged["body"]["evidence"]["position"] = 4
     with pytest.raises(BadSignature):
         verify_record(forged)
+
+
+def test_a_window_test_is_optional_in_a_class_and_absent_from_the_bytes_of_records_without_one():
+    """Records signed before the window test existed keep verifying (no `window` key in their body); a class with
+    one carries it through the wire; per-receipt limits never include it. The shipped record has bf16's only."""
+    import random
+
+    from agoranet.verify.window import fit_window, flip_score, window_test
+
+    c = bucketed(class_tolerance("bf16", (0.1, 0.2, 0.3, 0.04), (0.05, 0.1, 0.1, 0.02), sequences=400,
+                                 confirm_sequences=400, stats=STATS))
+    plain = tolerances_record(ID, "bafymodel", [c], hardware="cpu", method="test")
+    assert "window" not in plain.to_json()["body"]["classes"][0]
+    assert window_test(tolerance_for(verify_record(plain.encode(), TolerancesBody).body, "bf16")) is None
+    honest = [(0, 64, [0.01] * (i % 3) + [0.05] * (i % 7 == 0)) for i in range(200)]
+    test = fit_window(honest, 1, size=8, rng=random.Random(1))
+    assert test.per_token[0] > 0 and test.limit > 0 and test.size == 8
+    assert flip_score(test, 0, 64, [0.01, 0.02]) < 0 < flip_score(test, 0, 64, [0.1, 0.1])  # near ties count nothing
+    assert flip_score(test, 0, 0, [1.0, 1.0, 1.0]) == test.clip  # one receipt adds at most the clip
+    windowed = tolerances_record(ID, "bafymodel", [c.model_copy(update={"window": test})], hardware="cpu",
+                                 method="test")
+    back = verify_record(windowed.encode(), TolerancesBody)
+    assert window_test(tolerance_for(back.body, "bf16")) == test
+    assert "window" not in limits_for(tolerance_for(back.body, "bf16"), 10, 64).model_dump()
+    shipped = default_tolerances(model_cid(resolve_model("agora-tiny")[0])).body
+    assert window_test(tolerance_for(shipped, "bf16")) is not None and window_test(tolerance_for(shipped, "fp32")) is None

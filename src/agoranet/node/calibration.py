@@ -24,11 +24,12 @@ from agoranet.engine.base import Engine, Generation, GenerationRequest, Sampling
 from agoranet.engine.tokenizer import Tokenizer
 from agoranet.engine.transformers_engine import TransformersEngine
 from agoranet.node.provider import derived_request_id, receipt_body as provider_receipt_body
-from agoranet.verify.records import BucketedClass, LengthBucket
+from agoranet.verify.records import BucketedClass, LengthBucket, WindowTest
 from agoranet.verify.replay import MEASURE, ReplayResult, ToleranceLike, check_receipt
 from agoranet.verify.tolerances import (
     HEADROOM, MIN_TOLERANCE, TARGET_FRR, BucketStats, SequenceStats, bucketed, class_tolerance, length_bucket,
 )
+from agoranet.verify.window import bucket_index, fit_window
 
 TASKS = [
     "add two numbers", "reverse a list", "sort a dictionary by value", "read a file line by line",
@@ -325,7 +326,20 @@ async def calibrate_precision(
     return widened.model_copy(update={
         "confirm_sequences": len(confirm_runs), "batch_sizes": [1, 8, 16], "buckets": buckets,
         **dict(zip(("confirmed_tok", "confirmed_lp", "confirmed_top", "confirmed_mass"), confirmed)),
+        "window": _window(widened, buckets, runs + confirm_runs, calib_results + confirmed_results),
     })
+
+
+def _window(tol: BucketedClass, buckets: list[LengthBucket], runs: list[HonestRun],
+            results: list[ReplayResult]) -> WindowTest | None:
+    """The class's per-provider window test (verify.window), fitted on every honest sequence of the calibration
+    and confirmation sets; none for a class that allows no flips (fp32: any flip already fails its sequence)."""
+    if tol.seq_flips == 0 and not any(b.flips_base or b.flips_per_token for b in buckets):
+        return None
+    with_buckets = tol.model_copy(update={"buckets": buckets})
+    honest = [(bucket_index(with_buckets, run.body.prompt_tokens + len(run.body.prefix_tokens)),
+               len(run.body.output_tokens), r.flip_margins) for run, r in zip(runs, results)]
+    return fit_window(honest, max(len(buckets), 1))
 
 
 L = TypeVar("L", BucketedClass, LengthBucket)
