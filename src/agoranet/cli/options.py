@@ -73,7 +73,7 @@ MaxBatchOpt = Annotated[int, _provider("--max-batch", help="most sequences decod
 TokenDelayOpt = Annotated[int, _provider("--token-delay-ms", hidden=True,
                                          help="space tokens out (failover tests, demos)")]
 CheatOpt = Annotated[Optional[str], _provider(
-    "--cheat", hidden=True, help="TEST/DEMO ONLY: model|token|logprobs|temperature|seed|prompt|fp16|precision|unknown_model")]
+    "--cheat", hidden=True, help="TEST/DEMO ONLY: model|token|logprobs|temperature|seed|top_p|prompt|near_ties|fp16|precision|unknown_model|rule")]
 
 # Gateway
 RequireKeysOpt = Annotated[bool, _gateway(
