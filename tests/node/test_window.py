@@ -5,9 +5,13 @@ provider answering the same requests fills windows without one."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from agoranet.cli.verify_cmd import verify_app
 from agoranet.core.identity import Identity
 from agoranet.core.records import ReceiptBody, decode_record, verify_record
 from agoranet.engine.models import model_cid, resolve_model
@@ -37,7 +41,7 @@ def _ask(url: str, n: int) -> None:
 
 
 @pytest.mark.slow
-def test_a_bf16_near_tie_cheater_passing_every_sequence_check_is_caught_by_its_window(nodes) -> None:
+def test_a_bf16_near_tie_cheater_passing_every_sequence_check_is_caught_by_its_window(nodes, tmp_path) -> None:
     size = _window_size()
     p, prov = nodes.provider("cheater", ProviderOptions(threads=1, precision="bf16", cheat="near_ties"))
     peer = str(prov.identity.peer_id)
@@ -64,6 +68,11 @@ def test_a_bf16_near_tie_cheater_passing_every_sequence_check_is_caught_by_its_w
     assert r.status_code == 200, r.text
     assert r.json()["holds"] is True and r.json()["provider"] == peer, r.json()
     assert other_role.reputation.providers[peer].excluded
+    # and so does `agora verify check --fraud-proof FILE`, given the window proof
+    (tmp_path / "window.json").write_text(json.dumps(proof))
+    cli = CliRunner().invoke(verify_app, ["check", "--fraud-proof", str(tmp_path / "window.json"), "--home",
+                                          str(tmp_path / "cli")], catch_exceptions=False)
+    assert cli.exit_code == 0 and "window proof holds" in cli.stdout, cli.stdout
 
 
 @pytest.mark.slow
@@ -90,3 +99,18 @@ def test_an_honest_bf16_provider_fills_windows_without_a_window_proof(nodes) -> 
     assert "the proof claimed" in r.json()["detail"]
     assert role.state.count("false-window-proof") == 1 and not role.reputation.providers[peer].excluded
     assert role.reputation.verifiers[str(forger.peer_id)].false_proofs == [str(forged.cid)]
+
+
+def test_an_open_window_survives_a_restart_and_closes_at_its_size(tmp_path) -> None:
+    from agoranet.node.state import NodeState
+
+    key = ("peer", "bafymodel", "bf16")
+    state = NodeState(tmp_path / "state.db")
+    assert [state.window_add(key, f"r{i}", 0.1 * i, 4) for i in range(3)] == [[], [], []]
+    assert state.window_add(key, "r1", 9.0, 4) == []  # a receipt already in the open window counts once
+    assert state.window_add(("other", "bafymodel", "bf16"), "x", 1.0, 4) == []  # windows are per provider and class
+    state.close()
+    state = NodeState(tmp_path / "state.db")
+    assert state.window_add(key, "r3", 0.3, 4) == [("r0", 0.0), ("r1", 0.1), ("r2", 0.2), ("r3", 0.3)]
+    assert state.window_add(key, "r4", 0.4, 4) == []  # the closed window's receipts are gone; a new one opens
+    state.close()

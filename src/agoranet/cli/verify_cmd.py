@@ -55,7 +55,7 @@ def check(
     receipt_cid: Annotated[Optional[str], typer.Argument(help="CID of the receipt to verify")] = None,
     node: Annotated[Optional[str], typer.Option(help="node that stores the receipt/proof and its request")] = None,
     fraud_proof: Annotated[Optional[str], typer.Option("--fraud-proof", help="CID (with --node) or JSON file of a "
-                                                       "fraud proof to re-check")] = None,
+                                                       "fraud proof or window proof to re-check")] = None,
     model: ModelsOpt = None,
     tolerances: TolerancesOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="write the verdict and any fraud proof here (JSON)")] = None,
@@ -64,6 +64,7 @@ def check(
     """Replay a receipt (or re-check a fraud proof) with the model; print and sign the verdict."""
     from agoranet.cli.records import fetch_receipt, fetch_record, load_record_file
     from agoranet.node.judge import ReplayVerifier
+    from agoranet.verify.records import WindowProofBody
 
     if (receipt_cid is None) == (fraud_proof is None):
         raise fail("give a RECEIPT_CID (with --node URL) or --fraud-proof CID|FILE")
@@ -78,6 +79,15 @@ def check(
                 proof = fetch_record(node, fraud_proof)
             else:
                 raise fail(f"{fraud_proof} is not a file; pass --node URL to fetch it by CID")
+            if proof.type == WindowProofBody.record_type:  # a failed per-provider window: replay all its receipts
+                recheck = verifier.recheck_window(proof)
+                if recheck.holds:
+                    console.print(f"[bold green]window proof holds[/]: provider {recheck.provider}'s receipts flip "
+                                  f"more than honest drift of the class ({recheck.detail})")
+                    return
+                console.print(f"[bold red]FALSE window proof[/]: verifier {recheck.issuer} accused an honest provider "
+                              f"({recheck.detail})")
+                raise typer.Exit(JUDGED_BAD)
             recheck = verifier.recheck(proof)
             if recheck.holds:
                 console.print(f"[bold green]fraud proof holds[/]: provider {recheck.provider} broke the rule "
