@@ -53,6 +53,8 @@ class VerifierRole:
         self.identity, self.verifier, self.state, self.config = identity, verifier, state, config
         # Receipts with top-20 logprobs of long answers, and fraud proofs carrying them, run to megabytes.
         self.body_limits = {path: 8 << 20 for path in ("/agora/v1/verify", "/agora/v1/receipts", "/agora/v1/fraud-proofs")}
+        # a window proof embeds a whole window of them (32 receipts of 256 tokens with top-20 logprobs: ~6 MB of hex)
+        self.body_limits["/agora/v1/window-proofs"] = 32 << 20
         self.reputation = Reputation()
         self.audited = 0
         self.skipped = 0
