@@ -85,22 +85,25 @@ def row(run, result: ReplayResult | str, tol, differs: bool | None = None) -> di
     return out | ({"differs": differs} if differs is not None else {})
 
 
+def judged(reference, runs: list, tol) -> list[tuple]:
+    """(run, result) for the receipts inside the calibrated range (verification.judge puts refused ones first)."""
+    inside = [r for r in runs if v.outside_calibration(tol, r.body) is None]
+    return list(zip(inside, [x for x in v.judge(reference, inside, tol) if not isinstance(x, str)]))
+
+
 def collect(n_honest: int, n_attack: int, tol, reference) -> dict:
     data: dict = {"honest": [], "attacks": {}}
     for set_name, reqs in v.honest_sets(n_honest).items():
         t = time.perf_counter()
         honest = v.run(v.engine_for("bf16"), reqs, single_share=0.25)
-        data["honest"] += [row(r, x, tol) | {"set": set_name} for r, x in zip(honest, v.judge(reference, honest, tol))]
+        data["honest"] += [row(r, x, tol) | {"set": set_name} for r, x in judged(reference, honest, tol)]
         print(f"honest {set_name}: {len(honest)} sequences [{time.perf_counter() - t:.0f}s]", flush=True)
     t = time.perf_counter()
     attacks, honest_tokens = attack_runs("bf16", n_attack)
     print(f"attacks generated [{time.perf_counter() - t:.0f}s]", flush=True)
     for name, runs in attacks.items():
-        results = v.judge(reference, runs, tol)
-        # judge() puts refused receipts first: match results to runs by position among the judged ones
-        inside = [r for r in runs if v.outside_calibration(tol, r.body) is None]
         data["attacks"][name] = [row(r, x, tol, r.body.output_tokens != honest_tokens.get(r.body.request))
-                                 for r, x in zip(inside, [x for x in results if not isinstance(x, str)])]
+                                 for r, x in judged(reference, runs, tol)]
     return data
 
 
@@ -125,7 +128,7 @@ def confirm(n: int, tol, reference, trials: int) -> dict:
     rows: list[dict] = []
     for set_name, reqs in confirm_sets(n).items():
         runs = v.run(v.engine_for("bf16"), reqs, single_share=0.25)
-        rows += [row(r, x, tol) | {"set": set_name} for r, x in zip(runs, v.judge(reference, runs, tol))]
+        rows += [row(r, x, tol) | {"set": set_name} for r, x in judged(reference, runs, tol)]
     rows = [r for r in rows if "refused" not in r]
     s = scores(rows, test)
     rng = random.Random(17)
