@@ -283,9 +283,10 @@ class TransformersEngine:
             elif len(seq.tokens) >= req.sampling.max_tokens:
                 seq.finished = "length"
             visible = self._release_text(seq, delta)
-            self._outbox.append(
-                (seq, TokenEvent(text=visible, token=token, logprob=chosen_lp[row], top=tuple(top)))
-            )
+            if req.stream or len(seq.tokens) == 1:  # a non-streamed answer waits for the Generation only
+                self._outbox.append(
+                    (seq, TokenEvent(text=visible, token=token, logprob=chosen_lp[row], top=tuple(top)))
+                )
             if seq.finished is not None:
                 self._outbox.append((seq, Generation(
                     prompt_tokens=len(seq.prompt), tokens=seq.tokens, logprobs=seq.logprobs, top=seq.top,
