@@ -58,7 +58,7 @@ from agoranet.core.identity import Identity
 from agoranet.engine.base import GenerationRequest, Sampling
 from agoranet.engine.transformers_engine import load_causal_lm
 from agoranet.node.node import ProviderOptions, build_provider_node
-from agoranet.node.server import BackgroundServer, bind, url_of
+from agoranet.node.server import BackgroundServer, HttpLimits, bind, url_of
 
 GOAL_RATIO = 0.9
 RULE_GOAL = 0.9  # --engine vllm: vLLM with Agora's rule ≥ 0.9× vLLM without it at 8 concurrent
@@ -218,7 +218,10 @@ async def main(args: argparse.Namespace) -> None:
             results.setdefault((arm, c), []).append(tps)
             cpu.setdefault((arm, c), []).append((time.process_time() - cpu0) / tokens * 1000)
 
-        with BackgroundServer(app, sock) as server:
+        # idle connections stay open between rounds (a slow arm can pause the client longer than the node's 5 s
+        # keep-alive, and reusing a connection the server is closing fails the request)
+        idle = HttpLimits(header_timeout_s=3600, keep_alive_s=3600)
+        with BackgroundServer(app, sock, limits=idle) as server:
             client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="bench", max_retries=0, timeout=600)
             other = ClientProcess(server.url) if args.client == "process" else None
 
