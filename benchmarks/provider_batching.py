@@ -69,9 +69,9 @@ def messages(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"request {i}: parse a config file"}]
 
 
-async def agora_arm(client: openai.AsyncOpenAI, c: int, max_tokens: int) -> float:
+async def agora_arm(client: openai.AsyncOpenAI, c: int, max_tokens: int, model: str = "agora-tiny") -> float:
     async def one(i: int) -> int:
-        r = await client.chat.completions.create(model="agora-tiny", messages=messages(i), max_tokens=max_tokens,
+        r = await client.chat.completions.create(model=model, messages=messages(i), max_tokens=max_tokens,
                                                  temperature=0.0)
         return r.usage.completion_tokens
 
@@ -80,22 +80,22 @@ async def agora_arm(client: openai.AsyncOpenAI, c: int, max_tokens: int) -> floa
     return tokens / (time.perf_counter() - t0)
 
 
-async def client_worker(url: str) -> None:
+async def client_worker(url: str, model: str) -> None:
     """--client-worker: the agora arm's client, in its own process (the provider's process then holds only what a
     provider runs: its event loop and the engine). Reads `c max_tokens` lines, answers each with its tok/s."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=600)
     loop = asyncio.get_running_loop()
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         c, max_tokens = map(int, line.split())
-        print(f"{await agora_arm(client, c, max_tokens):.3f}", flush=True)
+        print(f"{await agora_arm(client, c, max_tokens, model):.3f}", flush=True)
     await client.close()
 
 
 class ClientProcess:
     """The agora arm's client in a separate process (`--client process`), driven over its stdin and stdout."""
 
-    def __init__(self, url: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--client-worker", url], stdin=subprocess.PIPE,
+    def __init__(self, url: str, model: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--client-worker", url, model], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
 
     async def arm(self, c: int, max_tokens: int) -> float:
@@ -116,18 +116,18 @@ class ClientProcess:
         self.proc.wait(timeout=60)
 
 
-def hf_arm(model: torch.nn.Module, prompts: list[list[int]], pad: int, eos: int, max_tokens: int) -> float:
+def hf_arm(model: torch.nn.Module, prompts: list[list[int]], pad: int, eos: frozenset[int], max_tokens: int) -> float:
     width = max(map(len, prompts))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=eos)
+                             pad_token_id=pad, eos_token_id=sorted(eos))
     elapsed = time.perf_counter() - t0
     tokens = 0
     for row in out[:, width:].tolist():  # count up to and including end-of-sequence, not the padding after it
-        tokens += row.index(eos) + 1 if eos in row else len(row)
+        tokens += next((n + 1 for n, t in enumerate(row) if t in eos), len(row))
     return tokens / elapsed
 
 
@@ -184,12 +184,20 @@ async def main(args: argparse.Namespace) -> None:
         home = Path(tmp)
         Identity.generate().save(home / "identity.key")
         sock = bind()
+        model_spec, tolerances = "agora-tiny", []
+        if args.model != "agora-tiny":
+            model_dir = build_models([args.model], home)[0][1]
+            model_spec, tolerances = str(model_dir), [stand_in_tolerances(model_dir, home)]
         app, provider = build_provider_node(
-            home, url_of(sock), ProviderOptions(threads=args.threads, max_batch=max(args.concurrency),
-                                           pricing={"max_concurrency": max(args.concurrency)}))
+            home, url_of(sock), ProviderOptions(model=model_spec, threads=args.threads, max_batch=max(args.concurrency),
+                                           pricing={"max_concurrency": max(args.concurrency)},
+                                           tolerance_files=tolerances))
         engine = provider.engine
         model = load_causal_lm(engine.model_dir, engine.precision)
         tok = engine.tokenizer
+        eos = tok.eos_tokens
+        pad = getattr(tok, "pad", None)
+        pad = pad if pad is not None else model.config.pad_token_id if model.config.pad_token_id is not None else min(eos)
         prompts = [engine.prompt_tokens(GenerationRequest(
             request_id=str(i), kind="chat", sampling=Sampling(), messages=tuple((m["role"], m["content"])
                                                                                 for m in messages(i))))
@@ -223,18 +231,19 @@ async def main(args: argparse.Namespace) -> None:
         idle = HttpLimits(header_timeout_s=3600, keep_alive_s=3600)
         with BackgroundServer(app, sock, limits=idle) as server:
             client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="bench", max_retries=0, timeout=600)
-            other = ClientProcess(server.url) if args.client == "process" else None
+            other = ClientProcess(server.url, engine.model_name) if args.client == "process" else None
 
             def agora(c: int, max_tokens: int):
-                return other.arm(c, max_tokens) if other is not None else agora_arm(client, c, max_tokens)
+                return other.arm(c, max_tokens) if other is not None else agora_arm(client, c, max_tokens,
+                                                                                     engine.model_name)
 
             http = httpx.AsyncClient(timeout=600)
             await agora(2, 8)  # warm up both
-            await asyncio.to_thread(hf_arm, model, prompts[:2], tok.pad, tok.eos, 8)
+            await asyncio.to_thread(hf_arm, model, prompts[:2], pad, eos, 8)
             for r in range(args.repeats):
                 for c in args.concurrency:
                     arms = {"agora": lambda: agora(c, args.max_tokens),
-                            "hf": lambda: asyncio.to_thread(hf_arm, model, prompts[:c], tok.pad, tok.eos,
+                            "hf": lambda: asyncio.to_thread(hf_arm, model, prompts[:c], pad, eos,
                                                             args.max_tokens)}
                     if vllm is not None:
                         arms["vllm"] = lambda: vllm_arm(http, vllm.url, prompts[:c], args.max_tokens)
@@ -247,7 +256,7 @@ async def main(args: argparse.Namespace) -> None:
             await http.aclose()
         if vllm is not None:
             vllm.stop()
-    print(f"load average after: {load()}; torch threads {torch.get_num_threads()}, {args.max_tokens} new tokens, "
+    print(f"load average after: {load()}; {args.model}, torch threads {torch.get_num_threads()}, {args.max_tokens} new tokens, "
           f"greedy, {args.repeats} interleaved repeats, medians (tok/s); client in "
           f"{'its own process' if args.client == 'process' else 'the provider process'}")
     arms = sorted({a for a, _ in results}, key=["agora", "hf", "vllm"].index)
@@ -291,6 +300,24 @@ def build_models(names: list[str], tmp: Path) -> list[tuple[str, Path]]:
     if unknown:
         raise SystemExit(f"unknown --models {unknown}: choose among {sorted(builders)}")
     return [(n, builders[n](tmp / n)) for n in names]
+
+
+def stand_in_tolerances(model_dir: Path, tmp: Path) -> Path:
+    """A signed fp32 tolerance record for a built model, so a provider may sell it here: agora-tiny's shipped fp32
+    class under the built model's CID (this benchmark times serving; nothing judges its receipts)."""
+    import json
+
+    from agoranet.engine.models import model_cid, resolve_model
+    from agoranet.verify.tolerances import default_tolerances, tolerances_record
+
+    cid = model_cid(model_dir)
+    shipped = default_tolerances(model_cid(resolve_model("agora-tiny")[0]))
+    assert shipped is not None
+    classes = [c for c in shipped.body.classes if c.precision == "fp32"]
+    record = tolerances_record(Identity.generate(), cid, classes, hardware="stand-in", method="provider_batching.py")
+    path = tmp / f"{cid}.json"
+    path.write_text(json.dumps(record.to_json()))
+    return path
 
 
 class RuleServer:
@@ -493,7 +520,10 @@ if __name__ == "__main__":
     ap.add_argument("--client", choices=["process", "inline"], default="process",
                     help="builtin: the agora arm's openai client in its own process (default: the provider's process "
                          "then runs only what a provider runs) or inline, sharing the provider's process and GIL")
-    ap.add_argument("--client-worker", metavar="URL", help=argparse.SUPPRESS)
+    ap.add_argument("--client-worker", nargs=2, metavar=("URL", "MODEL"), help=argparse.SUPPRESS)
+    ap.add_argument("--model", choices=["agora-tiny", "tiny-bpe", "llama-58m"], default="agora-tiny",
+                    help="builtin: the model served and generated with (tiny-bpe and llama-58m are built locally, as "
+                         "--engine vllm builds them, and sold under a stand-in tolerance record)")
     ap.add_argument("--vllm-python", default=os.environ.get("AGORA_VLLM_PYTHON", "/work/vllm-venv/bin/python"))
     ap.add_argument("--vllm-port", type=int, default=18731)
     ap.add_argument("--models", nargs="+", default=["tiny-bpe", "llama-58m"], help="--engine vllm: models to build")
@@ -506,7 +536,7 @@ if __name__ == "__main__":
                     help="--engine vllm: time the processor per step inside the server (benchmarks/vllm_timed_rule.py)")
     parsed = ap.parse_args()
     if parsed.client_worker:
-        asyncio.run(client_worker(parsed.client_worker))
+        asyncio.run(client_worker(*parsed.client_worker))
     elif parsed.engine == "vllm":
         parsed.repeats = parsed.repeats or 5
         asyncio.run(vllm_main(parsed))
