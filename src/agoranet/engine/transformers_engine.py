@@ -4,7 +4,9 @@ One worker thread owns the model. Each step it prefills the newly admitted reque
 left-padded forward pass, chunked when long) and then decodes one token for every active sequence
 in a single batched forward pass, so a request never waits for another to finish. The KV cache is
 preallocated per sequence row and updated in place: joining or leaving the batch moves one row,
-never rebuilds the cache. Tokens reach the event loop once per step, not once per token.
+never rebuilds the cache. Tokens reach the event loop once per step, not once per token, and for a
+non-streamed answer (`request.stream` False) not at all between the first token and the Generation: the
+consumer would only wake to discard them, taking the GIL from this thread each step.
 """
 
 from __future__ import annotations
