@@ -80,22 +80,40 @@ async def agora_arm(client: openai.AsyncOpenAI, c: int, max_tokens: int, model: 
     return tokens / (time.perf_counter() - t0)
 
 
-async def client_worker(url: str, model: str) -> None:
+async def agora_http_arm(http: httpx.AsyncClient, url: str, c: int, max_tokens: int, model: str) -> float:
+    """The agora arm with a plain HTTP client, as the vLLM arm is driven: the same chat request, its JSON read."""
+    async def one(i: int) -> int:
+        r = await http.post(f"{url}/v1/chat/completions", json={
+            "model": model, "messages": messages(i), "max_tokens": max_tokens, "temperature": 0.0})
+        r.raise_for_status()
+        return int(r.json()["usage"]["completion_tokens"])
+
+    t0 = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(one(i) for i in range(c))))
+    return tokens / (time.perf_counter() - t0)
+
+
+async def client_worker(url: str, model: str, kind: str) -> None:
     """--client-worker: the agora arm's client, in its own process (the provider's process then holds only what a
     provider runs: its event loop and the engine). Reads `c max_tokens` lines, answers each with its tok/s."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=600)
+    http = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
     loop = asyncio.get_running_loop()
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         c, max_tokens = map(int, line.split())
-        print(f"{await agora_arm(client, c, max_tokens, model):.3f}", flush=True)
+        tps = await (agora_arm(client, c, max_tokens, model) if kind == "sdk"
+                     else agora_http_arm(http, url, c, max_tokens, model))
+        print(f"{tps:.3f}", flush=True)
     await client.close()
+    await http.aclose()
 
 
 class ClientProcess:
     """The agora arm's client in a separate process (`--client process`), driven over its stdin and stdout."""
 
-    def __init__(self, url: str, model: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--client-worker", url, model], stdin=subprocess.PIPE,
+    def __init__(self, url: str, model: str, kind: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--client-worker", url, model, kind],
+                                     stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
 
     async def arm(self, c: int, max_tokens: int) -> float:
@@ -231,7 +249,7 @@ async def main(args: argparse.Namespace) -> None:
         idle = HttpLimits(header_timeout_s=3600, keep_alive_s=3600)
         with BackgroundServer(app, sock, limits=idle) as server:
             client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="bench", max_retries=0, timeout=600)
-            other = ClientProcess(server.url, engine.model_name) if args.client == "process" else None
+            other = ClientProcess(server.url, engine.model_name, args.client_kind) if args.client == "process" else None
 
             def agora(c: int, max_tokens: int):
                 return other.arm(c, max_tokens) if other is not None else agora_arm(client, c, max_tokens,
@@ -258,7 +276,8 @@ async def main(args: argparse.Namespace) -> None:
             vllm.stop()
     print(f"load average after: {load()}; {args.model}, torch threads {torch.get_num_threads()}, {args.max_tokens} new tokens, "
           f"greedy, {args.repeats} interleaved repeats, medians (tok/s); client in "
-          f"{'its own process' if args.client == 'process' else 'the provider process'}")
+          f"{'its own process' if args.client == 'process' else 'the provider process'} "
+          f"({args.client_kind if args.client == 'process' else 'sdk'})")
     arms = sorted({a for a, _ in results}, key=["agora", "hf", "vllm"].index)
     print(f"{'concurrent':>10} " + " ".join(f"{a:>9}" for a in arms) + "  agora/best  paired  load (1 min, median)")
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -520,7 +539,10 @@ if __name__ == "__main__":
     ap.add_argument("--client", choices=["process", "inline"], default="process",
                     help="builtin: the agora arm's openai client in its own process (default: the provider's process "
                          "then runs only what a provider runs) or inline, sharing the provider's process and GIL")
-    ap.add_argument("--client-worker", nargs=2, metavar=("URL", "MODEL"), help=argparse.SUPPRESS)
+    ap.add_argument("--client-kind", choices=["sdk", "http"], default="sdk",
+                    help="builtin, --client process: the official openai SDK (default) or a plain httpx POST of the "
+                         "same request, as the vLLM arm is driven (less client CPU on the cores the engine uses)")
+    ap.add_argument("--client-worker", nargs=3, metavar=("URL", "MODEL", "KIND"), help=argparse.SUPPRESS)
     ap.add_argument("--model", choices=["agora-tiny", "tiny-bpe", "llama-58m"], default="agora-tiny",
                     help="builtin: the model served and generated with (tiny-bpe and llama-58m are built locally, as "
                          "--engine vllm builds them, and sold under a stand-in tolerance record)")
