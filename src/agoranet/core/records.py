@@ -119,8 +119,12 @@ def sign_record(identity: Identity, body: B) -> Record[B]:
     if type_name not in _TYPES:
         raise UnknownRecordType(f"{type(body).__name__} is not a registered record type")
     signer = str(identity.peer_id)
-    sig = identity.sign(_signing_bytes(type_name, signer, _dump(body)))
-    return Record(type=type_name, signer=signer, body=body, sig=sig)
+    data = _dump(body)
+    sig = identity.sign(_signing_bytes(type_name, signer, data))
+    record = Record(type=type_name, signer=signer, body=body, sig=sig)
+    # its bytes from the same dump (what `encode` would compute again): a receipt's body is hundreds of objects
+    record.__dict__["_encoded"] = encode_canonical({"type": type_name, "signer": signer, "body": data, "sig": sig})
+    return record
 
 
 def decode_record(data: bytes | dict[str, Any]) -> Record[Any]:

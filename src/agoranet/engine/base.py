@@ -33,6 +33,10 @@ class GenerationRequest:
     top_logprobs: int = 0
     prefix_tokens: tuple[int, ...] = ()  # already generated (failover continuation)
     prompt_ids: tuple[int, ...] = ()  # the rendered prompt, when the provider has rendered it (receipts bind it)
+    # Whether the consumer reads each TokenEvent as it comes (a streamed answer). False (a non-streamed answer):
+    # an engine may send only the first TokenEvent and the Generation, sparing its consumer a wake-up per token.
+    # Not part of the generation: receipts never bind it (see canonical).
+    stream: bool = field(default=True, compare=False)
 
     def canonical(self, model_cid: str) -> CanonicalRequest:
         """What a receipt for this generation binds (see wire.canonical)."""

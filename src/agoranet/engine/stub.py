@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from agoranet.core.cid import DAG_CBOR, cid_of
 from agoranet.core.records import encode_canonical
@@ -81,7 +82,7 @@ class PacedEngine:
         await self.inner.stop()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Generation]:
-        events = self.inner.generate(request)
+        events = self.inner.generate(replace(request, stream=True))  # every token, to pace each one
         try:
             async for item in events:
                 if isinstance(item, TokenEvent):

@@ -21,7 +21,7 @@ from agoranet.core.errors import AgoraError, RecordError, RequestError
 from agoranet.core.identity import Identity
 from agoranet.core.tasks import cancel_and_wait
 from agoranet.core.records import (
-    OfferBody, OfferedModel, PriceCharged, ReceiptBody, ReceiptSummaryBody, Record, SamplingParams, TopLogprob,
+    OfferBody, OfferedModel, PriceCharged, ReceiptBody, ReceiptSummaryBody, Record, SamplingParams,
     decode_canonical, sign_record, token_charge,
 )
 from agoranet.engine.base import Engine, Generation, GenerationRequest, Sampling, TokenEvent, check_context
@@ -186,7 +186,8 @@ class Provider:
         request_cid = str(self.state.put(request_bytes, "request"))
         self.active += 1
         started = now_ms()
-        events = self.engine.generate(gen_req)
+        # a non-streamed answer reads only the Generation: the engine may skip the token events in between
+        events = self.engine.generate(replace(gen_req, stream=bool(req.stream)))
         try:
             first = await anext(events)  # errors before the first token become a proper 4xx
         except BaseException:
@@ -431,7 +432,9 @@ def receipt_body(engine: Engine, req: GenerationRequest, request_cid: str, gen: 
         request_id=req.request_id, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
         prefix_tokens=list(req.prefix_tokens),
         output_tokens=gen.tokens, output_text=gen.text, logprobs=gen.logprobs,
-        top_logprobs=[[TopLogprob(token=t, logprob=lp) for t, lp in top] for top in gen.top],
+        # plain dicts, validated into TopLogprob by pydantic's core in one pass: half the cost of one
+        # TopLogprob(...) call per alternative (~320 per 64-token answer), for the same body
+        top_logprobs=[[{"token": t, "logprob": lp} for t, lp in top] for top in gen.top],
         sampling=SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed, max_tokens=s.max_tokens,
                                 stop=list(s.stop)),
         finish_reason=gen.finish_reason, price=price, started_ms=started_ms, finished_ms=finished_ms,
