@@ -252,22 +252,29 @@ class ControlClient:
         await self._call(self.pb.Request(type=self.pb.Request.DHT, dht=self.pb.DHTRequest(
             type=self.pb.DHTRequest.PROVIDE, cid=cid, timeout=int(timeout_s))))
 
-    async def find_providers(self, cid: bytes, count: int = 20, timeout_s: float = 10.0) -> list[PeerInfo]:
-        """Peers the DHT lists as providers of `cid` (at most `count`; records outlive dead peers)."""
+    async def providers(self, cid: bytes, count: int = 20, timeout_s: float = 10.0) -> AsyncIterator[PeerInfo]:
+        """Peers the DHT lists as providers of `cid` (binary CID), each as soon as the daemon finds it;
+        the query ends at `count` of them (closing the iterator early ends it too). Records outlive
+        dead peers."""
         reader, writer, response = await self._open(self.pb.Request(type=self.pb.Request.DHT, dht=self.pb.DHTRequest(
             type=self.pb.DHTRequest.FIND_PROVIDERS, cid=cid, count=count, timeout=max(1, int(timeout_s)))))
-        found: list[PeerInfo] = []
         try:
             if response.dht.type != self.pb.DHTResponse.BEGIN:  # one answer, not a stream
-                return [_peer_info(response.dht.peer)] if response.dht.HasField("peer") else []
+                if response.dht.HasField("peer"):
+                    yield _peer_info(response.dht.peer)
+                return
             while True:
                 item = self.pb.DHTResponse()
                 item.ParseFromString(await read_delimited(reader))
                 if item.type == self.pb.DHTResponse.END:
-                    return found
-                found.append(_peer_info(item.peer))
+                    return
+                yield _peer_info(item.peer)
         finally:
             writer.close()
+
+    async def find_providers(self, cid: bytes, count: int = 20, timeout_s: float = 10.0) -> list[PeerInfo]:
+        """All the providers `providers` yields (at most `count`), once the query has ended."""
+        return [p async for p in self.providers(cid, count, timeout_s)]
 
     async def publish(self, topic: str, data: bytes) -> None:
         await self._call(self.pb.Request(type=self.pb.Request.PUBSUB, pubsub=self.pb.PSRequest(
