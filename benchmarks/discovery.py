@@ -69,8 +69,11 @@ def serve(impl: str, home: Path, port: int, interval: float, role: str, join: li
         from agoranet.net.libp2p import LibP2PDiscovery, P2PConfig, model_key
         from agoranet.net.p2pd import DaemonOptions
 
+        gossipsub = {"gossipsub_heartbeat_ms": int(os.environ["BENCH_GOSSIPSUB_HEARTBEAT_MS"])} \
+            if os.environ.get("BENCH_GOSSIPSUB_HEARTBEAT_MS") else {}  # else the node's default
+
         d: GossipDiscovery = LibP2PDiscovery(identity, url, roles=[role], config=config,
-                                             p2p=P2PConfig(daemon=DaemonOptions(bootstrap=tuple(join))))
+                                             p2p=P2PConfig(daemon=DaemonOptions(bootstrap=tuple(join), **gossipsub)))
     else:
         d = GossipDiscovery(identity, url, join, roles=[role], config=config)
     seen: dict[str, float] = {}  # offer CID -> wall time this node first held it
