@@ -272,7 +272,9 @@ class LibP2PDiscovery(GossipDiscovery):
 
     def _follow_models(self, offer: Record[OfferBody]) -> None:
         """A routing node holds an offer: follow its models' topics, where their providers' heartbeats go,
-        and connect to the provider, so that it knows of this subscriber even with no other between them."""
+        and fetch the provider's current records from it over a stream: its heartbeat proves it live at
+        once (not a round later), and the connection lets it learn of this subscriber with no other
+        node between them."""
         new = False
         for m in offer.body.models:
             topic = model_topic(m.cid)
@@ -280,16 +282,8 @@ class LibP2PDiscovery(GossipDiscovery):
                 self._topics[topic] = asyncio.create_task(self._read_topic(topic), name=f"agora-p2p-{topic}")  # owned
                 self._followed.add(topic)
                 new = True
-        if new and (client := self.daemon.client) is not None and offer.signer not in self._pulls:
-            signer = offer.signer
-
-            async def connect() -> None:
-                try:
-                    with contextlib.suppress(OSError, asyncio.IncompleteReadError, AgoraError):
-                        await client.connect(PeerId.parse(signer), [], timeout_s=self.p2p.fetch_timeout_s)
-                finally:
-                    self._pulls.pop(signer, None)
-            self._pulls[signer] = asyncio.create_task(connect())  # owned: cancelled in stop()
+        if new and self.table.get((offer.signer, HeartbeatBody.record_type)) is None:
+            self._pull_from(PeerId.parse(offer.signer))
 
     def _prune_followed(self) -> None:
         """Stop following the models no offer held names any more (its providers left, or the offers
