@@ -120,6 +120,7 @@ class LibP2PDiscovery(GossipDiscovery):
         self._ignored: dict[str, float] = {}  # author -> monotonic time its messages are heard again
         self._topics: dict[str, asyncio.Task[None]] = {}  # subscribed topic -> its reader
         self._followed: set[str] = set()  # topics followed because an offer for the model is held (pruned)
+        self._asked: dict[str, float] = {}  # signer -> when its records were last fetched for an offer heard
         self._follow = p2p.follow_offers if p2p.follow_offers is not None else "gateway" in roles
         self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # digests of messages taken
         self._published: dict[tuple[str, str], tuple[str, int]] = {}  # (topic, type) -> (CID, round) sent
@@ -275,14 +276,17 @@ class LibP2PDiscovery(GossipDiscovery):
         and fetch the provider's current records from it over a stream: its heartbeat proves it live at
         once (not a round later), and the connection lets it learn of this subscriber with no other
         node between them."""
-        new = False
         for m in offer.body.models:
             topic = model_topic(m.cid)
             if topic not in self._topics and len(self._followed) < MAX_FOLLOWED:
                 self._topics[topic] = asyncio.create_task(self._read_topic(topic), name=f"agora-p2p-{topic}")  # owned
                 self._followed.add(topic)
-                new = True
-        if new and self.table.get((offer.signer, HeartbeatBody.record_type)) is None:
+        now = time.monotonic()
+        if self.table.get((offer.signer, HeartbeatBody.record_type)) is None \
+                and now - self._asked.get(offer.signer, -1e9) >= self.config.interval_s:  # one fetch a round at most
+            self._asked[offer.signer] = now
+            if len(self._asked) > MAX_FOLLOWED:
+                del self._asked[next(iter(self._asked))]
             self._pull_from(PeerId.parse(offer.signer))
 
     def _prune_followed(self) -> None:
