@@ -53,11 +53,11 @@ class Network:
         self.nodes: list[LibP2PDiscovery] = []
 
     async def add(self, *, identity: Identity | None = None, offer: Record[OfferBody] | None = None,
-                  roles: list[str] | None = None, **p2p: object) -> LibP2PDiscovery:
+                  roles: list[str] | None = None, orphan_ttl_s: float = 12.0, **p2p: object) -> LibP2PDiscovery:
         identity = identity or Identity.generate()
         bootstrap = tuple(self.nodes[0].multiaddrs()) if self.nodes else ()
         d = LibP2PDiscovery(identity, f"http://127.0.0.1:{9000 + len(self.nodes)}", roles=roles or ["provider"],
-                            config=GossipConfig(interval_s=INTERVAL, missed_heartbeats=3),
+                            config=GossipConfig(interval_s=INTERVAL, missed_heartbeats=3, orphan_ttl_s=orphan_ttl_s),
                             p2p=P2PConfig(daemon=DaemonOptions(bootstrap=bootstrap), **p2p))
         if offer is not None:
             d.announce(lambda: offer)
@@ -169,6 +169,25 @@ async def test_invalid_records_on_the_topic_are_never_accepted_and_their_author_
             await wait_for(lambda d=d: d.rejected["ignored_author"] >= 1, what="the author being ignored")
             assert str(bad.peer_id) not in {r.signer for r in d.table.records()}
             assert d.metrics()["p2p_ignored_authors"] == 1
+    finally:
+        await daemon.stop()
+
+
+async def test_a_flood_of_offers_for_fresh_models_leaves_no_subscriptions_behind(net):
+    g = await net.add(roles=["gateway"], orphan_ttl_s=1.0)
+    bad = Identity.generate()
+    daemon, client = await attacker(net, bad)
+    try:
+        models = [str(cid_of(f"fresh {i}".encode(), RAW)) for i in range(5)]
+        for cid in models:  # validly signed by their author, but it never heartbeats: orphans
+            await client.publish(GLOBAL_TOPIC, make_offer(bad, model_cid=cid).encode())
+        await wait_for(lambda: g.received >= len(models), what="the offers arriving")
+        # one offer per signer is held (the newest), and the topic of each model it names is followed meanwhile
+        assert len(g.stats()["topics"]) <= 1 + len(models) and g.accepted >= len(models) - 1
+        # Dropped as orphans after orphan_ttl_s, and the topics with them; no more than one fetch a round was
+        # asked of their signer meanwhile.
+        await wait_for(lambda: g.stats()["topics"] == [GLOBAL_TOPIC], timeout=10, what="the subscriptions pruned")
+        assert g.fetches <= 1 + (1.0 + 10) / INTERVAL and await g.find_offers(None) == []
     finally:
         await daemon.stop()
 

@@ -144,9 +144,12 @@ class LibP2PDiscovery(GossipDiscovery):
             await client.stream_handler(RECORDS_PROTOCOL, sock)
             if self.p2p.global_topic:
                 self._subscribe(GLOBAL_TOPIC)
-            if self.p2p.daemon.bootstrap and not await self.daemon.join():
-                log.warning("no bootstrap peer answered (%s); retrying every %.0f s",
-                            ", ".join(self.p2p.daemon.bootstrap), REJOIN_S)
+            if self.p2p.daemon.bootstrap:
+                if not await self.daemon.join():
+                    log.warning("no bootstrap peer answered (%s); retrying every %.0f s",
+                                ", ".join(self.p2p.daemon.bootstrap), REJOIN_S)
+                elif self.p2p.global_topic:
+                    await self._hear_of_subscribers(GLOBAL_TOPIC)
             await super().start()  # the rounds: publish heartbeat (and offer) every interval
         except BaseException:
             await self.stop()
@@ -168,6 +171,18 @@ class LibP2PDiscovery(GossipDiscovery):
             self._server.close()
             self._server = None
         await self.daemon.stop()
+
+    async def _hear_of_subscribers(self, topic: str, timeout_s: float = 2.0) -> None:
+        """Wait (briefly) until a peer just joined has told this node it follows `topic`: a message
+        published before that reaches no one, and this node's first offer would wait for its
+        republication."""
+        client = self.daemon.client
+        deadline = time.monotonic() + timeout_s
+        while client is not None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError, P2PError):
+                if await client.topic_peers(topic):
+                    return
+            await asyncio.sleep(0.02)
 
     def multiaddrs(self) -> list[str]:
         """Where other nodes bootstrap from this one (`--bootstrap`)."""
