@@ -24,6 +24,9 @@ Goals (libp2p, N = 30): p95 propagation ≤ 100 ms, idle CPU ≤ 0.5 % per node,
 unrouted within 3 heartbeat intervals.
 
     python benchmarks/discovery.py [--nodes 10 30] [--impl http libp2p] [--interval 2.0] [--idle 20] [--settle 12]
+
+BENCH_GOSSIPSUB_HEARTBEAT_MS=N in the environment starts every p2pd with that GossipSub heartbeat
+instead of the node's default (3000).
 """
 
 from __future__ import annotations
