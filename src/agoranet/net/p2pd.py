@@ -350,9 +350,10 @@ class DaemonOptions:
     relay_service: bool = False  # act as a relay for others
     # GossipSub's mesh heartbeat (mesh upkeep, IHAVE gossip to every connected peer; 0: the daemon's 1 s).
     # 3 s, not 1: it is most of an idle node's p2pd CPU once it is connected to many peers (5 s cut idle
-    # CPU from 0.52 to 0.40 %/node at N = 30, benchmarks/discovery.py), and delivery does not wait for
-    # it: publishing floods to every subscribed peer and meshes forward at once; only the repair of a
-    # lost message by gossip does (heartbeats are resent every round, offers every few rounds anyway).
+    # CPU from 0.52 to 0.40 %/node at N = 30, benchmarks/discovery.py). Delivery over a formed mesh does
+    # not wait for it; what does: a node that just joined publishes to no one until its next heartbeat
+    # fills its mesh (libp2p discovery republishes its records then), and the repair of a lost message
+    # by gossip (heartbeats are resent every round, offers every few rounds anyway).
     gossipsub_heartbeat_ms: int = 3000
     # Go threads running at once (GOMAXPROCS; a GOMAXPROCS in the environment wins; 0: one per core).
     # One: discovery's traffic is small, and with one a daemon's idle wake-ups hand work between fewer
