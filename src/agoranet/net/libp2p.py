@@ -179,10 +179,16 @@ class LibP2PDiscovery(GossipDiscovery):
         node publishes only to its mesh peers, and the daemon fills the mesh of a node that just joined
         at its next GossipSub heartbeat (until then its publications reach no one: measured, 0 of 6
         messages in the first 3 s with a 3 s heartbeat), so its first offer would otherwise wait for
-        its republication `republish_rounds` later."""
-        await asyncio.sleep((self.p2p.daemon.gossipsub_heartbeat_ms or 1000) / 1000 + 0.5)
-        self._published.clear()
-        self._wake.set()
+        its republication `republish_rounds` later. (Timed from the join: a little late for the first
+        heartbeat, which counts from the daemon's start, never early.)"""
+        options = self.p2p.daemon
+        start = time.monotonic()
+        # the daemon's first heartbeat (options.gossipsub_initial_delay_ms after it started, usually after
+        # the join), then the next one (for a join that came after that), each with 0.5 s to spare
+        for at in ((options.gossipsub_initial_delay_ms or 100) / 1000 + 0.5, (options.gossipsub_heartbeat_ms or 1000) / 1000 + 0.5):
+            await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+            self._published.clear()
+            self._wake.set()
 
     def multiaddrs(self) -> list[str]:
         """Where other nodes bootstrap from this one (`--bootstrap`)."""

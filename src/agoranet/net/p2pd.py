@@ -355,6 +355,10 @@ class DaemonOptions:
     # fills its mesh (libp2p discovery republishes its records then), and the repair of a lost message
     # by gossip (heartbeats are resent every round, offers every few rounds anyway).
     gossipsub_heartbeat_ms: int = 3000
+    # Its first heartbeat, after the daemon starts: late enough that a node has joined its bootstrap
+    # peers by then, so that heartbeat fills its mesh (the daemon's 100 ms comes before the join, and the
+    # mesh then waited a whole heartbeat interval); 0: the daemon's.
+    gossipsub_initial_delay_ms: int = 1000
     # Go threads running at once (GOMAXPROCS; a GOMAXPROCS in the environment wins; 0: one per core).
     # One: discovery's traffic is small, and with one a daemon's idle wake-ups hand work between fewer
     # threads (10-14 % less idle CPU for p2pd, two runs at 10-12 nodes); it also bounds what a flood can take.
@@ -378,6 +382,8 @@ class DaemonOptions:
             args.append("-autoRelay")
         if self.gossipsub_heartbeat_ms:
             args += ["-gossipsubHeartbeatInterval", f"{self.gossipsub_heartbeat_ms}ms"]
+        if self.gossipsub_initial_delay_ms:
+            args += ["-gossipsubHeartbeatInitialDelay", f"{self.gossipsub_initial_delay_ms}ms"]
         return args + list(self.extra_args)
 
 
