@@ -3,20 +3,30 @@
 Each node is its own process on 127.0.0.1 running discovery only (no engine): the node's HTTP app
 with its gossip route, plus a few /bench routes to publish an offer and read what it has seen. A
 libp2p node also runs its own go-libp2p daemon. Node 0 is everyone's seed (HTTP) or bootstrap peer
-(libp2p); heartbeats every --interval seconds for both. Measured per implementation and N:
-- offer propagation: 6 publishers each sign a fresh offer for a new model; the delay until each
+(libp2p); heartbeats every --interval seconds for both. Nodes 0 and N − 1 are gateways (they route,
+so with libp2p they follow the topics of the models offered); the others run the provider role, 6 of
+them selling a model each (the publishers), the rest selling nothing. Measured per implementation and N:
+- offer propagation: the 6 publishers each sign a fresh offer for a new model; the delay until each
   other node holds it (p50/p95 over offers × nodes, and the worst time-to-all);
-- DHT lookup (libp2p): findProviders for those models from 10 nodes (p50/p95, misses);
 - idle CPU and RSS per node (the node's process plus its daemon) over --idle seconds, from --settle
-  seconds after membership converged (past each node's start-up: its first DHT announcements, the
-  second one 10 s after it started, and its connections), so that only heartbeats run;
-- a killed provider (SIGKILL): time until no node lists it (it is routed to no more), in heartbeat
-  intervals; then restarted with the same identity: time until every node lists it again, counted
-  from when its new process answers (its start-up, imports and daemon, is printed apart).
+  seconds after the gateways list every publisher (past each node's start-up: its first DHT
+  announcements, the second one 10 s after it started, and its connections), so that only
+  heartbeats (and republished offers) run: the mean over all nodes, and apart for gateways,
+  publishers and the nodes that sell nothing;
+- DHT lookup (libp2p): from 10 nodes, the time until findProviders names the first provider of each
+  published model (p50/p95, misses), as a node's lookup uses it (it fetches records from each provider
+  as it is named and answers at the first live offer);
+- a killed provider (SIGKILL): time until no gateway lists it (it is routed to no more), in heartbeat
+  intervals and seconds; then restarted with the same identity and offer: time until every gateway
+  lists it again, counted from when its new process answers (its start-up, imports and daemon, is
+  printed apart).
 Goals (libp2p, N = 30): p95 propagation ≤ 100 ms, idle CPU ≤ 0.5 % per node, a killed provider
 unrouted within 3 heartbeat intervals.
 
     python benchmarks/discovery.py [--nodes 10 30] [--impl http libp2p] [--interval 2.0] [--idle 20] [--settle 12]
+
+BENCH_GOSSIPSUB_HEARTBEAT_MS=N in the environment starts every p2pd with that GossipSub heartbeat
+instead of the node's default (3000).
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ PUBLISHERS = 6
 
 # -- one node (a child process) ---------------------------------------------------------------------
 
-def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) -> None:
+def serve(impl: str, home: Path, port: int, interval: float, role: str, join: list[str]) -> None:
     import secrets
     from contextlib import asynccontextmanager
 
@@ -62,10 +72,13 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
         from agoranet.net.libp2p import LibP2PDiscovery, P2PConfig, model_key
         from agoranet.net.p2pd import DaemonOptions
 
-        d: GossipDiscovery = LibP2PDiscovery(identity, url, roles=["provider"], config=config,
-                                             p2p=P2PConfig(daemon=DaemonOptions(bootstrap=tuple(join))))
+        gossipsub = {"gossipsub_heartbeat_ms": int(os.environ["BENCH_GOSSIPSUB_HEARTBEAT_MS"])} \
+            if os.environ.get("BENCH_GOSSIPSUB_HEARTBEAT_MS") else {}  # else the node's default
+
+        d: GossipDiscovery = LibP2PDiscovery(identity, url, roles=[role], config=config,
+                                             p2p=P2PConfig(daemon=DaemonOptions(bootstrap=tuple(join), **gossipsub)))
     else:
-        d = GossipDiscovery(identity, url, join, roles=["provider"], config=config)
+        d = GossipDiscovery(identity, url, join, roles=[role], config=config)
     seen: dict[str, float] = {}  # offer CID -> wall time this node first held it
     admit = d._admit_all  # both ways in (HTTP pushes checked off the loop, libp2p messages) end here
 
@@ -92,9 +105,9 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
     app.include_router(network.router)
 
     @app.post("/bench/offer")
-    async def offer() -> dict:  # on the event loop, as discovery is used (announce is not thread-safe)
+    async def offer(model: str = "") -> dict:  # on the event loop, as discovery is used (announce is not thread-safe)
         now = int(time.time() * 1000)
-        model = str(cid_of(secrets.token_bytes(16), RAW))
+        model = model or str(cid_of(secrets.token_bytes(16), RAW))
         record = sign_record(identity, OfferBody(
             url=url, models=[OfferedModel(cid=model, name=model[-8:], input_per_mtok=1, output_per_mtok=1,
                                           context_length=64)],
@@ -121,10 +134,19 @@ def serve(impl: str, home: Path, port: int, interval: float, join: list[str]) ->
                 "topic": len(await client.topic_peers(GLOBAL_TOPIC))}
 
     @app.get("/bench/lookup")
-    async def lookup(model: str) -> dict:
+    async def lookup(model: str) -> dict:  # the DHT query a node's lookup runs, until it names a provider
+        p2p: P2PConfig = d.p2p  # type: ignore[attr-defined]
         t = time.perf_counter()
-        found = await d.daemon.client.find_providers(model_key(model), timeout_s=10)  # type: ignore[attr-defined]
-        return {"s": time.perf_counter() - t, "found": len(found)}
+        providers = d.daemon.client.providers(model_key(model), count=p2p.lookup_providers,  # type: ignore[attr-defined]
+                                              timeout_s=p2p.lookup_timeout_s)
+        found = 0
+        try:
+            async for _ in providers:
+                found += 1
+                break
+        finally:
+            await providers.aclose()
+        return {"s": time.perf_counter() - t, "found": found}
 
     serve_forever(app, bind("127.0.0.1", port), log_level="warning")  # served as `agora node` serves
 
@@ -140,15 +162,15 @@ def free_port() -> int:
 
 
 class Node:
-    def __init__(self, impl: str, home: Path, interval: float, join: list[str]) -> None:
-        self.impl, self.home, self.interval, self.join = impl, home, interval, join
+    def __init__(self, impl: str, home: Path, interval: float, join: list[str], role: str = "provider") -> None:
+        self.impl, self.home, self.interval, self.join, self.role = impl, home, interval, join, role
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.start()
 
     def start(self) -> None:
         args = [sys.executable, __file__, "--serve", self.impl, str(self.home), str(self.port), str(self.interval),
-                *self.join]
+                self.role, *self.join]
         self.home.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONPATH=str(SRC))
         self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
@@ -219,45 +241,50 @@ async def all_members(client: httpx.AsyncClient, nodes: list[Node]) -> list[set[
     return [set(a.json()) if isinstance(a, httpx.Response) else set() for a in answers]
 
 
+async def peers_json(client: httpx.AsyncClient, nodes: list[Node]) -> list[dict]:
+    answers = await asyncio.gather(*(client.get(f"{n.url}/bench/peers") for n in nodes), return_exceptions=True)
+    return [a.json() if isinstance(a, httpx.Response) else {"connected": 0, "topic": 0} for a in answers]
+
+
+async def until(check, timeout: float, what: str) -> float:
+    """Seconds until `await check()` holds (TimeoutError naming `what` after `timeout`)."""
+    t0 = time.monotonic()
+    while not await check():
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{what} not within {timeout:.0f} s")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - t0
+
+
 async def measure(impl: str, n: int, interval: float, idle_s: float, settle_s: float, root: Path) -> dict:
     load0 = os.getloadavg()[0]
     result: dict = {"impl": impl, "n": n}
-    first = Node(impl, root / "n0", interval, [])
+    first = Node(impl, root / "n0", interval, [], role="gateway")
     info = first.wait_ready()
     join = info.get("multiaddrs", []) if impl == "libp2p" else [first.url]
     nodes = [first]
     for i in range(1, n):  # staggered: thirty interpreters importing at once starve a small machine
-        nodes.append(Node(impl, root / f"n{i}", interval, join))
+        nodes.append(Node(impl, root / f"n{i}", interval, join, role="gateway" if i == n - 1 else "provider"))
         time.sleep(0.5)
+    gateways = [nodes[0], nodes[-1]]
+    publishers = nodes[1:1 + PUBLISHERS]
     try:
         ids = [n_.wait_ready()["peer"] for n_ in nodes]
         everyone = set(ids)
-        t0 = time.monotonic()
         async with httpx.AsyncClient(timeout=15) as client:
-            while True:
+            if impl == "http":  # every node heartbeats: all must list all
+                async def converged() -> bool:
+                    return all(v >= everyone for v in await all_members(client, nodes))
+            else:  # only sellers heartbeat: the network has formed once every node hears the global topic
+                async def converged() -> bool:
+                    return all(p_["topic"] >= min(n - 1, 6) for p_ in await peers_json(client, nodes))
+            try:
+                result["converged_s"] = await until(converged, 180, f"{impl} N={n}: the network forming")
+            except TimeoutError:
                 views = await all_members(client, nodes)
-                if all(v >= everyone for v in views):
-                    break
-                if time.monotonic() - t0 > 180:
-                    missing = {i: sorted(everyone - v) for i, v in enumerate(views) if not v >= everyone}
-                    raise TimeoutError(f"{impl} N={n}: membership did not converge in 180 s; "
-                                       f"nodes missing peers: {missing}")
-                await asyncio.sleep(0.5)
-            result["converged_s"] = time.monotonic() - t0
+                raise TimeoutError(f"{impl} N={n}: did not converge in 180 s; nodes missing peers: "
+                                   f"{ {i: len(everyone - v) for i, v in enumerate(views) if not v >= everyone} }") from None
 
-            await asyncio.sleep(settle_s)  # idle: nothing but heartbeats
-            pids = [n_.pids() for n_ in nodes]
-            before = [sum(cpu_seconds(p) for p in ps) for ps in pids]
-            python_before = [cpu_seconds(ps[0]) for ps in pids]
-            t = time.monotonic()
-            await asyncio.sleep(idle_s)
-            spent = [sum(cpu_seconds(p) for p in ps) - b for ps, b in zip(pids, before)]
-            python = [cpu_seconds(ps[0]) - b for ps, b in zip(pids, python_before)]
-            result["cpu_pct"] = 100 * statistics.mean(spent) / (time.monotonic() - t)
-            result["cpu_python_pct"] = 100 * statistics.mean(python) / (time.monotonic() - t)
-            result["rss_mib"] = statistics.mean(sum(rss_mib(p) for p in ps) for ps in pids)
-
-            publishers = nodes[1:1 + PUBLISHERS]
             published = []
             for p in publishers:
                 published.append((p, (await client.post(f"{p.url}/bench/offer")).json()))
@@ -278,13 +305,39 @@ async def measure(impl: str, n: int, interval: float, idle_s: float, settle_s: f
                         mine.append(max(0.0, s[o["cid"]] - o["t"]))
                     else:
                         missing += 1
+                        stats = (await client.get(f"{n_.url}/agora/v1/peers")).json()
+                        print(f"  missing: node {nodes.index(n_)} ({n_.role}) never held the offer of node "
+                              f"{nodes.index(p)}; it rejected {stats.get('rejected')}, follows {stats.get('topics')}",
+                              flush=True)
                 delays += mine
                 to_all.append(max(mine) if mine else float("nan"))
             result.update(prop_p50=pct(delays, 0.5), prop_p95=pct(delays, 0.95), prop_all_max=max(to_all),
                           prop_missing=missing)
+            sellers = {ids[nodes.index(p)] for p in publishers}
+
+            async def routed() -> bool:  # every gateway lists every publisher
+                return all(v >= sellers for v in await all_members(client, gateways))
+            result["routed_s"] = await until(routed, 60, f"{impl} N={n}: the gateways listing the publishers")
+
+            await asyncio.sleep(settle_s)  # idle: nothing but heartbeats (and republished offers)
+            pids = [n_.pids() for n_ in nodes]
+            before = [sum(cpu_seconds(p) for p in ps) for ps in pids]
+            python_before = [cpu_seconds(ps[0]) for ps in pids]
+            t = time.monotonic()
+            await asyncio.sleep(idle_s)
+            elapsed = time.monotonic() - t
+            spent = [100 * (sum(cpu_seconds(p) for p in ps) - b) / elapsed for ps, b in zip(pids, before)]
+            python = [100 * (cpu_seconds(ps[0]) - b) / elapsed for ps, b in zip(pids, python_before)]
+            by_role = {"gateway": [spent[nodes.index(g)] for g in gateways],
+                       "publisher": [spent[nodes.index(p)] for p in publishers],
+                       "plain": [c for n_, c in zip(nodes, spent) if n_ not in gateways and n_ not in publishers]}
+            result["cpu_pct"] = statistics.mean(spent)
+            result["cpu_python_pct"] = statistics.mean(python)
+            result["cpu_by_role"] = {k: statistics.mean(v) if v else float("nan") for k, v in by_role.items()}
+            result["rss_mib"] = statistics.mean(sum(rss_mib(p) for p in ps) for ps in pids)
 
             if impl == "libp2p":  # flood publishing reaches a publisher's connected topic peers in one hop
-                peers = [(await client.get(f"{n_.url}/bench/peers")).json() for n_ in nodes]
+                peers = await peers_json(client, nodes)
                 result.update(connected=statistics.mean(p_["connected"] for p_ in peers),
                               connected_min=min(p_["connected"] for p_ in peers))
                 askers = random.sample([n_ for n_ in nodes if n_ not in publishers], min(10, n - PUBLISHERS))
@@ -294,12 +347,11 @@ async def measure(impl: str, n: int, interval: float, idle_s: float, settle_s: f
                 result.update(dht_p50=pct(times, 0.5), dht_p95=pct(times, 0.95),
                               dht_miss=sum(r.json()["found"] == 0 for r in lookups), dht_n=len(times))
 
-            victim = publishers[0]
+            victim, victim_offer = published[0]
             victim_id = ids[nodes.index(victim)]
-            others = [n_ for n_ in nodes if n_ is not victim]
             victim.kill()
             t = time.monotonic()
-            while any(victim_id in v for v in await all_members(client, others)):
+            while any(victim_id in v for v in await all_members(client, gateways)):
                 if time.monotonic() - t > 120:
                     break
                 await asyncio.sleep(0.1)
@@ -308,8 +360,9 @@ async def measure(impl: str, n: int, interval: float, idle_s: float, settle_s: f
             t = time.monotonic()
             await asyncio.to_thread(victim.wait_ready)
             result["restart_s"] = time.monotonic() - t  # the process starting (imports, daemon), not discovery
+            await client.post(f"{victim.url}/bench/offer", params={"model": victim_offer["model"]})  # it sells again
             t = time.monotonic()
-            while not all(victim_id in v for v in await all_members(client, others)):
+            while not all(victim_id in v for v in await all_members(client, gateways)):
                 if time.monotonic() - t > 120:
                     break
                 await asyncio.sleep(0.1)
@@ -323,8 +376,8 @@ async def measure(impl: str, n: int, interval: float, idle_s: float, settle_s: f
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        impl, home, port, interval, *join = sys.argv[2:]
-        serve(impl, Path(home), int(port), float(interval), join)
+        impl, home, port, interval, role, *join = sys.argv[2:]
+        serve(impl, Path(home), int(port), float(interval), role, join)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nodes", type=int, nargs="+", default=[10, 30])
@@ -353,9 +406,12 @@ def main() -> None:
                    f"(fewest {r['connected_min']})") if "dht_p50" in r else ""
             print(f"{impl:7} N={n:3}: propagation p50 {r['prop_p50'] * 1000:.0f} ms / p95 {r['prop_p95'] * 1000:.0f} ms "
                   f"(all nodes within {r['prop_all_max'] * 1000:.0f} ms, {r['prop_missing']} missing){dht}; "
-                  f"idle CPU {r['cpu_pct']:.2f} %/node ({r['cpu_python_pct']:.2f} the Python process), RSS {r['rss_mib']:.0f} MiB/node; killed provider unrouted "
-                  f"after {r['unrouted_s']:.1f} s ({r['unrouted_s'] / args.interval:.1f} intervals), listed again by all "
-                  f"{r['rejoin_s']:.1f} s after its restarted process was up ({r['restart_s']:.1f} s); converged {r['converged_s']:.1f} s; load {r['load'][0]:.1f}→"
+                  f"idle CPU {r['cpu_pct']:.2f} %/node ({r['cpu_python_pct']:.2f} the Python process; gateways "
+                  f"{r['cpu_by_role']['gateway']:.2f}, publishers {r['cpu_by_role']['publisher']:.2f}, the others "
+                  f"{r['cpu_by_role']['plain']:.2f}), RSS {r['rss_mib']:.0f} MiB/node; killed provider unrouted by the gateways "
+                  f"after {r['unrouted_s']:.1f} s ({r['unrouted_s'] / args.interval:.1f} intervals), listed again by them "
+                  f"{r['rejoin_s']:.1f} s after its restarted process was up ({r['restart_s']:.1f} s) and offered again; "
+                  f"converged {r['converged_s']:.1f} s; load {r['load'][0]:.1f}→"
                   f"{r['load'][1]:.1f}", flush=True)
         if {"http", "libp2p"} <= set(by_impl):
             h, p = by_impl["http"], by_impl["libp2p"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from agoranet.core.cid import RAW, cid_of
 from agoranet.core.identity import Identity
 from agoranet.core.records import OfferBody, OfferedModel, Record, sign_record
 from agoranet.net.gossip import GossipConfig
@@ -52,11 +53,11 @@ class Network:
         self.nodes: list[LibP2PDiscovery] = []
 
     async def add(self, *, identity: Identity | None = None, offer: Record[OfferBody] | None = None,
-                  roles: list[str] | None = None, **p2p: object) -> LibP2PDiscovery:
+                  roles: list[str] | None = None, orphan_ttl_s: float = 12.0, **p2p: object) -> LibP2PDiscovery:
         identity = identity or Identity.generate()
         bootstrap = tuple(self.nodes[0].multiaddrs()) if self.nodes else ()
         d = LibP2PDiscovery(identity, f"http://127.0.0.1:{9000 + len(self.nodes)}", roles=roles or ["provider"],
-                            config=GossipConfig(interval_s=INTERVAL, missed_heartbeats=3),
+                            config=GossipConfig(interval_s=INTERVAL, missed_heartbeats=3, orphan_ttl_s=orphan_ttl_s),
                             p2p=P2PConfig(daemon=DaemonOptions(bootstrap=bootstrap), **p2p))
         if offer is not None:
             d.announce(lambda: offer)
@@ -105,17 +106,27 @@ def test_agora_p2pd_names_the_binary_and_a_wrong_one_is_a_clear_error(tmp_path, 
 async def test_a_signed_offer_published_by_one_node_reaches_the_others(net):
     provider = Identity.generate()
     offer = make_offer(provider)
-    a = await net.add()
-    b = await net.add()
+    a = await net.add(roles=["gateway"])
+    b = await net.add(roles=["gateway"])
+    plain = await net.add()  # routes nothing: it hears the offer on the global topic, no heartbeat
     p = await net.add(identity=provider, offer=offer)
     for d in (a, b):
-        # heartbeat first; the offer it names comes on the topic or, if missed, straight from the provider
+        # the offer on the global topic; the gateway then follows the model's topic, where the heartbeats go
         await wait_for(lambda d=d: d.members().get(str(provider.peer_id)), what="provider's heartbeat")
         await wait_for(lambda d=d: d.table.get((str(provider.peer_id), OfferBody.record_type)) is not None, what="the offer")
         [held] = await d.find_offers("m")
         assert held.cid == offer.cid
-    await wait_for(lambda: set(p.members()) >= {str(a.identity.peer_id), str(b.identity.peer_id)},
-                   what="the provider hearing the others")
+        assert f"agora/1/model/{MODEL_CID}" in d.stats()["topics"]
+    await wait_for(lambda: plain.table.get((str(provider.peer_id), OfferBody.record_type)) is not None,
+                   what="the offer at the node that routes nothing")
+    assert plain.stats()["topics"] == [GLOBAL_TOPIC]
+    # Only sellers publish heartbeats: nodes that sell nothing are no members anywhere, and are found when
+    # asked for (a witness fetching a log's proof): their signed heartbeat comes over a libp2p stream.
+    await asyncio.sleep(3 * INTERVAL)
+    assert str(provider.peer_id) not in plain.members()
+    assert set(p.members()) == {str(provider.peer_id)} and set(a.members()) == {str(a.identity.peer_id), str(provider.peer_id)}
+    assert await p.locate(str(a.identity.peer_id)) == a.url
+    assert str(a.identity.peer_id) in p.members()
 
 
 async def attacker(net: Network, identity: Identity | None = None) -> tuple[P2PDaemon, object]:
@@ -158,6 +169,25 @@ async def test_invalid_records_on_the_topic_are_never_accepted_and_their_author_
             await wait_for(lambda d=d: d.rejected["ignored_author"] >= 1, what="the author being ignored")
             assert str(bad.peer_id) not in {r.signer for r in d.table.records()}
             assert d.metrics()["p2p_ignored_authors"] == 1
+    finally:
+        await daemon.stop()
+
+
+async def test_a_flood_of_offers_for_fresh_models_leaves_no_subscriptions_behind(net):
+    g = await net.add(roles=["gateway"], orphan_ttl_s=1.0)
+    bad = Identity.generate()
+    daemon, client = await attacker(net, bad)
+    try:
+        models = [str(cid_of(f"fresh {i}".encode(), RAW)) for i in range(5)]
+        for cid in models:  # validly signed by their author, but it never heartbeats: orphans
+            await client.publish(GLOBAL_TOPIC, make_offer(bad, model_cid=cid).encode())
+        await wait_for(lambda: g.received >= len(models), what="the offers arriving")
+        # one offer per signer is held (the newest), and the topic of each model it names is followed meanwhile
+        assert len(g.stats()["topics"]) <= 1 + len(models) and g.accepted >= len(models) - 1
+        # Dropped as orphans after orphan_ttl_s, and the topics with them; no more than one fetch a round was
+        # asked of their signer meanwhile.
+        await wait_for(lambda: g.stats()["topics"] == [GLOBAL_TOPIC], timeout=10, what="the subscriptions pruned")
+        assert g.fetches <= 1 + (1.0 + 10) / INTERVAL and await g.find_offers(None) == []
     finally:
         await daemon.stop()
 
@@ -216,11 +246,14 @@ async def test_a_node_that_follows_no_topic_finds_a_provider_through_the_dht_alo
 
 @pytest.mark.slow
 async def test_churn_killed_nodes_are_evicted_and_restarted_ones_rejoin(net):
+    gateways = [await net.add(roles=["gateway"]) for _ in range(2)]
     for i in range(7):
-        await net.add(roles=["provider"])
-    everyone = {str(d.identity.peer_id) for d in net.nodes}
-    await wait_for(lambda: all(set(d.members()) >= everyone - {str(d.identity.peer_id)} for d in net.nodes),
-                   timeout=30, what="full membership")
+        identity = Identity.generate()
+        cid = str(cid_of(f"model {i % 3}".encode(), RAW))  # three models, two or three providers each
+        await net.add(identity=identity, offer=make_offer(identity, model_cid=cid, name=f"m{i % 3}"))
+    providers = {str(d.identity.peer_id): d for d in net.nodes[2:]}
+    await wait_for(lambda: all(set(g.members()) >= set(providers) for g in gateways), timeout=30,
+                   what="every gateway hearing every provider")
     killed = net.nodes[-2:]  # ~30%, crashed: the daemon dies at once, nothing is said to anyone
     for d in killed:
         d.daemon.kill()
@@ -228,8 +261,9 @@ async def test_churn_killed_nodes_are_evicted_and_restarted_ones_rejoin(net):
     net.nodes = net.nodes[:-2]
     gone = {str(d.identity.peer_id) for d in killed}
     # (how soon: benchmarks/discovery.py; a heartbeat lives max(3 intervals, 3 s))
-    await wait_for(lambda: all(not set(d.members()) & gone for d in net.nodes), timeout=30, what="eviction")
-    for d in killed:  # the same identities come back, joining through a node that stayed
-        await net.add(identity=d.identity, roles=["provider"])
-    await wait_for(lambda: all(set(d.members()) >= everyone - {str(d.identity.peer_id)} for d in net.nodes),
-                   timeout=30, what="rejoin")
+    await wait_for(lambda: all(not set(g.members()) & gone for g in gateways), timeout=30, what="eviction")
+    assert all(set(g.members()) >= set(providers) - gone for g in gateways)
+    for d in killed:  # the same identities come back with their offers, joining through a node that stayed
+        offer = d.table.get((str(d.identity.peer_id), OfferBody.record_type))
+        await net.add(identity=d.identity, offer=offer)
+    await wait_for(lambda: all(set(g.members()) >= set(providers) for g in gateways), timeout=30, what="rejoin")

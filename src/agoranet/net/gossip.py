@@ -151,6 +151,10 @@ class GossipDiscovery:
         self._sweep()
         return dict(self._live)
 
+    async def locate(self, peer: str) -> str | None:
+        """The URL of a live peer (whether or not it is routed to), or None."""
+        return self.members().get(peer)
+
     def watch(self) -> AsyncIterator[MembershipEvent]:
         queue: asyncio.Queue[MembershipEvent | None] = asyncio.Queue()
         self._watchers.append(queue)  # now, so nothing that happens before the first read is missed

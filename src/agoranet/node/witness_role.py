@@ -173,7 +173,7 @@ class WitnessRole:
         if (sizes := self.witness.needs_proof(head)) is None:
             split = self.witness.judge(head)
         else:
-            url = self.discovery.members().get(log_id)
+            url = await self.discovery.locate(log_id)
             proof = await self._consistency(url, *sizes) if url is not None else None
             if proof is None:
                 self.check_failures += 1
