@@ -301,7 +301,8 @@ def attack_runs(precision: str, n: int, only: frozenset[str] = frozenset()) -> t
     nucleus = range_requests(n, seed=4711, model_cid=MODEL_CID, context=CONTEXT, max_tokens=256, top_ps=(0.9, 0.5))
     nucleus = [replace(r, sampling=replace(r.sampling, temperature=0.7)) for r in nucleus]
     base = run(engine_for(precision), reqs)
-    honest_tokens = {r.body.request: r.body.output_tokens for r in base + run(engine_for(precision), nucleus)}
+    honest_nucleus = run(engine_for(precision), nucleus) if want("ignored top_p") else []
+    honest_tokens = {r.body.request: r.body.output_tokens for r in base + honest_nucleus}
     real = load_causal_lm(MODEL_DIR, precision)
     attacks: dict[str, tuple[list[HonestRun], list[int] | None, str]] = {}
     for name, weights in [("int8", int8_weights), ("int4", int4_weights), ("noise 1%", noisy(0.01)),
