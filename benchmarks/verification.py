@@ -34,6 +34,8 @@ fp32 and ≥ 90% at bf16; verification ≤ 1/8 of generation for 64 new tokens.
     python benchmarks/verification.py --quick               # 16 per set, 12 per attack
     python benchmarks/verification.py --tolerances FILE     # judge with another tolerances record
     python benchmarks/verification.py --compare OLD.json    # and every receipt also with OLD (before/after)
+    python benchmarks/verification.py --precisions fp32 --honest-sets '' --only 'fix-up int8' --attacks 192
+                                                            # one attack on more sequences, no honest sets
     python benchmarks/verification.py --engine llamacpp [--quick]   # a GGUF (benchmarks/verification_llamacpp.py)
 """
 
@@ -286,39 +288,53 @@ def honest_sets(n: int) -> dict[str, list]:
     }
 
 
-def attack_runs(precision: str, n: int) -> tuple[dict, dict[str, list[int]]]:
-    """Every attack's receipts, and the honest tokens of each request they answer."""
+def attack_runs(precision: str, n: int, only: frozenset[str] = frozenset()) -> tuple[dict, dict[str, list[int]]]:
+    """Every attack's receipts (those named in `only`, when given), and the honest tokens of each request they
+    answer."""
+
+    def want(name: str) -> bool:
+        return not only or name in only
+
     reqs = range_requests(n, seed=31337, model_cid=MODEL_CID, context=CONTEXT, max_tokens=256,
                           top_ps=(1.0, 1.0, 0.95, 0.9))
     # top-p attacks where rule v2's nucleus check was measured (T 0.7, top_p 0.9 and 0.5)
     nucleus = range_requests(n, seed=4711, model_cid=MODEL_CID, context=CONTEXT, max_tokens=256, top_ps=(0.9, 0.5))
     nucleus = [replace(r, sampling=replace(r.sampling, temperature=0.7)) for r in nucleus]
     base = run(engine_for(precision), reqs)
-    honest_tokens = {r.body.request: r.body.output_tokens for r in base + run(engine_for(precision), nucleus)}
+    honest_nucleus = run(engine_for(precision), nucleus) if want("ignored top_p") else []
+    honest_tokens = {r.body.request: r.body.output_tokens for r in base + honest_nucleus}
     real = load_causal_lm(MODEL_DIR, precision)
     attacks: dict[str, tuple[list[HonestRun], list[int] | None, str]] = {}
     for name, weights in [("int8", int8_weights), ("int4", int4_weights), ("noise 1%", noisy(0.01)),
                           ("noise 5%", noisy(0.05))]:
-        attacks[f"fix-up {name}"] = (fixup(run(engine_for(precision, weights), reqs), real), None, "fix-up")
-    if precision == "fp32":
+        if want(f"fix-up {name}"):
+            attacks[f"fix-up {name}"] = (fixup(run(engine_for(precision, weights), reqs), real), None, "fix-up")
+    if precision == "fp32" and want("fix-up bf16 as fp32"):
         cheap = fixup(run(engine_for("bf16"), reqs), real)
         attacks["fix-up bf16 as fp32"] = ([replace(r, body=r.body.model_copy(update={"precision": "fp32"}))
                                            for r in cheap], None, "fix-up")
-    draft = load_causal_lm(MODEL_DIR, precision)
-    int4_weights(draft)
-    attacks["lossy speculative"] = (lossy_speculative(engine_for(precision), reqs, real, draft, SPEC_MARGIN, TOK),
-                                    None, "rule")
-    attacks["ignored top_p"] = (run(engine_for(precision, cheat="top_p"), nucleus), None, "rule")
-    attacks["half temperature"] = (run(engine_for(precision, cheat="temperature"), reqs), None, "rule")
-    attacks["ignored seed"] = (run(engine_for(precision, cheat="seed"), reqs), None, "rule")
-    attacks["random-init model"] = (run(engine_for(precision, random_init), reqs), None, "model swap")
-    attacks["int8 weights"] = (run(engine_for(precision, int8_weights), reqs), None, "quantization")
+    if want("lossy speculative"):
+        draft = load_causal_lm(MODEL_DIR, precision)
+        int4_weights(draft)
+        attacks["lossy speculative"] = (lossy_speculative(engine_for(precision), reqs, real, draft, SPEC_MARGIN, TOK),
+                                        None, "rule")
+    for name, cheat, requests in (("ignored top_p", "top_p", nucleus), ("half temperature", "temperature", reqs),
+                                  ("ignored seed", "seed", reqs)):
+        if want(name):
+            attacks[name] = (run(engine_for(precision, cheat=cheat), requests), None, "rule")
+    if want("random-init model"):
+        attacks["random-init model"] = (run(engine_for(precision, random_init), reqs), None, "model swap")
+    if want("int8 weights"):
+        attacks["int8 weights"] = (run(engine_for(precision, int8_weights), reqs), None, "quantization")
     rng = random.Random(7)
     pairs = tamper_token(base, {TOK.eos}, TOK.decode, rng)
-    attacks["tampered token"] = ([p[0] for p in pairs], [p[1] for p in pairs], "output edit")
+    if want("tampered token"):
+        attacks["tampered token"] = ([p[0] for p in pairs], [p[1] for p in pairs], "output edit")
     pairs = tamper_logprob(base, rng)
-    attacks["tampered logprob"] = ([p[0] for p in pairs], [p[1] for p in pairs], "output edit")
-    attacks["dropped prompt"] = (run(engine_for(precision, cheat="prompt"), reqs), None, "prompt")
+    if want("tampered logprob"):
+        attacks["tampered logprob"] = ([p[0] for p in pairs], [p[1] for p in pairs], "output edit")
+    if want("dropped prompt"):
+        attacks["dropped prompt"] = (run(engine_for(precision, cheat="prompt"), reqs), None, "prompt")
     return attacks, honest_tokens
 
 
@@ -340,7 +356,13 @@ def main() -> int:
                          "on the very same sequences")
     ap.add_argument("--no-cost", action="store_true", help="skip the cost measurement")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--only", default="", help="comma-separated attack names to run (default: all), e.g. "
+                                               "'fix-up int8' with more --attacks for a tighter figure")
+    ap.add_argument("--honest-sets", default="short,long prompt,long output",
+                    help="comma-separated honest sets to run (none: '')")
     args = ap.parse_args()
+    only = frozenset(a.strip() for a in args.only.split(",") if a.strip())
+    honest_names = {a.strip() for a in args.honest_sets.split(",") if a.strip()}
     precisions = args.precisions.split(",")
     n_honest = args.honest or (16 if args.quick else 160)
     n_attack = args.attacks or (12 if args.quick else 48)
@@ -376,6 +398,8 @@ def main() -> int:
         cls: dict = {"tolerances": tol.model_dump(), "honest": {}, "attacks": {}}
         alt: dict = {"honest": {}, "attacks": {}}
         for set_name, reqs in honest_sets(n_honest).items():
+            if set_name not in honest_names:
+                continue
             t = time.perf_counter()
             honest = run(engine_for(precision), reqs, single_share=0.25)
             results = judge(reference, honest, tol)
@@ -410,7 +434,7 @@ def main() -> int:
                 print(f"   refused: {why}")
 
         t = time.perf_counter()
-        attacks, honest_tokens = attack_runs(precision, n_attack)
+        attacks, honest_tokens = attack_runs(precision, n_attack, only)
         print(f"attacks generated in {time.perf_counter() - t:.0f}s")
         for name, (runs, positions, group) in attacks.items():
             differs = [r.body.output_tokens != honest_tokens.get(r.body.request) or positions is not None for r in runs]
@@ -431,7 +455,11 @@ def main() -> int:
                 target["attacks"][name] = {"group": group, "sequences": len(runs), "differing": n_diff,
                                            "detected_differing": det_diff, "rate_differing": rate,
                                            "identical_to_honest": len(runs) - n_diff, "detected_identical": det_same,
-                                           "refused": refused, "kinds": kinds}
+                                           "refused": refused, "kinds": kinds,
+                                           # the largest per-position margin (logit) of each differing output that
+                                           # passed: how far its tokens were from the rule's choice
+                                           "missed_max_margin": [x.max_tok for x, c, d in zip(res, caught, differs)
+                                                                 if d and not c and not isinstance(x, str)]}
             a = cls["attacks"][name]
             shown = "   n/a" if a["rate_differing"] is None else f"{a['rate_differing']:6.1%}"
             versus = ""

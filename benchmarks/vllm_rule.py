@@ -43,6 +43,7 @@ from agoranet.engine.models import model_cid  # noqa: E402
 from agoranet.engine.transformers_engine import TransformersEngine, load_causal_lm  # noqa: E402
 from agoranet.engine.vllm_engine import PROCESSOR, VLLMEngine  # noqa: E402
 from agoranet.node.calibration import calibrate_precision, honest_requests, honest_runs  # noqa: E402
+from agoranet.verify.tolerances import MIN_TOLERANCE  # noqa: E402
 from agoranet.verify.replay import ReplayJob, check_receipts  # noqa: E402
 from tampering import tamper_token  # noqa: E402  (benchmarks/tampering.py)
 from tests.realmodel import build_model  # noqa: E402
@@ -74,15 +75,15 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 900
     raise SystemExit("vLLM did not start")
 
 
-async def replay_figures(url: str, model_dir: Path, sequences: int, max_tokens: int):
+async def replay_figures(url: str, model_dir: Path, sequences: int, max_tokens: int, floor: float = MIN_TOLERANCE):
     """Honest figures; returns (tolerances, honest runs, reference model) for the attacks."""
     cid = model_cid(model_dir)
     reference = load_causal_lm(model_dir, "fp32")
     t0 = time.monotonic()
     tol = await calibrate_precision(model_dir, cid, "fp32", reference, sequences=16, confirm=16,
-                                    max_tokens=max_tokens, threads=1)
-    print(f"fp32 tolerances (built-in engine, 16+16 sequences, {time.monotonic() - t0:.0f} s): tok {tol.tok:.2e} "
-          f"lp {tol.lp:.2e} top {tol.top:.2e}")
+                                    max_tokens=max_tokens, threads=1, floor=floor)
+    print(f"fp32 tolerances (built-in engine, 16+16 sequences, floor {floor:g}, {time.monotonic() - t0:.0f} s): tok "
+          f"{tol.tok:.2e} lp {tol.lp:.2e} top {tol.top:.2e} mass {tol.mass:.2e}")
     engine = VLLMEngine(url, model_dir, model_cid=cid, model_name="tiny-bpe-llama", upstream_model=SERVED)
     await engine.start()
     reqs = honest_requests(sequences, seed=77, model_cid=cid, max_tokens=max_tokens)
@@ -197,7 +198,7 @@ async def main(args: argparse.Namespace) -> None:
         try:
             print(f"vLLM server with the rule up in {wait_ready(proc, url, log):.1f} s")
             if args.sequences:
-                honest = await replay_figures(url, model_dir, args.sequences, args.replay_tokens)
+                honest = await replay_figures(url, model_dir, args.sequences, args.replay_tokens, args.floor)
             if args.repeats:
                 await throughputs(args, url, model_dir)
         finally:
@@ -215,6 +216,8 @@ if __name__ == "__main__":
     ap.add_argument("--port", type=int, default=18741)
     ap.add_argument("--sequences", type=int, default=64, help="honest requests to replay (0: skip)")
     ap.add_argument("--replay-tokens", type=int, default=32)
+    ap.add_argument("--floor", type=float, default=MIN_TOLERANCE,
+                    help="the fp32 tolerances' floor (the shipped agora-tiny fp32 class uses 2e-4, from fp32_drift.py)")
     ap.add_argument("--swap-sequences", type=int, default=100, help="receipts of the model-swap attack (0: skip)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)

@@ -10,6 +10,8 @@ from agoranet.cli.verify_cmd import verify_app
 from agoranet.verify.records import TolerancesBody
 from agoranet.verify.tolerances import load_tolerances, tolerance_for
 
+from ..conftest import tolerance_file
+
 
 def test_calibrate_signs_confirmed_tolerances_and_merges_classes(tmp_path):
     out, home = tmp_path / "tol.json", str(tmp_path / "home")
@@ -25,6 +27,27 @@ def test_calibrate_signs_confirmed_tolerances_and_merges_classes(tmp_path):
     assert isinstance(record.body, TolerancesBody) and record.body.reference_precision == "fp32"
     assert json.loads(out.read_text())["type"] == "agora/tolerances/2"
     assert [b.max_prompt_tokens for b in c.buckets] == [c.max_prompt_tokens]  # --buckets none: one bucket
+
+
+def test_calibrate_replaces_one_class_of_a_record_and_keeps_the_others_as_they_were(tmp_path):
+    out, home = tolerance_file(tmp_path / "tol.json"), str(tmp_path / "home")
+    before = load_tolerances(out).body
+    args = ["calibrate", "--precision", "fp32", "--sequences", "8", "--confirm", "8", "--max-tokens", "12",
+            "--buckets", "none", "--floor", "2e-4", "--out", str(out), "--home", home]
+    result = CliRunner().invoke(verify_app, args)
+    assert result.exit_code == 0, result.output
+    after = load_tolerances(out).body
+    assert tolerance_for(after, "bf16") == tolerance_for(before, "bf16")  # kept, field for field
+    c = tolerance_for(after, "fp32")
+    assert c != tolerance_for(before, "fp32") and (c.sequences, c.max_output_tokens) == (8, 12)
+    assert min(c.tok, c.lp, c.top, c.mass) >= 2e-4 and c.tok >= 1.5 * c.measured_tok
+    assert "never below 0.0002" in after.method and "bf16 kept unchanged" in after.method
+
+
+def test_calibrate_refuses_a_floor_outside_zero_to_one(tmp_path):
+    result = CliRunner().invoke(verify_app, ["calibrate", "--precision", "fp32", "--floor", "0",
+                                             "--home", str(tmp_path)])
+    assert result.exit_code == 1 and "--floor" in result.output
 
 
 def test_calibrate_refuses_headroom_below_one_and_a_half(tmp_path):

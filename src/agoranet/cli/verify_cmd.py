@@ -26,6 +26,7 @@ from agoranet.cli.options import (
 )
 from agoranet.core.errors import AgoraError
 from agoranet.core.identity import Identity
+from agoranet.verify.tolerances import MIN_TOLERANCE, AnyTolerances
 
 JUDGED_BAD = CHECK_FAILED  # a receipt judged fraud or a violation, or a fraud proof that holds
 
@@ -145,6 +146,15 @@ def serve(
     serve_node(["verifier"], home=home, host=host, port=port, verifier=opts)
 
 
+def _kept(previous: AnyTolerances | None, calibrated: list[str]) -> str:
+    """What a merged record says of the classes it kept from the previous one (their own method)."""
+    kept = sorted(c.precision for c in previous.classes if c.precision not in calibrated) if previous else []
+    if not kept or previous is None:
+        return ""
+    return (f". Classes {', '.join(kept)} kept unchanged from the previous record (hardware {previous.hardware}): "
+            f"{previous.method}")
+
+
 @verify_app.command()
 def calibrate(
     precision: Annotated[Optional[list[str]], typer.Option(
@@ -155,13 +165,19 @@ def calibrate(
     sequences: Annotated[int, typer.Option(help="honest calibration sequences per class")] = 400,
     confirm: Annotated[int, typer.Option(help="independent honest sequences that must all pass")] = 400,
     headroom: Annotated[float, typer.Option(help="tolerance = headroom x worst honest deviation")] = 1.5,
+    floor: Annotated[float, typer.Option(help="no tolerance below this (logit units). The default, 1e-3, assumes "
+                                              "nothing about the hardware; lower it only from a drift measurement "
+                                              "of this model on the providers' and verifiers' hardware (threads, "
+                                              "batch sizes: benchmarks/fp32_drift.py)")] = MIN_TOLERANCE,
     max_tokens: Annotated[int, typer.Option(help="longest honest output calibrated (receipts with longer outputs "
                                               "are refused)")] = 256,
     buckets: Annotated[str, typer.Option(help="prompt lengths (tokens, comma-separated) at which a new length "
                                               "bucket with its own limits starts; none: one bucket)")] = "128,512",
     seed: int = 1,
     threads: ThreadsOpt = 1,
-    out: Annotated[Optional[Path], typer.Option(help="tolerances file to write (merged with an existing one)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="tolerances file to write (merged with an existing one: the "
+                                                     "classes calibrated now replace theirs, the others are kept "
+                                                     "as they are, and the whole is re-signed)")] = None,
     home: HomeOpt = None,
 ) -> None:
     """Measure honest deviations at each precision against the fp32 reference and sign tolerances."""
@@ -176,6 +192,9 @@ def calibrate(
 
     if headroom < 1.5:
         raise fail(f"--headroom {headroom} is below the required 1.5")
+    if not 0 < floor <= 1:
+        raise fail(f"--floor {floor}: give a tolerance floor in logit units above 0 and at most 1 (default "
+                   f"{MIN_TOLERANCE:g})")
     try:
         edges = () if buckets.strip() in ("", "none") else tuple(sorted({int(e) for e in buckets.split(",")}))
     except ValueError:
@@ -203,12 +222,13 @@ def calibrate(
         else:
             raise fail(f"--engine {engine!r}: calibrate transformers or llamacpp")
         path = out or home_dir(home) / "tolerances" / f"{cid}.json"
-        classes = {c.precision: c for c in (load_tolerances(path).body.classes if path.exists() else [])}
+        previous = load_tolerances(path).body if path.exists() else None
+        classes = {c.precision: c for c in (previous.classes if previous else [])}
         for p in precision:
             console.print(f"calibrating [bold]{p}[/] on {sequences} honest sequences, confirming on {confirm} …")
             c = asyncio.run(calibrate_precision(model_dir, cid, p, reference, sequences=sequences, confirm=confirm,
-                                                headroom=headroom, max_tokens=max_tokens, seed=seed, threads=threads,
-                                                engine=provider_engine, edges=edges))
+                                                headroom=headroom, floor=floor, max_tokens=max_tokens, seed=seed,
+                                                threads=threads, engine=provider_engine, edges=edges))
             classes[p] = c
             console.print(f"  {p}: τ_tok {c.tok:.4g}  τ_lp {c.lp:.4g}  τ_top {c.top:.4g}  τ_mass {c.mass:.4g}   "
                           f"(worst honest: {c.measured_tok:.3g} / {c.measured_lp:.3g} / {c.measured_top:.3g} / "
@@ -235,11 +255,12 @@ def calibrate(
                    f"half {max_tokens} (prompts up to the context less {max_tokens}); {confirm} confirmation runs "
                    f"(other prompts and seeds, also top-p 0.8-0.95, batch 8) all pass, then every limit is widened to "
                    f"{headroom}× their worst where that is higher; per bucket and over the whole "
-                   f"range: τ = {headroom}× worst (τ_mass: log-odds drift of every listed best-token set's mass); "
+                   f"range: τ = {headroom}× worst, never below {floor:g} (τ_mass: log-odds drift of every listed "
+                   f"best-token set's mass); "
                    f"per-sequence limits for FRR {TARGET_FRR:g}/sequence by an exponential fit to the top tenth of the "
                    f"honest sequences, never below {headroom}× the worst: flips and summed flip margin as base + "
                    f"rate·n (rate: the bucket's mean per output token; base: the fit to each sequence's excess over "
-                   f"it), mean |Δlogprob| as one limit",
+                   f"it), mean |Δlogprob| as one limit" + _kept(previous, precision or []),
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record.to_json(), indent=1))
