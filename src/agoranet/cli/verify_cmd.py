@@ -80,22 +80,16 @@ def check(
                 proof = fetch_record(node, fraud_proof)
             else:
                 raise fail(f"{fraud_proof} is not a file; pass --node URL to fetch it by CID")
-            if proof.type == WindowProofBody.record_type:  # a failed per-provider window: replay all its receipts
-                recheck = verifier.recheck_window(proof)
-                if recheck.holds:
-                    console.print(f"[bold green]window proof holds[/]: provider {recheck.provider}'s receipts flip "
-                                  f"more than honest drift of the class ({recheck.detail})")
-                    return
-                console.print(f"[bold red]FALSE window proof[/]: verifier {recheck.issuer} accused an honest provider "
-                              f"({recheck.detail})")
-                raise typer.Exit(JUDGED_BAD)
-            recheck = verifier.recheck(proof)
+            window = proof.type == WindowProofBody.record_type  # a failed per-provider window: replay all its receipts
+            recheck = verifier.recheck_window(proof) if window else verifier.recheck(proof)
             if recheck.holds:
-                console.print(f"[bold green]fraud proof holds[/]: provider {recheck.provider} broke the rule "
-                              f"({recheck.detail})")
+                claim = (f"window proof holds[/]: provider {recheck.provider}'s receipts flip more than honest drift of "
+                         "the class" if window else f"fraud proof holds[/]: provider {recheck.provider} broke the rule")
+                console.print(f"[bold green]{claim} ({recheck.detail})")
                 return
-            console.print(f"[bold red]FALSE fraud proof[/]: the receipt passes replay; verifier {recheck.issuer} "
-                          f"accused an honest provider ({recheck.detail})")
+            claim = ("FALSE window proof[/]:" if window else
+                     "FALSE fraud proof[/]: the receipt passes replay;")
+            console.print(f"[bold red]{claim} verifier {recheck.issuer} accused an honest provider ({recheck.detail})")
             raise typer.Exit(JUDGED_BAD)
         if not node:
             raise fail("pass --node URL: the node that served (or stores) the receipt")

@@ -308,16 +308,14 @@ class VerifierRole:
         log.warning("window proof %s: provider %s, %d receipts of %s at %s: flip excess %.4g above the limit %.4g",
                     proof.cid, receipt.signer, len(entries), body.model, body.precision, total, test.limit)
 
-    async def check_window_proof(self, proof: Record[WindowProofBody]) -> Recheck:
-        recheck = await asyncio.to_thread(self.verifier.recheck_window, proof)
-        self.state.put(proof.encode(), "window-proof" if recheck.holds else "false-window-proof")
-        self.reputation.add_recheck(str(proof.cid), recheck, window=True)
-        return recheck
-
-    async def check_proof(self, proof: Record[FraudProofBody]) -> Recheck:
-        recheck = await asyncio.to_thread(self.verifier.recheck, proof)
-        self.state.put(proof.encode(), "fraud-proof" if recheck.holds else "false-fraud-proof")
-        self.reputation.add_recheck(str(proof.cid), recheck)
+    async def check_proof(self, proof: Record[FraudProofBody] | Record[WindowProofBody]) -> Recheck:
+        """Re-check a fraud proof (one receipt) or a window proof (its receipts) by replay; store it as holding or
+        false and count it for its provider or against its issuer."""
+        window = proof.type == WindowProofBody.record_type
+        recheck = await asyncio.to_thread(self.verifier.recheck_window if window else self.verifier.recheck, proof)
+        kind = "window-proof" if window else "fraud-proof"
+        self.state.put(proof.encode(), kind if recheck.holds else f"false-{kind}")
+        self.reputation.add_recheck(str(proof.cid), recheck, window=window)
         return recheck
 
     def metrics(self) -> dict[str, float]:
@@ -429,7 +427,7 @@ class VerifierRole:
         async def submit_window_proof(sub: ProofSubmission) -> dict[str, Any]:
             proof = verify_record(sub.record, WindowProofBody)
             try:
-                rc = await self.check_window_proof(proof)
+                rc = await self.check_proof(proof)
             except UnverifiableReceipt as exc:
                 raise RequestError(str(exc), param="record", code="proof_not_checkable") from None
             return {"window_proof_cid": str(proof.cid), "holds": rc.holds, "provider": rc.provider,
